@@ -1,0 +1,195 @@
+"""Hugging Face checkpoint folders <-> camelid models. Safetensors only: nothing is ever unpickled.
+
+Our module names are the HF ones, so the key map is the identity; what this file does is sharding, dtype, meta-device
+loading (one copy of the weights in memory, ever) and clear errors that name the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from camelid.config import ModelConfig
+from camelid.model import Transformer
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# tensors some older checkpoints carry that the model recomputes; skipping them is safe
+IGNORED_KEYS = re.compile(r"rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded as it is; the message names the file and the key."""
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+    value = getattr(torch, names.get(dtype, dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return value
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, from the index when sharded."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+    elif (path / SINGLE_FILE).is_file():
+        files = [path / SINGLE_FILE]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
+        hint = f" (found {', '.join(pickled)}: pickled weights are never loaded; convert them to safetensors)" if pickled else ""
+        raise FileNotFoundError(f"no *.safetensors weights in {path}{hint}")
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: listed in {INDEX_FILE} but missing")
+    return files
+
+
+def from_pretrained(path: str | Path, device: str | torch.device | None = None,
+                    dtype: str | torch.dtype | None = None) -> Transformer:
+    """Load a HF-style folder (config.json + safetensors, sharded or not) into a camelid Transformer.
+
+    The model is built on the meta device and materialised once; each tensor then streams from the memory-mapped
+    file straight into its parameter, so peak memory is the model plus one tensor. `dtype` defaults to the dtype
+    the checkpoint was saved in.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no model folder at {path}")
+    config = ModelConfig.from_hf(path / "config.json")
+    files = weight_files(path)
+    dtype = parse_dtype(dtype) or parse_dtype(config.dtype)
+    device = torch.device(device or "cpu")
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device=device)
+    model.to(dtype)
+    model.tie_weights()  # to_empty made separate tensors of the tied pair
+    model.reset_buffers()
+    expected = model.state_dict()  # tied lm_head shares storage with embed_tokens: one entry fills both
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for file in files:
+            try:
+                handle = safe_open(file, framework="pt", device="cpu")
+                keys = list(handle.keys())
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{file}: cannot read safetensors header ({e})") from None
+            for key in keys:
+                if IGNORED_KEYS.search(key) or key in tied:
+                    continue
+                if key not in expected:
+                    raise CheckpointError(f"{file}: unexpected tensor {key!r} for a {config.model_type} model "
+                                          f"of this config")
+                try:
+                    tensor = handle.get_tensor(key)
+                except (SafetensorError, OSError, RuntimeError) as e:
+                    raise CheckpointError(f"{file}: cannot read tensor {key!r} (file truncated or corrupt: {e})") from None
+                if tensor.shape != expected[key].shape:
+                    raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                          f"the config expects {tuple(expected[key].shape)}")
+                expected[key].copy_(tensor)
+                loaded.add(key)
+    missing = sorted(set(expected) - loaded - tied)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path}: missing tensor {missing[0]!r}{more}")
+    model.eval()
+    return model
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5 * 10**9, '2GiB' -> 2 * 2**30, as Hugging Face counts shard sizes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", size, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read size {size!r}; write it like 5GB, 500MB or 2GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(number * scale)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | str = "5GB",
+                    dtype: str | torch.dtype | None = None) -> Path:
+    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads (for HF architectures).
+
+    Every file is written under a temporary name and renamed into place, so a crash never leaves a half-written
+    checkpoint where a good one was; shards of an earlier save that are no longer referenced are removed.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dtype = parse_dtype(dtype)
+    limit = parse_size(max_shard_size)
+    config = model.config
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # HF re-ties it from embed_tokens; safetensors refuses shared storage
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    stored_dtype = next(iter(state.values())).dtype
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        names = [SINGLE_FILE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    written = []
+    for name, shard in zip(names, shards):
+        tmp = path / f".{name}.tmp"
+        save_file({k: v.contiguous().cpu() for k, v in shard.items()}, tmp, metadata={"format": "pt"})
+        written.append((tmp, path / name))
+    for tmp, final in written:
+        os.replace(tmp, final)
+
+    index = path / INDEX_FILE
+    if len(shards) > 1:
+        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        _atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    elif index.exists():
+        index.unlink()
+    for stale in path.glob("*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+
+    hf = config.replace(dtype=str(stored_dtype).removeprefix("torch.")).to_hf()
+    _atomic_write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                  "pad_token_id": config.pad_token_id}
+    _atomic_write_text(path / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+    return path
