@@ -1,6 +1,8 @@
 """camelid.Tokenizer against real tokenizers (shared fixtures), plus training and streaming."""
 
+import functools
 import json
+import random
 import time
 from pathlib import Path
 
@@ -38,12 +40,17 @@ def poems(n: int = 12) -> list[str]:
     return [f"Poem {i} 🌙:\n{p.strip()}\nThe end. 👋🏻" for i, p in enumerate(entries[:n])]
 
 
-@pytest.fixture(scope="module", params=REAL)
-def real(request):
+@functools.lru_cache(maxsize=None)
+def load(name: str) -> Tokenizer:
     if not TOK_DIR.is_dir():
         pytest.skip(f"fixtures missing: {FIXTURES}")
-    path = TOK_DIR / request.param
-    return request.param, Tokenizer(path), tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    return Tokenizer(TOK_DIR / name)
+
+
+@pytest.fixture(scope="module", params=REAL)
+def real(request):
+    tok = load(request.param)  # skips when the fixtures are missing
+    return request.param, tok, tokenizers.Tokenizer.from_file(str(TOK_DIR / request.param / "tokenizer.json"))
 
 
 def gpt2_reference() -> tokenizers.Tokenizer:
@@ -68,12 +75,10 @@ def test_ids_match_tokenizers_library(real):
 
 
 def test_known_ids():
-    if not TOK_DIR.is_dir():
-        pytest.skip(f"fixtures missing: {FIXTURES}")
-    assert Tokenizer(TOK_DIR / "llama3").encode("Hello world!", bos=False) == [9906, 1917, 0]
-    assert Tokenizer(TOK_DIR / "llama2").encode("Hello world!") == [1, 15043, 3186, 29991]
+    assert load("llama3").encode("Hello world!", bos=False) == [9906, 1917, 0]
+    assert load("llama2").encode("Hello world!") == [1, 15043, 3186, 29991]
     # The llama3 fixture's post-processor adds no BOS, but Llama 3 models expect one.
-    assert Tokenizer(TOK_DIR / "llama3").encode("Hello world!") == [128000, 9906, 1917, 0]
+    assert load("llama3").encode("Hello world!") == [128000, 9906, 1917, 0]
 
 
 @needs_transformers
@@ -113,7 +118,7 @@ def test_gpt2_from_vocab_and_merges():
 
 @needs_fixtures
 def test_special_tokens():
-    l3 = Tokenizer(TOK_DIR / "llama3")
+    l3 = load("llama3")
     assert (l3.bos_id, l3.eos_id, l3.pad_id) == (128000, 128001, None)
     assert {128001, 128009} <= l3.stop_ids and l3.vocab_size == 128256
     assert l3.chat_template and "<|start_header_id|>" in l3.chat_template
@@ -125,7 +130,7 @@ def test_special_tokens():
     assert l3.encode("<|begin_of_text|>Hi", bos=False)[0] == 128000  # literal special text is kept
     assert l3.encode("Hi", bos=False, eos=True)[-1] == 128001
 
-    l2 = Tokenizer(TOK_DIR / "llama2")  # no tokenizer_config.json: found by name
+    l2 = load("llama2")  # no tokenizer_config.json: found by name
     assert (l2.bos_id, l2.eos_id, l2.stop_ids, l2.chat_template) == (1, 2, {2}, None)
     assert l2.encode("Hi", bos=False)[0] != 1
 
@@ -163,9 +168,7 @@ def test_stream_matches_one_shot_decode(real):
 
 @pytest.mark.parametrize("name", ["llama2", "mistral"])
 def test_stream_byte_fallback(name):
-    if not TOK_DIR.is_dir():
-        pytest.skip(f"fixtures missing: {FIXTURES}")
-    tok = Tokenizer(TOK_DIR / name)
+    tok = load(name)
     text = "Rare 𠀋𡈽 chars, emoji 😀🎉 and poems:\n" + "\n".join(poems(4))
     ids = tok.encode(text)
     fallback = [i for i in ids if tok.id_to_token(i).startswith("<0x")]
@@ -179,14 +182,25 @@ def test_stream_byte_fallback(name):
 
 
 def test_stream_leading_space_and_specials():
-    if not TOK_DIR.is_dir():
-        pytest.skip(f"fixtures missing: {FIXTURES}")
-    tok = Tokenizer(TOK_DIR / "llama2")
+    tok = load("llama2")
     # A special token mid-stream, then words: spaces must survive exactly as in decode().
     ids = tok.encode("Hello") + [2, 1] + tok.encode(" world  again", bos=False)
     for skip in (True, False):
         assert "".join(stream(tok, ids, skip)) == tok.decode(ids, skip_special_tokens=skip)
     assert stream(tok, tok.encode("Hello world"))[:3] == ["", "Hello", " world"]
+
+
+def test_stream_random_ids(real):
+    """Sampled garbage (invalid byte runs, specials mid-stream) must still match decode() exactly."""
+    name, tok, _ = real
+    rng = random.Random(0)
+    for _ in range(300):
+        # Mix any token, the low ids (specials + <0x..> byte tokens in SentencePiece vocabs), and specials.
+        stops = sorted(tok.stop_ids)
+        pick = [lambda: rng.randrange(tok.vocab_size), lambda: rng.randrange(300), lambda: rng.choice(stops)]
+        ids = [rng.choice(pick)() for _ in range(rng.randrange(1, 30))]
+        skip = rng.random() < 0.5
+        assert "".join(stream(tok, ids, skip)) == tok.decode(ids, skip_special_tokens=skip), (name, ids, skip)
 
 
 # ---- training / saving --------------------------------------------------------------------
@@ -236,12 +250,12 @@ def test_saved_folder_loads_in_transformers(trained, tmp_path):
     for text in MIXED:
         assert auto(text).input_ids == tok.encode(text)
         assert fast(text).input_ids == tok.encode(text)
-    assert auto.bos_token_id == tok.bos_id and auto.eos_token_id == tok.eos_id and auto.pad_token_id == tok.pad_id
+    assert (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
 
 
 @needs_fixtures
 def test_resave_real_tokenizer_keeps_config(tmp_path):
-    tok = Tokenizer(TOK_DIR / "llama3")
+    tok = load("llama3")
     tok.save(tmp_path)
     again = Tokenizer(tmp_path)
     assert again.chat_template == tok.chat_template

@@ -1,0 +1,149 @@
+"""Reference generation with a static KV cache: `generate_ids` (tokens), `generate` (text), `stream` (text pieces).
+
+Plain functions in the gpt-fast style: left-pad the batch, prefill once, then decode one token per step. This is the
+oracle the batched engine is tested against, so it favours being obviously right over being fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from camelid.model import KVCache, Transformer
+from camelid.sampling import Sampling, next_token
+
+if TYPE_CHECKING:
+    from camelid.tokenizer import Tokenizer
+
+
+@torch.inference_mode()
+def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling,
+                stop_ids: Iterable[int] = ()) -> Iterator[list[int | None]]:
+    """Yield, per decoding step, the new token of every prompt (None once that row has stopped).
+
+    A row stops after emitting one of `stop_ids` (that token is still yielded), after `max_new_tokens`, or when it
+    reaches the model's context length.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    context = model.config.max_position_embeddings
+    longest = max(len(p) for p in prompts)
+    if longest >= context:
+        raise ValueError(f"prompt of {longest} tokens does not fit the context of {context} tokens")
+    max_new_tokens = min(max_new_tokens, context - longest)
+    device = model.lm_head.weight.device
+    B, total = len(prompts), longest + max_new_tokens
+
+    tokens = torch.zeros(B, total, dtype=torch.long, device=device)  # left-padded prompts, then new tokens
+    real = torch.zeros(B, total, dtype=torch.long, device=device)  # 1 where a slot holds a real token
+    for row, prompt in enumerate(prompts):
+        tokens[row, longest - len(prompt):longest] = torch.tensor(list(prompt), device=device)
+        real[row, longest - len(prompt):] = 1
+    padded = any(len(p) != longest for p in prompts)
+    cache = KVCache(model.config, B, total, device=device, dtype=model.lm_head.weight.dtype)
+    generator = sampling.generator(device)
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    pos, step_ids = 0, tokens[:, :longest]  # prefill: the whole prompt at once
+    for step in range(max_new_tokens):
+        end = pos + step_ids.shape[1]
+        mask = real[:, :end] if padded else None
+        logits = model(step_ids, attention_mask=mask, cache=cache, start=pos, last_only=True)[:, -1]  # (B, V)
+        # the repetition penalty looks at real tokens only: padding slots hold token 0, so point them at a real one
+        seen = torch.where(real[:, :end].bool(), tokens[:, :end], tokens[:, longest - 1:longest])
+        new = next_token(logits, seen, sampling, generator)  # (B,)
+        tokens[:, end] = new
+        yield [None if d else int(t) for t, d in zip(new.tolist(), done.tolist())]
+        done |= torch.isin(new, stop)
+        if bool(done.all()):
+            return
+        pos, step_ids = end, new[:, None]
+
+
+def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
+                 stop_ids: Iterable[int] = (), **sampling) -> list[list[int]]:
+    """New token ids for each prompt (a stop token, when one ends the row, is included)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in iter_tokens(model, prompts, max_new_tokens, Sampling(**sampling), stop_ids):
+        for row, token in enumerate(step):
+            if token is not None:
+                out[row].append(token)
+    return out
+
+
+class StopStrings:
+    """Holds back the tail of the text that could still become a stop string, and cuts at the first one found."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """Text that is safe to show now."""
+        if self.stopped:
+            return ""
+        self.pending += piece
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[:min(hits)], ""
+            return out
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+
+def _stream_rows(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                 stop: Sequence[str], sampling: Sampling, bos: bool) -> Iterator[tuple[int, str]]:
+    """(row, text piece) events for a batch of text prompts."""
+    ids = [tokenizer.encode(p, bos=bos) for p in prompts]
+    stop_ids = set(tokenizer.stop_ids) | set(model.config.eos_token_ids)
+    decoders = [tokenizer.stream_decoder() for _ in prompts]
+    stoppers = [StopStrings(stop) for _ in prompts]
+    finished = [False] * len(prompts)
+    for step in iter_tokens(model, ids, max_new_tokens, sampling, stop_ids):
+        for row, token in enumerate(step):
+            if token is None or finished[row]:
+                continue
+            if token in stop_ids:
+                finished[row] = True
+                continue
+            piece = stoppers[row].feed(decoders[row].push(token))
+            finished[row] = stoppers[row].stopped
+            if piece:
+                yield row, piece
+        if all(finished):
+            break
+    for row in range(len(prompts)):
+        tail = stoppers[row].feed(decoders[row].flush())
+        tail += stoppers[row].flush()
+        if tail:
+            yield row, tail
+
+
+def stream(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 128,
+           stop: Sequence[str] = (), bos: bool = True, **sampling) -> Iterator[str]:
+    """Yield the completion of `prompt` as text pieces, as soon as each is decoded (never broken UTF-8)."""
+    for _, piece in _stream_rows(model, tokenizer, [prompt], max_new_tokens, stop, Sampling(**sampling), bos):
+        yield piece
+
+
+def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[str], max_new_tokens: int = 128,
+             stop: Sequence[str] = (), bos: bool = True, **sampling) -> str | list[str]:
+    """The completion of one prompt, or of each prompt in a list (batched). Sampling keywords: temperature, top_k,
+    top_p, repetition_penalty, seed. Generation ends at EOS (or another stop token), a stop string, or the limit."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    texts = [""] * len(prompts)
+    for row, piece in _stream_rows(model, tokenizer, prompts, max_new_tokens, stop, Sampling(**sampling), bos):
+        texts[row] += piece
+    return texts[0] if isinstance(prompt, str) else texts
