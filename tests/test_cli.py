@@ -1,0 +1,113 @@
+"""The `camelid` CLI end to end, in subprocesses, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import camelid
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "camelid", *args], input=stdin, capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    result = run("init", "--preset", "tiny", "--out", str(out), "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_init_writes_a_loadable_folder(tiny_dir):
+    names = {p.name for p in tiny_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"} <= names
+    model, tokenizer = camelid.from_pretrained(tiny_dir), camelid.Tokenizer(tiny_dir)
+    # the config's special ids are the tokenizer's, so EOS really stops generation
+    assert model.config.bos_token_id == tokenizer.bos_id and model.config.eos_token_id == tokenizer.eos_id
+    assert model.num_parameters() == camelid.config.num_parameters(model.config)
+
+
+def test_generate_streams_the_same_text_as_the_library(tiny_dir):
+    result = run("generate", "--model", str(tiny_dir), "--prompt", "Hello", "--max-new-tokens", "12",
+                 "--temperature", "0.9", "--seed", "5")
+    assert result.returncode == 0, result.stderr
+    model, tokenizer = camelid.from_pretrained(tiny_dir), camelid.Tokenizer(tiny_dir)
+    expected = camelid.generate(model, tokenizer, "Hello", max_new_tokens=12, temperature=0.9, seed=5)
+    assert result.stdout == expected + "\n"
+
+
+def test_chat_keeps_history_and_exits(tiny_dir):
+    result = run("chat", "--model", str(tiny_dir), "--max-new-tokens", "4", stdin="hi there\nand again\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("bot> ") == 2
+
+
+def test_info_preset_and_folder(tiny_dir):
+    result = run("info", "--model", "llama-2-7b", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["parameters"] == 6_738_415_616  # Llama-2-7B's published count
+    assert info["bytes"]["bf16"] == 2 * info["parameters"]
+    result = run("info", "--model", str(tiny_dir))
+    assert result.returncode == 0 and "on disk" in result.stdout
+
+
+def test_tokenizer_train(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    out = tmp_path / "tok"
+    result = run("tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    tokenizer = camelid.Tokenizer(out)
+    assert 259 < tokenizer.vocab_size <= 300  # merges stop early when the corpus has no more pairs to join
+    assert tokenizer.decode(tokenizer.encode("the lazy fox")) == "the lazy fox"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("generate", "--model", "/nonexistent/model", "--prompt", "x"), "/nonexistent/model"),
+    (("info", "--model", "no-such-preset"), "no-such-preset"),
+    (("tokenizer", "train", "--input", "/nonexistent.txt", "--vocab-size", "300", "--out", "/tmp/x"), "/nonexistent.txt"),
+    (("generate", "--prompt", "x"), "--model"),  # argparse: a required flag is missing
+])
+def test_bad_input_is_one_line_and_exit_code_2(args, needle):
+    result = run(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert needle in lines[-1] and "Traceback" not in result.stderr
+
+
+def test_corrupt_checkpoint_is_one_clear_line(tiny_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = run("generate", "--model", str(broken), "--prompt", "x")
+    assert result.returncode == 2
+    assert "model.safetensors" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_generate_bad_sampling_value(tiny_dir):
+    result = run("generate", "--model", str(tiny_dir), "--prompt", "x", "--top-p", "0")
+    assert result.returncode == 2 and "top_p" in result.stderr
+
+
+@pytest.mark.skipif(not (FIXTURES / "tokenizers" / "llama3").is_dir(), reason="../shared/fixtures not present")
+def test_init_with_a_real_tokenizer(tmp_path):
+    out = tmp_path / "m"
+    result = run("init", "--preset", "tiny", "--out", str(out), "--tokenizer", str(FIXTURES / "tokenizers" / "llama3"))
+    assert result.returncode == 2 and "vocab_size" in result.stderr  # 128,256 tokens do not fit the tiny preset
