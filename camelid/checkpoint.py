@@ -183,8 +183,8 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
         _atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     elif index.exists():
         index.unlink()
-    for stale in path.glob("*.safetensors"):
-        if stale.name not in names:
+    for stale in path.glob("model*.safetensors"):  # our own earlier shards only, never e.g. adapter_model.safetensors
+        if stale.name not in names and re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", stale.name):
             stale.unlink()
 
     hf = config.replace(dtype=str(stored_dtype).removeprefix("torch.")).to_hf()

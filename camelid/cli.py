@@ -15,6 +15,7 @@ import torch
 
 from camelid.checkpoint import CheckpointError, from_pretrained, save_pretrained
 from camelid.config import PRESETS, ConfigError, ModelConfig, get_preset, num_parameters
+from camelid.data.pretrain import prepare
 from camelid.generate import stream
 from camelid.model import Transformer
 from camelid.tokenizer import Tokenizer, TokenizerError
@@ -175,6 +176,17 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: byte-level BPE with {tokenizer.vocab_size} tokens from {len(files)} file(s)")
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    meta = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, workers=args.workers,
+                   shard_tokens=args.shard_tokens, seed=args.seed)
+    splits = meta["splits"]
+    for name, s in splits.items():
+        print(f"{name}: {s['documents']} documents, {s['tokens']:,} tokens in {len(s['shards'])} shard(s)")
+    tokens, seconds = sum(s["tokens"] for s in splits.values()), max(meta["seconds"], 1e-6)
+    print(f"wrote {args.out}: {meta['dtype']} ids (vocab {meta['vocab_size']}), prepared in {seconds:.1f} s "
+          f"({_human_count(int(tokens / seconds))} tokens/s)")
+
+
 # ---- argument parsing -------------------------------------------------------------------------------------------
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -236,6 +248,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_tokenizer_train)
+
+    p = verbs.add_parser("data", help="training data tools")
+    dverbs = p.add_subparsers(dest="data_verb", required=True, metavar="VERB")
+    p = dverbs.add_parser("prepare", help="tokenize text into train/val token shards for pretraining",
+                          formatter_class=fmt, epilog=textwrap.dedent("""\
+        inputs: .txt/.md files (one document each), .jsonl (a "text" field per line), .parquet (a "text" column),
+        or folders of them (walked recursively). Each document ends with EOS. Running again on the same inputs,
+        tokenizer and settings does nothing.
+
+        examples:
+          camelid data prepare --input corpus/ --tokenizer out/tiny --out data/corpus
+          camelid data prepare --input a.jsonl b.parquet --tokenizer tok/ --out data/ab --val-fraction 0.01
+        """))
+    p.add_argument("--input", nargs="+", required=True, help="files or folders")
+    p.add_argument("--tokenizer", required=True, help="a folder with tokenizer.json (a model folder works)")
+    p.add_argument("--out", required=True, help="the folder to write shards and meta.json into")
+    p.add_argument("--val-fraction", type=float, default=0.005, help="share of documents held out, in [0, 0.5] "
+                   "(default 0.005; at least one document when there are two or more)")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count, at most 8)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default 1e8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.set_defaults(func=cmd_data_prepare)
     return parser
 
 

@@ -41,7 +41,7 @@ def rope_inv_freq(config: ModelConfig, seq_len: int, device: torch.device | None
     scaling = config.rope_scaling or {}
     kind, factor = scaling.get("rope_type", "default"), float(scaling.get("factor", 1.0))
     if kind == "dynamic":  # NTK-aware: grow the base once the sequence outruns the trained context
-        trained = scaling.get("original_max_position_embeddings", config.max_position_embeddings)
+        trained = config.max_position_embeddings  # as transformers: an original_max_position_embeddings key is ignored
         seq_len = max(seq_len, trained)
         base = base * ((factor * seq_len / trained) - (factor - 1)) ** (dim / (dim - 2))
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))

@@ -14,12 +14,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP threads spin-waiting for a descheduled
+# sibling made this suite ~8x slower (90 s vs 11 s on 2 cores). Set OMP_NUM_THREADS to override.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from camelid.checkpoint import from_pretrained  # noqa: E402
 from camelid.config import ModelConfig  # noqa: E402
@@ -28,10 +33,11 @@ from camelid.model import Transformer  # noqa: E402
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
 VOCAB = 128
-# 64 positions: room for a 7-token prompt + 32 new tokens (generation stops at the context length)
+# 64 positions: room for a 7-token prompt + 32 new tokens (generation stops at the context length).
+# A wide init keeps tiny random models from collapsing into repeating one token, so greedy comparisons mean something.
 COMMON: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                              bos_token_id=1, eos_token_id=2)
+                              bos_token_id=1, eos_token_id=2, initializer_range=0.1)
 SLIDING_WINDOW = 4
 
 # name -> (transformers config class name, extra kwargs). Every HF architecture and rope scaling camelid supports.
@@ -44,7 +50,8 @@ HF_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral": ("MistralConfig", {"sliding_window": SLIDING_WINDOW}),
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen2": ("Qwen2Config", {}),
-    "gemma": ("GemmaConfig", {"head_dim": 32}),  # != hidden_size // num_attention_heads (16)
+    # head_dim 32 != hidden_size // num_attention_heads (16); tied embeddings need a wider init not to echo the input
+    "gemma": ("GemmaConfig", {"head_dim": 32, "initializer_range": 0.4}),
 }
 
 
@@ -128,3 +135,19 @@ def random_model(config: ModelConfig, seed: int = 0) -> Transformer:
     model = Transformer(config)
     perturb_(model, seed)
     return model.eval()
+
+
+# camelid-native configs mirroring HF_ARCHS (same names), plus the native position encodings
+ARCH_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "llama3": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "linear": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "dynamic": dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+    "mistral": dict(model_type="mistral", sliding_window=SLIDING_WINDOW),
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2),
+    "qwen2": dict(model_type="qwen2", qkv_bias=True),
+    "gemma": dict(model_type="gemma", head_dim=32, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True,
+                  scale_embeddings=True, norm_plus_one=True, initializer_range=0.4),
+    **NATIVE_CONFIGS,
+}

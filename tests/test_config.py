@@ -36,7 +36,8 @@ def test_from_hf_path_and_folder(tmp_path):
     assert ModelConfig.from_hf(tmp_path / "config.json") == config
 
 
-LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
 BASE = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5)
 
@@ -80,7 +81,8 @@ def test_to_hf_writes_both_layouts():
 
 def test_model_specific_fields():
     assert ModelConfig.from_hf({**BASE, "model_type": "qwen2"}).qkv_bias
-    gemma = ModelConfig.from_hf({**BASE, "model_type": "gemma", "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh"})
+    gemma = ModelConfig.from_hf({**BASE, "model_type": "gemma", "head_dim": 256,
+                                 "hidden_activation": "gelu_pytorch_tanh"})
     assert gemma.tie_word_embeddings and gemma.scale_embeddings and gemma.norm_plus_one and gemma.head_dim == 256
     assert ModelConfig.from_hf({**BASE, "model_type": "mistral", "sliding_window": 4096}).sliding_window == 4096
     mixtral = ModelConfig.from_hf({**BASE, "model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2})
