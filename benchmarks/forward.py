@@ -10,7 +10,8 @@ The logits of the two are compared before anything is timed, so the timings are 
               camelid.generate.generate_ids vs model.generate(do_sample=False, eos_token_id=None, min_new_tokens=N)
 
 Every timing is the median of --repeats runs after --warmup runs; camelid and transformers alternate run by run so
-that machine noise hits both alike. Ratios are camelid / transformers in tokens/s: > 1 means camelid is faster.
+that machine noise hits both alike, and on CPU glibc is told to keep freed memory (see keep_freed_memory).
+Ratios are camelid / transformers in tokens/s: > 1 means camelid is faster.
 
   # CPU: the default small llama-shaped config (fp32, seq 256), or the TinyLlama shape cut to 2 layers
   .venv/bin/python benchmarks/forward.py
@@ -22,6 +23,7 @@ that machine noise hits both alike. Ratios are camelid / transformers in tokens/
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import importlib.metadata
 import json
@@ -44,8 +46,8 @@ from camelid.generate import generate_ids
 from camelid.model import KVCache, Transformer
 
 # the default on CPU: LLaMA's vocabulary and layout (GQA, SwiGLU, RoPE) at a size two cores train in seconds
-SMALL = ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                    num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5)
+SMALL = ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5)
 
 
 def device_name(device: torch.device) -> str:
@@ -59,6 +61,17 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads)"
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process (no mmap for big blocks, no trimming) so that every step reuses
+    the same pages. Otherwise each step's activations are fresh mmaps, and on a VM whose memory the host backs lazily
+    the first touch of a page cost ~25x a warm one (2.8 s vs 0.1 s per GiB on our CI box), swamping the model."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-4, 0) and libc.mallopt(-1, 2**31 - 1))  # M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 2 GiB
+    except (OSError, AttributeError):
+        return False
+
+
 def timed(fn, device: torch.device) -> float:
     """Seconds one call of fn takes, with the device queue drained on both sides."""
     if device.type == "cuda":
@@ -70,8 +83,8 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def compare(fns: dict[str, callable], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each fn; the fns take turns so that drift in machine load hits all alike."""
+def compare(fns: dict[str, callable], device: torch.device, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn, `repeats` times; the fns take turns so that drift in machine load hits all alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -79,7 +92,7 @@ def compare(fns: dict[str, callable], device: torch.device, warmup: int, repeats
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(timed(fn, device))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def train_step(model: torch.nn.Module, ids: torch.Tensor, hf: bool) -> None:
@@ -96,21 +109,24 @@ def main() -> None:
     p.add_argument("--preset", help="a camelid.config.PRESETS name (default: tinyllama-1.1b on CUDA, a small "
                                     "llama-shaped config otherwise)")
     p.add_argument("--layers", type=int, help="override num_hidden_layers (run a big shape on CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present")
     p.add_argument("--dtype", help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--seq", type=int, help="training sequence length (default: 2048 on CUDA, 256 on CPU)")
     p.add_argument("--batch", type=int, help="batch size for training and decode (default: 4 on CUDA, 2 on CPU)")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens per row for prefill and decode")
     p.add_argument("--decode-tokens", type=int, default=64, help="new tokens per row in the decode benchmark")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of each benchmark; the median is reported")
+    p.add_argument("--warmup", type=int, help="untimed runs first (default: 2, or 5 with --compile for recompiles)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
-    p.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/forward-<device>-<shape>-<date>.json)")
+    p.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/forward-<device>-<shape>-<date>)")
     args = p.parse_args()
     transformers.logging.disable_progress_bar()
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    malloc_tweak = not cuda and keep_freed_memory()
+    load_start = os.getloadavg()[0]
+    warmup = args.warmup if args.warmup is not None else 5 if args.compile else 2
     dtype = parse_dtype(args.dtype or ("bfloat16" if cuda else "float32"))
     seq, batch = args.seq or (2048 if cuda else 256), args.batch or (4 if cuda else 2)
     preset = args.preset or ("tinyllama-1.1b" if cuda else None)
@@ -148,7 +164,7 @@ def main() -> None:
     # ---- training step -----------------------------------------------------------------------------------------
     ours.train(), theirs.train()
     train = compare({"camelid": lambda: train_step(ours, ids, hf=False),
-                     "transformers": lambda: train_step(theirs, ids, hf=True)}, device, args.warmup, args.repeats)
+                     "transformers": lambda: train_step(theirs, ids, hf=True)}, device, warmup, args.repeats)
     ours.eval(), theirs.eval()
 
     # ---- prefill and decode (inference mode, KV cache on) ------------------------------------------------------
@@ -172,19 +188,28 @@ def main() -> None:
     with torch.inference_mode():
         prefill = compare({"camelid": ours_prefill,
                            "transformers": lambda: theirs(input_ids=prompts, use_cache=True, logits_to_keep=1)},
-                          device, args.warmup, args.repeats)
-        decode = compare({"camelid": ours_decode, "transformers": theirs_decode}, device, min(args.warmup, 1), args.repeats)
-    same = sum(x == y for r, s in zip(decoded["camelid"], decoded["transformers"]) for x, y in zip(r, s)) / (batch * n)
+                          device, warmup, args.repeats)
+        decode = compare({"camelid": ours_decode, "transformers": theirs_decode}, device, max(1, warmup // 2),
+                         args.repeats)
+    pairs = zip(decoded["camelid"], decoded["transformers"])
+    same = sum(x == y for r, s in pairs for x, y in zip(r, s)) / (batch * n)
 
     # ---- report --------------------------------------------------------------------------------------------------
-    rows = {"train_step": (train, batch * seq), "prefill": (prefill, batch * args.prompt), "decode": (decode, batch * n)}
+    rows = {"train_step": (train, batch * seq), "prefill": (prefill, batch * args.prompt),
+            "decode": (decode, batch * n)}
     results = {}
-    print(f"{'':12}{'camelid tok/s':>16}{'transformers tok/s':>20}{'ratio':>8}")
-    for name, (secs, tokens) in rows.items():
+    print(f"{'':12}{'camelid tok/s':>16}{'transformers tok/s':>20}{'ratio':>8}{'ratio of best runs':>20}")
+    for name, (times, tokens) in rows.items():
+        secs = {lib: statistics.median(t) for lib, t in times.items()}
         ours_tps, theirs_tps = tokens / secs["camelid"], tokens / secs["transformers"]
         results[name] = {"tokens": tokens, "camelid_s": secs["camelid"], "transformers_s": secs["transformers"],
-                         "camelid_tok_s": ours_tps, "transformers_tok_s": theirs_tps, "ratio": ours_tps / theirs_tps}
-        print(f"{name:12}{ours_tps:16.1f}{theirs_tps:20.1f}{ours_tps / theirs_tps:8.2f}")
+                         "camelid_tok_s": ours_tps, "transformers_tok_s": theirs_tps, "ratio": ours_tps / theirs_tps,
+                         "camelid_best_tok_s": tokens / min(times["camelid"]),
+                         "transformers_best_tok_s": tokens / min(times["transformers"]),
+                         "ratio_of_fastest": min(times["transformers"]) / min(times["camelid"]),
+                         "camelid_all_s": times["camelid"], "transformers_all_s": times["transformers"]}
+        print(f"{name:12}{ours_tps:16.1f}{theirs_tps:20.1f}{ours_tps / theirs_tps:8.2f}"
+              f"{results[name]['ratio_of_fastest']:20.2f}")
     print(f"greedy tokens identical in both: {same:.1%} (random weights: near-ties may flip in low precision)")
 
     record = {
@@ -193,11 +218,14 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "camelid": importlib.metadata.version("camelid"), "python": platform.python_version()},
         "preset": preset or "small", "config": config.to_hf(), "batch": batch, "seq": seq, "prompt": args.prompt,
-        "decode_tokens": n, "repeats": args.repeats, "warmup": args.warmup, "compile": args.compile,
+        "decode_tokens": n, "repeats": args.repeats, "warmup": warmup, "compile": args.compile,
+        "glibc_keep_freed_memory": malloc_tweak,
+        "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},  # other work on the box skews CPU runs
         "max_abs_logits_diff": diff, "greedy_tokens_identical": same, "results": results,
     }
     slug = re.sub(r"[^a-z0-9]+", "-", (torch.cuda.get_device_name(device) if cuda else "cpu").lower()).strip("-")
-    out = args.out or Path(__file__).parent / "results" / f"forward-{slug}-{shape}{'-compile' * args.compile}-{datetime.date.today()}.json"
+    name = f"forward-{slug}-{shape}{'-compile' * args.compile}-{datetime.date.today()}.json"
+    out = args.out or Path(__file__).parent / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
