@@ -19,6 +19,9 @@ from camelid.data.pretrain import prepare
 from camelid.generate import stream
 from camelid.model import Transformer
 from camelid.tokenizer import Tokenizer, TokenizerError
+from camelid.train import TrainConfig, train
+from camelid.train.config import parse_overrides
+from camelid.train.plot import plot_run
 
 BAD_INPUT = (FileNotFoundError, NotADirectoryError, ConfigError, CheckpointError, TokenizerError, ValueError)
 
@@ -187,6 +190,31 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
           f"({_human_count(int(tokens / seconds))} tokens/s)")
 
 
+# flags of `camelid pretrain` that set the TrainConfig field of the same name (None: keep the YAML / default value)
+PRETRAIN_FLAGS = ("model", "data", "out", "tokenizer", "max_steps", "micro_batch", "grad_accum", "seq_len", "lr",
+                  "warmup_steps", "optimizer", "precision", "device", "seed", "eval_every", "save_every", "resume",
+                  "compile", "activation_checkpointing")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    flags = {name: getattr(args, name) for name in PRETRAIN_FLAGS if getattr(args, name) is not None}
+    cfg = TrainConfig.from_yaml(args.config, **{**parse_overrides(args.set), **flags})
+    result = train(cfg)
+    if result.final_dir is not None:  # rank 0 only under torchrun
+        best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
+        print(f"trained {result.step} steps on {result.tokens_seen:,} tokens{best}; wrote {result.final_dir} "
+              f"(metrics: {result.out / 'metrics.jsonl'})")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    try:
+        paths = plot_run(args.run_dir)
+    except ImportError as e:  # matplotlib is optional: one line, not a traceback
+        raise ValueError(str(e)) from None
+    for path in paths:
+        print(path)
+
+
 # ---- argument parsing -------------------------------------------------------------------------------------------
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -270,6 +298,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default 1e8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.set_defaults(func=cmd_data_prepare)
+
+    p = verbs.add_parser("pretrain", help="train a model on prepared token shards", formatter_class=fmt,
+                         epilog=textwrap.dedent("""\
+        Every flag has a default (TrainConfig in camelid/train/config.py); flags override --config YAML values,
+        and --set KEY=VALUE sets any other config key. Writes OUT/metrics.jsonl, OUT/checkpoints/step_N/ and
+        OUT/final/ (a model folder for `camelid generate`). See docs/TRAINING.md.
+
+        examples:
+          camelid pretrain --model tiny --data data/corpus --tokenizer tok/ --out out/run1 --max-steps 2000
+          camelid pretrain --config run.yaml --resume
+          camelid pretrain --model tiny --data data/corpus --tokenizer tok/ --out out/r2 \\
+              --set model_overrides.num_hidden_layers=4 --set eval_every=100 --optimizer lion --lr 1e-4
+          torchrun --nproc-per-node 4 -m camelid pretrain --config run.yaml
+        """))
+    d = TrainConfig()
+    p.add_argument("--config", default=None, metavar="FILE.yaml", help="a YAML file of TrainConfig keys")
+    p.add_argument("--model", default=None,
+                   help=f"a preset ({', '.join(PRESETS)}) or a model folder (default {d.model})")
+    p.add_argument("--data", default=None, help="a folder written by `camelid data prepare`")
+    p.add_argument("--out", default=None, help=f"the run folder (default {d.out})")
+    p.add_argument("--tokenizer", default=None, help="the tokenizer the data was prepared with "
+                   "(default: the model folder's, else the data folder's)")
+    p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default {d.max_steps})")
+    p.add_argument("--micro-batch", type=int, default=None, help=f"sequences per forward (default {d.micro_batch})")
+    p.add_argument("--grad-accum", type=int, default=None, help=f"micro-batches per step (default {d.grad_accum})")
+    p.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default {d.seq_len})")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr:g})")
+    p.add_argument("--warmup-steps", type=int, default=None, help=f"(default {d.warmup_steps})")
+    p.add_argument("--optimizer", default=None, choices=["adamw", "lion"], help=f"(default {d.optimizer})")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                   help=f"(default {d.precision}: bf16 on a GPU that has it, else fp32)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--seed", type=int, default=None, help=f"(default {d.seed})")
+    p.add_argument("--eval-every", type=int, default=None, help=f"steps between evals, 0 = at the end only "
+                   f"(default {d.eval_every})")
+    p.add_argument("--save-every", type=int, default=None, help=f"steps between checkpoints (default {d.save_every})")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="continue from the latest checkpoint in --out")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward: less memory, ~30%% more compute")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other config key, e.g. --set weight_decay=0.05 (repeatable)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = verbs.add_parser("plot", help="PNG charts of a training run's metrics", formatter_class=fmt,
+                         epilog="example:\n  camelid plot out/run1  # out/run1/plots/{loss,lr,throughput}.png\n")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of `camelid pretrain`")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -111,6 +111,12 @@ class ModelConfig:
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
 
     def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with `changes`. Derived defaults follow their inputs: a new hidden_size or head count recomputes
+        head_dim (and a new head count the KV heads) unless those were set explicitly or differ from the default."""
+        if "head_dim" not in changes and self.head_dim == self.hidden_size // self.num_attention_heads:
+            changes["head_dim"] = None
+        if "num_key_value_heads" not in changes and self.num_key_value_heads == self.num_attention_heads:
+            changes["num_key_value_heads"] = None
         return dataclasses.replace(self, **changes)
 
     # ---- Hugging Face config.json ----------------------------------------------------------------------------

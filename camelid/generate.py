@@ -54,8 +54,9 @@ def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_new_to
         end = pos + step_ids.shape[1]
         mask = real[:, :end] if padded else None
         logits = model(step_ids, attention_mask=mask, cache=cache, start=pos, last_only=True)[:, -1]  # (B, V)
-        # the repetition penalty looks at real tokens only: padding slots hold token 0, so point them at a real one
-        seen = torch.where(real[:, :end].bool(), tokens[:, :end], tokens[:, longest - 1:longest])
+        seen = None
+        if sampling.repetition_penalty != 1.0:  # padding slots hold token 0: point them at a real token instead
+            seen = torch.where(real[:, :end].bool(), tokens[:, :end], tokens[:, longest - 1:longest])
         new = next_token(logits, seen, sampling, generator)  # (B,)
         tokens[:, end] = new
         yield [None if d else int(t) for t, d in zip(new.tolist(), done.tolist())]

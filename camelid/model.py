@@ -288,7 +288,7 @@ class Transformer(nn.Module):
             if padding is not None:
                 position_ids = (padding.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
             else:
-                position_ids = torch.arange(start, S, device=x.device).expand(B, T)
+                position_ids = torch.arange(start, S, device=x.device)[None]  # (1, T): RoPE tables broadcast over B
 
         if c.scale_embeddings:  # Gemma: the normaliser is rounded to the activation dtype, as in the reference
             x = x * torch.tensor(c.hidden_size**0.5, dtype=x.dtype)

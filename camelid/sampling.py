@@ -62,9 +62,9 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def next_token(logits: torch.Tensor, seen: torch.Tensor, sampling: Sampling,
+def next_token(logits: torch.Tensor, seen: torch.Tensor | None, sampling: Sampling,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) for the last position -> next token ids (B,)."""
+    """logits (B, V) for the last position -> next token ids (B,). `seen` (B, S) feeds the repetition penalty."""
     logits = logits.float()
     if sampling.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)

@@ -1,0 +1,84 @@
+"""`camelid pretrain` end to end in a subprocess, `camelid plot`, FLOPs and MFU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from train_helpers import step_rows, tiny_train_config
+
+from camelid.checkpoint import from_pretrained
+from camelid.cli import main
+from camelid.config import get_preset
+from camelid.model import Transformer
+from camelid.tokenizer import Tokenizer
+from camelid.train import train
+from camelid.train.metrics import flops_per_token, matmul_params, peak_flops
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "camelid", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=120)
+
+
+def test_cli_pretrain_then_generate(prepared, tmp_path):
+    out = tmp_path / "run"
+    (tmp_path / "run.yaml").write_text("seq_len: 32\nmicro_batch: 2\neval_every: 3\nlr: 3e-3\ntensorboard: false\n"
+                                       "model_overrides: {hidden_size: 32, intermediate_size: 64}\n")
+    proc = run_cli("pretrain", "--config", str(tmp_path / "run.yaml"), "--model", "tiny", "--data", str(prepared.data),
+                   "--tokenizer", str(prepared.tok), "--out", str(out), "--max-steps", "6", "--warmup-steps", "2",
+                   "--device", "cpu", "--set", "model_overrides.num_attention_heads=2", "--set", "sample_every=6")
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out / 'final'}" in proc.stdout
+    assert "sample:" in proc.stderr and "val loss" in proc.stderr
+    model = from_pretrained(out / "final")
+    assert (model.config.hidden_size, model.config.num_attention_heads, model.config.vocab_size) == (32, 2, 320)
+    assert Tokenizer(out / "final").vocab_size == 300
+    assert len(step_rows(out)) == 6
+    assert main(["generate", "--model", str(out / "final"), "--prompt", "The llama", "--max-new-tokens", "4"]) == 0
+
+
+
+def test_cli_bad_input_is_one_line(prepared, tmp_path, capsys):
+    code = main(["pretrain", "--data", str(prepared.data), "--out", str(tmp_path / "x"), "--set", "warmup_step=3"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == ("camelid pretrain: error: unknown config key 'warmup_step'; "
+                                         "did you mean 'warmup_steps'?")
+    assert main(["pretrain", "--model", "tiny", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert "no data folder" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_plot_writes_pngs(prepared, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    train(tiny_train_config(prepared, out, max_steps=6, eval_every=3))
+    assert main(["plot", str(out)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert sorted(os.path.basename(p) for p in printed) == ["loss.png", "lr.png", "throughput.png"]
+    for path in printed:
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
+
+
+def test_flops_formula():
+    config = get_preset("tiny")
+    model = Transformer(config)
+    # N = every Linear weight (lm_head included), no embedding table; tiny has no biases
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    assert matmul_params(config) == linear
+    assert flops_per_token(config, 128) == 6 * linear + 12 * 2 * 64 * 128
+    tied = config.replace(tie_word_embeddings=True)  # the tied table still does the lm_head matmul
+    assert matmul_params(tied) == linear
+    assert peak_flops(torch.device("cpu")) is None  # MFU is left out on CPU
+
+
+def test_tensorboard_events_when_installed(prepared, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    train(tiny_train_config(prepared, out, max_steps=2, tensorboard=True))
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
