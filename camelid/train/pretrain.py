@@ -89,10 +89,7 @@ def model_config(cfg: TrainConfig, data_vocab: int) -> tuple[ModelConfig, list[s
                 raise FileNotFoundError(f"no model folder at {source}") from None
             raise
         vocab = -(-data_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        overrides = dict(cfg.model_overrides)
-        if {"hidden_size", "num_attention_heads"} & overrides.keys() and "head_dim" not in overrides:
-            overrides["head_dim"] = None  # derive it from the new sizes, not keep the preset's
-        config = config.replace(**{**overrides, "vocab_size": vocab})
+        config = config.replace(**{**cfg.model_overrides, "vocab_size": vocab})  # head_dim follows new sizes
         notes = [f"model: preset {cfg.model}" + (f" with {cfg.model_overrides}" if cfg.model_overrides else "")
                  + f", vocab_size {vocab} (the data's {data_vocab} rounded up to a multiple of {VOCAB_MULTIPLE})"]
     return config, notes
