@@ -54,6 +54,9 @@ def weight_files(path: Path) -> list[Path]:
     if not files:
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
         hint = f" (found {', '.join(pickled)}: pickled weights are never loaded; convert them to safetensors)" if pickled else ""
+        if (path / "dcp" / ".metadata").is_file():  # written by `camelid pretrain --strategy fsdp | zero2`
+            hint = (" (a sharded training checkpoint: make a model folder of it with "
+                    "camelid.train.state.export_checkpoint(checkpoint, out))")
         raise FileNotFoundError(f"no *.safetensors weights in {path}{hint}")
     for f in files:
         if not f.is_file():

@@ -20,7 +20,7 @@ from camelid.generate import stream
 from camelid.model import Transformer
 from camelid.tokenizer import Tokenizer, TokenizerError
 from camelid.train import TrainConfig, train
-from camelid.train.config import parse_overrides
+from camelid.train.config import STRATEGIES, parse_overrides
 from camelid.train.plot import plot_run
 
 BAD_INPUT = (FileNotFoundError, NotADirectoryError, ConfigError, CheckpointError, TokenizerError, ValueError)
@@ -193,7 +193,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 # flags of `camelid pretrain` that set the TrainConfig field of the same name (None: keep the YAML / default value)
 PRETRAIN_FLAGS = ("model", "data", "out", "tokenizer", "max_steps", "micro_batch", "grad_accum", "seq_len", "lr",
                   "warmup_steps", "optimizer", "precision", "device", "seed", "eval_every", "save_every", "resume",
-                  "compile", "activation_checkpointing")
+                  "compile", "activation_checkpointing", "strategy")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -311,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
           camelid pretrain --model tiny --data data/corpus --tokenizer tok/ --out out/r2 \\
               --set model_overrides.num_hidden_layers=4 --set eval_every=100 --optimizer lion --lr 1e-4
           torchrun --nproc-per-node 4 -m camelid pretrain --config run.yaml
+          torchrun --nproc-per-node 8 -m camelid pretrain --config run.yaml --strategy fsdp --precision bf16
         """))
     d = TrainConfig()
     p.add_argument("--config", default=None, metavar="FILE.yaml", help="a YAML file of TrainConfig keys")
@@ -330,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                    help=f"(default {d.precision}: bf16 on a GPU that has it, else fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--strategy", default=None, choices=list(STRATEGIES),
+                   help="under torchrun: ddp (a full copy per process), fsdp (FSDP2, ZeRO-3: weights, gradients "
+                        "and optimizer state sharded), zero2 (fsdp that keeps gathered weights from forward to "
+                        f"backward), none (default {d.strategy})")
     p.add_argument("--seed", type=int, default=None, help=f"(default {d.seed})")
     p.add_argument("--eval-every", type=int, default=None, help=f"steps between evals, 0 = at the end only "
                    f"(default {d.eval_every})")

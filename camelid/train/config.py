@@ -18,7 +18,7 @@ from camelid.config import ConfigError, ModelConfig
 
 OPTIMIZERS = ("adamw", "lion")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-STRATEGIES = ("none", "ddp")
+STRATEGIES = ("none", "ddp", "fsdp", "zero2")  # see camelid/train/distributed.py
 
 
 @dataclass
@@ -48,7 +48,7 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     device: str = "auto"  # auto = cuda when present (cuda:LOCAL_RANK under torchrun), else cpu
-    strategy: str = "ddp"  # how to wrap the model when WORLD_SIZE > 1
+    strategy: str = "ddp"  # how to wrap the model when WORLD_SIZE > 1: none, ddp, fsdp (ZeRO-3), zero2
     # evaluation, samples, checkpoints, logs
     eval_every: int = 200  # 0 = never (a final eval still runs when there is a validation split)
     eval_batches: int = 20
@@ -92,6 +92,9 @@ class TrainConfig:
         need(self.precision in PRECISIONS,
              f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         need(self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        need(not (self.strategy in ("fsdp", "zero2") and self.precision == "fp16"),
+             f"strategy {self.strategy} trains in bf16 or fp32, not fp16 (the fp16 loss scaler would see only "
+             "each rank's gradient shard); use precision bf16")
         need(self.spike_min_history <= self.spike_window,
              f"spike_min_history ({self.spike_min_history}) must be <= spike_window ({self.spike_window})")
         need(0 < self.rollback_lr_factor <= 1, f"rollback_lr_factor must be in (0, 1], got {self.rollback_lr_factor}")

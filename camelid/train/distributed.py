@@ -3,9 +3,18 @@ few collectives the loop needs. A single process (no WORLD_SIZE) runs every func
 
     torchrun --nproc-per-node 8 -m camelid pretrain --model tinyllama-1.1b --data data/corpus --out out/tl
 
-Strategies: "none" and "ddp" (DistributedDataParallel). FSDP2 (`fully_shard`) and torch.distributed.checkpoint
-plug in here: the loop already treats the wrapped model only through `sync_gradients`, keeps the unwrapped module
-for saving and sampling, and logs and saves on rank 0 only.
+Strategies (`wrap`), when WORLD_SIZE > 1:
+
+    none    every process trains its own copy; nothing is synchronised (debugging only)
+    ddp     DistributedDataParallel: a full copy of weights, gradients and optimizer state per process;
+            gradients are all-reduced once per step (on the last micro-batch)
+    fsdp    FSDP2 `fully_shard`, ZeRO-3 style: weights, gradients and optimizer state are sharded over the
+            processes; each block's weights are all-gathered for its forward, freed, and gathered again for backward
+    zero2   the same, but a block keeps its gathered weights from forward until its backward
+            (`reshard_after_forward=False`): one all-gather per micro-batch instead of two, more memory
+
+Under fsdp / zero2 the model's parameters become DTensor shards, so checkpoints go through
+torch.distributed.checkpoint (state.py) and the final model folder is gathered to rank 0.
 """
 
 from __future__ import annotations
@@ -13,11 +22,22 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from camelid.model import SparseMoE
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+# torch.distributed.fsdp and .checkpoint take ~0.7 s to import: they are imported where used, so that every other
+# `camelid` verb (which imports camelid.train through the CLI) starts without them
+
+SHARDED = ("fsdp", "zero2")  # the FSDP2 strategies: parameters are DTensor shards
 
 
 def setup(device: str = "auto") -> tuple[int, int, torch.device]:
@@ -45,15 +65,75 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
-    """The model as the training step sees it; with one process, the model itself."""
-    if not dist.is_initialized() or dist.get_world_size() == 1 or strategy == "none":
+def wrap(model: nn.Module, strategy: str, device: torch.device, precision: str = "fp32") -> nn.Module:
+    """The model on `device`, as the training step sees it; with one process, the model itself. `precision` is
+    the resolved training precision (fp32, bf16, fp16): FSDP takes its mixed-precision policy from it."""
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    if multi and strategy in SHARDED:  # fully_shard moves each unit's shard to the device: never the whole model
+        return shard(model, device, reshard_after_forward=strategy == "fsdp", precision=precision)
+    model.to(device)
+    if not multi or strategy == "none":
         return model
     if strategy == "ddp":
         # a MoE batch may route no token to some expert: DDP must then not wait for that expert's gradients
         moe = bool(getattr(getattr(model, "config", None), "num_local_experts", 0))
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=moe)
-    raise ValueError(f"unknown distributed strategy {strategy!r}; supported: none, ddp")
+    raise ValueError(f"unknown distributed strategy {strategy!r}; supported: none, ddp, {', '.join(SHARDED)}")
+
+
+def mixed_precision(precision: str) -> MixedPrecisionPolicy:
+    """bf16: gathered weights and compute in bf16, gradients reduced and kept in fp32 (the sharded fp32 weights
+    are the master copy the optimizer updates). fp32: no casts."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if precision == "fp16":  # TrainConfig.validate refuses this earlier; here for a direct caller
+        raise ValueError("fsdp / zero2 train in fp32 or bf16: fp16's GradScaler sees only this rank's gradient "
+                         "shard, so ranks could disagree on skipping a step")
+    return MixedPrecisionPolicy()
+
+
+def shard(model: nn.Module, device: torch.device, reshard_after_forward: bool, precision: str = "fp32") -> nn.Module:
+    """FSDP2 in place: one unit per transformer block, then the root unit (embeddings, final norm, lm_head).
+
+    The model stays the same object (its class becomes FSDPTransformer); its parameters become DTensor shards
+    (dim 0 split over the ranks) on `device`. A tied lm_head is the embedding table itself, one parameter in the
+    root unit. The mesh is explicit: FSDP's default is the accelerator's, wrong for `--device cpu` on a GPU host.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    policy = mixed_precision(precision)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    config = getattr(model, "config", None)
+    if getattr(config, "num_local_experts", 0):
+        _keep_every_expert_in_the_graph(model)
+    for block in getattr(getattr(model, "model", None), "layers", []):
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    if getattr(config, "tie_word_embeddings", False) and model.lm_head.weight is not model.model.embed_tokens.weight:
+        raise RuntimeError("FSDP untied lm_head from embed_tokens: the tied pair must stay one parameter")
+    return model
+
+
+def _keep_every_expert_in_the_graph(model: nn.Module) -> None:
+    """FSDP reduce-scatters the gradients of those of a unit's parameters that have one. An expert that got no
+    token on this rank has none, so the ranks would disagree on what to reduce (a hang, or a gloo size error).
+    Adding 0 * (sum of the MoE block's weights) to its output gives every expert a gradient, zero when unused."""
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + 0.0 * sum(p.sum() for p in module.parameters()).to(output.dtype)
+
+    for module in model.modules():
+        if isinstance(module, SparseMoE):
+            module.register_forward_hook(hook)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether the model's parameters are FSDP2 shards: then saving and loading are collective."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -69,20 +149,18 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def sync_gradients(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Whether backward inside this block all-reduces gradients: only the last micro-batch of a step needs to."""
-    if enabled:
+    """Whether backward inside this block all-reduces gradients: only the last micro-batch of a step needs to.
+
+    DDP defers (`no_sync`): its gradients are full-size on every rank anyway. FSDP2 is left syncing on every
+    micro-batch, on purpose: deferring (`set_requires_gradient_sync(False)`) would keep each rank's full unsharded
+    fp32 gradients until the last micro-batch, the memory that sharding exists to save. Synced, each backward
+    reduce-scatters, and the fp32 gradient shards accumulate over the step's micro-batches.
+    """
+    if enabled or not hasattr(model, "no_sync"):
         yield
-    elif hasattr(model, "no_sync"):  # DDP
+    else:
         with model.no_sync():
             yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    else:
-        yield
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,7 @@ class Trainer:
         notes: list[str] = []
         if model is None or batches is None:  # pretraining: everything is checked here, before any step
             given = distributed.unwrap(model) if model is not None else None
-            built, batches, tokenizer, notes = pretrain.setup(cfg, given, tokenizer)
+            built, batches, tokenizer, notes = pretrain.setup(cfg, given, tokenizer, world)
             model = model if model is not None else built
         self.batches, self.tokenizer, self.loss_hook = batches, tokenizer, loss_hook
         self.precision = resolve_precision(cfg.precision, device)
@@ -110,11 +110,15 @@ class Trainer:
             if prompt_len >= self.raw.config.max_position_embeddings:
                 raise ValueError(f"sample_prompt is {prompt_len} tokens, as long as the model's context: shorten it")
         if self.raw is model:  # ours to place and wrap; a model passed in already wrapped is used as it is
-            self.raw.to(device)
             if cfg.activation_checkpointing:
                 self.raw.set_activation_checkpointing(True)
-            model = distributed.wrap(self.raw, cfg.strategy, device)
+            model = distributed.wrap(self.raw, cfg.strategy, device, self.precision)  # moves it to the device
         self.sync_target = model  # the DDP / FSDP module that owns gradient sync
+        # FSDP2 shards in place: self.raw is then the sharded module, and saving, loading, the final folder and
+        # sampling become collective (every rank takes part). Checkpoints of fsdp / zero2 runs are DCP folders
+        # even in one process, so that any of them can resume on another number of processes.
+        self.sharded = distributed.is_sharded(self.raw)
+        self.dcp_checkpoints = self.sharded or cfg.strategy in distributed.SHARDED
         self.model = torch.compile(model) if cfg.compile else model  # what the training step calls
         self.optimizer = build_optimizer(self.raw, cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
@@ -131,7 +135,8 @@ class Trainer:
         self.log = RunLog(self.out, enabled=rank == 0, tensorboard=cfg.tensorboard, log_every=cfg.log_every)
         for note in notes:
             self.log.note(note)
-        self.log.note(f"precision {self.precision} on {device}, {world} process(es), "
+        self.log.note(f"precision {self.precision} on {device}, {world} process(es)"
+                      + (f" ({cfg.strategy})" if world > 1 else "") + ", "
                       f"{sum(p.numel() for p in self.raw.parameters()) / 1e6:.2f} M parameters, global batch "
                       f"{cfg.micro_batch * cfg.grad_accum * world} x {cfg.seq_len} tokens")
         if rank == 0:
@@ -178,9 +183,8 @@ class Trainer:
                     self.save(val_loss)
         finally:
             self.log.close()
-        final = None
-        if self.rank == 0:
-            final = save_final(self.out / "final", self.raw, self.tokenizer)
+        final = save_final(self.out / "final", self.raw, self.tokenizer, self.rank)  # None on ranks > 0
+        if final is not None:
             self.log.note(f"final model: {final}")
         distributed.barrier()
         return TrainResult(self.step, self.tokens_seen, self.lr_scale, self.best_val_loss, self.out, final,
@@ -222,6 +226,7 @@ class Trainer:
 
         self.scaler.unscale_(self.optimizer)  # no-op unless fp16
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        # sharded (DTensor) gradients: the norm is a replicated DTensor of the global norm, over every rank's shards
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.raw.parameters(), max_norm, foreach=True))
         loss_value = float(distributed.all_reduce_sum(total)) / self.world  # the step's mean token loss
         overflow = self.scaler.is_enabled() and math.isfinite(loss_value) and not math.isfinite(grad_norm)
@@ -299,22 +304,27 @@ class Trainer:
         return val_loss
 
     def sample(self) -> None:
-        # rank 0 alone generates from its full copy of the weights (an FSDP model needs every rank here instead)
-        if self.rank != 0 or self.tokenizer is None or not hasattr(self.raw, "config"):
+        """A greedy completion, logged by rank 0. Unsharded, rank 0 alone generates from its full copy of the
+        weights. Sharded, every rank runs the same greedy decode, so that each forward's all-gathers find every
+        rank; greedy decoding of the same prompt with the same weights picks the same tokens everywhere, so the
+        ranks also stop together. Autocast: under bf16 the gathered weights are bf16, the KV cache as well."""
+        if (self.rank != 0 and not self.sharded) or self.tokenizer is None or not hasattr(self.raw, "config"):
             return
         self.raw.eval()
-        text = generate(self.raw, self.tokenizer, self.cfg.sample_prompt, self.cfg.sample_tokens)
+        with self.autocast():
+            text = generate(self.raw, self.tokenizer, self.cfg.sample_prompt, self.cfg.sample_tokens)
         self.raw.train()
         self.log.sample(self.step, self.cfg.sample_prompt, text)
 
     def save(self, val_loss: float | None) -> None:
-        if self.rank == 0:
+        if self.rank == 0 or self.dcp_checkpoints:  # a DCP save is collective: each rank writes its shards
             trainer = {"tokens_seen": self.tokens_seen, "lr_scale": self.lr_scale, "val_loss": val_loss,
                        "best_val_loss": self.best_val_loss, "world": self.world,
                        "elapsed": self.elapsed_before + time.perf_counter() - self.start_time,
                        "config": self.cfg.to_dict()}
             path = save_checkpoint(self.ckpt_root, self.step, self.raw, self.optimizer, self.scaler, self.guard,
-                                   trainer, self.tokenizer)
+                                   trainer, self.tokenizer, sharded=self.dcp_checkpoints, rank=self.rank)
+        if self.rank == 0:
             deleted = prune(self.ckpt_root, self.cfg.keep_last)
             self.log.note(f"saved {path}" + (f" (removed {', '.join(p.name for p in deleted)})" if deleted else ""))
         distributed.barrier()

@@ -31,8 +31,8 @@ class PretrainBatches:
     """
 
     def __init__(self, train: TokenData, val: TokenData | None, seed: int, micro_batch: int, grad_accum: int,
-                 seq_len: int, eval_batches: int):
-        self.train, self.val = train, val
+                 seq_len: int, eval_batches: int, world: int = 1):
+        self.train, self.val, self.world = train, val, world
         self.seed, self.micro_batch, self.grad_accum = seed, micro_batch, grad_accum
         self.seq_len, self.n_eval = seq_len, eval_batches
 
@@ -44,11 +44,13 @@ class PretrainBatches:
         return {"input_ids": x, "labels": y}  # (B, T) each: y is x shifted by one token
 
     def eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """The first eval_batches * micro_batch * grad_accum non-overlapping windows of the val split, in
-        micro_batch-sized pieces: the same set at every eval, whatever the split of the batch into micro-batches."""
+        """The first eval_batches * (micro_batch * grad_accum * world) non-overlapping windows of the val split, in
+        micro_batch-sized pieces: the same set at every eval, however the global batch is split into micro-batches
+        and ranks. Every rank evaluates all of it (the loop's sum over ranks divides out): simple, and under FSDP
+        every rank must run the same forwards anyway."""
         if self.val is None:
             return
-        windows = self.n_eval * self.micro_batch * self.grad_accum
+        windows = self.n_eval * self.micro_batch * self.grad_accum * self.world
         for x, y in self.val.sequential_windows(self.seq_len, self.micro_batch, windows):
             yield {"input_ids": x, "labels": y}
 
@@ -116,7 +118,7 @@ def find_tokenizer(cfg: TrainConfig, meta: dict) -> tuple[Tokenizer, list[str]]:
     return tokenizer, notes
 
 
-def setup(cfg: TrainConfig, model: Transformer | None = None, tokenizer: Tokenizer | None = None
+def setup(cfg: TrainConfig, model: Transformer | None = None, tokenizer: Tokenizer | None = None, world: int = 1
           ) -> tuple[Transformer, PretrainBatches, Tokenizer | None, list[str]]:
     """The batch source of a pretraining run, and the model (fp32 master weights) and tokenizer when not given;
     plus notes to log. Every check against the data happens here, before training."""
@@ -141,7 +143,8 @@ def setup(cfg: TrainConfig, model: Transformer | None = None, tokenizer: Tokeniz
                                 pad_token_id=tokenizer.pad_id)
         torch.manual_seed(cfg.seed)
         model = Transformer(config)
-    batches = PretrainBatches(train, val, cfg.seed, cfg.micro_batch, cfg.grad_accum, cfg.seq_len, cfg.eval_batches)
+    batches = PretrainBatches(train, val, cfg.seed, cfg.micro_batch, cfg.grad_accum, cfg.seq_len, cfg.eval_batches,
+                              world)
     notes = model_notes + notes + [f"data: {cfg.data} ({len(train):,} train tokens, "
                                    f"{len(val) if val else 0:,} val tokens)"]
     return model, batches, tokenizer, notes

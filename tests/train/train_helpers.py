@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,22 @@ def tiny_train_config(prepared: Prepared | None, out: Path, **overrides) -> Trai
     return TrainConfig(**{**values, **overrides})
 
 
+def torchrun_pretrain(prepared: Prepared, out: Path, *flags: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node N -m camelid pretrain` on CPU (gloo), with tiny_train_config's settings as flags;
+    `flags` add to them or override them (a later flag wins). Fails the test with the tail of stderr on an error."""
+    shape = [arg for key, value in TINY_MODEL.items() for arg in ("--set", f"model_overrides.{key}={value}")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "camelid", "pretrain", "--model", "tiny", "--data", str(prepared.data),
+           "--tokenizer", str(prepared.tok),
+           "--out", str(out), "--max-steps", "10", "--micro-batch", "4", "--seq-len", "32", "--lr", "3e-3",
+           "--warmup-steps", "2", "--eval-every", "0", "--save-every", "0", "--device", "cpu", *shape,
+           "--set", "tensorboard=false", "--set", "log_every=1000", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
@@ -40,6 +59,15 @@ def step_rows(out: Path) -> list[dict]:
 
 def event_rows(out: Path) -> list[dict]:
     return [r for r in _rows(out) if "event" in r]
+
+
+def eval_rows(out: Path) -> dict[int, float]:
+    """step -> val_loss of a run's evaluations."""
+    return {r["step"]: r["val_loss"] for r in _rows(out) if "val_loss" in r}
+
+
+def sample_rows(out: Path) -> list[dict]:
+    return [r for r in _rows(out) if "sample" in r]
 
 
 def optimizer_steps(checkpoint: Path) -> int:
