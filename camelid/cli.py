@@ -18,6 +18,9 @@ from camelid.config import PRESETS, ConfigError, ModelConfig, get_preset, num_pa
 from camelid.data.pretrain import prepare
 from camelid.generate import stream
 from camelid.model import Transformer
+from camelid.plan import fit as plan_fit
+from camelid.plan import memory as plan_memory
+from camelid.plan import scaling as plan_scaling
 from camelid.tokenizer import Tokenizer, TokenizerError
 from camelid.train import TrainConfig, train
 from camelid.train.config import STRATEGIES, parse_overrides
@@ -193,7 +196,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 # flags of `camelid pretrain` that set the TrainConfig field of the same name (None: keep the YAML / default value)
 PRETRAIN_FLAGS = ("model", "data", "out", "tokenizer", "max_steps", "micro_batch", "grad_accum", "seq_len", "lr",
                   "warmup_steps", "optimizer", "precision", "device", "seed", "eval_every", "save_every", "resume",
-                  "compile", "activation_checkpointing", "strategy")
+                  "compile", "activation_checkpointing", "strategy", "measure_gns")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -213,6 +216,76 @@ def cmd_plot(args: argparse.Namespace) -> None:
         raise ValueError(str(e)) from None
     for path in paths:
         print(path)
+
+
+def _config_of(model: str) -> ModelConfig:
+    """A model folder's config.json, else a preset."""
+    return ModelConfig.from_hf(model) if Path(model).is_dir() else get_preset(model)
+
+
+def _count(text: str) -> float:
+    """'7B', '1.4T', '500M', '5.76e23' -> a number (for --params / --tokens / --flops)."""
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}.get(text[-1:].upper(), 1)
+    try:
+        return float(text[:-1] if scale != 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (write e.g. 7B, 1.4T or 5.76e23)") from None
+
+
+def cmd_plan_scaling(args: argparse.Namespace) -> None:
+    result = plan_scaling.plan(flops=args.flops, params=args.params, tokens=args.tokens)
+    if args.plot:
+        try:
+            result["plot"] = str(plan_scaling.plot_frontier(args.plot, flops=result["laws"][0]["flops"]))
+        except ImportError as e:  # matplotlib is optional
+            raise ValueError(str(e)) from None
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    (key, value), = result["given"].items()
+    print(f"compute-optimal training for {key} = {value:.3g} (FLOPs = 6 N D; loss from Chinchilla approach 3)")
+    print(f"  {'law':<26}{'params':>10}{'tokens':>10}{'tokens/param':>14}{'FLOPs':>11}{'loss':>8}")
+    si = lambda n: f"{n / 1e12:.2f} T" if n >= 1e12 else _human_count(n)  # noqa: E731
+    for r in result["laws"]:
+        print(f"  {r['name']:<26}{si(r['params']):>10}{si(r['tokens']):>10}"
+              f"{r['tokens_per_param']:>14.1f}{r['flops']:>11.3g}{r['loss']:>8.3f}")
+    if args.plot:
+        print(f"wrote {result['plot']}")
+
+
+def cmd_plan_memory(args: argparse.Namespace) -> None:
+    est = plan_memory.estimate(_config_of(args.model), args.method, seq=args.seq, batch=args.batch,
+                               precision=args.precision, optimizer=args.optimizer, checkpointing=args.checkpointing,
+                               gpus=args.gpus, strategy=args.strategy, kv_context=args.kv_context,
+                               lora_r=args.lora_r, lora_targets=args.lora_targets)
+    if args.json:
+        print(json.dumps(est.to_dict(), indent=2))
+        return
+    setup = f"{args.model}, {args.method}, seq {args.seq}, batch {args.batch}, {args.precision}"
+    if args.method != "inference":
+        setup += f", {args.optimizer}" + (", checkpointing" if args.checkpointing else "")
+        setup += f", {args.gpus} GPUs ({args.strategy})" if args.gpus > 1 else ""
+    print(plan_memory.format_table(est, f"memory per GPU: {setup}"))
+
+
+def cmd_plan_fit(args: argparse.Namespace) -> None:
+    device = plan_fit.parse_size(args.device_memory)
+    rows = plan_fit.fit(_config_of(args.model), device, seq=args.seq, global_batch=args.global_batch,
+                        precision=args.precision, optimizer=args.optimizer)
+    if args.json:
+        print(json.dumps({"device_memory_bytes": device, "seq": args.seq, "global_batch": args.global_batch,
+                          "methods": plan_fit.to_dicts(rows)}, indent=2))
+        return
+    print(f"{args.model} on {device / 1e9:.1f} GB, seq {args.seq}, global batch {args.global_batch} "
+          f"({args.precision}, {args.optimizer})")
+    for r in rows:
+        if r.fits:
+            ckpt = "on" if r.checkpointing else "off"
+            how = (f"batch {r.micro_batch}" if r.method == "inference" else
+                   f"micro-batch {r.micro_batch} x accum {r.grad_accum}, checkpointing {ckpt}")
+            print(f"  {r.method:<10} fits   {how} ({r.bytes_needed / 1e9:.1f} GB estimated)")
+        else:
+            print(f"  {r.method:<10} no     {r.reason}")
 
 
 # ---- argument parsing -------------------------------------------------------------------------------------------
@@ -344,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward: less memory, ~30%% more compute")
+    p.add_argument("--measure-gns", action=argparse.BooleanOptionalAction, default=None,
+                   help="log the gradient noise scale and a critical batch size to metrics.jsonl "
+                        "(McCandlish et al. 2018; needs --grad-accum >= 2)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config key, e.g. --set weight_decay=0.05 (repeatable)")
     p.set_defaults(func=cmd_pretrain)
@@ -352,6 +428,71 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog="example:\n  camelid plot out/run1  # out/run1/plots/{loss,lr,throughput}.png\n")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of `camelid pretrain`")
     p.set_defaults(func=cmd_plot)
+
+    p = verbs.add_parser("plan", help="scaling laws, memory estimates, what fits a GPU")
+    pverbs = p.add_subparsers(dest="plan_verb", required=True, metavar="VERB")
+    p = pverbs.add_parser("scaling", help="compute-optimal model size and tokens (Chinchilla, Kaplan)",
+                          formatter_class=fmt, epilog=textwrap.dedent("""\
+        Give exactly one of --flops, --params, --tokens; every law answers with its compute-optimal (N, D, C).
+        Sources and formulas: docs/PLANNING.md.
+
+        examples:
+          camelid plan scaling --flops 5.76e23
+          camelid plan scaling --params 7B --json
+          camelid plan scaling --tokens 1.4T --plot frontier.png
+        """))
+    p.add_argument("--flops", type=_count, default=None, help="training compute C")
+    p.add_argument("--params", type=_count, default=None, help="model size N (7B, 500M, ...)")
+    p.add_argument("--tokens", type=_count, default=None, help="training tokens D (1.4T, ...)")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="write the iso-FLOP frontier as a PNG")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan_scaling)
+
+    p = pverbs.add_parser("memory", help="GPU memory of a training or inference run, term by term",
+                          formatter_class=fmt, epilog=textwrap.dedent("""\
+        Bytes per GPU: weights, gradients, optimizer states, activations, KV cache, logits and buffers, each with
+        its formula (camelid/plan/memory.py). LoRA/QLoRA/DoRA default to rank 8 on q_proj and v_proj.
+
+        examples:
+          camelid plan memory --model llama-2-7b --method qlora --seq 1024 --batch 4
+          camelid plan memory --model llama-2-7b --method full --optimizer adamw8bit --checkpointing \\
+              --gpus 8 --strategy fsdp
+          camelid plan memory --model llama-3-8b --method inference --batch 16 --seq 512 --kv-context 8192 --json
+        """))
+    p.add_argument("--model", required=True, help="a preset or a model folder")
+    p.add_argument("--method", required=True, choices=plan_memory.METHODS, metavar="METHOD",
+                   help=", ".join(plan_memory.METHODS))
+    p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    p.add_argument("--precision", default="bf16", choices=list(plan_memory.PRECISIONS))
+    p.add_argument("--optimizer", default="adamw", choices=plan_memory.OPTIMIZERS)
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--strategy", default="ddp", choices=plan_memory.STRATEGIES, help="with --gpus > 1 (default ddp)")
+    p.add_argument("--kv-context", type=int, default=None, help="inference: KV-cache tokens (default --seq)")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA/QLoRA/DoRA rank (default 8)")
+    p.add_argument("--lora-targets", default="qv", choices=list(plan_memory.LORA_TARGETS),
+                   help="qv: q_proj and v_proj (default); all: every projection")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan_memory)
+
+    p = pverbs.add_parser("fit", help="which methods fit a device, with micro-batch, accumulation, checkpointing",
+                          formatter_class=fmt, epilog=textwrap.dedent("""\
+        A method fits when its estimate plus a margin (5% + 1 GB for the CUDA context) is within --device-memory.
+        Checkpointing is switched on only when micro-batch 1 does not fit without it.
+
+        examples:
+          camelid plan fit --device-memory 24GB --model llama-2-7b --seq 1024
+          camelid plan fit --device-memory 48GB --model llama-65b --json
+        """))
+    p.add_argument("--device-memory", required=True, help="e.g. 24GB, 80GiB (a bare number is GB)")
+    p.add_argument("--model", required=True, help="a preset or a model folder")
+    p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--global-batch", type=int, default=64, help="sequences per optimizer step (default 64)")
+    p.add_argument("--precision", default="bf16", choices=list(plan_memory.PRECISIONS))
+    p.add_argument("--optimizer", default="adamw", choices=plan_memory.OPTIMIZERS)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan_fit)
     return parser
 
 

@@ -278,6 +278,8 @@ PRESETS: dict[str, ModelConfig] = {
                          max_position_embeddings=4096),
     "llama-2-13b": _llama(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                           max_position_embeddings=4096),
+    "llama-65b": _llama(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64,
+                        max_position_embeddings=2048),
     "llama-3-8b": _llama(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
                          bos_token_id=128000, eos_token_id=128001),

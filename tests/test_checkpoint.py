@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from camelid.checkpoint import CheckpointError, from_pretrained, parse_dtype, parse_size, save_pretrained
 from camelid.config import ConfigError, ModelConfig
 from camelid.model import Transformer
-from conftest import ARCH_CONFIGS, HF_ARCHS, NATIVE_CONFIGS, VOCAB, random_model, tiny_config
+from model_zoo import ARCH_CONFIGS, HF_ARCHS, NATIVE_CONFIGS, VOCAB, random_model, tiny_config
 
 # every layout transformers reads, plus LLaMA's attention_bias / mlp_bias
 HF_SAVES = {**{name: ARCH_CONFIGS[name] for name in HF_ARCHS},

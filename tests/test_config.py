@@ -7,7 +7,7 @@ import torch
 
 from camelid.config import PRESETS, ConfigError, ModelConfig, get_preset, num_parameters
 from camelid.model import Transformer
-from conftest import NATIVE_CONFIGS, tiny_config
+from model_zoo import NATIVE_CONFIGS, tiny_config
 
 # Published parameter counts; test_preset_counts_match_transformers checks them independently.
 KNOWN_COUNTS = {

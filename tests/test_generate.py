@@ -8,7 +8,7 @@ from camelid.generate import StopStrings, generate, generate_ids, iter_tokens, s
 from camelid.model import Transformer
 from camelid.sampling import Sampling
 from camelid.tokenizer import Tokenizer
-from conftest import ARCH_CONFIGS, FIXTURES, random_model, tiny_config
+from model_zoo import ARCH_CONFIGS, FIXTURES, random_model, tiny_config
 
 NEW = 32
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 99], [17, 42, 8, 64, 120]]

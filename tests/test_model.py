@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from camelid.checkpoint import from_pretrained
 from camelid.model import KVCache, SparseMoE, Transformer, alibi_slopes
-from conftest import (ARCH_CONFIGS, COMMON, NATIVE_CONFIGS, SLIDING_WINDOW, VOCAB, perturb_, random_model,
+from model_zoo import (ARCH_CONFIGS, COMMON, NATIVE_CONFIGS, SLIDING_WINDOW, VOCAB, perturb_, random_model,
                       tiny_config)
 
 ATOL = 1e-4  # fp32 logits, max abs difference vs transformers

@@ -47,6 +47,7 @@ class TrainConfig:
     precision: str = "auto"  # auto = bf16 on a GPU that has it, else fp32
     compile: bool = False
     activation_checkpointing: bool = False
+    measure_gns: bool = False  # log the gradient noise scale (gns.py) and a critical batch; needs grad_accum >= 2
     device: str = "auto"  # auto = cuda when present (cuda:LOCAL_RANK under torchrun), else cpu
     strategy: str = "ddp"  # how to wrap the model when WORLD_SIZE > 1: none, ddp, fsdp (ZeRO-3), zero2
     # evaluation, samples, checkpoints, logs
@@ -95,6 +96,8 @@ class TrainConfig:
         need(not (self.strategy in ("fsdp", "zero2") and self.precision == "fp16"),
              f"strategy {self.strategy} trains in bf16 or fp32, not fp16 (the fp16 loss scaler would see only "
              "each rank's gradient shard); use precision bf16")
+        need(not self.measure_gns or self.grad_accum >= 2,
+             "measure_gns compares one micro-batch's gradient with the step's: it needs grad_accum >= 2")
         need(self.spike_min_history <= self.spike_window,
              f"spike_min_history ({self.spike_min_history}) must be <= spike_window ({self.spike_window})")
         need(0 < self.rollback_lr_factor <= 1, f"rollback_lr_factor must be in (0, 1], got {self.rollback_lr_factor}")

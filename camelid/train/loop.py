@@ -32,6 +32,7 @@ from camelid.generate import generate
 from camelid.tokenizer import Tokenizer
 from camelid.train import distributed, pretrain
 from camelid.train.config import TrainConfig
+from camelid.train.gns import NoiseScale, grad_sq_norm
 from camelid.train.guard import SpikeGuard
 from camelid.train.loss import count_targets, loss_fn
 from camelid.train.metrics import RunLog, flops_per_token, memory_gb, peak_flops
@@ -119,6 +120,9 @@ class Trainer:
         # even in one process, so that any of them can resume on another number of processes.
         self.sharded = distributed.is_sharded(self.raw)
         self.dcp_checkpoints = self.sharded or cfg.strategy in distributed.SHARDED
+        if cfg.measure_gns and self.sharded:
+            raise ValueError("measure_gns needs whole per-micro-batch gradients: use strategy ddp, not fsdp / zero2")
+        self.gns = NoiseScale() if cfg.measure_gns else None
         self.model = torch.compile(model) if cfg.compile else model  # what the training step calls
         self.optimizer = build_optimizer(self.raw, cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
@@ -223,6 +227,11 @@ class Trainer:
                     loss = self.loss_hook(step, loss)
                 self.scaler.scale(loss).backward()
             total += loss.detach()
+            if self.gns is not None and m == 0:  # the gradient so far is micro-batch 0's alone (not yet synced)
+                small_targets = max(count_targets(batch), 1)
+                # grad = (sum of its token gradients) * world / n_targets: rescale to the mean over its own tokens
+                g_small_sq = grad_sq_norm(self.raw.parameters()) / self.scaler.get_scale() ** 2 \
+                    * (n_targets / (self.world * small_targets)) ** 2
 
         self.scaler.unscale_(self.optimizer)  # no-op unless fp16
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -248,6 +257,12 @@ class Trainer:
                "time": self.elapsed_before + time.perf_counter() - self.start_time}
         if self.peak is not None and self.flops_per_token is not None:
             row["mfu"] = self.flops_per_token * n_inputs / dt / (self.peak * self.world)
+        if self.gns is not None and math.isfinite(grad_norm) and n_targets > small_targets:
+            # the step's gradient (pre-clipping norm) is the mean over all n_targets tokens: B_big = n_targets
+            gns = self.gns.update(g_small_sq, grad_norm**2, small_targets, n_targets)
+            if gns is not None:  # in tokens; the critical batch in sequences of this run's length
+                row["gns"] = gns
+                row["critical_batch"] = gns * cfg.micro_batch * cfg.grad_accum * self.world / n_targets
         if overflow or reason:
             row["skipped"] = True
         self.losses[step] = loss_value

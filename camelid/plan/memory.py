@@ -1,0 +1,280 @@
+"""How much GPU memory a training or inference run needs, term by term, from the config alone.
+
+Each term's formula sits next to its code. Symbols: P parameters (`num_parameters`), T trainable parameters, L
+layers, h hidden, q = heads x head_dim, kv = KV heads x head_dim, i intermediate, V vocab, B micro-batch, S sequence
+length, b bytes per activation element (2 for bf16/fp16, 4 for fp32).
+
+What the numbers assume (camelid's own training loop):
+- full fine-tuning / pretraining keeps fp32 master weights and runs the matmuls under autocast; the half-precision
+  weight copies autocast makes are saved for backward, so they are a term of their own;
+- PEFT methods keep the frozen base in the compute dtype (bf16/fp16; fp32 with --precision fp32) and their
+  trainable parameters, gradients and optimizer states in fp32;
+- attention is SDPA with a flash / memory-efficient kernel: no (S x S) score matrix is stored;
+- the loss is camelid's chunked cross-entropy (bf16 logits kept, fp32 log-softmax one 4096-token chunk at a time).
+What it leaves out: the CUDA context and allocator fragmentation (`fit` adds a margin for those), and torch's
+per-op workspaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from camelid.config import ModelConfig, num_parameters
+
+METHODS = ("full", "lora", "qlora", "dora", "prefix", "prompt", "adapter", "bitfit", "ia3", "inference")
+PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4}
+OPTIMIZERS = ("adamw", "adamw8bit", "lion", "sgd")
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+LORA_TARGETS = {"qv": ("q", "v"), "all": ("q", "k", "v", "o", "gate", "up", "down")}
+NUM_VIRTUAL_TOKENS = 20  # prompt / prefix tuning: the PEFT library's usual setting
+ADAPTER_SIZE = 64  # bottleneck width of a Houlsby adapter, two per block
+CE_CHUNK = 4096  # tokens per fp32 cross-entropy chunk (camelid.train.loss.CE_CHUNK)
+NF4_BLOCK, NF4_BLOCK2 = 64, 256  # QLoRA: 64 weights per absmax, 256 absmaxes per second-level fp32 constant
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU, term by term; `formulas` says how each was computed."""
+
+    terms: dict[str, float]
+    formulas: dict[str, str]
+    parameters: int
+    trainable: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.terms.values())
+
+    def to_dict(self) -> dict:
+        return {"total_bytes": self.total, "parameters": self.parameters, "trainable_parameters": self.trainable,
+                "terms": {k: {"bytes": v, "formula": self.formulas[k]} for k, v in self.terms.items()},
+                "notes": self.notes}
+
+
+def _linear_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each projection in one block (one expert's for a MoE)."""
+    h, i = c.hidden_size, c.intermediate_size
+    return {"q": (h, c.q_size), "k": (h, c.kv_size), "v": (h, c.kv_size), "o": (c.q_size, h),
+            "gate": (h, i), "up": (h, i), "down": (i, h)}
+
+
+def _experts(c: ModelConfig) -> int:
+    return c.num_local_experts or 1
+
+
+def quantized_params(c: ModelConfig) -> int:
+    """Weights QLoRA stores in NF4: every projection of every block (embeddings, lm_head and norms stay bf16)."""
+    shapes = _linear_shapes(c)
+    attn = sum(a * b for k, (a, b) in shapes.items() if k in "qkvo")
+    mlp = sum(a * b for k, (a, b) in shapes.items() if k in ("gate", "up", "down")) * _experts(c)
+    return c.num_hidden_layers * (attn + mlp)
+
+
+def trainable_params(c: ModelConfig, method: str, lora_r: int = 8, lora_targets: str = "qv") -> int:
+    L, shapes = c.num_hidden_layers, _linear_shapes(c)
+    if method == "full":
+        return num_parameters(c)
+    if method in ("lora", "qlora", "dora"):
+        per_layer = 0
+        for name in LORA_TARGETS[lora_targets]:
+            n_in, n_out = shapes[name]
+            copies = _experts(c) if name in ("gate", "up", "down") else 1
+            per_layer += copies * lora_r * (n_in + n_out)  # A: r x in, B: out x r
+            if method == "dora":
+                per_layer += copies * n_out  # the magnitude vector, one per output row
+        return L * per_layer
+    if method == "prefix":
+        return L * 2 * c.kv_size * NUM_VIRTUAL_TOKENS  # a key and a value per virtual token and layer
+    if method == "prompt":
+        return NUM_VIRTUAL_TOKENS * c.hidden_size  # input embeddings of the virtual tokens
+    if method == "adapter":
+        return L * 2 * (2 * c.hidden_size * ADAPTER_SIZE + ADAPTER_SIZE + c.hidden_size)  # down + up, with biases
+    if method == "bitfit":
+        per_layer = (c.q_size + 2 * c.kv_size) * c.qkv_bias + c.hidden_size * c.o_bias
+        per_layer += (2 * c.intermediate_size + c.hidden_size) * c.mlp_bias * _experts(c)
+        return L * per_layer
+    if method == "ia3":
+        return L * (2 * c.kv_size + c.intermediate_size)  # l_k, l_v, l_ff (Liu et al. 2022)
+    return 0  # inference
+
+
+def num_param_tensors(c: ModelConfig) -> int:
+    """Parameter tensors of the full model (AdamW keeps one `step` scalar per tensor)."""
+    per_layer = 4 + 3 * _experts(c) + 2 + (c.num_local_experts > 0)  # projections, norms, router
+    per_layer += 3 * c.qkv_bias + c.o_bias + 3 * c.mlp_bias * _experts(c)
+    return c.num_hidden_layers * per_layer + 1 + (not c.tie_word_embeddings) + 1 + (c.position_encoding == "learned")
+
+
+def activation_bytes_per_token_layer(c: ModelConfig, method: str, b: int,
+                                     lora_targets: str = "qv") -> tuple[float, str]:
+    """Bytes one block saves for backward, per token. A tensor is saved when backward needs it: a projection's
+    input only when its weight trains or an adapter reads that input (a frozen weight's input gradient needs only
+    the weight), but SiLU, the gate product, SDPA and RMSNorm save theirs whenever any gradient flows through.
+    Checked tensor by tensor against autograd's saved tensors (tests/plan/test_memory.py)."""
+    h, q, kv, i = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size
+    k = c.num_experts_per_tok if c.num_local_experts else 1  # a MoE token runs through k experts
+    reads = {"full": set(LORA_TARGETS["all"]), "lora": set(LORA_TARGETS[lora_targets])}
+    reads["qlora"] = reads["dora"] = reads["lora"]
+    reads["ia3"] = {"down"}  # l_ff scales down's input, so that input is saved for l_ff's gradient
+    inputs = reads.get(method, set())
+    terms = [
+        ("2 RMSNorm fp32 inputs + rsqrt", 2 * (4 * h + 4)),
+        ("2 normalised x for the norm weights' grad", 2 * b * h if method == "full" else 0),
+        ("attn norm output (q/k/v input)", b * h if inputs & {"q", "k", "v"} else 0),
+        # flash returns the output in (B, T, nh, hd) memory, so o_proj's input is a view of it, not a copy
+        ("SDPA q, k, v, output + fp32 logsumexp", b * (2 * q + 2 * kv) + 4 * c.num_attention_heads),
+        ("mlp norm output (gate/up input)", b * h * k if inputs & {"gate", "up"} else 0),
+        ("gate out, act(gate), up out", 3 * b * i * k),
+        ("down_proj input", b * i * k if "down" in inputs else 0),
+        ("adapter inputs + bottleneck", 2 * b * (h + 2 * ADAPTER_SIZE) if method == "adapter" else 0),
+    ]
+    formula = " + ".join(f"{name} {n:g}" for name, n in terms if n)
+    return float(sum(n for _, n in terms)), formula
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: int = 1, precision: str = "bf16",
+             optimizer: str = "adamw", checkpointing: bool = False, gpus: int = 1, strategy: str = "ddp",
+             kv_context: int | None = None, lora_r: int = 8, lora_targets: str = "qv") -> MemoryEstimate:
+    """Peak memory per GPU of one training step (forward + backward + optimizer) or of inference with a KV cache."""
+    c = config
+    _check(c, method, seq, batch, precision, optimizer, checkpointing, gpus, strategy, kv_context, lora_r, lora_targets)
+    b = PRECISIONS[precision]
+    P, L, V, h = num_parameters(c), c.num_hidden_layers, c.vocab_size, c.hidden_size
+    T = trainable_params(c, method, lora_r, lora_targets)
+    train = method != "inference"
+    terms: dict[str, float] = {}
+    formulas: dict[str, str] = {}
+    notes: list[str] = []
+
+    def put(name: str, value: float, formula: str) -> None:
+        terms[name], formulas[name] = float(value), formula
+
+    # ---- weights -------------------------------------------------------------------------------------------------
+    if method == "full":
+        put("weights", 4 * P, "4 P (fp32 master weights; autocast runs the matmuls in half precision)")
+    elif method == "qlora":
+        Q = quantized_params(c)
+        nf4 = Q * (0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_BLOCK2))
+        put("weights", nf4 + 2 * (P - Q) + 4 * T,
+            "Q (0.5 + 1/64 + 4/(64*256)) NF4 + 8-bit absmax + fp32 second-level constants, "
+            "2 (P - Q) bf16 embeddings/norms, 4 T fp32 adapters")
+    elif method == "inference":
+        put("weights", b * P, f"{b} P (weights in {precision})")
+    else:
+        put("weights", b * P + 4 * T, f"{b} P frozen base in {precision} + 4 T fp32 trainable")
+    # ---- gradients and optimizer states (fp32, trainable parameters only) --------------------------------------
+    if train:
+        put("gradients", 4 * T, "4 T (fp32, one per trainable parameter)")
+        per_param = {"adamw": 8, "adamw8bit": 2 + 8 / 2048, "lion": 4, "sgd": 4}[optimizer]
+        steps = 4 * (num_param_tensors(c) if method == "full" else 0) if optimizer == "adamw" else 0
+        put("optimizer", per_param * T + steps, {
+            "adamw": "8 T (exp_avg + exp_avg_sq, fp32)" + (" + 4 x parameter tensors (`step`)" if steps else ""),
+            "adamw8bit": "(2 + 8/2048) T (two 8-bit states + an fp32 absmax per 2048-value block, bitsandbytes)",
+            "lion": "4 T (one fp32 momentum)",
+            "sgd": "4 T (one fp32 momentum buffer; SGD without momentum keeps none)"}[optimizer])
+    # ---- distributed sharding (per GPU) -------------------------------------------------------------------------
+    if train and gpus > 1:
+        shard = {"ddp": (), "zero1": ("optimizer",), "zero2": ("optimizer", "gradients"),
+                 "zero3": ("optimizer", "gradients", "weights"), "fsdp": ("optimizer", "gradients", "weights")}
+        for name in shard[strategy]:
+            terms[name] /= gpus
+            formulas[name] = f"({formulas[name]}) / {gpus} GPUs ({strategy})"
+        if strategy == "ddp":
+            put("ddp_buckets", terms["gradients"], "4 T (DDP's all-reduce buckets: a second copy of the gradients)")
+        if strategy in ("zero3", "fsdp"):
+            layer = (P - V * h * (1 if c.tie_word_embeddings else 2)) / L
+            put("gathered_layers", 2 * b * layer, f"2 x {b} x P_layer (this block and the prefetched next, gathered)")
+
+    # ---- activations -------------------------------------------------------------------------------------------
+    S = seq + (NUM_VIRTUAL_TOKENS if method == "prompt" else 0)  # prompt tuning lengthens every sequence
+    if train:
+        per_tok, detail = activation_bytes_per_token_layer(c, method, b, lora_targets)
+        resid = 4 if method == "full" or precision == "fp32" else b  # the residual stream's dtype
+        if checkpointing:
+            put("activations", batch * S * (L * resid * h + per_tok),
+                f"B S (L x {resid} h block inputs + one block recomputed: {per_tok:g})")
+        else:
+            put("activations", batch * S * L * per_tok, f"B S L x [{detail}] per token per layer")
+        if method == "full":
+            # autocast's half copies of every matmul weight, saved for backward (the gradient of the input)
+            put("autocast_weight_copies", 2 * (P - V * h * (0 if c.tie_word_embeddings else 1)) if b == 2 else 0,
+                "2 x matmul weights (P less the embedding table) in half precision; 0 for fp32")
+        chunk = min(batch * S, CE_CHUNK)
+        put("logits", batch * S * V * 2 * b + chunk * V * 2 * 4,
+            f"B S V x 2 x {b} (logits kept for backward + their gradient) + {chunk} x V x 8 (fp32 CE chunk)")
+        put("backward_buffers", batch * S * (2 * c.intermediate_size + h) * b,
+            "B S (2 i + h) b (gradients in flight through one block)")
+    else:
+        ctx = kv_context if kv_context is not None else seq
+        put("kv_cache", 2 * L * c.kv_size * ctx * batch * b, f"2 (k, v) x L x kv x {ctx} tokens x B x {b}")
+        put("activations", batch * seq * (2 * h + c.q_size + 2 * c.kv_size + 2 * c.intermediate_size) * b,
+            "B S (2h + q + 2kv + 2i) b (one block's working set during prefill)")
+        put("logits", batch * V * (b + 4), "B V (b + 4) (last position only, fp32 for sampling)")
+    if method == "qlora":
+        biggest = max(a * o for a, o in _linear_shapes(c).values())
+        put("dequant_buffer", 2 * biggest, "2 x largest projection (one weight dequantized to bf16 at a time)")
+    if method == "dora":
+        biggest = max(a * o for n, (a, o) in _linear_shapes(c).items() if n in LORA_TARGETS[lora_targets])
+        put("dora_weight_norm", 2 * b * biggest, "2 x b x largest adapted weight (W + BA and its norm, per layer)")
+    if c.position_encoding == "alibi":
+        put("alibi_bias", batch * c.num_attention_heads * S * (S if train else (kv_context or S)) * b,
+            "B nh S S b (ALiBi's additive bias is materialised: no flash kernel)")
+        notes.append("ALiBi: SDPA falls back to the memory-efficient kernel with a materialised bias")
+    if method == "prefix":
+        notes.append(f"prefix: {NUM_VIRTUAL_TOKENS} virtual keys/values per layer (negligible activations)")
+    return MemoryEstimate(terms, formulas, P, T, notes)
+
+
+def method_problem(c: ModelConfig, method: str, precision: str) -> str | None:
+    """Why `method` cannot run on this model at this precision, or None."""
+    if method == "qlora" and precision == "fp32":
+        return "qlora computes in bf16/fp16 (NF4 weights are dequantized to half precision)"
+    if method == "bitfit" and trainable_params(c, "bitfit") == 0:
+        return f"bitfit trains only biases and this {c.model_type} model has none (qkv_bias, o_bias, mlp_bias all off)"
+    return None
+
+
+def _check(c: ModelConfig, method: str, seq: int, batch: int, precision: str, optimizer: str, checkpointing: bool,
+           gpus: int, strategy: str, kv_context: int | None, lora_r: int, lora_targets: str) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(msg)
+
+    need(method in METHODS, f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    need(precision in PRECISIONS, f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    need(optimizer in OPTIMIZERS, f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    need(strategy in STRATEGIES, f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    need(lora_targets in LORA_TARGETS,
+         f"unknown LoRA targets {lora_targets!r}; choose one of {', '.join(LORA_TARGETS)}")
+    for name, value in (("--seq", seq), ("--batch", batch), ("--gpus", gpus), ("LoRA rank", lora_r)):
+        need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+    need(kv_context is None or (isinstance(kv_context, int) and kv_context > 0),
+         f"--kv-context must be a positive integer, got {kv_context!r}")
+    if method == "inference":
+        need(not checkpointing, "--checkpointing is for training; inference stores no activations for backward")
+        need(gpus == 1, "--gpus/--strategy model training only; inference is estimated for one GPU")
+        need(kv_context is None or kv_context >= seq, f"--kv-context ({kv_context}) must be at least --seq ({seq})")
+    else:
+        need(kv_context is None, f"--kv-context is for --method inference; {method} trains (no KV cache)")
+    problem = method_problem(c, method, precision)
+    need(problem is None, problem or "")
+    if strategy in ("fsdp", "zero2", "zero3") and gpus > 1:
+        need(precision != "fp16", f"{strategy} with fp16 needs a sharded gradient scaler camelid lacks; use bf16")
+    if c.position_encoding == "learned":
+        need(max(seq, kv_context or 0) <= c.max_position_embeddings,
+             f"learned positions end at {c.max_position_embeddings}; --seq/--kv-context cannot go past them")
+
+
+def format_table(est: MemoryEstimate, title: str) -> str:
+    width = max(len(k) for k in est.terms)
+    lines = [title, f"  parameters {est.parameters:,}, trainable {est.trainable:,}"]
+    for name, value in est.terms.items():
+        lines.append(f"  {name:<{width}}  {_gb(value):>10}   {est.formulas[name]}")
+    lines.append(f"  {'total':<{width}}  {_gb(est.total):>10}")
+    lines += [f"  note: {n}" for n in est.notes]
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from camelid.cli import main
+from camelid.config import get_preset
+from camelid.plan.fit import fit, parse_size
+
+
+def _by_method(rows):
+    return {r.method: r for r in rows}
+
+
+@pytest.mark.parametrize("seq", [512, 1024])
+def test_llama2_7b_lora_and_qlora_fit_24gb(seq):
+    rows = _by_method(fit(get_preset("llama-2-7b"), parse_size("24GB"), seq=seq, methods=("lora", "qlora", "full")))
+    for method in ("lora", "qlora"):
+        assert rows[method].fits and rows[method].micro_batch >= 1
+        assert rows[method].micro_batch * rows[method].grad_accum >= 64
+    # full fine-tuning of 7B with AdamW: 16 B/param of weights + gradients + states alone is ~108 GB
+    assert not rows["full"].fits
+
+
+def test_llama_65b_qlora_fits_48gb_with_checkpointing():
+    rows = _by_method(fit(get_preset("llama-65b"), parse_size("48GB"), seq=512, methods=("qlora", "lora")))
+    assert rows["qlora"].fits and rows["qlora"].checkpointing  # as in the QLoRA paper, which checkpoints
+    assert not rows["lora"].fits  # 65B bf16 weights alone are 130 GB
+
+
+def test_a_method_the_model_cannot_use_is_a_row_not_an_error():
+    rows = _by_method(fit(get_preset("llama-2-7b"), 80e9, methods=("bitfit",)))
+    assert not rows["bitfit"].fits and "biases" in rows["bitfit"].reason
+
+
+@pytest.mark.parametrize("text, value", [("24GB", 24e9), ("80GiB", 80 * 2**30), ("48", 48e9), ("1.5TB", 1.5e12)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+def test_cli_plan_verbs_json(capsys, tmp_path):
+    assert main(["plan", "fit", "--device-memory", "24GB", "--model", "llama-2-7b", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {m["method"]: m["fits"] for m in out["methods"]}["qlora"] is True
+    assert main(["plan", "memory", "--model", "tiny", "--method", "lora", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["terms"]["weights"]["bytes"] > 0
+    assert main(["plan", "scaling", "--params", "1B", "--json"]) == 0
+    laws = {r["law"]: r for r in json.loads(capsys.readouterr().out)["laws"]}
+    assert laws["20x"]["tokens"] == pytest.approx(2e10)
+
+
+def test_cli_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert main(["plan", "scaling", "--flops", "1e21", "--plot", str(tmp_path / "f.png")]) == 0
+    assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["plan", "memory", "--model", "nope", "--method", "lora"], "unknown preset"),
+    (["plan", "memory", "--model", "tiny", "--method", "full", "--seq", "0"], "--seq must be a positive"),
+    (["plan", "memory", "--model", "tiny", "--method", "lora", "--kv-context", "64"], "--kv-context is for"),
+    (["plan", "fit", "--device-memory=-3GB", "--model", "tiny"], "cannot read a memory size"),
+    (["plan", "scaling", "--flops", "1e20", "--tokens", "1e9"], "exactly one"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1

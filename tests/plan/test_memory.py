@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from camelid.config import get_preset, num_parameters
+from camelid.model import Transformer
+from camelid.plan.memory import (NF4_BLOCK, activation_bytes_per_token_layer, estimate, num_param_tensors,
+                                 quantized_params, trainable_params)
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = get_preset("tiny")
+    model = Transformer(config)
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    logits = model(ids)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+    return config, model
+
+
+def test_full_weights_and_gradients_match_the_real_tensors(tiny):
+    config, model = tiny
+    est = estimate(config, "full", seq=16, batch=2, precision="fp32")
+    assert num_parameters(config) == sum(p.numel() for p in model.parameters())
+    assert est.terms["weights"] == _bytes(model.parameters())
+    assert est.terms["gradients"] == _bytes(p.grad for p in model.parameters())
+    assert est.terms["autocast_weight_copies"] == 0  # fp32: autocast is off
+
+
+@pytest.mark.parametrize("optimizer, make", [
+    ("adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-3)),
+    ("sgd", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9)),
+])
+def test_optimizer_state_matches_a_real_optimizer_after_one_step(tiny, optimizer, make):
+    config, model = tiny
+    opt = make(list(model.parameters()))
+    opt.step()
+    state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    assert len(opt.state) == num_param_tensors(config)
+    assert estimate(config, "full", optimizer=optimizer).terms["optimizer"] == _bytes(state)
+
+
+def test_trainable_counts_by_hand():
+    c = get_preset("llama-2-7b")  # h = q = kv = 4096, i = 11008, 32 layers
+    assert trainable_params(c, "lora") == 32 * 2 * 8 * (4096 + 4096)  # r=8 on q and v: 4,194,304
+    assert trainable_params(c, "lora", lora_targets="all") == 32 * 8 * (4 * 8192 + 3 * (4096 + 11008))
+    assert trainable_params(c, "dora") == 32 * 2 * (8 * 8192 + 4096)
+    assert trainable_params(c, "prompt") == 20 * 4096
+    assert trainable_params(c, "prefix") == 32 * 2 * 4096 * 20
+    assert trainable_params(c, "ia3") == 32 * (2 * 4096 + 11008)
+
+
+def test_qlora_weights_are_nf4_plus_double_quant_constants():
+    c = get_preset("llama-2-7b")
+    q = quantized_params(c)
+    assert q == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    w = estimate(c, "qlora").terms["weights"]
+    # 0.5 B per weight + 1 B absmax per 64 + 4 B per 256 absmaxes; embeddings + lm_head + norms in bf16; LoRA fp32
+    assert w == pytest.approx(q * (0.5 + 1 / NF4_BLOCK + 4 / (64 * 256)) + 2 * (num_parameters(c) - q) + 4 * 4194304)
+
+
+def test_checkpointing_and_sharding_reduce_the_right_terms():
+    c = get_preset("llama-2-7b")
+    plain, ckpt = estimate(c, "lora", seq=1024), estimate(c, "lora", seq=1024, checkpointing=True)
+    assert ckpt.terms["activations"] < plain.terms["activations"] / 5
+    assert ckpt.terms["weights"] == plain.terms["weights"]
+    one, four = estimate(c, "full"), estimate(c, "full", gpus=4, strategy="zero3")
+    for term in ("weights", "gradients", "optimizer"):
+        assert four.terms[term] == pytest.approx(one.terms[term] / 4)
+    z1 = estimate(c, "full", gpus=4, strategy="zero1")
+    assert z1.terms["weights"] == one.terms["weights"]
+    assert z1.terms["optimizer"] == pytest.approx(one.terms["optimizer"] / 4)
+
+
+def test_inference_kv_cache():
+    c = get_preset("llama-3-8b")  # 32 layers, 8 KV heads x 128 = 1024
+    est = estimate(c, "inference", seq=128, batch=4, kv_context=8192)
+    assert est.terms["kv_cache"] == 2 * 32 * 1024 * 8192 * 4 * 2
+    assert "gradients" not in est.terms
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"method": "sft"}, "unknown method"),
+    ({"seq": 0}, "--seq must be a positive"),
+    ({"batch": -1}, "--batch must be a positive"),
+    ({"method": "lora", "kv_context": 4096}, "--kv-context is for --method inference"),
+    ({"method": "inference", "checkpointing": True}, "--checkpointing is for training"),
+    ({"method": "bitfit"}, "has none"),
+    ({"method": "qlora", "precision": "fp32"}, "qlora computes in bf16"),
+    ({"optimizer": "adam"}, "unknown optimizer"),
+])
+def test_bad_input_is_one_clear_error(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        estimate(get_preset("llama-2-7b"), **kw)
+
+
+def _saved_bytes_per_layer(method: str) -> float:
+    """Bytes autograd saves for one block per token: a 2-layer minus a 1-layer tiny model (fp32, CPU)."""
+    totals = []
+    for layers in (1, 2):
+        torch.manual_seed(0)
+        model = Transformer(get_preset("tiny").replace(num_hidden_layers=layers))
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t):  # count each storage once (views share it), parameters not at all
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        embeds = torch.randn(2, 32, 64)
+        if method == "prompt":  # frozen model, gradient flows to the input embeddings
+            model.requires_grad_(False)
+            embeds.requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_embeds=embeds)
+        totals.append(sum(seen.values()))
+    return (totals[1] - totals[0]) / (2 * 32)
+
+
+@pytest.mark.parametrize("method", ["full", "prompt"])
+def test_activation_formula_matches_autograd_saved_tensors(method):
+    per_token, _ = activation_bytes_per_token_layer(get_preset("tiny"), method, b=4)
+    assert per_token == _saved_bytes_per_layer(method)
