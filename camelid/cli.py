@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from camelid.config import PRESETS, ConfigError, ModelConfig, get_preset, num_pa
 from camelid.data.pretrain import prepare
 from camelid.generate import stream
 from camelid.model import Transformer
+from camelid.monitor import format_sample, monitors
 from camelid.plan import fit as plan_fit
 from camelid.plan import memory as plan_memory
 from camelid.plan import scaling as plan_scaling
@@ -196,7 +198,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 # flags of `camelid pretrain` that set the TrainConfig field of the same name (None: keep the YAML / default value)
 PRETRAIN_FLAGS = ("model", "data", "out", "tokenizer", "max_steps", "micro_batch", "grad_accum", "seq_len", "lr",
                   "warmup_steps", "optimizer", "precision", "device", "seed", "eval_every", "save_every", "resume",
-                  "compile", "activation_checkpointing", "strategy", "measure_gns")
+                  "compile", "activation_checkpointing", "strategy", "measure_gns", "profile_steps", "auto_fit",
+                  "device_memory")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -207,6 +210,29 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
         print(f"trained {result.step} steps on {result.tokens_seen:,} tokens{best}; wrote {result.final_dir} "
               f"(metrics: {result.out / 'metrics.jsonl'})")
+
+
+def cmd_monitor(args: argparse.Namespace) -> None:
+    if args.interval <= 0 or (args.count is not None and args.count < 1):
+        raise ValueError("--interval must be > 0 and --count >= 1")
+    devices, note = monitors()
+    if note:
+        print(note, file=sys.stderr)
+    done = 0
+    try:
+        while args.count is None or done < args.count:
+            time.sleep(args.interval)  # CPU percentages are measured over the interval
+            rows = [{"device": m.name, **m.sample()} for m in devices]
+            if args.json:
+                print(json.dumps({"time": time.time(), "devices": rows}), flush=True)
+            else:
+                stamp = time.strftime("%H:%M:%S")
+                for i, row in enumerate(rows):
+                    name = f"GPU {i} {row['device']}" if "gpu_util" in row else "host"
+                    print(f"{stamp} {format_sample(name, row)}", flush=True)
+            done += 1
+    except KeyboardInterrupt:
+        pass
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -385,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
               --set model_overrides.num_hidden_layers=4 --set eval_every=100 --optimizer lion --lr 1e-4
           torchrun --nproc-per-node 4 -m camelid pretrain --config run.yaml
           torchrun --nproc-per-node 8 -m camelid pretrain --config run.yaml --strategy fsdp --precision bf16
+          camelid pretrain --model tinyllama-1.1b --data data/corpus --seq-len 2048 --micro-batch 64 \\
+              --auto --device-memory 24GB --profile
         """))
     d = TrainConfig()
     p.add_argument("--config", default=None, metavar="FILE.yaml", help="a YAML file of TrainConfig keys")
@@ -420,9 +448,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-gns", action=argparse.BooleanOptionalAction, default=None,
                    help="log the gradient noise scale and a critical batch size to metrics.jsonl "
                         "(McCandlish et al. 2018; needs --grad-accum >= 2)")
+    p.add_argument("--profile", dest="profile_steps", type=int, nargs="?", const=5, default=None, metavar="N",
+                   help="write a torch.profiler trace of N steps (default 5, from step 3) to OUT/profile/trace.json")
+    p.add_argument("--auto", dest="auto_fit", action=argparse.BooleanOptionalAction, default=None,
+                   help="choose micro-batch, grad-accum and activation checkpointing to fit --device-memory "
+                        "(camelid.plan.fit), keeping micro-batch x grad-accum sequences per step")
+    p.add_argument("--device-memory", default=None, help="with --auto: memory per device, e.g. 24GB, 80GiB "
+                   "(default: the GPU's own)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config key, e.g. --set weight_decay=0.05 (repeatable)")
     p.set_defaults(func=cmd_pretrain)
+
+    p = verbs.add_parser("monitor", help="a live view of the GPUs (NVML), or of the CPU and RAM", formatter_class=fmt,
+                         epilog=textwrap.dedent("""\
+        One line per GPU per interval: utilisation, memory used/total (all processes), power, temperature.
+        Without a GPU (or without nvidia-ml-py): the machine's CPU and RAM. Ctrl-C stops.
+
+        examples:
+          camelid monitor
+          camelid monitor --interval 5 --count 12 --json > gpu.jsonl
+        """))
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
+    p.add_argument("--count", type=int, default=None, help="stop after N samples (default: run until Ctrl-C)")
+    p.add_argument("--json", action="store_true", help="one JSON object per sample")
+    p.set_defaults(func=cmd_monitor)
 
     p = verbs.add_parser("plot", help="PNG charts of a training run's metrics", formatter_class=fmt,
                          epilog="example:\n  camelid plot out/run1  # out/run1/plots/{loss,lr,throughput}.png\n")

@@ -91,5 +91,21 @@ def fit(config: ModelConfig, device_memory: float, seq: int = 512, global_batch:
     return rows
 
 
+def fit_training(config: ModelConfig, device_memory: float, seq: int, global_batch: int, precision: str = "bf16",
+                 optimizer: str = "adamw", method: str = "full") -> Fit:
+    """What `--auto` trains with: `fit`'s row for one method, its micro-batch lowered to a power of two that divides
+    global_batch (so the step keeps exactly global_batch sequences). Raises ValueError when nothing fits."""
+    (row,) = fit(config, device_memory, seq=seq, global_batch=global_batch, precision=precision, optimizer=optimizer,
+                 methods=(method,))
+    if not row.fits:
+        raise ValueError(f"{method} training at seq {seq} does not fit in {device_memory / 1e9:.1f} GB: {row.reason}")
+    micro = min(row.micro_batch, global_batch & -global_batch)  # x & -x: the largest power of two dividing x
+    if micro != row.micro_batch:
+        row.bytes_needed = estimate(config, method, seq=seq, batch=micro, precision=precision, optimizer=optimizer,
+                                    checkpointing=row.checkpointing).total
+    row.micro_batch, row.grad_accum = micro, global_batch // micro
+    return row
+
+
 def to_dicts(rows: list[Fit]) -> list[dict]:
     return [asdict(r) for r in rows]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from camelid.config import ConfigError, ModelConfig
+from camelid.plan.fit import fit_training, parse_size
 
 OPTIMIZERS = ("adamw", "lion")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -48,6 +49,11 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     measure_gns: bool = False  # log the gradient noise scale (gns.py) and a critical batch; needs grad_accum >= 2
+    profile_steps: int = 0  # > 0: a torch.profiler trace of this many steps (after 2) in out/profile/trace.json
+    # auto_fit: choose micro_batch, grad_accum and activation_checkpointing with camelid.plan.fit (method "full"),
+    # keeping micro_batch * grad_accum sequences per step; device_memory e.g. "24GB" (default: the GPU's own)
+    auto_fit: bool = False
+    device_memory: str | None = None
     device: str = "auto"  # auto = cuda when present (cuda:LOCAL_RANK under torchrun), else cpu
     strategy: str = "ddp"  # how to wrap the model when WORLD_SIZE > 1: none, ddp, fsdp (ZeRO-3), zero2
     # evaluation, samples, checkpoints, logs
@@ -82,7 +88,7 @@ class TrainConfig:
                      "spike_min_history", "max_spikes_before_rollback", "sample_tokens"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "eval_batches", "sample_every", "save_every", "seed",
-                     "weight_decay", "grad_clip", "spike_sigma"):
+                     "weight_decay", "grad_clip", "spike_sigma", "profile_steps"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -98,6 +104,8 @@ class TrainConfig:
              "each rank's gradient shard); use precision bf16")
         need(not self.measure_gns or self.grad_accum >= 2,
              "measure_gns compares one micro-batch's gradient with the step's: it needs grad_accum >= 2")
+        if self.device_memory is not None:
+            parse_size(self.device_memory)
         need(self.spike_min_history <= self.spike_window,
              f"spike_min_history ({self.spike_min_history}) must be <= spike_window ({self.spike_window})")
         need(0 < self.rollback_lr_factor <= 1, f"rollback_lr_factor must be in (0, 1], got {self.rollback_lr_factor}")
@@ -145,6 +153,25 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # plain JSON types: tuples become lists
+
+
+def auto_fit(cfg: TrainConfig, config: ModelConfig, device_bytes: float, precision: str) -> tuple[TrainConfig, str]:
+    """cfg with micro_batch, grad_accum and activation_checkpointing chosen by camelid.plan.fit for full training of
+    `config` at cfg.seq_len on `device_bytes` per device, keeping micro_batch * grad_accum sequences per step;
+    and a line saying what was chosen. `precision` is resolved (bf16, fp16 or fp32). Raises when nothing fits."""
+    per_step = cfg.micro_batch * cfg.grad_accum
+    try:
+        chosen = fit_training(config, device_bytes, seq=cfg.seq_len, global_batch=per_step, precision=precision,
+                              optimizer=cfg.optimizer)
+    except ValueError as e:
+        raise ValueError(f"--auto: {e}; lower seq_len or choose a smaller model") from None
+    new = dataclasses.replace(cfg, micro_batch=chosen.micro_batch, grad_accum=chosen.grad_accum,
+                              activation_checkpointing=chosen.checkpointing)
+    note = (f"auto-fit for {device_bytes / 1e9:.1f} GB ({precision}, {cfg.optimizer}, seq {cfg.seq_len}): "
+            f"micro_batch {chosen.micro_batch} x grad_accum {chosen.grad_accum}, activation checkpointing "
+            f"{'on' if chosen.checkpointing else 'off'} (estimated {chosen.bytes_needed / 1e9:.2f} GB + margin; "
+            f"was micro_batch {cfg.micro_batch} x grad_accum {cfg.grad_accum})")
+    return new, note
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

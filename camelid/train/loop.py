@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from camelid.generate import generate
+from camelid.monitor import Monitor, step_profiler
 from camelid.tokenizer import Tokenizer
 from camelid.train import distributed, pretrain
 from camelid.train.config import TrainConfig
@@ -98,9 +99,18 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         notes: list[str] = []
+        if cfg.auto_fit:  # before anything is sized by micro_batch
+            if batches is not None:
+                raise ValueError("auto_fit chooses micro_batch before the batch source is built: call "
+                                 "train/config.py's auto_fit first when passing your own batches")
+            given = distributed.unwrap(model) if model is not None else None
+            cfg, note = pretrain.auto_fit_config(cfg, given, device, resolve_precision(cfg.precision, device))
+            self.cfg = cfg
+            notes.append(note)
         if model is None or batches is None:  # pretraining: everything is checked here, before any step
             given = distributed.unwrap(model) if model is not None else None
-            built, batches, tokenizer, notes = pretrain.setup(cfg, given, tokenizer, world)
+            built, batches, tokenizer, setup_notes = pretrain.setup(cfg, given, tokenizer, world)
+            notes += setup_notes
             model = model if model is not None else built
         self.batches, self.tokenizer, self.loss_hook = batches, tokenizer, loss_hook
         self.precision = resolve_precision(cfg.precision, device)
@@ -130,6 +140,7 @@ class Trainer:
                                 cfg.max_spikes_before_rollback)
         self.flops_per_token = flops_per_token(self.raw.config, cfg.seq_len) if hasattr(self.raw, "config") else None
         self.peak = peak_flops(device)
+        self.monitor = Monitor.for_device(device) if rank == 0 else None  # GPU util / power, or CPU % and RSS
 
         self.step, self.tokens_seen, self.lr_scale = 0, 0, 1.0
         self.best_val_loss: float | None = None
@@ -137,6 +148,8 @@ class Trainer:
         self.losses: dict[int, float] = {}
         self.events: list[dict] = []
         self.log = RunLog(self.out, enabled=rank == 0, tensorboard=cfg.tensorboard, log_every=cfg.log_every)
+        if self.monitor is not None and self.monitor.note:
+            notes.append(self.monitor.note)
         for note in notes:
             self.log.note(note)
         self.log.note(f"precision {self.precision} on {device}, {world} process(es)"
@@ -175,24 +188,38 @@ class Trainer:
         cfg = self.cfg
         self.start_time = time.perf_counter()
         self.log.start(self.step, cfg.max_steps)
+        # rank 0 profiles steps 3 .. 2 + profile_steps of this session (the first ones allocate and warm up)
+        profiler = step_profiler(self.out / "profile", cfg.profile_steps) if cfg.profile_steps and self.rank == 0 \
+            else None
         try:
-            while self.step < cfg.max_steps:
-                self.step += 1
-                self.train_step(self.step)
-                last = self.step == cfg.max_steps
-                val_loss = self.evaluate() if last or (cfg.eval_every and self.step % cfg.eval_every == 0) else None
-                if cfg.sample_every and (last or self.step % cfg.sample_every == 0):
-                    self.sample()
-                if last or (cfg.save_every and self.step % cfg.save_every == 0):
-                    self.save(val_loss)
+            with profiler if profiler is not None else contextlib.nullcontext():
+                self._steps(profiler)
         finally:
             self.log.close()
+        if profiler is not None:
+            trace = self.out / "profile" / "trace.json"
+            self.log.note(f"profiler trace: {trace} (open in https://ui.perfetto.dev)" if trace.is_file() else
+                          "profiler: the run ended before a step was recorded (recording starts at step 3)")
         final = save_final(self.out / "final", self.raw, self.tokenizer, self.rank)  # None on ranks > 0
         if final is not None:
             self.log.note(f"final model: {final}")
         distributed.barrier()
         return TrainResult(self.step, self.tokens_seen, self.lr_scale, self.best_val_loss, self.out, final,
                            self.losses, self.events)
+
+    def _steps(self, profiler: torch.profiler.profile | None) -> None:
+        cfg = self.cfg
+        while self.step < cfg.max_steps:
+            self.step += 1
+            self.train_step(self.step)
+            last = self.step == cfg.max_steps
+            val_loss = self.evaluate() if last or (cfg.eval_every and self.step % cfg.eval_every == 0) else None
+            if cfg.sample_every and (last or self.step % cfg.sample_every == 0):
+                self.sample()
+            if last or (cfg.save_every and self.step % cfg.save_every == 0):
+                self.save(val_loss)
+            if profiler is not None:
+                profiler.step()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -255,6 +282,8 @@ class Trainer:
         row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
                "tokens_per_s": n_inputs / dt, "mem": memory_gb(self.device),
                "time": self.elapsed_before + time.perf_counter() - self.start_time}
+        if self.monitor is not None:
+            row.update(self.monitor.sample())
         if self.peak is not None and self.flops_per_token is not None:
             row["mfu"] = self.flops_per_token * n_inputs / dt / (self.peak * self.world)
         if self.gns is not None and math.isfinite(grad_norm) and n_targets > small_targets:

@@ -43,6 +43,10 @@ PEAK_FLOPS: list[tuple[str, float]] = [
 ]
 
 
+# camelid.monitor's per-step fields, also sent to TensorBoard
+MONITOR_KEYS = ("gpu_util", "gpu_mem_used_gb", "gpu_power_w", "gpu_temp_c", "cpu_percent", "rss_gb")
+
+
 def matmul_params(config: ModelConfig) -> int:
     """N of the FLOPs formula (see the module docstring)."""
     c = config
@@ -121,7 +125,7 @@ class RunLog:
         self._write(row)
         step = row["step"]
         if self._tb is not None:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem"):
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem", *MONITOR_KEYS):
                 if row.get(key) is not None and math.isfinite(row[key]):
                     self._tb.add_scalar(f"train/{key}", row[key], step)
         stats = self._stats(row)
@@ -136,7 +140,13 @@ class RunLog:
                  f"lr {row['lr']:.2e}", f"{row['tokens_per_s']:,.0f} tok/s"]
         if row.get("mfu") is not None:
             parts.append(f"MFU {100 * row['mfu']:.1f}%")
-        parts.append(f"mem {row['mem']:.1f} GB")
+        mem = f"mem {row['mem']:.1f} GB"
+        if row.get("gpu_mem_used_gb") is not None:  # camelid.monitor: the whole card, as nvidia-smi shows it
+            mem += f" (card {row['gpu_mem_used_gb']:.1f}/{row['gpu_mem_total_gb']:.0f} GB"
+            mem += f", util {row['gpu_util']:.0f}%)" if row.get("gpu_util") is not None else ")"
+        elif row.get("rss_gb") is not None:
+            mem += f" (RSS {row['rss_gb']:.2f} GB, CPU {row['cpu_percent']:.0f}%)"
+        parts.append(mem)
         return " | ".join(parts)
 
     def eval(self, step: int, val_loss: float) -> None:

@@ -16,8 +16,9 @@ from camelid.checkpoint import from_pretrained
 from camelid.config import ConfigError, ModelConfig, get_preset
 from camelid.data.pretrain import TokenData, read_meta, window_starts
 from camelid.model import Transformer
+from camelid.plan.fit import parse_size
 from camelid.tokenizer import Tokenizer
-from camelid.train.config import TrainConfig
+from camelid.train.config import TrainConfig, auto_fit
 
 VOCAB_MULTIPLE = 64  # a vocab padded to a multiple of 64 keeps the lm_head matmul on fast tensor-core tiles
 
@@ -148,3 +149,21 @@ def setup(cfg: TrainConfig, model: Transformer | None = None, tokenizer: Tokeniz
     notes = model_notes + notes + [f"data: {cfg.data} ({len(train):,} train tokens, "
                                    f"{len(val) if val else 0:,} val tokens)"]
     return model, batches, tokenizer, notes
+
+
+def auto_fit_config(cfg: TrainConfig, model: Transformer | None, device: torch.device, precision: str
+                    ) -> tuple[TrainConfig, str]:
+    """`--auto`: cfg with the micro-batch, accumulation and checkpointing that fit the device (train/config.py's
+    auto_fit), for the model this run will train: the given one, else cfg.model sized to the data's vocabulary."""
+    if cfg.device_memory is not None:
+        device_bytes = parse_size(cfg.device_memory)
+    elif device.type == "cuda":
+        device_bytes = torch.cuda.get_device_properties(device).total_memory
+    else:
+        raise ValueError("--auto on a CPU needs --device-memory (e.g. 24GB): there is no GPU memory to read")
+    if model is not None and hasattr(model, "config"):
+        config = model.config
+    else:
+        train, _, _ = open_data(cfg)
+        config, _ = model_config(cfg, train.vocab_size)
+    return auto_fit(cfg, config, device_bytes, precision)
