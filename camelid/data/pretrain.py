@@ -5,6 +5,7 @@ A prepared folder holds two token streams, train and val, each cut into shard fi
     train_00000.bin ...   raw little-endian token ids: uint16 when every id fits (vocab <= 65536), else uint32
     val_00000.bin ...     the same for the validation split (none when it is empty)
     meta.json             dtype, vocab, special ids, hashes, per-split counts and shards; written last
+    tokenizer.json ...    a copy of the tokenizer (+ tokenizer_config.json), so training finds it with the data
 
 A stream is `doc EOS doc EOS ...`: no BOS, one EOS closing every document, as in GPT-2 / Llama pretraining, so
 the model learns where documents end and a window may span several. A document is a .jsonl line's "text", a
@@ -19,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from collections import deque
@@ -38,6 +40,7 @@ SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
 TEXT_BLOCK_BYTES = 1 << 16  # a text file is cut (at line ends) into pieces about this big
 CHUNK_BYTES = 1 << 21  # text per worker task: large enough that the inter-process copy is noise
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "encoder.json", "merges.txt", "vocab.bpe")
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "chat_template.jinja")  # special tokens and chat template, copied too
 _OURS = re.compile(r"(train|val)_\d{5}\.bin(\.tmp)?")  # files prepare() may replace or delete in the out folder
 
 Piece = tuple[int, str, float]  # (document index, text, input bytes it came from: for the progress bar)
@@ -330,6 +333,7 @@ def prepare(inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], t
         if old.get("content_sha256") == content and all(_shard_ok(out, old, s) for s in old["splits"]):
             if show_progress:
                 print(f"already prepared: {out} (same inputs, tokenizer and settings)", file=sys.stderr)
+            copy_tokenizer(tok_path, out)  # a folder prepared before the copy existed gets one; else a no-op
             return old
     except (FileNotFoundError, ValueError, KeyError, TypeError):  # absent or unreadable: prepare afresh
         pass
@@ -360,7 +364,29 @@ def prepare(inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], t
                 inputs=[{"path": str(p), "bytes": n, "sha256": h} for p, n, h in zip(files, sizes, file_hashes)],
                 seconds=round(time.perf_counter() - start, 3))
     _commit(out, meta)
+    copy_tokenizer(tok_path, out)
     return meta
+
+
+def copy_tokenizer(tok_path: Path, out: Path) -> None:
+    """Copy the tokenizer files byte for byte into the prepared folder, so `camelid pretrain --data out` finds the
+    tokenizer the data was made with (its hash is in meta.json) without --tokenizer. Files already identical are
+    left alone; tokenizer files of an earlier, different tokenizer are removed (a stale tokenizer.json would win)."""
+    folder = tok_path if tok_path.is_dir() else tok_path.parent
+    if folder.resolve() == out.resolve():
+        return
+    copies = {path.name: path for path in _tokenizer_files(tok_path)}
+    if tok_path.is_file():  # a tokenizer.json given by its own path, whatever its name
+        copies = {"tokenizer.json": tok_path}
+    copies.update({name: folder / name for name in TOKENIZER_EXTRAS if (folder / name).is_file()})
+    for name in (*TOKENIZER_FILES, *TOKENIZER_EXTRAS):
+        target = out / name
+        if name not in copies:
+            target.unlink(missing_ok=True)
+        elif not (target.is_file() and target.read_bytes() == copies[name].read_bytes()):
+            tmp = out / (name + ".tmp")
+            shutil.copyfile(copies[name], tmp)
+            os.replace(tmp, target)
 
 
 def _commit(out: Path, meta: dict) -> None:

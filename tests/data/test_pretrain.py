@@ -190,7 +190,7 @@ def test_rerun_is_a_no_op_and_a_changed_input_re_prepares(tmp_path, tok_dir, tok
     assert new["content_sha256"] != meta["content_sha256"]
     assert documents(stream(out, "train"), tok) == DOCS[:2]
     files = {s["file"] for s in new["splits"]["train"]["shards"]}
-    assert {p.name for p in out.iterdir()} == files | {"meta.json"}
+    assert {p.name for p in out.iterdir()} == files | {"meta.json", "tokenizer.json", "tokenizer_config.json"}
 
 
 def test_a_failed_prepare_keeps_the_old_data(tmp_path, tok_dir, monkeypatch):
@@ -208,6 +208,38 @@ def test_a_failed_prepare_keeps_the_old_data(tmp_path, tok_dir, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prepare([src], tok_dir, out, show_progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old meta + shards intact, no temp files
+
+
+def test_the_tokenizer_is_copied_next_to_the_data(tmp_path, tok_dir, tok):
+    from camelid.train.config import TrainConfig
+    from camelid.train.pretrain import find_tokenizer
+
+    src = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    out = tmp_path / "out"
+    meta = prepare([src], tok_dir, out, show_progress=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # byte for byte: meta's tokenizer hash still matches
+        assert (out / name).read_bytes() == (tok_dir / name).read_bytes()
+    found, notes = find_tokenizer(TrainConfig(model="tiny", data=str(out)), meta)  # pretrain without --tokenizer
+    assert found.vocab_size == tok.vocab_size and found.eos_id == tok.eos_id and str(out) in notes[0]
+    assert len(notes) == 1  # no "differs byte-wise from the tokenizer the data was prepared with" warning
+
+    # a re-run with another tokenizer replaces the copy; a vocab + merges tokenizer leaves no stale tokenizer.json
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    vocab = {t: i for i, t in enumerate(sorted(json.loads(tok._tok.to_str())["model"]["vocab"]))}
+    (gpt2 / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (gpt2 / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    (gpt2 / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end_of_text|>"}), encoding="utf-8")
+    prepare([src], gpt2, out, show_progress=False)
+    assert not (out / "tokenizer.json").exists()
+    assert {p.name for p in out.iterdir() if not p.name.endswith(".bin")} == {
+        "meta.json", "vocab.json", "merges.txt", "tokenizer_config.json"}
+    assert Tokenizer(out).vocab_size == Tokenizer(gpt2).vocab_size
+
+    # a folder prepared before the copy existed gets it on the next (otherwise no-op) run
+    (out / "vocab.json").unlink()
+    prepare([src], gpt2, out, show_progress=False)
+    assert (out / "vocab.json").read_bytes() == (gpt2 / "vocab.json").read_bytes()
 
 
 @pytest.mark.parametrize("name, content, error, match", [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from train_helpers import tiny_train_config
@@ -107,7 +109,16 @@ def test_tokenizer_mismatch_and_missing(prepared, tmp_path):
     Tokenizer.train([tmp_path / "t.txt"], 280, show_progress=False).save(other)
     out = tmp_path / "out"
     _refused(tiny_train_config(prepared, out, tokenizer=str(other)), ValueError, "tokenizer/data mismatch", out)
-    _refused(tiny_train_config(prepared, out, tokenizer=None), FileNotFoundError, "--tokenizer", out)
+    bare = tmp_path / "bare"  # a prepared folder without the tokenizer copy that prepare() puts beside the shards
+    shutil.copytree(prepared.data, bare)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink()
+    _refused(tiny_train_config(prepared, out, tokenizer=None, data=str(bare)), FileNotFoundError, "--tokenizer", out)
+
+
+def test_the_data_folders_tokenizer_is_found(prepared, tmp_path):
+    result = train(tiny_train_config(prepared, tmp_path / "out", tokenizer=None, max_steps=1))
+    assert (result.final_dir / "tokenizer.json").read_bytes() == (prepared.data / "tokenizer.json").read_bytes()
 
 
 def test_existing_run_needs_resume(prepared, tmp_path):
