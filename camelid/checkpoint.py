@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -64,6 +65,44 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+def load_weights(model: nn.Module, path: str | Path, files: list[Path] | None = None) -> None:
+    """Copy a folder's safetensors into `model`'s existing tensors, in place (an optimizer keeps pointing at them),
+    one tensor at a time from the memory-mapped file. Unknown, missing or misshapen tensors are errors naming the
+    file and the key."""
+    path = Path(path)
+    files = files if files is not None else weight_files(path)
+    config = getattr(model, "config", None)
+    expected = model.state_dict()  # tied lm_head shares storage with embed_tokens: one entry fills both
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    kind = f"a {config.model_type} model of this config" if config is not None else "this model"
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for file in files:
+            try:
+                handle = safe_open(file, framework="pt", device="cpu")
+                keys = list(handle.keys())
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{file}: cannot read safetensors header ({e})") from None
+            for key in keys:
+                if IGNORED_KEYS.search(key) or key in tied:
+                    continue
+                if key not in expected:
+                    raise CheckpointError(f"{file}: unexpected tensor {key!r} for {kind}")
+                try:
+                    tensor = handle.get_tensor(key)
+                except (SafetensorError, OSError, RuntimeError) as e:
+                    raise CheckpointError(f"{file}: cannot read tensor {key!r} (file truncated or corrupt: {e})") from None
+                if tensor.shape != expected[key].shape:
+                    raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                          f"the config expects {tuple(expected[key].shape)}")
+                expected[key].copy_(tensor)
+                loaded.add(key)
+    missing = sorted(set(expected) - loaded - tied)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path}: missing tensor {missing[0]!r}{more}")
+
+
 def from_pretrained(path: str | Path, device: str | torch.device | None = None,
                     dtype: str | torch.dtype | None = None) -> Transformer:
     """Load a HF-style folder (config.json + safetensors, sharded or not) into a camelid Transformer.
@@ -86,35 +125,7 @@ def from_pretrained(path: str | Path, device: str | torch.device | None = None,
     model.to(dtype)
     model.tie_weights()  # to_empty made separate tensors of the tied pair
     model.reset_buffers()
-    expected = model.state_dict()  # tied lm_head shares storage with embed_tokens: one entry fills both
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    loaded: set[str] = set()
-    with torch.no_grad():
-        for file in files:
-            try:
-                handle = safe_open(file, framework="pt", device="cpu")
-                keys = list(handle.keys())
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{file}: cannot read safetensors header ({e})") from None
-            for key in keys:
-                if IGNORED_KEYS.search(key) or key in tied:
-                    continue
-                if key not in expected:
-                    raise CheckpointError(f"{file}: unexpected tensor {key!r} for a {config.model_type} model "
-                                          f"of this config")
-                try:
-                    tensor = handle.get_tensor(key)
-                except (SafetensorError, OSError, RuntimeError) as e:
-                    raise CheckpointError(f"{file}: cannot read tensor {key!r} (file truncated or corrupt: {e})") from None
-                if tensor.shape != expected[key].shape:
-                    raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                                          f"the config expects {tuple(expected[key].shape)}")
-                expected[key].copy_(tensor)
-                loaded.add(key)
-    missing = sorted(set(expected) - loaded - tied)
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise CheckpointError(f"{path}: missing tensor {missing[0]!r}{more}")
+    load_weights(model, path, files)
     model.eval()
     return model
 

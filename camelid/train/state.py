@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from camelid.checkpoint import CheckpointError, save_pretrained, weight_files
+from camelid.checkpoint import CheckpointError, load_weights, save_pretrained, weight_files
 from camelid.config import ModelConfig
 from camelid.model import Transformer
 from camelid.tokenizer import Tokenizer
@@ -163,27 +163,6 @@ def _save_config(model: nn.Module, folder: Path) -> None:
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                   "pad_token_id": config.pad_token_id}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-
-
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Copy a checkpoint's safetensors into an existing model, in place (its optimizer keeps pointing at it)."""
-    expected = model.state_dict()
-    config = getattr(model, "config", None)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    loaded: set[str] = set()
-    with torch.no_grad():
-        for file in weight_files(path):
-            for key, tensor in load_file(file).items():
-                if key not in expected or expected[key].shape != tensor.shape:
-                    shape = tuple(expected[key].shape) if key in expected else "no such tensor"
-                    raise CheckpointError(f"{file}: tensor {key!r} {tuple(tensor.shape)} does not fit the model "
-                                          f"being trained ({shape}): was the checkpoint made with another model?")
-                expected[key].copy_(tensor)
-                loaded.add(key)
-    missing = sorted(set(expected) - loaded - tied)
-    if missing:
-        raise CheckpointError(f"{path}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more"
-                                                                            if len(missing) > 1 else ""))
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
