@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from safetensors.torch import save_file
 
 from camelid.config import ModelConfig
 from camelid.model import Transformer
+from camelid.peft import load_adapter, merge_lora
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -207,3 +209,21 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
                   "pad_token_id": config.pad_token_id}
     _atomic_write_text(path / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     return path
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja")
+
+def merge_adapter_folder(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
+    """`camelid merge`: base HF folder + PEFT LoRA folder -> a merged HF folder (tokenizer files copied along).
+    The merge is done in fp32 and saved in the base checkpoint's dtype."""
+    base, out = Path(base), Path(out)
+    stored = parse_dtype(ModelConfig.from_hf(base / "config.json").dtype)
+    model = from_pretrained(base, dtype=torch.float32)
+    load_adapter(model, adapter)
+    merge_lora(model)
+    save_pretrained(model, out, dtype=stored)
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, out / name)
+    return out

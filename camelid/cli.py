@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from camelid.checkpoint import CheckpointError, from_pretrained, save_pretrained
+from camelid.checkpoint import CheckpointError, from_pretrained, merge_adapter_folder, save_pretrained
 from camelid.config import PRESETS, ConfigError, ModelConfig, get_preset, num_parameters
 from camelid.data.pretrain import prepare
 from camelid.generate import stream
@@ -165,6 +165,11 @@ def cmd_init(args: argparse.Namespace) -> None:
     tokenizer.save(out)
     print(f"wrote {out}: preset {args.preset}, {_human_count(model.num_parameters())} parameters (random), "
           f"tokenizer with {tokenizer.vocab_size} tokens")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    out = merge_adapter_folder(args.base, args.adapter, args.out)
+    print(f"wrote {out}: {args.base} with the LoRA adapter {args.adapter} folded into its weights")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -366,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init)
+
+    p = verbs.add_parser("merge", help="fold a PEFT LoRA/DoRA adapter into its base model", formatter_class=fmt,
+                         epilog="example:\n  camelid merge --base models/llama --adapter runs/lora/final --out models/merged\n")
+    p.add_argument("--base", required=True, help="the base model folder")
+    p.add_argument("--adapter", required=True, help="a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="where to write the merged model folder")
+    p.set_defaults(func=cmd_merge)
 
     p = verbs.add_parser("tokenizer", help="tokenizer tools")
     tverbs = p.add_subparsers(dest="tokenizer_verb", required=True, metavar="VERB")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import camelid
 
@@ -111,3 +112,24 @@ def test_init_with_a_real_tokenizer(tmp_path):
     out = tmp_path / "m"
     result = run("init", "--preset", "tiny", "--out", str(out), "--tokenizer", str(FIXTURES / "tokenizers" / "llama3"))
     assert result.returncode == 2 and "vocab_size" in result.stderr  # 128,256 tokens do not fit the tiny preset
+
+
+def test_merge_folds_a_lora_adapter(tiny_dir, tmp_path):
+    from camelid.peft import apply_lora, merge_lora, save_adapter
+
+    model = camelid.from_pretrained(tiny_dir)
+    apply_lora(model, r=4, alpha=8, target_modules=("q_proj", "v_proj"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapter a real effect
+            p.data.normal_(std=0.05)
+    save_adapter(model, tmp_path / "adapter")
+    result = run("merge", "--base", str(tiny_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "m"))
+    assert result.returncode == 0, result.stderr
+    merged = camelid.from_pretrained(tmp_path / "m")
+    ids = torch.tensor([[1, 5, 9, 30]])
+    with torch.no_grad():
+        expected = model(ids)
+        assert not torch.allclose(expected, camelid.from_pretrained(tiny_dir)(ids))
+        torch.testing.assert_close(merged(ids), merge_lora(model)(ids), atol=1e-5, rtol=0)
+        torch.testing.assert_close(merged(ids), expected, atol=1e-5, rtol=0)
+    assert (tmp_path / "m" / "tokenizer.json").is_file()

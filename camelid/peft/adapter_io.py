@@ -1,0 +1,174 @@
+"""LoRA / DoRA adapters as PEFT folders: `adapter_config.json` + `adapter_model.safetensors`, readable and writable
+by the `peft` library (`PeftModel.from_pretrained`, `save_pretrained`).
+
+A PEFT file key is ours with "base_model.model." in front (see lora.py): the adapter name ("default") is not in
+saved files. Which modules carry an adapter is read from the file's keys, not re-derived from target_modules, so a
+folder loads exactly as it was saved whatever matching rule wrote it; the rank comes from the tensors' shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from camelid.peft.lora import LoRALinear, apply_lora, lora_layers, lora_state_dict, merge_lora
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+# adapter_config.json fields that change what the adapter computes and that camelid does not implement
+UNSUPPORTED = {"modules_to_save": None, "fan_in_fan_out": False, "lora_bias": False, "bias": "none",
+               "use_qalora": False, "trainable_token_indices": None, "target_parameters": None,
+               "layer_replication": None, "alora_invocation_tokens": None, "use_bdlora": None,
+               "arrow_config": None, "monteclora_config": None}
+
+
+class AdapterError(ValueError):
+    """A PEFT folder that cannot be loaded onto this model; the message names the file and the key or field."""
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+    """PEFT's target_modules for exactly these module names: the short names ("q_proj") when they select nothing
+    else, otherwise a regex that matches these full names only."""
+    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    selected = {n for n, _ in model.named_modules() if n and any(n == s or n.endswith("." + s) for s in short)}
+    if selected == set(names):
+        return short
+    return "^(" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's get_pattern_key: the first pattern whose regex matches the end of the module name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's LoRA / DoRA adapters as a PEFT folder. Per-module ranks or alphas that differ from the most
+    common one go to rank_pattern / alpha_pattern, as PEFT writes them."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save (apply_lora or load_adapter first)")
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError("the adapters are merged into the weights; unmerge_lora before save_adapter")
+    first = next(iter(layers.values()))
+    for name, layer in layers.items():
+        for attr in ("use_rslora", "use_dora", "dropout_p"):
+            if getattr(layer, attr) != getattr(first, attr):
+                raise ValueError(f"{name}: {attr} differs between LoRA layers; one PEFT config cannot express it")
+    r = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
+    alpha = Counter(layer.alpha for layer in layers.values()).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": first.dropout_p,
+        "target_modules": _target_modules(model, list(layers)),
+        "rank_pattern": {re.escape(n): layer.r for n, layer in layers.items() if layer.r != r},
+        "alpha_pattern": {re.escape(n): layer.alpha for n, layer in layers.items() if layer.alpha != alpha},
+        "use_rslora": first.use_rslora,
+        "use_dora": first.use_dora,
+        "bias": "none",
+        "lora_bias": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {PREFIX + k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    tmp = path / f".{WEIGHTS_FILE}.tmp"
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path / WEIGHTS_FILE)
+    tmp = path / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, path / CONFIG_FILE)
+    return path
+
+
+def read_adapter_config(path: str | Path) -> dict:
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {path}: not a PEFT adapter folder")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{file}: not valid JSON ({e})") from None
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{file}: peft_type {config.get('peft_type')!r}; this loader reads LORA adapters")
+    for field, default in UNSUPPORTED.items():
+        value = config.get(field, default)
+        if value not in (default, None, [], {}, False, "none"):
+            raise AdapterError(f"{file}: {field}={value!r} is not supported by camelid's LoRA")
+    return config
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Apply a PEFT LoRA / DoRA folder (written by `peft` or by `save_adapter`) to `model`, in place; every other
+    parameter is frozen. Adapters sit on the base weights' device, in fp32 over a half-precision base."""
+    path = Path(path)
+    config = read_adapter_config(path)
+    file = path / WEIGHTS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {path} (pickled adapter_model.bin files are never loaded)")
+    with safe_open(file, framework="pt", device="cpu") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+
+    per_module: dict[str, dict[str, torch.Tensor]] = {}
+    suffixes = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+    for key, tensor in tensors.items():
+        suffix = next((s for s in suffixes if key.endswith("." + s)), None)
+        if not key.startswith(PREFIX) or suffix is None:
+            raise AdapterError(f"{file}: unexpected tensor {key!r} (expected {PREFIX}<module>.lora_A.weight, ...)")
+        module = key[len(PREFIX):-len(suffix) - 1]
+        per_module.setdefault(module, {})[suffix] = tensor
+    if not per_module:
+        raise AdapterError(f"{file}: no LoRA tensors")
+
+    use_dora = bool(config.get("use_dora", False))
+    modules = dict(model.named_modules())
+    ranks, alphas = {}, {}
+    for name, parts in per_module.items():
+        need = suffixes if use_dora else suffixes[:2]
+        missing = [s for s in need if s not in parts]
+        if missing:
+            raise AdapterError(f"{file}: missing tensor {PREFIX + name}.{missing[0]}")
+        if name not in modules:
+            raise AdapterError(f"{file}: adapter for module {name!r}, which this model does not have")
+        if not isinstance(modules[name], nn.Linear):
+            raise AdapterError(f"{file}: adapter for {name!r}, a {type(modules[name]).__name__}, not an nn.Linear")
+        ranks[name] = parts["lora_A.weight"].shape[0]
+        alphas[name] = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+
+    apply_lora(model, r=config.get("r", 8), alpha=config.get("lora_alpha", 8),
+               dropout=float(config.get("lora_dropout", 0.0)),
+               target_modules="^(" + "|".join(re.escape(n) for n in per_module) + ")$",
+               use_rslora=bool(config.get("use_rslora", False)), use_dora=use_dora, ranks=ranks, alphas=alphas)
+    with torch.no_grad():
+        for name, parts in per_module.items():
+            layer: LoRALinear = model.get_submodule(name)
+            targets = {"lora_A.weight": layer.lora_A.weight, "lora_B.weight": layer.lora_B.weight}
+            if use_dora:
+                targets["lora_magnitude_vector"] = layer.lora_magnitude_vector
+            for suffix, tensor in parts.items():
+                target = targets[suffix]
+                if tensor.shape != target.shape:
+                    raise AdapterError(f"{file}: tensor {PREFIX + name}.{suffix} has shape {tuple(tensor.shape)}, "
+                                       f"the model expects {tuple(target.shape)}")
+                target.copy_(tensor)
+    return model

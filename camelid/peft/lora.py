@@ -1,0 +1,233 @@
+"""LoRA (Hu et al. 2021), rsLoRA scaling (Kalajdzievski 2023) and DoRA (Liu et al. 2024) on any nn.Linear, by name.
+
+`apply_lora` swaps each targeted nn.Linear for a `LoRALinear` that holds the *same* weight and bias Parameters, so
+nothing is copied and the base keeps its plain key (torchtune's layout). The adapter tensors are named as in PEFT's
+saved files, which makes a PEFT folder a prefix away from our state dict:
+
+    camelid state dict                                  PEFT adapter_model.safetensors
+    model.layers.0.self_attn.q_proj.weight              (base: not in the adapter file)
+    model.layers.0.self_attn.q_proj.lora_A.weight       base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+    model.layers.0.self_attn.q_proj.lora_B.weight       base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight
+    model.layers.0.self_attn.q_proj.lora_magnitude_vector   (DoRA) base_model.model.....q_proj.lora_magnitude_vector
+
+Forward, with s = alpha / r (rsLoRA: alpha / sqrt(r)) and dropout on the adapter input only:
+    LoRA:  y = W x + b + s * B A dropout(x)
+    DoRA:  y = m / ||W + s B A||_row * (W x + s B A x) + b,   the row norm detached (DoRA paper section 4.3, as PEFT)
+Init as PEFT: A kaiming-uniform(a=sqrt(5)), B zeros, m = ||W||_row, so a freshly wrapped model equals its base.
+Adapter tensors are fp32 over an fp16 / bf16 base (as PEFT's autocast_adapter_dtype), else the base's dtype.
+
+Merging: `merge_lora(model)` folds the adapters into the weights and puts plain nn.Linear modules back
+(PEFT's merge_and_unload). `merge_lora(model, keep=True)` folds in place but keeps a copy of each original weight,
+so `unmerge_lora(model)` restores the base bit for bit (subtracting B A again would not, in floating point).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoRALinear(nn.Module):
+    """An nn.Linear plus a low-rank update. `weight` / `bias` are the base layer's own Parameters (frozen)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, use_dora: bool = False):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # the same Parameters: no copy, plain keys
+        self.register_parameter("bias", base.bias)
+        self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # adapters in fp32 over a half-precision base (PEFT's autocast_adapter_dtype): small updates survive AdamW
+        low = base.weight.dtype in (torch.float16, torch.bfloat16)
+        factory = dict(device=base.weight.device, dtype=torch.float32 if low else base.weight.dtype)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)  # (r, in)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(self._weight_norm(self.delta_weight()).to(factory["dtype"]))
+        self.merged = False
+        self.register_buffer("unmerged_weight", None, persistent=False)  # the original weight while merged (keep=True)
+
+    @property
+    def dropout_p(self) -> float:
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A, (out, in): what plain LoRA adds to W."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def _weight_norm(self, delta: torch.Tensor) -> torch.Tensor:
+        """||W + delta|| per output row (PEFT's DoRA norm: torch.linalg.norm over dim=1), without gradient."""
+        with torch.no_grad():
+            return torch.linalg.norm(self.weight + delta, dim=1).to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return result
+        dtype = result.dtype
+        x = x.to(self.lora_A.weight.dtype)
+        xd = self.dropout(x)
+        lora = self.lora_B(self.lora_A(xd))  # (..., out)
+        if not self.use_dora:
+            return (result + lora * self.scaling).to(dtype)
+        # DoRA: rescale the base output and the update by m / ||W + s B A||; the norm is a constant for backprop
+        norm = self._weight_norm(self.delta_weight().detach())
+        scale = self.lora_magnitude_vector / norm  # (out,)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base = result if self.bias is None else result - self.bias
+        else:  # with dropout active, the rescaled base term sees the dropped-out input too (as PEFT)
+            base = F.linear(xd, self.weight)
+        return (result + (scale - 1) * base + scale * lora * self.scaling).to(dtype)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The single weight equal to this layer's (eval-mode) forward."""
+        delta = self.delta_weight()
+        if not self.use_dora:
+            return self.weight + delta
+        factor = (self.lora_magnitude_vector / self._weight_norm(delta)).view(-1, 1)
+        return (factor * (self.weight + delta)).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self, keep: bool = True) -> None:
+        if self.merged:
+            return
+        new = self.merged_weight()
+        if keep:
+            self.unmerged_weight = self.weight.detach().clone()
+        self.weight.copy_(new)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        if self.unmerged_weight is None:
+            raise RuntimeError("this layer was merged without keep=True; its original weight is gone")
+        self.weight.copy_(self.unmerged_weight)
+        self.unmerged_weight = None
+        self.merged = False
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding the merged weight (merging first if needed)."""
+        self.merge(keep=False)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta", dtype=self.weight.dtype)
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        kind = "DoRA" if self.use_dora else "LoRA"
+        return (f"{self.in_features}, {self.out_features}, {kind} r={self.r}, alpha={self.alpha}, "
+                f"scaling={self.scaling:g}, merged={self.merged}")
+
+
+# ---- acting on a model by module name ------------------------------------------------------------------------
+
+def _matches(name: str, target_modules: str | Iterable[str]) -> bool:
+    """PEFT's rule: a string is a regex that must match the whole module name ("all-linear": every Linear but
+    lm_head); a list matches a name equal to an entry or ending in "." + entry."""
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            return name != "lm_head"
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+               target_modules: str | Iterable[str] = ("q_proj", "v_proj"), use_rslora: bool = False,
+               use_dora: bool = False, ranks: dict[str, int] | None = None,
+               alphas: dict[str, float] | None = None) -> nn.Module:
+    """Wrap every nn.Linear named by `target_modules` (a list of names / name suffixes, or a regex over the full
+    name, or "all-linear") in a LoRALinear, freeze every other parameter, and return the model (changed in place).
+    `ranks` / `alphas` override r / alpha for given full module names (used when loading PEFT folders)."""
+    if lora_layers(model):
+        raise ValueError("this model already has LoRA layers; merge_lora it first")
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        candidates = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    else:
+        candidates = {n: m for n, m in model.named_modules() if n and _matches(n, target_modules)}
+    if not candidates:
+        raise ValueError(f"target_modules {target_modules!r} match no module of this model "
+                         f"(Linear layers are named like {_example_linear(model)!r})")
+    wrong = [f"{n} ({type(m).__name__})" for n, m in candidates.items() if not isinstance(m, nn.Linear)]
+    if wrong:
+        raise ValueError(f"LoRA wraps nn.Linear layers only; target_modules {target_modules!r} also match "
+                         f"{', '.join(wrong[:3])}")
+    # a weight shared with another module (lm_head tied to embed_tokens): merging would change both
+    others = {id(p) for n, m in model.named_modules() if n not in candidates for p in m.parameters(recurse=False)}
+    tied = [n for n, m in candidates.items() if id(m.weight) in others]
+    if tied:
+        raise ValueError(f"{tied[0]} shares its weight with another module (tied embeddings); leave it out of "
+                         "target_modules")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, linear in candidates.items():
+        layer = LoRALinear(linear, (ranks or {}).get(name, r), (alphas or {}).get(name, alpha), dropout,
+                           use_rslora, use_dora)
+        _set_module(model, name, layer)
+    return model
+
+
+def _example_linear(model: nn.Module) -> str:
+    return next((n for n, m in model.named_modules() if isinstance(m, nn.Linear)), "?")
+
+
+def merge_lora(model: nn.Module, keep: bool = False) -> nn.Module:
+    """Fold every adapter into its base weight. keep=False (default): put plain nn.Linear modules back, the model is
+    a plain model again (state dict = HF checkpoint). keep=True: layers stay LoRALinear with a copy of the original
+    weight, so `unmerge_lora` restores it exactly."""
+    for name, layer in lora_layers(model).items():
+        if keep:
+            layer.merge(keep=True)
+        else:
+            _set_module(model, name, layer.to_linear())
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo `merge_lora(model, keep=True)`: every base weight is bitwise the one before merging."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each shared tensor (tied embeddings) counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors, under our (= PEFT's, minus the "base_model.model." prefix) names."""
+    return {k: v for k, v in model.state_dict().items()
+            if ".lora_A." in k or ".lora_B." in k or k.endswith(".lora_magnitude_vector")}
