@@ -24,7 +24,10 @@ from camelid.plan import fit as plan_fit
 from camelid.plan import memory as plan_memory
 from camelid.plan import scaling as plan_scaling
 from camelid.tokenizer import Tokenizer, TokenizerError
+from camelid.peft import load_adapter
+from camelid.templates import for_tokenizer, get_template
 from camelid.train import TrainConfig, train
+from camelid.train.finetune import METHODS, finetune, load_config, recorded_template
 from camelid.train.config import STRATEGIES, parse_overrides
 from camelid.train.plot import plot_run
 
@@ -35,8 +38,12 @@ def _device(name: str | None) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load(model_dir: str, device: str | None, dtype: str | None) -> tuple[Transformer, Tokenizer]:
+def _load(model_dir: str, device: str | None, dtype: str | None,
+          adapter: str | None = None) -> tuple[Transformer, Tokenizer]:
     model = from_pretrained(model_dir, device=_device(device), dtype=dtype)
+    if adapter:
+        load_adapter(model, adapter)
+        model.eval()
     return model, Tokenizer(model_dir)
 
 
@@ -48,18 +55,48 @@ def _sampling(args: argparse.Namespace) -> dict:
 # ---- verbs ------------------------------------------------------------------------------------------------------
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    model, tokenizer = _load(args.model, args.device, args.dtype)
+    model, tokenizer = _load(args.model, args.device, args.dtype, args.adapter)
     for piece in stream(model, tokenizer, args.prompt, args.max_new_tokens, stop=args.stop, **_sampling(args)):
         print(piece, end="", flush=True)
     print()
 
 
+def _chat_template(args: argparse.Namespace, tokenizer: Tokenizer):
+    """The adapter folder's recorded template, else --template, else the tokenizer's chat_template; None = the
+    plain transcript fallback (a base model that was never tuned for chat)."""
+    name = recorded_template(args.adapter) if args.adapter else None
+    name = name or args.template
+    if name == "model" or (name is None and tokenizer.chat_template):
+        return for_tokenizer(tokenizer)
+    return get_template(name) if name else None
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
-    """A plain transcript format until chat templates land; history is trimmed from the oldest turns."""
-    model, tokenizer = _load(args.model, args.device, args.dtype)
-    system = f"{args.system}\n" if args.system else ""
+    """Multi-turn chat rendered with the model's chat template (or a plain transcript when there is none); history
+    is trimmed from the oldest turns."""
+    model, tokenizer = _load(args.model, args.device, args.dtype, args.adapter)
+    template = _chat_template(args, tokenizer)
+    if template is not None:
+        template.check(tokenizer)
+        bos, eos = template.special_tokens(tokenizer)
+        stop_ids = template.stop_token_ids(tokenizer)
+        stop = [x.replace("{eos}", eos) for x in template.stop_strings if x.replace("{eos}", eos)]
+    else:
+        stop_ids, stop = [], ["\nUser:"]
     turns: list[tuple[str, str]] = []
     budget = model.config.max_position_embeddings - args.max_new_tokens
+
+    def render() -> tuple[str, bool]:  # (prompt text, whether to add BOS when encoding)
+        if template is None:
+            system = f"{args.system}\n" if args.system else ""
+            return system + "".join(f"User: {u}\nAssistant: {a}\n" for u, a in turns) + \
+                f"User: {user}\nAssistant:", True
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        for u, a in turns:
+            messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": user})
+        return template.render(messages, True, bos, eos), False  # the template writes BOS itself
+
     print("camelid chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
@@ -75,13 +112,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if not user:
             continue
         while True:
-            prompt = system + "".join(f"User: {u}\nAssistant: {a}\n" for u, a in turns) + f"User: {user}\nAssistant:"
-            if len(tokenizer.encode(prompt)) <= budget or not turns:
+            prompt, add_bos = render()
+            if len(tokenizer.encode(prompt, bos=add_bos)) <= budget or not turns:
                 break
             turns.pop(0)
         print("bot> ", end="", flush=True)
         answer = ""
-        for piece in stream(model, tokenizer, prompt, args.max_new_tokens, stop=["\nUser:"], **_sampling(args)):
+        for piece in stream(model, tokenizer, prompt, args.max_new_tokens, stop=stop, bos=add_bos,
+                            stop_ids=stop_ids, **_sampling(args)):
             answer += piece
             print(piece, end="", flush=True)
         print()
@@ -217,6 +255,26 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
               f"(metrics: {result.out / 'metrics.jsonl'})")
 
 
+# flags of `camelid finetune` that set a FinetuneSpec field, and those that set a TrainConfig field
+FINETUNE_SPEC_FLAGS = ("base", "data", "method", "template", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
+                       "pack")
+FINETUNE_TRAIN_FLAGS = ("out", "max_steps", "micro_batch", "grad_accum", "seq_len", "lr", "warmup_steps", "precision",
+                        "device", "seed", "save_every", "eval_every", "resume")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    spec_flags = {n: getattr(args, n) for n in FINETUNE_SPEC_FLAGS if getattr(args, n) not in (None, [])}
+    train_flags = {n: getattr(args, n) for n in FINETUNE_TRAIN_FLAGS if getattr(args, n) is not None}
+    spec, cfg = load_config(args.config, spec_flags, {**parse_overrides(args.set), **train_flags})
+    result = finetune(cfg, spec)
+    if result.final_dir is not None:
+        kind = "a PEFT adapter folder" if spec.method != "full" else "a model folder"
+        last = result.losses.get(result.step)
+        print(f"fine-tuned {result.step} steps ({spec.method})" + (f", last loss {last:.4f}" if last else "")
+              + f"; wrote {result.final_dir} ({kind}; chat: camelid chat --model {spec.base}"
+              + (f" --adapter {result.final_dir})" if spec.method != "full" else ")"))
+
+
 def cmd_monitor(args: argparse.Namespace) -> None:
     if args.interval <= 0 or (args.count is not None and args.count < 1):
         raise ValueError("--interval must be > 0 and --count >= 1")
@@ -345,12 +403,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a Hugging Face-style model folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA/DoRA adapter folder to apply to --model")
     _add_sampling(p)
     p.set_defaults(func=cmd_generate)
 
     p = verbs.add_parser("chat", help="interactive multi-turn chat in the terminal", formatter_class=fmt,
-                         epilog="example:\n  camelid chat --model out/tiny --temperature 0.7 --seed 0\n")
+                         epilog="examples:\n  camelid chat --model out/tiny --temperature 0.7 --seed 0\n"
+                                "  camelid chat --model models/base --adapter runs/lora/final\n")
     p.add_argument("--model", required=True)
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA/DoRA adapter folder (`camelid finetune` output)")
+    p.add_argument("--template", default=None, help="chat template name (default: the adapter's recorded one, "
+                   "else the tokenizer's chat_template, else a plain User:/Assistant: transcript)")
     p.add_argument("--system", default="", help="a system prompt kept at the top of the history")
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)
@@ -470,6 +533,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config key, e.g. --set weight_decay=0.05 (repeatable)")
     p.set_defaults(func=cmd_pretrain)
+
+    p = verbs.add_parser("finetune", help="instruction-tune a model folder (LoRA, DoRA or full)", formatter_class=fmt,
+                         epilog=textwrap.dedent("""\
+        Runs the training loop of `camelid pretrain` on chat-template-rendered instruction data (Alpaca, ShareGPT
+        or OpenAI messages JSON / JSONL), with loss on the answers only. OUT/final is a PEFT adapter folder (lora,
+        dora) or a model folder (full). --config YAML may hold these flags' keys and any TrainConfig key.
+
+        examples:
+          camelid finetune --base models/tiny --data alpaca.json --template alpaca --out runs/lora --max-steps 200
+          camelid finetune --base models/llama --data a.json:0.7 --data b.jsonl:0.3 --method dora \\
+              --target-modules all-linear --lora-r 16 --lora-alpha 32 --out runs/dora
+          camelid finetune --config ft.yaml --resume
+          camelid chat --model models/tiny --adapter runs/lora/final
+        """))
+    p.add_argument("--config", default=None, metavar="FILE.yaml", help="a YAML file of fine-tuning and TrainConfig keys")
+    p.add_argument("--base", default=None, help="the base model folder")
+    p.add_argument("--data", action="append", default=[], metavar="FILE[:ratio]",
+                   help="instruction data, repeatable; ratios mix several files")
+    p.add_argument("--method", default=None, help=f"{' | '.join(METHODS)} (default lora)")
+    p.add_argument("--template", default=None, help="chat template name (default: the tokenizer's chat_template)")
+    p.add_argument("--out", default=None, help="the run folder")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None, help="(default 0)")
+    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--lora-r", type=int, default=None, help="(default 8)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="(default 16)")
+    p.add_argument("--lora-dropout", type=float, default=None, help="(default 0.05)")
+    p.add_argument("--target-modules", default=None, help="comma-separated names, or all-linear (default q_proj,v_proj)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                   help="pack short examples into each row (no attention across them)")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="continue from the latest checkpoint in --out")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other TrainConfig key")
+    p.set_defaults(func=cmd_finetune)
 
     p = verbs.add_parser("monitor", help="a live view of the GPUs (NVML), or of the CPU and RAM", formatter_class=fmt,
                          epilog=textwrap.dedent("""\

@@ -105,10 +105,11 @@ class StopStrings:
 
 
 def _stream_rows(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int,
-                 stop: Sequence[str], sampling: Sampling, bos: bool) -> Iterator[tuple[int, str]]:
+                 stop: Sequence[str], sampling: Sampling, bos: bool,
+                 extra_stop_ids: Iterable[int] = ()) -> Iterator[tuple[int, str]]:
     """(row, text piece) events for a batch of text prompts."""
     ids = [tokenizer.encode(p, bos=bos) for p in prompts]
-    stop_ids = set(tokenizer.stop_ids) | set(model.config.eos_token_ids)
+    stop_ids = set(tokenizer.stop_ids) | set(model.config.eos_token_ids) | set(extra_stop_ids)
     decoders = [tokenizer.stream_decoder() for _ in prompts]
     stoppers = [StopStrings(stop) for _ in prompts]
     finished = [False] * len(prompts)
@@ -133,9 +134,11 @@ def _stream_rows(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str
 
 
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 128,
-           stop: Sequence[str] = (), bos: bool = True, **sampling) -> Iterator[str]:
-    """Yield the completion of `prompt` as text pieces, as soon as each is decoded (never broken UTF-8)."""
-    for _, piece in _stream_rows(model, tokenizer, [prompt], max_new_tokens, stop, Sampling(**sampling), bos):
+           stop: Sequence[str] = (), bos: bool = True, stop_ids: Iterable[int] = (), **sampling) -> Iterator[str]:
+    """Yield the completion of `prompt` as text pieces, as soon as each is decoded (never broken UTF-8).
+    `stop_ids`: token ids that end generation besides EOS (a chat template's end-of-turn tokens)."""
+    for _, piece in _stream_rows(model, tokenizer, [prompt], max_new_tokens, stop, Sampling(**sampling), bos,
+                                 stop_ids):
         yield piece
 
 

@@ -54,7 +54,8 @@ class _Base:
         """(rendered text, [(start, end) character spans of the trained text])."""
         raise NotImplementedError
 
-    def _tokens(self, tokenizer: _Tokenizer) -> tuple[str, str]:
+    def special_tokens(self, tokenizer: _Tokenizer) -> tuple[str, str]:
+        """(bos, eos) token strings, as Jinja templates see them."""
         return _token(tokenizer, tokenizer.bos_id), _token(tokenizer, tokenizer.eos_id)
 
     def check(self, tokenizer: _Tokenizer) -> None:
@@ -66,7 +67,7 @@ class _Base:
         (every token with `train_on_all`). Labels are aligned with the ids, not shifted. Labels are None when
         there are more than max_len ids: the caller is about to shorten the conversation, skip the mask work."""
         self.check(tokenizer)
-        text, spans = self._spans(messages, False, *self._tokens(tokenizer))
+        text, spans = self._spans(messages, False, *self.special_tokens(tokenizer))
         ids = tokenizer.encode(text, bos=False)
         if max_len is not None and len(ids) > max_len:
             return ids, None
@@ -87,7 +88,7 @@ class _Base:
     def encode_prompt(self, tokenizer: _Tokenizer, messages: Sequence[Message]) -> list[int]:
         """Token ids of the conversation so far + the assistant header: what generation continues."""
         self.check(tokenizer)
-        return tokenizer.encode(self.render(messages, True, *self._tokens(tokenizer)), bos=False)
+        return tokenizer.encode(self.render(messages, True, *self.special_tokens(tokenizer)), bos=False)
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False,
                bos_token: str | None = None, eos_token: str | None = None) -> str:
@@ -99,7 +100,7 @@ class _Base:
 
     def stop_token_ids(self, tokenizer: _Tokenizer) -> list[int]:
         """Ids generation stops on: the stop strings that are single tokens, and the tokenizer's EOS."""
-        eos = self._tokens(tokenizer)[1]
+        eos = self.special_tokens(tokenizer)[1]
         names = [s.replace("{eos}", eos) for s in self.stop_strings]
         ids = [i for s in names if s and (i := tokenizer.token_to_id(s)) is not None]
         if tokenizer.eos_id is not None:
@@ -325,8 +326,9 @@ class JinjaTemplate(_Base):
             raise TemplateError(f"{self.name}: the chat template ends turns with {', '.join(missing)}, which the "
                                 "tokenizer does not have as a token: is it this model's tokenizer?")
 
-    def _tokens(self, tokenizer: _Tokenizer) -> tuple[str, str]:
-        bos, eos = super()._tokens(tokenizer)
+    def special_tokens(self, tokenizer: _Tokenizer) -> tuple[str, str]:
+        """(bos, eos) token strings, as Jinja templates see them."""
+        bos, eos = super().special_tokens(tokenizer)
         return bos or self.bos_token, eos or self.eos_token
 
     @property

@@ -110,7 +110,7 @@ class TrainConfig:
              f"spike_min_history ({self.spike_min_history}) must be <= spike_window ({self.spike_window})")
         need(0 < self.rollback_lr_factor <= 1, f"rollback_lr_factor must be in (0, 1], got {self.rollback_lr_factor}")
         need(isinstance(self.model_overrides, dict), "model_overrides must be a mapping of ModelConfig fields")
-        _check_keys(self.model_overrides, {f.name for f in dataclasses.fields(ModelConfig)}, "model_overrides key")
+        check_keys(self.model_overrides, {f.name for f in dataclasses.fields(ModelConfig)}, "model_overrides key")
 
     @property
     def min_lr(self) -> float:
@@ -123,7 +123,7 @@ class TrainConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"a training config is a mapping of keys to values, got {type(values).__name__}")
         hints = typing.get_type_hints(cls)
-        _check_keys(values, set(hints), "config key")
+        check_keys(values, set(hints), "config key")
         return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
 
     @classmethod
@@ -143,7 +143,7 @@ class TrainConfig:
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: a training config is a mapping of keys to values")
             try:
-                _check_keys(values, set(typing.get_type_hints(cls)), "config key")
+                check_keys(values, set(typing.get_type_hints(cls)), "config key")
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
         merged = {**values, **overrides}
@@ -197,7 +197,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return values
 
 
-def _check_keys(values: dict[str, Any], valid: set[str], what: str) -> None:
+def check_keys(values: dict[str, Any], valid: set[str], what: str) -> None:
     for key in values:
         if key not in valid:
             close = difflib.get_close_matches(str(key), sorted(valid), n=1)

@@ -200,7 +200,8 @@ class Trainer:
             trace = self.out / "profile" / "trace.json"
             self.log.note(f"profiler trace: {trace} (open in https://ui.perfetto.dev)" if trace.is_file() else
                           "profiler: the run ended before a step was recorded (recording starts at step 3)")
-        final = save_final(self.out / "final", self.raw, self.tokenizer, self.rank)  # None on ranks > 0
+        final = save_final(self.out / "final", self.raw, self.tokenizer, self.rank,  # None on ranks > 0
+                           base=str(self.cfg.model))
         if final is not None:
             self.log.note(f"final model: {final}")
         distributed.barrier()

@@ -44,6 +44,7 @@ from torch import nn
 from camelid.checkpoint import CheckpointError, load_weights, save_pretrained, weight_files
 from camelid.config import ModelConfig
 from camelid.model import Transformer
+from camelid.peft import lora_layers, save_adapter
 from camelid.tokenizer import Tokenizer
 from camelid.train import distributed
 from camelid.train.guard import SpikeGuard
@@ -258,9 +259,19 @@ def prune(root: str | Path, keep_last: int) -> list[Path]:
     return deleted
 
 
-def save_final(path: str | Path, model: nn.Module, tokenizer: Tokenizer | None, rank: int = 0) -> Path | None:
-    """The trained model as a plain Hugging Face folder: `camelid generate --model out/final` loads it. Every rank
-    calls this (a sharded model is gathered collectively); rank 0 writes and returns the path, the others None."""
+def save_final(path: str | Path, model: nn.Module, tokenizer: Tokenizer | None, rank: int = 0,
+               base: str | None = None) -> Path | None:
+    """The trained model as a plain Hugging Face folder: `camelid generate --model out/final` loads it. A model with
+    LoRA / DoRA layers is written as a PEFT adapter folder instead (its base weights are frozen, unchanged), naming
+    `base` as base_model_name_or_path. Every rank calls this (a sharded model is gathered collectively); rank 0
+    writes and returns the path, the others None."""
+    if lora_layers(model):
+        if rank != 0:
+            return None
+        out = save_adapter(model, path, base_model_name_or_path=base)
+        if tokenizer is not None:
+            tokenizer.save(out)
+        return out
     if distributed.is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

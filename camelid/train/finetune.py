@@ -1,0 +1,142 @@
+"""What fine-tuning adds to the loop: a base model with a method applied (LoRA, DoRA or full), and the SFT batch
+source. The loop itself is `camelid.train.loop.train`, called with that model and batch source.
+
+    finetune(cfg, FinetuneSpec(base="models/llama", data=["alpaca.json"], method="lora", template="llama3"))
+
+Everything that can be checked is checked before the base model is loaded: the method, the data files, the LoRA
+shape. The final folder is a PEFT adapter folder (lora / dora) or a plain model folder (full), with the tokenizer
+and TEMPLATE_FILE, which names the chat template so that `camelid chat --adapter` renders prompts as trained.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from camelid.checkpoint import from_pretrained
+from camelid.data.sft import SFTBatches, parse_data_spec
+from camelid.peft import apply_lora, count_parameters
+from camelid.templates import JinjaTemplate, for_tokenizer
+from camelid.tokenizer import Tokenizer
+from camelid.train.config import ConfigError, TrainConfig, check_keys
+from camelid.train.loop import LossHook, TrainResult, train
+
+METHODS = ("lora", "dora", "full")
+TEMPLATE_FILE = "camelid_template.json"  # {"template": NAME}; NAME is "model" for the tokenizer's own chat_template
+
+
+@dataclass
+class FinetuneSpec:
+    """The fine-tuning choices that are not TrainConfig keys (a `--config` YAML may hold both kinds)."""
+
+    base: str = ""  # the base model folder
+    data: list[str] = field(default_factory=list)  # "file[:ratio]" specs
+    method: str = "lora"
+    template: str | None = None  # a built-in template name; None = the tokenizer's own chat_template
+    lora_r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # or "all-linear"
+    pack: bool = False
+    eval_fraction: float = 0.0  # share of each dataset held out for eval_batches
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not self.base:
+            raise ValueError("no base model: pass --base DIR")
+        if not Path(self.base).is_dir():
+            raise FileNotFoundError(f"no model folder at {self.base}")
+        if not self.data:
+            raise ValueError("no data: pass --data FILE[:ratio] (repeatable)")
+        for spec in self.data:
+            path, _ = parse_data_spec(spec)
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"no data file at {path}")
+        if self.method != "full" and (self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
+            raise ValueError(f"LoRA needs r >= 1, alpha > 0, 0 <= dropout < 1; got r={self.lora_r}, "
+                             f"alpha={self.lora_alpha}, dropout={self.lora_dropout}")
+
+
+def split_config(values: dict) -> tuple[dict, dict]:
+    """A fine-tuning YAML mapping -> (FinetuneSpec keys, TrainConfig keys); unknown keys are errors."""
+    spec_keys = {f.name for f in fields(FinetuneSpec)}
+    train_keys = {f.name for f in fields(TrainConfig)}
+    check_keys(values, spec_keys | train_keys, "config key")
+    return ({k: v for k, v in values.items() if k in spec_keys},
+            {k: v for k, v in values.items() if k not in spec_keys})
+
+
+def load_config(path: str | Path | None, spec_flags: dict, train_flags: dict) -> tuple[FinetuneSpec, TrainConfig]:
+    """The YAML file's values, then the flags on top, split into a FinetuneSpec and a TrainConfig."""
+    values: dict = {}
+    if path is not None:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no config file at {path}")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: a fine-tuning config is a mapping of keys to values")
+    spec_values, train_values = split_config(values)
+    spec = FinetuneSpec(**{**spec_values, **spec_flags})
+    if isinstance(spec.data, str):
+        spec.data = [spec.data]
+    train_values = {"sample_every": 0, "warmup_steps": 0, **train_values, **train_flags}
+    # the base folder is the run's model: `resume` compares it, and the final adapter names it
+    cfg = TrainConfig.from_dict({**train_values, "model": str(Path(spec.base).resolve()) if spec.base else "", "data": ",".join(spec.data)})
+    return spec, cfg
+
+
+def apply_method(model, spec: FinetuneSpec):
+    if spec.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    targets = spec.target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [t for t in targets.split(",") if t]
+    return apply_lora(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
+                      target_modules=targets, use_dora=spec.method == "dora")
+
+
+def finetune(cfg: TrainConfig, spec: FinetuneSpec, log: Callable[[str], None] = print,
+             loss_hook: LossHook | None = None) -> TrainResult:
+    """Load spec.base, apply spec.method, build the SFT batches with the chat template, and run the one loop.
+    On --resume the method is applied before the loop loads the checkpoint, so the adapters are there to fill."""
+    spec.validate()
+    tokenizer = Tokenizer(spec.base)
+    template = for_tokenizer(tokenizer, spec.template)  # TemplateError: unknown name, or no chat_template to use
+    template.check(tokenizer)
+    batches = SFTBatches.from_files(spec.data, tokenizer, template, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch,
+                                    pack=spec.pack, seed=cfg.seed, eval_fraction=spec.eval_fraction)
+    log(batches.report())
+    model = from_pretrained(spec.base, device="cpu")  # the loop moves it to cfg.device
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"seq_len {cfg.seq_len} is longer than the model's context "
+                         f"({model.config.max_position_embeddings})")
+    torch.manual_seed(cfg.seed)  # the adapters' random init: the same run gives the same adapters
+    apply_method(model, spec)
+    trainable, total = count_parameters(model)
+    log(f"{spec.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    result = train(cfg, model=model, batches=batches, tokenizer=tokenizer, loss_hook=loss_hook)
+    if result.final_dir is not None:  # rank 0
+        name = "model" if isinstance(template, JinjaTemplate) else template.name
+        (result.final_dir / TEMPLATE_FILE).write_text(json.dumps({"template": name, "method": spec.method}) + "\n")
+    return result
+
+
+def recorded_template(folder: str | Path) -> str | None:
+    """The template name a fine-tuning run recorded in its final folder ("model" = the tokenizer's own), or None."""
+    file = Path(folder) / TEMPLATE_FILE
+    if not file.is_file():
+        return None
+    return json.loads(file.read_text()).get("template")

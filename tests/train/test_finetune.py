@@ -1,0 +1,170 @@
+"""`camelid finetune`: LoRA / full fine-tuning through the one training loop, PEFT folders, resume, chat."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from camelid.checkpoint import from_pretrained, save_pretrained
+from camelid.config import PRESETS
+from camelid.model import Transformer
+from camelid.peft import load_adapter
+from camelid.tokenizer import Tokenizer
+from camelid.train.finetune import FinetuneSpec, finetune, load_config, recorded_template
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny random LLaMA with a byte-level BPE trained here, saved as a model folder."""
+    root = tmp_path_factory.mktemp("ft")
+    corpus = root / "corpus.txt"
+    corpus.write_text("Below is an instruction that describes a task. Write a response that appropriately completes "
+                      "the request.\n\n### Instruction:\nWhat is 2+3?\n\n### Response:\n5\n\n" * 20)
+    tokenizer = Tokenizer.train([corpus], 300, show_progress=False)
+    config = PRESETS["tiny"].replace(vocab_size=320, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                                     pad_token_id=tokenizer.pad_id)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    with torch.no_grad():  # at init, logits are too flat for adapters (lm_head is not one) to sharpen them quickly
+        model.lm_head.weight.mul_(10)
+    folder = save_pretrained(model, root / "base")
+    tokenizer.save(folder)
+    records = [{"instruction": f"What is {a}+{b}?", "input": "", "output": str(a + b)}
+               for a in range(8) for b in range(5)]  # 40 records
+    data = root / "alpaca.json"
+    data.write_text(json.dumps(records))
+    return root, folder, data
+
+
+def _run(root, folder, data, name, method="lora", max_steps=30, resume=False, loss_hook=None, **train):
+    spec, cfg = load_config(None, dict(base=str(folder), data=[str(data)], method=method, template="alpaca",
+                                       target_modules="all-linear"),
+                            dict(out=str(root / name), max_steps=max_steps, micro_batch=4, seq_len=96,
+                                 eval_every=0, save_every=10, device="cpu", precision="fp32", tensorboard=False,
+                                 resume=resume, **{"lr": 1e-2, **train}))
+    return finetune(cfg, spec, log=lambda s: None, loss_hook=loss_hook)
+
+
+def test_lora_lowers_loss_and_writes_peft_folder(base):
+    root, folder, data = base
+    result = _run(root, folder, data, "lora")
+    losses = [result.losses[s] for s in sorted(result.losses)]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    final = result.final_dir
+    assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+    assert not (final / "model.safetensors").exists()
+    assert (final / "tokenizer.json").is_file() and recorded_template(final) == "alpaca"
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(folder.resolve())
+    # only the adapters were trained: the base weights in the final checkpoint are bitwise the original ones
+    original = load_file(folder / "model.safetensors")
+    ckpt = load_file(root / "lora" / "checkpoints" / "step_00000030" / "model.safetensors")
+    for k, v in original.items():
+        assert torch.equal(ckpt[k], v), k
+    # the adapter folder loads into the base, and it changes the logits
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    plain = from_pretrained(folder).eval()
+    tuned = load_adapter(from_pretrained(folder), final).eval()
+    with torch.no_grad():
+        ours = tuned(ids)
+        assert not torch.allclose(ours, plain(ids))
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    hf = peft.PeftModel.from_pretrained(hf, final).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_resume_is_exact(base):
+    root, folder, data = base
+    whole = _run(root, folder, data, "whole", max_steps=20)
+    def crash(step, loss):  # the run stops during step 11, after step 10's checkpoint
+        if step == 11:
+            raise KeyboardInterrupt
+        return loss
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(root, folder, data, "split", max_steps=20, loss_hook=crash)
+    resumed = _run(root, folder, data, "split", max_steps=20, resume=True)
+    assert sorted(resumed.losses) == list(range(11, 21))
+    for s in range(11, 21):
+        assert resumed.losses[s] == whole.losses[s], s
+    a = load_file(whole.final_dir / "adapter_model.safetensors")
+    b = load_file(resumed.final_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_writes_model_folder(base):
+    root, folder, data = base
+    result = _run(root, folder, data, "full", method="full", max_steps=5)
+    model = from_pretrained(result.final_dir)
+    original = load_file(folder / "model.safetensors")
+    assert not torch.equal(model.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+                           original["model.layers.0.self_attn.q_proj.weight"])
+    assert recorded_template(result.final_dir) == "alpaca"
+
+
+def test_spec_rejects_bad_input(base):
+    _, folder, data = base
+    with pytest.raises(ValueError, match="unknown method"):
+        FinetuneSpec(base=str(folder), data=[str(data)], method="magic").validate()
+    with pytest.raises(FileNotFoundError, match="no data file"):
+        FinetuneSpec(base=str(folder), data=["nope.json:0.5"]).validate()
+
+
+def _cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "camelid", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, timeout=120)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "missing.json", "--template", "alpaca"], "no data file at missing.json"),
+    (["--template", "klingon"], "unknown chat template 'klingon'"),
+    (["--template", "alpaca", "--method", "magic"], "unknown method 'magic'"),
+    ([], "no chat_template"),
+])
+def test_cli_bad_input_is_one_line_exit_2(base, extra, message):
+    root, folder, data = base
+    args = ["finetune", "--base", folder, "--out", root / "bad", "--max-steps", 1]
+    if "--data" not in extra:
+        args += ["--data", data]
+    proc = _cli(*args, *extra)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_cli_finetune_then_chat(base):
+    root, folder, data = base
+    out = root / "cli"
+    proc = _cli("finetune", "--base", folder, "--data", data, "--template", "alpaca", "--out", out,
+                "--max-steps", 3, "--micro-batch", 2, "--seq-len", 96, "--device", "cpu", "--set", "tensorboard=false")
+    assert proc.returncode == 0, proc.stderr
+    assert "trainable of" in proc.stdout and (out / "final" / "adapter_config.json").is_file()
+    chat = _cli("chat", "--model", folder, "--adapter", out / "final", "--max-new-tokens", 8, "--device", "cpu",
+                stdin="hi\n/exit\n")
+    assert chat.returncode == 0, chat.stderr
+    assert "bot> " in chat.stdout
+
+
+def test_dora_and_yaml_config(base, tmp_path):
+    root, folder, data = base
+    yaml_file = tmp_path / "ft.yaml"
+    yaml_file.write_text(f"base: {folder}\ndata: [{data}]\nmethod: dora\ntemplate: alpaca\nlora_r: 4\n"
+                         f"target_modules: q_proj,v_proj\nout: {tmp_path / 'dora'}\nmax_steps: 3\nmicro_batch: 2\n"
+                         "seq_len: 96\ndevice: cpu\ntensorboard: false\n")
+    spec, cfg = load_config(yaml_file, {}, {})
+    assert (spec.method, spec.lora_r, cfg.max_steps, cfg.model) == ("dora", 4, 3, str(folder.resolve()))
+    result = finetune(cfg, spec, log=lambda s: None)
+    config = json.loads((result.final_dir / "adapter_config.json").read_text())
+    assert config["use_dora"] and config["r"] == 4
+    load_adapter(from_pretrained(folder), result.final_dir)
+    (tmp_path / "bad.yaml").write_text("methd: lora\n")
+    with pytest.raises(ValueError, match="did you mean 'method'"):
+        load_config(tmp_path / "bad.yaml", {}, {})
