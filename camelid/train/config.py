@@ -131,17 +131,7 @@ class TrainConfig:
         """The YAML file's values (none when path is None), then `overrides` on top (CLI flags)."""
         values: dict[str, Any] = {}
         if path is not None:
-            import yaml  # only config files need it
-
-            path = Path(path)
-            if not path.is_file():
-                raise FileNotFoundError(f"no config file at {path}")
-            try:
-                values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path}: a training config is a mapping of keys to values")
+            values = read_yaml_mapping(path, "a training config")
             try:
                 check_keys(values, set(typing.get_type_hints(cls)), "config key")
             except ConfigError as e:
@@ -153,6 +143,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # plain JSON types: tuples become lists
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; every failure is one line naming the file."""
+    import yaml  # only config files need it
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: {what} is a mapping of keys to values")
+    return values
 
 
 def auto_fit(cfg: TrainConfig, config: ModelConfig, device_bytes: float, precision: str) -> tuple[TrainConfig, str]:

@@ -22,7 +22,7 @@ from camelid.data.sft import SFTBatches, parse_data_spec
 from camelid.peft import apply_lora, count_parameters
 from camelid.templates import JinjaTemplate, for_tokenizer
 from camelid.tokenizer import Tokenizer
-from camelid.train.config import ConfigError, TrainConfig, check_keys
+from camelid.train.config import TrainConfig, check_keys, read_yaml_mapping
 from camelid.train.loop import LossHook, TrainResult, train
 
 METHODS = ("lora", "dora", "full")
@@ -73,19 +73,7 @@ def split_config(values: dict) -> tuple[dict, dict]:
 
 def load_config(path: str | Path | None, spec_flags: dict, train_flags: dict) -> tuple[FinetuneSpec, TrainConfig]:
     """The YAML file's values, then the flags on top, split into a FinetuneSpec and a TrainConfig."""
-    values: dict = {}
-    if path is not None:
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no config file at {path}")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: a fine-tuning config is a mapping of keys to values")
+    values = read_yaml_mapping(path, "a fine-tuning config") if path is not None else {}
     spec_values, train_values = split_config(values)
     spec = FinetuneSpec(**{**spec_values, **spec_flags})
     if isinstance(spec.data, str):
