@@ -1,5 +1,5 @@
 """The end-to-end demo behind `make demo`. Each stage prints what it did, and the `camelid` command that does the
-same; later stages (instruction tuning, serving) are added here as they land.
+same; later stages (quantization, serving) are added here as they land.
 
 Stage 1 (core): build a small LLaMA, save it as a Hugging Face folder, load it back, check the logits survived the
 round trip bit for bit, and stream text from it.
