@@ -1,0 +1,284 @@
+"""Verbs on a model folder: generate, chat, info, init, merge, tokenizer train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from camelid.checkpoint import from_pretrained, merge_adapter_folder, save_pretrained
+from camelid.config import PRESETS, ModelConfig, get_preset, num_parameters
+from camelid.generate import stream
+from camelid.model import Transformer
+from camelid.tokenizer import Tokenizer
+from camelid.peft import load_adapter
+from camelid.templates import for_tokenizer, get_template
+from camelid.train.finetune import recorded_template
+
+def _device(name: str | None) -> str:
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load(model_dir: str, device: str | None, dtype: str | None,
+          adapter: str | None = None) -> tuple[Transformer, Tokenizer]:
+    model = from_pretrained(model_dir, device=_device(device), dtype=dtype)
+    if adapter:
+        load_adapter(model, adapter)
+        model.eval()
+    return model, Tokenizer(model_dir)
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+# ---- verbs ------------------------------------------------------------------------------------------------------
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    model, tokenizer = _load(args.model, args.device, args.dtype, args.adapter)
+    for piece in stream(model, tokenizer, args.prompt, args.max_new_tokens, stop=args.stop, **_sampling(args)):
+        print(piece, end="", flush=True)
+    print()
+
+
+def _chat_template(args: argparse.Namespace, tokenizer: Tokenizer):
+    """The adapter folder's recorded template, else --template, else the tokenizer's chat_template; None = the
+    plain transcript fallback (a base model that was never tuned for chat)."""
+    name = recorded_template(args.adapter) if args.adapter else None
+    name = name or args.template
+    if name == "model" or (name is None and tokenizer.chat_template):
+        return for_tokenizer(tokenizer)
+    return get_template(name) if name else None
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """Multi-turn chat rendered with the model's chat template (or a plain transcript when there is none); history
+    is trimmed from the oldest turns."""
+    model, tokenizer = _load(args.model, args.device, args.dtype, args.adapter)
+    template = _chat_template(args, tokenizer)
+    if template is not None:
+        template.check(tokenizer)
+        bos, eos = template.special_tokens(tokenizer)
+        stop_ids = template.stop_token_ids(tokenizer)
+        stop = [x.replace("{eos}", eos) for x in template.stop_strings if x.replace("{eos}", eos)]
+    else:
+        stop_ids, stop = [], ["\nUser:"]
+    turns: list[tuple[str, str]] = []
+    budget = model.config.max_position_embeddings - args.max_new_tokens
+
+    def render() -> tuple[str, bool]:  # (prompt text, whether to add BOS when encoding)
+        if template is None:
+            system = f"{args.system}\n" if args.system else ""
+            return system + "".join(f"User: {u}\nAssistant: {a}\n" for u, a in turns) + \
+                f"User: {user}\nAssistant:", True
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        for u, a in turns:
+            messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": user})
+        return template.render(messages, True, bos, eos), False  # the template writes BOS itself
+
+    print("camelid chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            user = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if user in ("/exit", "/quit"):
+            return
+        if user == "/reset":
+            turns.clear()
+            continue
+        if not user:
+            continue
+        while True:
+            prompt, add_bos = render()
+            if len(tokenizer.encode(prompt, bos=add_bos)) <= budget or not turns:
+                break
+            turns.pop(0)
+        print("bot> ", end="", flush=True)
+        answer = ""
+        for piece in stream(model, tokenizer, prompt, args.max_new_tokens, stop=stop, bos=add_bos,
+                            stop_ids=stop_ids, **_sampling(args)):
+            answer += piece
+            print(piece, end="", flush=True)
+        print()
+        turns.append((user, answer.strip()))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return ""
+
+
+def human_count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} K"
+
+
+def model_info(config: ModelConfig) -> dict:
+    params = num_parameters(config)
+    embedding = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    kv_per_token = 2 * config.num_hidden_layers * config.kv_size  # keys + values, every layer
+    return {
+        "model_type": config.model_type,
+        "parameters": params,
+        "non_embedding_parameters": params - embedding,
+        "bytes": {"fp32": params * 4, "bf16": params * 2, "int8": params, "int4": params // 2},
+        "kv_cache_bytes_per_token_bf16": kv_per_token * 2,
+        "config": {k: v for k, v in vars(config).items() if v not in (None, False, 0) or k == "num_local_experts"},
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    source = Path(args.model)
+    config = ModelConfig.from_hf(source) if source.is_dir() else get_preset(args.model)
+    info = model_info(config)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{args.model}: {config.model_type}, {human_count(info['parameters'])} parameters "
+          f"({human_count(info['non_embedding_parameters'])} without embeddings)")
+    print("weights: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in info["bytes"].items()))
+    print(f"KV cache: {human_bytes(info['kv_cache_bytes_per_token_bf16'])} per token in bf16 "
+          f"({human_bytes(info['kv_cache_bytes_per_token_bf16'] * config.max_position_embeddings)} "
+          f"for the full {config.max_position_embeddings}-token context)")
+    c = config
+    attention = f"{c.num_attention_heads} heads x {c.head_dim}, {c.num_key_value_heads} KV heads"
+    if c.sliding_window:
+        attention += f", sliding window {c.sliding_window}"
+    positions = c.position_encoding + (f" (theta {c.rope_theta:g})" if c.position_encoding == "rope" else "")
+    if c.rope_scaling:
+        positions += f", {c.rope_scaling['rope_type']} scaling x{c.rope_scaling['factor']}"
+    mlp = f"{c.hidden_act} gated, {c.intermediate_size}"
+    if c.num_local_experts:
+        mlp += f", {c.num_local_experts} experts (top {c.num_experts_per_tok})"
+    rows = [("layers", c.num_hidden_layers), ("hidden", c.hidden_size), ("attention", attention), ("mlp", mlp),
+            ("positions", positions), ("context", c.max_position_embeddings), ("vocab", c.vocab_size),
+            ("tied embeddings", c.tie_word_embeddings)]
+    for name, value in rows:
+        print(f"  {name:<16}{value}")
+    if source.is_dir():
+        on_disk = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+        print(f"  {'on disk':<16}{human_bytes(on_disk)} of safetensors")
+
+
+def build_byte_tokenizer() -> Tokenizer:
+    """A byte-level tokenizer with no merges (259 ids): encodes any text, needs no training data."""
+    return Tokenizer.train([], 256 + 3, show_progress=False)
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    config = get_preset(args.preset)
+    tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else build_byte_tokenizer()
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the preset's vocab_size "
+                         f"{config.vocab_size}")
+    config = config.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    torch.manual_seed(args.seed)
+    model = Transformer(config)
+    out = save_pretrained(model, args.out, dtype=args.dtype)
+    tokenizer.save(out)
+    print(f"wrote {out}: preset {args.preset}, {human_count(model.num_parameters())} parameters (random), "
+          f"tokenizer with {tokenizer.vocab_size} tokens")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    out = merge_adapter_folder(args.base, args.adapter, args.out)
+    print(f"wrote {out}: {args.base} with the LoRA adapter {args.adapter} folded into its weights")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    files = []
+    for name in args.input:
+        path = Path(name)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no such input file or folder: {path}")
+    if args.vocab_size < 256 + 3:
+        raise ValueError(f"--vocab-size must be at least 259 (256 bytes + 3 special tokens), got {args.vocab_size}")
+    tokenizer = Tokenizer.train(files, args.vocab_size, show_progress=True)
+    tokenizer.save(args.out)
+    print(f"wrote {args.out}: byte-level BPE with {tokenizer.vocab_size} tokens from {len(files)} file(s)")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as saved)")
+
+
+
+def register(verbs, fmt) -> None:
+    """Add this module's verbs to the `camelid` parser."""
+    p = verbs.add_parser("generate", help="stream a completion to stdout", formatter_class=fmt, epilog=textwrap.dedent("""\
+        examples:
+          camelid generate --model out/tiny --prompt "Once upon a time" --max-new-tokens 64
+          camelid generate --model out/tiny --prompt "Hi" --temperature 0.8 --top-p 0.95 --seed 1 --stop "\\n\\n"
+        """))
+    p.add_argument("--model", required=True, help="a Hugging Face-style model folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA/DoRA adapter folder to apply to --model")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("chat", help="interactive multi-turn chat in the terminal", formatter_class=fmt,
+                         epilog="examples:\n  camelid chat --model out/tiny --temperature 0.7 --seed 0\n"
+                                "  camelid chat --model models/base --adapter runs/lora/final\n")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA/DoRA adapter folder (`camelid finetune` output)")
+    p.add_argument("--template", default=None, help="chat template name (default: the adapter's recorded one, "
+                   "else the tokenizer's chat_template, else a plain User:/Assistant: transcript)")
+    p.add_argument("--system", default="", help="a system prompt kept at the top of the history")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = verbs.add_parser("info", help="parameters, memory and config of a model folder or preset", formatter_class=fmt,
+                         epilog="examples:\n  camelid info --model llama-3-8b\n  camelid info --model out/tiny --json\n"
+                                f"\npresets: {', '.join(PRESETS)}\n")
+    p.add_argument("--model", required=True, help="a model folder or a preset name")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = verbs.add_parser("init", help="write a model folder with random weights and a tokenizer", formatter_class=fmt,
+                         epilog="examples:\n  camelid init --preset tiny --out out/tiny\n"
+                                "  camelid init --preset tinyllama-1.1b --out out/tl --dtype bfloat16 --tokenizer tok/\n")
+    p.add_argument("--preset", required=True, choices=list(PRESETS), metavar="PRESET", help=", ".join(PRESETS))
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", default=None, help="copy this tokenizer folder (default: a byte-level tokenizer)")
+    p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init)
+
+    p = verbs.add_parser("merge", help="fold a PEFT LoRA/DoRA adapter into its base model", formatter_class=fmt,
+                         epilog="example:\n  camelid merge --base models/llama --adapter runs/lora/final --out models/merged\n")
+    p.add_argument("--base", required=True, help="the base model folder")
+    p.add_argument("--adapter", required=True, help="a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="where to write the merged model folder")
+    p.set_defaults(func=cmd_merge)
+
+    p = verbs.add_parser("tokenizer", help="tokenizer tools")
+    tverbs = p.add_subparsers(dest="tokenizer_verb", required=True, metavar="VERB")
+    p = tverbs.add_parser("train", help="train a byte-level BPE tokenizer", formatter_class=fmt,
+                          epilog="example:\n  camelid tokenizer train --input data/*.txt --vocab-size 8000 --out tok/\n")
+    p.add_argument("--input", nargs="+", required=True, help="text files or folders")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_tokenizer_train)
+
