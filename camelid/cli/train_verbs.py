@@ -46,7 +46,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 FINETUNE_SPEC_FLAGS = ("base", "data", "method", "template", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
                        "pack")
 FINETUNE_TRAIN_FLAGS = ("out", "max_steps", "micro_batch", "grad_accum", "seq_len", "lr", "warmup_steps", "precision",
-                        "device", "seed", "save_every", "eval_every", "resume")
+                        "device", "seed", "save_every", "eval_every", "resume", "auto_fit", "device_memory")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -193,6 +193,10 @@ def register(verbs, fmt) -> None:
                    help="pack short examples into each row (no attention across them)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--auto", dest="auto_fit", action=argparse.BooleanOptionalAction, default=None,
+                   help="pick micro-batch, accumulation and checkpointing that fit the device for this method "
+                        "(camelid plan fit), keeping micro-batch x grad-accum sequences per step")
+    p.add_argument("--device-memory", default=None, help="with --auto: memory per device, e.g. 24GB (default: the GPU's)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--save-every", type=int, default=None)

@@ -161,19 +161,21 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     return values
 
 
-def auto_fit(cfg: TrainConfig, config: ModelConfig, device_bytes: float, precision: str) -> tuple[TrainConfig, str]:
-    """cfg with micro_batch, grad_accum and activation_checkpointing chosen by camelid.plan.fit for full training of
-    `config` at cfg.seq_len on `device_bytes` per device, keeping micro_batch * grad_accum sequences per step;
-    and a line saying what was chosen. `precision` is resolved (bf16, fp16 or fp32). Raises when nothing fits."""
+def auto_fit(cfg: TrainConfig, config: ModelConfig, device_bytes: float, precision: str,
+             method: str = "full") -> tuple[TrainConfig, str]:
+    """cfg with micro_batch, grad_accum and activation_checkpointing chosen by camelid.plan.fit for training `config`
+    with `method` (a camelid.plan.memory method) at cfg.seq_len on `device_bytes` per device, keeping
+    micro_batch * grad_accum sequences per step; and a line saying what was chosen. `precision` is resolved (bf16,
+    fp16 or fp32). Raises when nothing fits."""
     per_step = cfg.micro_batch * cfg.grad_accum
     try:
         chosen = fit_training(config, device_bytes, seq=cfg.seq_len, global_batch=per_step, precision=precision,
-                              optimizer=cfg.optimizer)
+                              optimizer=cfg.optimizer, method=method)
     except ValueError as e:
         raise ValueError(f"--auto: {e}; lower seq_len or choose a smaller model") from None
     new = dataclasses.replace(cfg, micro_batch=chosen.micro_batch, grad_accum=chosen.grad_accum,
                               activation_checkpointing=chosen.checkpointing)
-    note = (f"auto-fit for {device_bytes / 1e9:.1f} GB ({precision}, {cfg.optimizer}, seq {cfg.seq_len}): "
+    note = (f"auto-fit for {device_bytes / 1e9:.1f} GB ({method}, {precision}, {cfg.optimizer}, seq {cfg.seq_len}): "
             f"micro_batch {chosen.micro_batch} x grad_accum {chosen.grad_accum}, activation checkpointing "
             f"{'on' if chosen.checkpointing else 'off'} (estimated {chosen.bytes_needed / 1e9:.2f} GB + margin; "
             f"was micro_batch {cfg.micro_batch} x grad_accum {cfg.grad_accum})")

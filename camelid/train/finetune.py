@@ -10,6 +10,7 @@ and TEMPLATE_FILE, which names the chat template so that `camelid chat --adapter
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -18,14 +19,17 @@ from pathlib import Path
 import torch
 
 from camelid.checkpoint import from_pretrained
+from camelid.config import ModelConfig
 from camelid.data.sft import SFTBatches, parse_data_spec
 from camelid.peft import apply_lora, count_parameters
 from camelid.templates import JinjaTemplate, for_tokenizer
 from camelid.tokenizer import Tokenizer
-from camelid.train.config import TrainConfig, check_keys, read_yaml_mapping
-from camelid.train.loop import LossHook, TrainResult, train
+from camelid.train.config import TrainConfig, auto_fit, check_keys, read_yaml_mapping
+from camelid.train.loop import LossHook, TrainResult, resolve_precision, train
+from camelid.train.pretrain import device_memory_bytes
 
 METHODS = ("lora", "dora", "full")
+PLAN_METHOD = {"ptuning-v2": "prefix", "ptuning": "prompt"}  # finetune method -> camelid.plan.memory method, where they differ
 TEMPLATE_FILE = "camelid_template.json"  # {"template": NAME}; NAME is "model" for the tokenizer's own chat_template
 
 
@@ -104,6 +108,8 @@ def finetune(cfg: TrainConfig, spec: FinetuneSpec, log: Callable[[str], None] = 
     tokenizer = Tokenizer(spec.base)
     template = for_tokenizer(tokenizer, spec.template)  # TemplateError: unknown name, or no chat_template to use
     template.check(tokenizer)
+    if cfg.auto_fit:  # sizes micro_batch, so it comes before the batches; the loop then takes cfg as it is
+        cfg = fit_to_device(cfg, spec, log)
     batches = SFTBatches.from_files(spec.data, tokenizer, template, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch,
                                     pack=spec.pack, seed=cfg.seed, eval_fraction=spec.eval_fraction)
     log(batches.report())
@@ -120,6 +126,18 @@ def finetune(cfg: TrainConfig, spec: FinetuneSpec, log: Callable[[str], None] = 
         name = "model" if isinstance(template, JinjaTemplate) else template.name
         (result.final_dir / TEMPLATE_FILE).write_text(json.dumps({"template": name, "method": spec.method}) + "\n")
     return result
+
+
+def fit_to_device(cfg: TrainConfig, spec: FinetuneSpec, log: Callable[[str], None]) -> TrainConfig:
+    """`--auto`: the micro-batch, accumulation and checkpointing that camelid.plan.fit picks for this method and
+    base model on this device, keeping micro_batch * grad_accum sequences per step."""
+    wanted = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(wanted)
+    config = ModelConfig.from_hf(spec.base)
+    cfg, note = auto_fit(cfg, config, device_memory_bytes(cfg, device), resolve_precision(cfg.precision, device),
+                         method=PLAN_METHOD.get(spec.method, spec.method))
+    log(note)
+    return dataclasses.replace(cfg, auto_fit=False)
 
 
 def recorded_template(folder: str | Path) -> str | None:

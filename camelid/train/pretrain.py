@@ -151,16 +151,20 @@ def setup(cfg: TrainConfig, model: Transformer | None = None, tokenizer: Tokeniz
     return model, batches, tokenizer, notes
 
 
+def device_memory_bytes(cfg: TrainConfig, device: torch.device) -> float:
+    """What `--auto` fits into: --device-memory when given, else the GPU's own memory."""
+    if cfg.device_memory is not None:
+        return parse_size(cfg.device_memory)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    raise ValueError("--auto on a CPU needs --device-memory (e.g. 24GB): there is no GPU memory to read")
+
+
 def auto_fit_config(cfg: TrainConfig, model: Transformer | None, device: torch.device, precision: str
                     ) -> tuple[TrainConfig, str]:
     """`--auto`: cfg with the micro-batch, accumulation and checkpointing that fit the device (train/config.py's
     auto_fit), for the model this run will train: the given one, else cfg.model sized to the data's vocabulary."""
-    if cfg.device_memory is not None:
-        device_bytes = parse_size(cfg.device_memory)
-    elif device.type == "cuda":
-        device_bytes = torch.cuda.get_device_properties(device).total_memory
-    else:
-        raise ValueError("--auto on a CPU needs --device-memory (e.g. 24GB): there is no GPU memory to read")
+    device_bytes = device_memory_bytes(cfg, device)
     if model is not None and hasattr(model, "config"):
         config = model.config
     else:

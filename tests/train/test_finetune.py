@@ -168,3 +168,25 @@ def test_dora_and_yaml_config(base, tmp_path):
     (tmp_path / "bad.yaml").write_text("methd: lora\n")
     with pytest.raises(ValueError, match="did you mean 'method'"):
         load_config(tmp_path / "bad.yaml", {}, {})
+
+
+def test_auto_fits_the_method_to_the_device(base, capsys):
+    """--auto sizes micro-batch and accumulation by the method's own memory estimate, keeping the step's sequences."""
+    from camelid.config import ModelConfig
+    from camelid.plan.fit import CONTEXT_BYTES, FRAGMENTATION
+    from camelid.plan.memory import estimate
+
+    root, folder, data = base
+    config = ModelConfig.from_hf(folder)
+    lora_at_2 = estimate(config, "lora", seq=96, batch=2, precision="fp32").total
+    device = lora_at_2 * (1 + FRAGMENTATION) + CONTEXT_BYTES + 1  # LoRA fits micro-batch 2, not 4
+    assert estimate(config, "lora", seq=96, batch=4, precision="fp32").total * (1 + FRAGMENTATION) + CONTEXT_BYTES > device
+    notes = []
+    spec, cfg = load_config(None, dict(base=str(folder), data=[str(data)], method="lora", template="alpaca",
+                                       target_modules="all-linear"),
+                            dict(out=str(root / "auto"), max_steps=2, micro_batch=4, grad_accum=1, seq_len=96,
+                                 eval_every=0, device="cpu", precision="fp32", tensorboard=False, auto_fit=True,
+                                 device_memory=f"{device}B"))
+    result = finetune(cfg, spec, log=notes.append)
+    assert any("auto-fit" in n and "(lora," in n and "micro_batch 2 x grad_accum 2" in n for n in notes), notes
+    assert result.step == 2
