@@ -4,6 +4,12 @@ positions, GQA attention over SDPA, SwiGLU / GeGLU MLP, Mixtral MoE, and a preal
 Module names are exactly the Hugging Face ones (`model.layers.0.self_attn.q_proj`, `lm_head`, ...), so a state dict
 is a HF checkpoint with no key map, and PEFT adapters address the same module names.
 Shapes: B batch, T query tokens, S key tokens (cache included), H hidden, nh / nkv query / key-value heads, hd head dim.
+
+The engine's hook (camelid/engine/paged_attention.py): `cache` may also be a paged cache, any object with an
+`attend(layer_idx, q, k, v)` method. The engine packs the tokens of many sequences into one row (B = 1, T = all
+scheduled tokens) with explicit `position_ids`; each Attention then hands its rotated q, k, v to `cache.attend`, which
+stores k, v in the sequence's blocks and attends each token to its own sequence only. The forward builds no mask
+then (the paged cache knows the sequence boundaries), and `logits_at` picks the rows that need logits.
 """
 
 from __future__ import annotations
@@ -137,6 +143,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         if rope is not None:  # rotate q and k only, after the projections
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None and hasattr(cache, "attend"):  # the engine's paged KV cache: it owns masking
+            y = cache.attend(self.layer_idx, q, k, v)  # (B, nh, T, hd)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
         if cache is not None:
             k, v = cache.update(self.layer_idx, start, k, v)  # (B, nkv, S, hd)
         gqa = self.nkv != self.nh
@@ -271,8 +280,9 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, *, input_embeds: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, start: int = 0, last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, V), or (B, 1, V) with `last_only`.
+                cache: KVCache | None = None, start: int = 0, last_only: bool = False,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) with `last_only`, or (B, R, V) at the R token indices `logits_at`.
 
         input_ids (B, T), or input_embeds (B, T, H) instead (soft prompts). With a cache, these are slots
         start..start+T. attention_mask: (B, S) with 1 for real tokens and 0 for padding over every slot up to
@@ -297,13 +307,18 @@ class Transformer(nn.Module):
         elif c.position_encoding == "sinusoidal":
             x = x + sinusoidal_embedding(position_ids, c.hidden_size).to(x.dtype)
         rope = rope_cos_sin(c, position_ids, x.dtype) if c.position_encoding == "rope" else None
-        mask, is_causal = self._attention_mask(attention_mask, T, start, x.device, x.dtype)
+        if hasattr(cache, "attend"):  # a paged cache masks by itself (see the module docstring)
+            mask, is_causal = None, False
+        else:
+            mask, is_causal = self._attention_mask(attention_mask, T, start, x.device, x.dtype)
 
         for i, layer in enumerate(self.model.layers):
             if i in self.checkpointed_layers and torch.is_grad_enabled():
                 x = checkpoint(layer, x, rope, mask, is_causal, cache, start, use_reentrant=False)
             else:
                 x = layer(x, rope, mask, is_causal, cache, start)
+        if logits_at is not None:
+            x = x[:, logits_at]  # (B, R, H): only the rows that are sampled, so the vocab matmul skips the rest
         x = self.model.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x)
 

@@ -1,6 +1,8 @@
-"""Turning logits into the next token: repetition penalty, temperature, top-k, top-p, seeded sampling.
+"""Turning logits into the next token: penalties, temperature, top-k, top-p, min-p, seeded sampling.
 
-The order and the tie-breaking follow transformers' logits processors, so seeded runs can be compared with it.
+The order and the tie-breaking follow transformers' logits processors (repetition penalty, then temperature, top-k,
+top-p, min-p), so results can be compared with it. Each filter takes one value for the whole batch or one per row,
+so the engine's batched sampler (camelid/engine/sampler.py) runs the same code on rows with different settings.
 """
 
 from __future__ import annotations
@@ -40,25 +42,76 @@ class Sampling:
         return g
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def per_row(value: float | torch.Tensor, logits: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A scalar or a (B,) tensor of settings -> (B, 1) on the logits' device, ready to broadcast over the vocabulary."""
+    value = torch.as_tensor(value, dtype=dtype or logits.dtype, device=logits.device)
+    return value.reshape(-1, 1).expand(logits.shape[0], 1)
+
+
+def penalize_seen(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
+    """Hugging Face's repetition penalty (CTRL): each token in `seen` (B, V) bool, however often it occurred, has its
+    logit divided by the penalty when positive and multiplied by it when negative, so penalty > 1 always demotes it."""
+    penalty = per_row(penalty, logits)  # (B, 1)
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
     """logits (B, V); seen (B, S) token ids already in each sequence (prompt included)."""
-    scores = torch.gather(logits, 1, seen)
-    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return logits.scatter(1, seen, scores)
+    seen_mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, seen, True)  # (B, V)
+    return penalize_seen(logits, seen_mask, penalty)
+
+
+def apply_presence_frequency_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float | torch.Tensor,
+                                       frequency: float | torch.Tensor) -> torch.Tensor:
+    """OpenAI's penalties: logit -= presence * (count > 0) + frequency * count, with `counts` (B, V) how often each
+    token occurs in the output generated so far (the prompt does not count)."""
+    counts = counts.to(logits.dtype)
+    return logits - per_row(presence, logits) * (counts > 0) - per_row(frequency, logits) * counts
+
+
+def apply_top_k(logits: torch.Tensor, top_k: int | torch.Tensor) -> torch.Tensor:
+    """Keep the k largest logits of each row (and any tied with the k-th, like transformers); k <= 0 or >= V: off."""
+    vocab = logits.shape[-1]
+    k = torch.as_tensor(top_k, dtype=torch.long).reshape(-1, 1).expand(logits.shape[0], 1)  # (B, 1) where given
+    k = torch.where((k <= 0) | (k > vocab), vocab, k)
+    if int(k.min()) == vocab:  # read where k lives (the CPU for Python settings), so CUDA logits need no sync
+        return logits
+    largest = torch.topk(logits, int(k.max()), dim=-1).values  # (B, largest) sorted, so column k-1 is the k-th
+    kth = largest.gather(1, k.to(logits.device) - 1)  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p (nucleus sampling); 1: off."""
+    # the cut is computed in float64 and then rounded, as transformers does with its Python float top_p (and where
+    # top_p lives, the CPU for Python settings: some accelerators have no float64)
+    top_p = torch.as_tensor(top_p, dtype=torch.float64)
+    cut = torch.where(top_p < 1, 1 - top_p, -1.0).to(logits.dtype)  # -1 drops nothing
+    cut = per_row(cut, logits)  # (B, 1)
+    sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)  # (B, V) ascending, so the tail to drop comes first
+    drop_sorted = cumulative <= cut
+    drop_sorted[:, -1] = False  # always keep the most likely token
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: float | torch.Tensor) -> torch.Tensor:
+    """Keep tokens whose probability is at least min_p times that of the most likely token (Nguyen et al.); 0: off."""
+    probs = logits.softmax(-1)  # (B, V)
+    threshold = per_row(min_p, logits) * probs.amax(-1, keepdim=True)  # (B, 1)
+    drop = probs < threshold
+    drop.scatter_(1, probs.argmax(-1, keepdim=True), False)  # never empty a row, whatever the rounding
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Set every token outside the top-k and outside the smallest set with probability >= top_p to -inf."""
     if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = apply_top_k(logits, top_k)
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cumulative <= (1 - top_p)
-        drop_sorted[:, -1] = False  # always keep the most likely token
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = apply_top_p(logits, top_p)
     return logits
 
 

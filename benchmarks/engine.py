@@ -1,0 +1,254 @@
+"""The engine (camelid.LLM) vs transformers, side by side from one run, on a seeded workload of random token ids.
+
+  (a) decode at batch 1: tokens/s of one request after its prefill, and the fraction of the memory-bandwidth roofline
+      (every decode step reads every weight once: roofline tokens/s = measured copy bandwidth / parameter bytes);
+      transformers: model.generate with its default (dynamic) cache, decode time = time(N tokens) - time(1 token).
+  (b) offline throughput: every request submitted at once, each with its own output length (EOS ignored); output
+      tokens/s of camelid's continuous batching vs transformers `generate` over padded batches of --hf-batch requests
+      (each batch decodes to its longest request; only the requested tokens count as useful).
+      Also: KV-cache waste (allocated slots holding no token, averaged over steps, weighted by allocation), time to
+      first token and inter-token latency percentiles (all requests arrive at t=0, so TTFT includes queueing), and the
+      fraction of greedy tokens identical in both.
+
+Both models hold the same weights (built from a seed, saved by camelid, loaded by transformers; see common.py).
+
+  .venv/bin/python benchmarks/engine.py                   # CPU: a tiny random model and a small workload (< 2 min)
+  python benchmarks/engine.py --device cuda               # TinyLlama-1.1B shape, bf16, 512 requests, 32..1024 prompt
+                                                          # tokens, 32..512 output tokens, padded batches of 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from common import TINY, check_same_logits, device_name, device_slug, keep_freed_memory, record_header, same_weights
+from common import write_result
+
+from camelid.checkpoint import parse_dtype
+from camelid.config import get_preset
+from camelid.engine import LLM, SamplingParams
+
+CUDA_DEFAULTS = dict(preset="tinyllama-1.1b", dtype="bfloat16", requests=512, prompt=(32, 1024), output=(32, 512),
+                     hf_batch=64, decode_tokens=256, max_num_batched_tokens=2048, max_num_seqs=256)
+CPU_DEFAULTS = dict(preset=None, dtype="float32", requests=64, prompt=(16, 256), output=(16, 128), hf_batch=16,
+                    decode_tokens=64, max_num_batched_tokens=512, max_num_seqs=64)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2**28, repeats: int = 5) -> float:
+    """Bytes/s of a large device-to-device copy (read + write both count), the best of `repeats`."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p99": float("nan")}
+    ordered = sorted(values)
+    return {"p50": statistics.median(ordered), "p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
+
+
+def run_engine(llm: LLM, prompts: list[list[int]], lengths: list[int], device: torch.device) -> dict:
+    """Submit every request at t=0 and step until all finish; token arrival times, KV waste, outputs."""
+    ids = [llm.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+           for p, n in zip(prompts, lengths)]
+    index = {request_id: i for i, request_id in enumerate(ids)}
+    arrivals: list[list[float]] = [[] for _ in prompts]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    allocated = used = steps = 0
+    bs = llm.block_manager.block_size
+    sync(device)
+    t0 = time.perf_counter()
+    while llm.has_unfinished():
+        step_outputs = llm.step()
+        now = time.perf_counter() - t0  # step() returns host token ids, so the device is already drained
+        steps += 1
+        for seq in llm.scheduler.running:  # slots held vs slots holding a token, after this step
+            allocated += len(seq.block_table) * bs
+            used += seq.num_computed_tokens
+        for out in step_outputs:
+            i = index[out.request_id]
+            new = len(out.outputs[0].token_ids) - len(outputs[i])
+            arrivals[i].extend([now] * new)
+            outputs[i] = out.outputs[0].token_ids
+    seconds = time.perf_counter() - t0
+    ttft = [a[0] for a in arrivals]
+    itl = [b - a for times in arrivals for a, b in zip(times, times[1:])]
+    return {"seconds": seconds, "output_tokens": sum(map(len, outputs)), "steps": steps,
+            "kv_waste": 1 - used / allocated if allocated else 0.0, "ttft_s": percentiles(ttft),
+            "inter_token_s": percentiles(itl), "outputs": outputs, "stats": llm.stats()}
+
+
+@torch.inference_mode()
+def run_transformers(model, prompts: list[list[int]], lengths: list[int], batch: int, device: torch.device) -> dict:
+    """Padded batches through generate: each batch runs to its longest requested output."""
+    outputs, seconds = [], 0.0
+    for start in range(0, len(prompts), batch):
+        chunk, want = prompts[start:start + batch], lengths[start:start + batch]
+        longest, new = max(map(len, chunk)), max(want)
+        ids = torch.tensor([[0] * (longest - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in chunk], device=device)
+        sync(device)
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                             min_new_tokens=new, eos_token_id=None, pad_token_id=0)
+        sync(device)
+        seconds += time.perf_counter() - t0
+        outputs += [row[longest:longest + n] for row, n in zip(out.tolist(), want)]
+    return {"seconds": seconds, "useful_output_tokens": sum(lengths), "outputs": outputs}
+
+
+def decode_batch1(llm: LLM, hf, prompt: list[int], n: int, device: torch.device) -> dict:
+    """Decode tokens/s of one request, prefill excluded, for both."""
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm up
+    request_id = llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    stamps = []
+    while llm.has_unfinished():
+        for out in llm.step():
+            if out.request_id == request_id:
+                stamps.append(time.perf_counter())  # one new token per step once the prefill is done
+    ours = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+    ids = torch.tensor([prompt], device=device)
+
+    def hf_seconds(tokens: int) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=tokens,
+                        min_new_tokens=tokens, eos_token_id=None, pad_token_id=0)
+        sync(device)
+        return time.perf_counter() - t0
+
+    hf_seconds(4)  # warm up
+    theirs = (n - 1) / max(hf_seconds(n) - hf_seconds(1), 1e-9)
+    return {"camelid_tok_s": ours, "transformers_tok_s": theirs, "tokens": n, "prompt_tokens": len(prompt)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", help="camelid.config.PRESETS name (default: tinyllama-1.1b on CUDA, a tiny llama "
+                                    "on CPU)")
+    p.add_argument("--layers", type=int, help="override num_hidden_layers")
+    p.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--requests", type=int)
+    p.add_argument("--prompt", type=int, nargs=2, metavar=("MIN", "MAX"), help="prompt lengths, uniform")
+    p.add_argument("--output", type=int, nargs=2, metavar=("MIN", "MAX"), help="output lengths, uniform")
+    p.add_argument("--hf-batch", type=int, help="transformers padded batch size")
+    p.add_argument("--decode-tokens", type=int, help="tokens decoded in the batch-1 benchmark")
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--kv-cache-memory", help="KV budget, e.g. 20GB (default: the engine's)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default on CPU: 1; on a shared box, threads that "
+                                              "spin-wait for a descheduled sibling swamp a small model)")
+    p.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/engine-<device>-<shape>-<date>)")
+    args = p.parse_args()
+    transformers.logging.disable_progress_bar()
+
+    device = torch.device(args.device)
+    defaults = CUDA_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    opt = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in defaults.items()}
+    malloc_tweak = device.type == "cpu" and keep_freed_memory()
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    load_start = os.getloadavg()[0]
+    dtype = parse_dtype(opt["dtype"])
+    config = get_preset(opt["preset"]) if opt["preset"] else TINY.replace()
+    if args.layers:
+        config = config.replace(num_hidden_layers=args.layers)
+    longest = opt["prompt"][1] + opt["output"][1]
+    if longest > config.max_position_embeddings:
+        config = config.replace(max_position_embeddings=longest)
+    shape = f"{opt['preset'] or 'tiny'}-L{config.num_hidden_layers}-{str(dtype).removeprefix('torch.')}"
+
+    rng = random.Random(args.seed)
+    prompts = [[rng.randrange(3, config.vocab_size) for _ in range(rng.randint(*opt["prompt"]))]
+               for _ in range(opt["requests"])]
+    lengths = [rng.randint(*opt["output"]) for _ in range(opt["requests"])]
+
+    ours, (theirs,) = same_weights(config, device, dtype)
+    ours.eval(), theirs.eval()
+    theirs.config.use_cache = True
+    diff = check_same_logits(ours, theirs, torch.tensor([prompts[0][:16]], device=device),
+                             low_precision=dtype != torch.float32)
+    llm = LLM(ours, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, device=device,
+              max_num_seqs=opt["max_num_seqs"], max_num_batched_tokens=opt["max_num_batched_tokens"])
+    param_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in ours.parameters()}.values())
+    print(f"{shape} on {device_name(device)}: {opt['requests']} requests, prompt {opt['prompt']}, output "
+          f"{opt['output']}, {llm.stats()['num_blocks']} KV blocks of {args.block_size}; max |logits diff| {diff:.3g}")
+
+    # (a) decode at batch 1
+    bandwidth = copy_bandwidth(device)
+    roofline = bandwidth / param_bytes
+    decode = decode_batch1(llm, theirs, prompts[0][:128], opt["decode_tokens"], device)
+    decode.update(roofline_tok_s=roofline, copy_bandwidth_gb_s=bandwidth / 1e9, parameter_bytes=param_bytes,
+                  camelid_roofline_fraction=decode["camelid_tok_s"] / roofline,
+                  transformers_roofline_fraction=decode["transformers_tok_s"] / roofline)
+
+    # (b) offline throughput
+    engine = run_engine(llm, prompts, lengths, device)
+    hf = run_transformers(theirs, prompts, lengths, opt["hf_batch"], device)
+    same = sum(x == y for a, b in zip(engine["outputs"], hf["outputs"]) for x, y in zip(a, b)) / sum(lengths)
+    ours_tps = engine["output_tokens"] / engine["seconds"]
+    theirs_tps = hf["useful_output_tokens"] / hf["seconds"]
+
+    print(f"{'':34}{'camelid':>12}{'transformers':>14}{'ratio':>8}")
+    print(f"{'decode batch 1 (tok/s)':34}{decode['camelid_tok_s']:12.1f}{decode['transformers_tok_s']:14.1f}"
+          f"{decode['camelid_tok_s'] / decode['transformers_tok_s']:8.2f}")
+    print(f"{'  roofline fraction':34}{decode['camelid_roofline_fraction']:12.1%}"
+          f"{decode['transformers_roofline_fraction']:14.1%}   (roofline {roofline:.0f} tok/s = "
+          f"{bandwidth / 1e9:.1f} GB/s / {param_bytes / 1e9:.3f} GB)")
+    print(f"{'offline throughput (output tok/s)':34}{ours_tps:12.1f}{theirs_tps:14.1f}{ours_tps / theirs_tps:8.2f}")
+    print(f"{'  wall seconds':34}{engine['seconds']:12.1f}{hf['seconds']:14.1f}")
+    print(f"camelid: KV-cache waste {engine['kv_waste']:.2%}, TTFT p50 {engine['ttft_s']['p50']:.3f} s p99 "
+          f"{engine['ttft_s']['p99']:.3f} s, inter-token p50 {engine['inter_token_s']['p50'] * 1e3:.1f} ms p99 "
+          f"{engine['inter_token_s']['p99'] * 1e3:.1f} ms, {engine['steps']} steps, "
+          f"{engine['stats']['num_preemptions']} preemptions")
+    print(f"greedy tokens identical in both: {same:.1%}")
+
+    record = {
+        **record_header("engine", device), "dtype": str(dtype).removeprefix("torch."),
+        "preset": opt["preset"] or "tiny", "config": config.to_hf(), "workload": {
+            "seed": args.seed, "requests": opt["requests"], "prompt_range": opt["prompt"],
+            "output_range": opt["output"], "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(lengths)},
+        "engine_options": {"block_size": args.block_size, "num_blocks": engine["stats"]["num_blocks"],
+                           "max_num_seqs": opt["max_num_seqs"],
+                           "max_num_batched_tokens": opt["max_num_batched_tokens"]},
+        "glibc_keep_freed_memory": malloc_tweak, "max_abs_logits_diff": diff,
+        "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},  # other work on the box skews CPU runs
+        "decode_batch1": decode,
+        "offline": {"camelid_output_tok_s": ours_tps, "transformers_useful_tok_s": theirs_tps,
+                    "ratio": ours_tps / theirs_tps, "camelid_s": engine["seconds"], "transformers_s": hf["seconds"],
+                    "transformers_batch": opt["hf_batch"], "kv_cache_waste": engine["kv_waste"],
+                    "ttft_s": engine["ttft_s"], "inter_token_s": engine["inter_token_s"], "steps": engine["steps"],
+                    "engine_stats": engine["stats"], "greedy_tokens_identical": same},
+    }
+    out = write_result(record, f"engine-{device_slug(device)}-{shape}", args.out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The paged KV cache and a pure-PyTorch attention over it (the reference path; it runs on CPU and CUDA alike).
+
+Keys and values live in fixed-size blocks: layer tensors of shape (num_blocks, block_size, nkv, hd). A sequence owns
+a list of block ids (its block table); token i of the sequence sits in block table[i // block_size] at offset
+i % block_size, i.e. in the flat slot table[i // bs] * bs + i % bs.
+
+One forward packs the new tokens of every scheduled sequence into a single row (B = 1, N tokens). `PagedBatch` binds
+the cache to that step's metadata (passed explicitly, never global) and is what the model receives as `cache`:
+Attention calls `attend(layer, q, k, v)`, which writes the new keys/values to their slots and attends each query to
+the keys of its own sequence only: causal by position, plus the sliding window and ALiBi bias when the model has them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from camelid.config import ModelConfig
+from camelid.model import alibi_slopes
+
+
+class PagedKVCache:
+    """Every layer's key and value blocks: (num_blocks, block_size, nkv, hd) each."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device):
+        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.sliding_window = config.sliding_window
+        alibi = config.position_encoding == "alibi"
+        self.alibi = alibi_slopes(config.num_attention_heads).to(device) if alibi else None  # (nh,)
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        """Keys + values of one block over all layers: 2 * layers * block_size * nkv * hd * dtype size."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * itemsize
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: block src -> block dst in every layer, before a sequence writes into its private copy."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.k[0].device)
+        dst = torch.tensor([d for _, d in copies], device=self.k[0].device)
+        for layer_k, layer_v in zip(self.k, self.v):
+            layer_k[dst] = layer_k[src]
+            layer_v[dst] = layer_v[src]
+
+
+@dataclass
+class AttentionMetadata:
+    """Where the N packed tokens of one forward go, and which keys each sees. S = scheduled sequences.
+
+    Sequences with one new token (decodes) are attended in one batched call; the others (prefill chunks) one by one,
+    since each has its own query length. Host-side copies of the lengths keep the per-sequence loop free of device
+    syncs."""
+
+    slot_mapping: torch.Tensor  # (N,) flat cache slot of each new token
+    block_tables: torch.Tensor  # (S, max_blocks) block ids per sequence, padded with 0
+    context_lens: torch.Tensor  # (S,) tokens in the cache per sequence after this step (new ones included)
+    context_lens_host: list[int]  # the same, on the host
+    query_start_loc: list[int]  # S + 1 offsets into the N tokens: sequence s owns tokens [q[s], q[s+1])
+    single_seqs: torch.Tensor  # (D,) the sequences with exactly one new token
+    single_tokens: torch.Tensor  # (D,) the index of that token among the N
+    single_width: int  # blocks needed by the longest of them
+    multi_seqs: list[int]  # the sequences with more than one new token
+
+    @classmethod
+    def build(cls, block_tables: list[list[int]], num_computed: list[int], num_new: list[int], block_size: int,
+              device: torch.device) -> AttentionMetadata:
+        """From each sequence's block table, tokens already cached and new tokens this step."""
+        def tensor(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+        slots, starts = [], [0]
+        for table, first, n in zip(block_tables, num_computed, num_new):
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(first, first + n))
+            starts.append(starts[-1] + n)
+        context = [first + n for first, n in zip(num_computed, num_new)]
+        single = [s for s, n in enumerate(num_new) if n == 1]
+        width = max(map(len, block_tables))
+        return cls(slot_mapping=tensor(slots), block_tables=tensor([t + [0] * (width - len(t)) for t in block_tables]),
+                   context_lens=tensor(context), context_lens_host=context, query_start_loc=starts,
+                   single_seqs=tensor(single), single_tokens=tensor([starts[s] for s in single]),
+                   single_width=-(-max((context[s] for s in single), default=0) // block_size),
+                   multi_seqs=[s for s, n in enumerate(num_new) if n > 1])
+
+
+class PagedBatch:
+    """The cache as one forward sees it: what Attention's `cache.attend` hook calls (see camelid/model.py)."""
+
+    def __init__(self, cache: PagedKVCache, meta: AttentionMetadata):
+        self.cache, self.meta = cache, meta
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (1, nh, N, hd), k / v (1, nkv, N, hd) for the N packed new tokens -> attention output (1, nh, N, hd)."""
+        meta, cache = self.meta, self.cache
+        k_blocks, v_blocks = cache.k[layer], cache.v[layer]  # (num_blocks, bs, nkv, hd)
+        nkv, hd = k_blocks.shape[2], k_blocks.shape[3]
+        k_blocks.view(-1, nkv, hd)[meta.slot_mapping] = k[0].transpose(0, 1)  # store first: a token sees itself
+        v_blocks.view(-1, nkv, hd)[meta.slot_mapping] = v[0].transpose(0, 1)
+        tables = meta.block_tables[:, :meta.single_width]
+        if not meta.multi_seqs:  # decode only: every token is its own sequence's query, in order
+            return self._decode(q, k_blocks, v_blocks, tables, meta.context_lens)
+        out = torch.empty_like(q)
+        if len(meta.single_seqs):
+            rows, seqs = meta.single_tokens, meta.single_seqs
+            out[:, :, rows] = self._decode(q[:, :, rows], k_blocks, v_blocks, tables[seqs], meta.context_lens[seqs])
+        starts = meta.query_start_loc
+        for s in meta.multi_seqs:  # prefill chunks have their own lengths: one call per sequence
+            q_s = q[:, :, starts[s]:starts[s + 1]]  # (1, nh, T, hd)
+            out[:, :, starts[s]:starts[s + 1]] = self._attend_one(q_s, k_blocks, v_blocks, s)
+        return out
+
+    def _gather(self, blocks: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """(S, max_blocks) block ids -> (S, nkv, max_blocks * bs, hd): each sequence's keys (or values) in order."""
+        S, nb = table.shape
+        gathered = blocks[table]  # (S, nb, bs, nkv, hd)
+        return gathered.reshape(S, nb * blocks.shape[1], blocks.shape[2], blocks.shape[3]).transpose(1, 2)
+
+    def _bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor,
+              dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask (S, 1 or nh, Tq, Tk): causal, within the window, real keys only, ALiBi when the model has it.
+        q_pos (S, Tq, 1), k_pos (1, 1, Tk), k_valid (S, 1, Tk)."""
+        allowed = (k_pos <= q_pos) & k_valid  # (S, Tq, Tk)
+        window = self.cache.sliding_window
+        if window is not None:
+            allowed = allowed & (k_pos > q_pos - window)
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+        bias = bias.masked_fill(~allowed, float("-inf"))[:, None]  # (S, 1, Tq, Tk)
+        if self.cache.alibi is not None:  # slope * (key position - query position), <= 0 for visible keys
+            bias = bias + self.cache.alibi[None, :, None, None] * (k_pos - q_pos)[:, None].float()
+        return bias.to(dtype)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        if k.shape[1] != q.shape[1]:  # GQA: fused kernels take a mask or GQA, not both, so expand k / v
+            k, v = k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    def _decode(self, q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, tables: torch.Tensor,
+                context_lens: torch.Tensor) -> torch.Tensor:
+        """One new token for each of D sequences, q (1, nh, D, hd): gather every sequence's keys, padded to the
+        longest, and attend in one batched product. The g = nh / nkv query heads of a KV group share one matmul
+        against their keys, so GQA keys are never expanded (that copy would be g times the batch's keys, per layer)."""
+        k, v = self._gather(k_blocks, tables), self._gather(v_blocks, tables)  # (D, nkv, Tk, hd)
+        D, nkv, Tk, hd = k.shape
+        nh = q.shape[1]
+        k_pos = torch.arange(Tk, device=q.device)[None, None]  # (1, 1, Tk)
+        q_pos = (context_lens - 1)[:, None, None]  # (D, 1, 1): the new token is the last one
+        bias = self._bias(q_pos, k_pos, k_pos < context_lens[:, None, None], torch.float32)  # (D, 1|nh, 1, Tk)
+        bias = bias.view(D, nkv, nh // nkv, Tk) if bias.shape[1] == nh else bias.view(D, 1, 1, Tk)
+        q = q[0].transpose(0, 1).reshape(D, nkv, nh // nkv, hd)  # (D, nkv, g, hd)
+        scores = (q @ k.transpose(-1, -2)).float() * hd**-0.5 + bias  # (D, nkv, g, Tk)
+        out = scores.softmax(-1).to(v.dtype) @ v  # (D, nkv, g, hd)
+        return out.reshape(D, nh, hd).transpose(0, 1)[None]  # (1, nh, D, hd)
+
+    def _attend_one(self, q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, s: int) -> torch.Tensor:
+        """Sequence s: its T new queries (1, nh, T, hd) against its whole context."""
+        meta = self.meta
+        ctx = meta.context_lens_host[s]
+        table = meta.block_tables[s:s + 1, :(ctx + k_blocks.shape[1] - 1) // k_blocks.shape[1]]
+        k = self._gather(k_blocks, table)[:, :, :ctx]  # (1, nkv, ctx, hd)
+        v = self._gather(v_blocks, table)[:, :, :ctx]
+        T = q.shape[2]
+        q_pos = torch.arange(ctx - T, ctx, device=q.device)[None, :, None]  # (1, T, 1)
+        k_pos = torch.arange(ctx, device=q.device)[None, None]  # (1, 1, ctx)
+        if self.cache.sliding_window is None and self.cache.alibi is None and T == ctx:
+            # a whole prompt from scratch: the plain causal fast path (flash on GPU, GQA native)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+        return self._sdpa(q, k, v, self._bias(q_pos, k_pos, torch.ones_like(k_pos, dtype=torch.bool), q.dtype))

@@ -1,0 +1,72 @@
+"""Runner: turns one ScheduledBatch into one forward of the model over the paged KV cache, then samples.
+
+The new tokens of every scheduled sequence (a prefill chunk or one decode token) are packed into one row (B = 1, N)
+with their positions; `AttentionMetadata` says where each token's keys go (slot mapping) and which keys each
+sequence reads (block tables, context lengths, query start locations). The model gets it bound to the cache as a
+`PagedBatch` (see camelid/model.py's docstring), and computes logits only at the last new token of each sequence
+that samples this step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from camelid.engine.multi_lora import MultiLoRA
+from camelid.engine.paged_attention import AttentionMetadata, PagedBatch, PagedKVCache
+from camelid.engine.sampler import SampleResult, sample
+from camelid.engine.scheduler import ScheduledBatch
+from camelid.model import Transformer
+
+
+class Runner:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, lora: MultiLoRA | None = None):
+        self.model, self.lora = model, lora
+        self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        self.block_size = block_size
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, self.dtype, self.device)
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """(input_ids (1, N), position_ids (1, N), metadata, logits_at (R,)): the packed inputs of one step."""
+        ids, positions, logits_at, end = [], [], [], 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            first = seq.num_computed_tokens
+            ids.extend(seq.token_ids[first:first + n])
+            positions.extend(range(first, first + n))
+            end += n
+            if first + n == len(seq):  # its last token: the one whose logits give the next token
+                logits_at.append(end - 1)
+        meta = AttentionMetadata.build([s.block_table for s in batch.seqs], [s.num_computed_tokens for s in batch.seqs],
+                                       batch.num_new_tokens, self.block_size, self.device)
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+        return tensor(ids)[None], tensor(positions)[None], meta, tensor(logits_at)
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits (R, V) at the last new token of every sequence of the batch that reached its end."""
+        self.cache.copy_blocks(batch.copies)
+        input_ids, position_ids, meta, logits_at = self.prepare(batch)
+        if self.lora is not None:
+            self.lora.set_token_slots(self.lora.token_slots_for([s.adapter for s in batch.seqs], batch.num_new_tokens))
+        logits = self.model(input_ids, position_ids=position_ids, cache=PagedBatch(self.cache, meta),
+                            logits_at=logits_at)
+        return logits[0]
+
+    def run(self, batch: ScheduledBatch) -> SampleResult:
+        """One step: the forward, then one token for each entry of batch.samples (in that order)."""
+        logits = self.forward(batch)  # (R, V)
+        if not batch.samples:  # only prefill chunks that stop short of their last token
+            return SampleResult(torch.empty(0, dtype=torch.long))
+        # logits row r belongs to the r-th sequence of the batch that reached its last token; a sample entry names
+        # its sequence's index in the batch (a forked sibling names its parent's)
+        reaching = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
+                    if seq.num_computed_tokens + n == len(seq)]
+        row_of = {index: row for row, index in enumerate(reaching)}
+        rows = torch.tensor([row_of[index] for _, index in batch.samples], dtype=torch.long, device=logits.device)
+        seqs = [seq for seq, _ in batch.samples]
+        penalties = any(s.params.uses_penalties for s in seqs)  # only then are the token lists read
+        return sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs],
+                      prompt_ids=[s.token_ids[:s.num_prompt_tokens] for s in seqs] if penalties else None,
+                      output_ids=[s.output_token_ids for s in seqs] if penalties else None)

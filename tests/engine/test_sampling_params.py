@@ -1,0 +1,67 @@
+"""SamplingParams: the defaults of the contract, and a one-line ValueError naming the field for every bad value."""
+
+import math
+
+import pytest
+
+from camelid.engine.sampling_params import SamplingParams
+
+
+def test_defaults():
+    p = SamplingParams()
+    assert (p.n, p.max_tokens, p.temperature, p.top_k, p.top_p, p.min_p) == (1, 16, 1.0, 0, 1.0, 0.0)
+    assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.0, 0.0, 0.0)
+    assert (p.stop, p.stop_token_ids, p.ignore_eos, p.seed, p.logprobs) == ([], [], False, None, None)
+    assert not p.greedy and not p.uses_penalties
+    assert SamplingParams(temperature=0).greedy
+    assert SamplingParams(frequency_penalty=0.1).uses_penalties
+
+
+def test_lists_are_not_shared_between_instances():
+    a, b = SamplingParams(), SamplingParams()
+    a.stop.append("x")
+    assert b.stop == []
+
+
+def test_stop_accepts_one_string_and_copies_lists():
+    assert SamplingParams(stop="\n\n").stop == ["\n\n"]
+    stops = ["a"]
+    p = SamplingParams(stop=stops, stop_token_ids=(2, 3))
+    stops.append("b")
+    assert p.stop == ["a"] and p.stop_token_ids == [2, 3]
+    assert SamplingParams(stop=None, stop_token_ids=None).stop == []
+
+
+@pytest.mark.parametrize("edge", [
+    dict(top_k=-1), dict(top_k=0), dict(top_k=1), dict(top_p=1.0), dict(top_p=1e-9), dict(min_p=0.0), dict(min_p=1.0),
+    dict(temperature=0), dict(temperature=0.0), dict(temperature=100.0), dict(repetition_penalty=0.5),
+    dict(presence_penalty=-2.0), dict(presence_penalty=2), dict(frequency_penalty=-2.0), dict(frequency_penalty=2.0),
+    dict(seed=0), dict(seed=-5), dict(seed=2**70), dict(logprobs=0), dict(logprobs=20), dict(n=4), dict(max_tokens=1),
+    dict(stop_token_ids=[0]), dict(ignore_eos=True),
+])
+def test_edge_values_are_accepted(edge):
+    SamplingParams(**edge)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(n=0), dict(n=-1), dict(n=1.5), dict(n=True),
+    dict(max_tokens=0), dict(max_tokens=-3), dict(max_tokens=2.0), dict(max_tokens=None),
+    dict(temperature=-0.1), dict(temperature=math.nan), dict(temperature=math.inf), dict(temperature="1"),
+    dict(top_k=-2), dict(top_k=2.5),
+    dict(top_p=0.0), dict(top_p=-0.1), dict(top_p=1.01), dict(top_p=math.nan),
+    dict(min_p=-0.01), dict(min_p=1.5), dict(min_p=math.nan),
+    dict(repetition_penalty=0.0), dict(repetition_penalty=-1.0), dict(repetition_penalty=math.nan),
+    dict(repetition_penalty=math.inf),
+    dict(presence_penalty=2.5), dict(presence_penalty=-2.01), dict(presence_penalty=math.nan),
+    dict(frequency_penalty=3.0), dict(frequency_penalty=-2.5), dict(frequency_penalty=math.nan),
+    dict(stop=[""]), dict(stop=[3]), dict(stop=3), dict(stop_token_ids=5), dict(stop=["ok", None]),
+    dict(stop_token_ids=[-1]), dict(stop_token_ids=["2"]), dict(stop_token_ids=[1.0]),
+    dict(ignore_eos="yes"),
+    dict(seed=1.5), dict(seed="7"),
+    dict(logprobs=-1), dict(logprobs=1.0), dict(logprobs=True),
+])
+def test_bad_values_name_the_field(bad):
+    (name, value), = bad.items()
+    with pytest.raises(ValueError, match=rf"^{name} must be .*, got ") as err:
+        SamplingParams(**bad)
+    assert "\n" not in str(err.value)
