@@ -118,9 +118,14 @@ def read_adapter_config(path: str | Path) -> dict:
     return config
 
 
-def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
-    """Apply a PEFT LoRA / DoRA folder (written by `peft` or by `save_adapter`) to `model`, in place; every other
-    parameter is frozen. Adapters sit on the base weights' device, in fp32 over a half-precision base."""
+def module_alpha(config: dict, name: str) -> float:
+    """The lora_alpha that applies to module `name`: alpha_pattern's first match, else lora_alpha (PEFT's rule)."""
+    return _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+
+
+def read_adapter(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """A PEFT LoRA / DoRA folder, read and checked but applied to nothing: (adapter_config.json, {module name:
+    {"lora_A.weight": (r, in), "lora_B.weight": (out, r)[, "lora_magnitude_vector": (out,)]}}), on the CPU."""
     path = Path(path)
     config = read_adapter_config(path)
     file = path / WEIGHTS_FILE
@@ -139,21 +144,30 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         per_module.setdefault(module, {})[suffix] = tensor
     if not per_module:
         raise AdapterError(f"{file}: no LoRA tensors")
+    need = suffixes if config.get("use_dora", False) else suffixes[:2]
+    for name, parts in per_module.items():
+        missing = [s for s in need if s not in parts]
+        if missing:
+            raise AdapterError(f"{file}: missing tensor {PREFIX + name}.{missing[0]}")
+    return config, per_module
 
+
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Apply a PEFT LoRA / DoRA folder (written by `peft` or by `save_adapter`) to `model`, in place; every other
+    parameter is frozen. Adapters sit on the base weights' device, in fp32 over a half-precision base."""
+    path = Path(path)
+    file = path / WEIGHTS_FILE
+    config, per_module = read_adapter(path)
     use_dora = bool(config.get("use_dora", False))
     modules = dict(model.named_modules())
     ranks, alphas = {}, {}
     for name, parts in per_module.items():
-        need = suffixes if use_dora else suffixes[:2]
-        missing = [s for s in need if s not in parts]
-        if missing:
-            raise AdapterError(f"{file}: missing tensor {PREFIX + name}.{missing[0]}")
         if name not in modules:
             raise AdapterError(f"{file}: adapter for module {name!r}, which this model does not have")
         if not isinstance(modules[name], nn.Linear):
             raise AdapterError(f"{file}: adapter for {name!r}, a {type(modules[name]).__name__}, not an nn.Linear")
         ranks[name] = parts["lora_A.weight"].shape[0]
-        alphas[name] = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+        alphas[name] = module_alpha(config, name)
 
     apply_lora(model, r=config.get("r", 8), alpha=config.get("lora_alpha", 8),
                dropout=float(config.get("lora_dropout", 0.0)),

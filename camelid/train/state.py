@@ -44,7 +44,7 @@ from torch import nn
 from camelid.checkpoint import CheckpointError, load_weights, save_pretrained, weight_files
 from camelid.config import ModelConfig
 from camelid.model import Transformer
-from camelid.peft import lora_layers, save_adapter
+from camelid.peft import applied_kinds, save_adapter
 from camelid.tokenizer import Tokenizer
 from camelid.train import distributed
 from camelid.train.guard import SpikeGuard
@@ -262,10 +262,11 @@ def prune(root: str | Path, keep_last: int) -> list[Path]:
 def save_final(path: str | Path, model: nn.Module, tokenizer: Tokenizer | None, rank: int = 0,
                base: str | None = None) -> Path | None:
     """The trained model as a plain Hugging Face folder: `camelid generate --model out/final` loads it. A model with
-    LoRA / DoRA layers is written as a PEFT adapter folder instead (its base weights are frozen, unchanged), naming
-    `base` as base_model_name_or_path. Every rank calls this (a sharded model is gathered collectively); rank 0
-    writes and returns the path, the others None."""
-    if lora_layers(model):
+    an adapter applied (LoRA, DoRA, prefix, prompt, IA3, BitFit, bottleneck: camelid.peft.KINDS) is written as that
+    adapter's folder instead (its base weights are frozen, unchanged), naming `base` as base_model_name_or_path.
+    Every rank calls this (a sharded model is gathered collectively); rank 0 writes and returns the path, the
+    others None."""
+    if applied_kinds(model):
         if rank != 0:
             return None
         out = save_adapter(model, path, base_model_name_or_path=base)

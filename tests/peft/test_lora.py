@@ -180,7 +180,7 @@ def test_bad_adapter_folders(hf_checkpoint, tmp_path):
     model = apply_lora(from_pretrained(path), target_modules=["q_proj"])
     save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    for change, message in [({"peft_type": "IA3"}, "peft_type"), ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    for change, message in [({"peft_type": "LOHA"}, "peft_type"), ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
                             ({"lora_bias": True}, "lora_bias")]:
         (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(AdapterError, match=message):

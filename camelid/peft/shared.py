@@ -1,0 +1,119 @@
+"""What the hook-based PEFT methods (bottleneck adapters, BitFit, IA3) share: choosing modules by name with PEFT's
+matching rule, and writing / reading an adapter folder (`adapter_config.json` + `adapter_model.safetensors`).
+
+A folder is built in a temporary sibling folder and renamed into place, so a crash never leaves a half-written
+adapter where a good one was. When the folder already exists (a training run's `final/` that also holds a tokenizer),
+each file is moved in with os.replace instead, which is atomic per file and keeps the other files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from camelid.peft.adapter_io import CONFIG_FILE, WEIGHTS_FILE, AdapterError
+
+
+
+def name_matches(name: str, patterns: str | Iterable[str]) -> bool:
+    """PEFT's rule: a string is a regex over the whole module name ("all-linear": anything but lm_head); a list
+    matches a name equal to an entry or ending in "." + entry."""
+    if isinstance(patterns, str):
+        if patterns == "all-linear":
+            return name != "lm_head"
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def select_linears(model: nn.Module, target_modules: str | Iterable[str], method: str) -> dict[str, nn.Linear]:
+    """The nn.Linear modules named by target_modules, in model order; a ValueError when they name nothing or
+    something that is not an nn.Linear."""
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    if target_modules == "all-linear":
+        found = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    else:
+        found = {n: m for n, m in model.named_modules() if n and name_matches(n, target_modules)}
+    if not found:
+        example = next((n for n, m in model.named_modules() if isinstance(m, nn.Linear)), "?")
+        raise ValueError(f"{method}: target_modules {target_modules!r} match no module of this model "
+                         f"(Linear layers are named like {example!r})")
+    wrong = [f"{n} ({type(m).__name__})" for n, m in found.items() if not isinstance(m, nn.Linear)]
+    if wrong:
+        raise ValueError(f"{method} acts on nn.Linear layers only; target_modules {target_modules!r} also match "
+                         f"{', '.join(wrong[:3])}")
+    return found
+
+
+def short_or_regex(model: nn.Module, names: Iterable[str]) -> list[str] | str:
+    """target_modules that select exactly these module names under PEFT's rule: the sorted short names ("k_proj")
+    when they pick nothing else, otherwise a regex over the full names."""
+    names = set(names)
+    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    selected = {n for n, _ in model.named_modules() if n and name_matches(n, short)}
+    if selected == names:
+        return short
+    return "^(" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
+
+
+def write_adapter_folder(folder: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """adapter_config.json + adapter_model.safetensors, written atomically (see the module docstring)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS_FILE,
+                  metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if folder.exists():
+            for file in (WEIGHTS_FILE, CONFIG_FILE):  # the weights first: a config never names missing tensors
+                os.replace(tmp / file, folder / file)
+        else:
+            tmp.chmod(0o755)  # mkdtemp makes it private
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def read_adapter_folder(folder: str | Path, peft_type: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of an adapter folder whose config says `peft_type`; FileNotFoundError / AdapterError (a
+    ValueError) naming the file otherwise."""
+    folder = Path(folder)
+    config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {folder}: not an adapter folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{config_file}: not valid JSON ({e})") from None
+    if config.get("peft_type") != peft_type:
+        raise AdapterError(f"{config_file}: peft_type {config.get('peft_type')!r}, expected {peft_type!r}")
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {folder} (pickled adapter_model.bin files are never loaded)")
+    with safe_open(weights_file, framework="pt", device="cpu") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    if not tensors:
+        raise AdapterError(f"{weights_file}: no tensors")
+    return config, tensors
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """New trainable tensors are fp32 over a half-precision base (as PEFT's autocast_adapter_dtype), so small
+    updates survive the optimizer; otherwise the base's dtype."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
