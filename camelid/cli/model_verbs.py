@@ -58,7 +58,13 @@ def _chat_template(args: argparse.Namespace, tokenizer: Tokenizer):
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """Multi-turn chat rendered with the model's chat template (or a plain transcript when there is none); history
-    is trimmed from the oldest turns."""
+    is trimmed from the oldest turns. With --server URL, the same chat against a running `camelid serve`."""
+    if args.server:
+        from camelid.cli.cluster_verbs import chat_with_server
+
+        return chat_with_server(args)
+    if not args.model:
+        raise ValueError("give --model DIR (a local model folder) or --server URL (a running camelid serve)")
     model, tokenizer = _load(args.model, args.device, args.dtype, args.adapter)
     template = _chat_template(args, tokenizer)
     if template is not None:
@@ -240,8 +246,16 @@ def register(verbs, fmt) -> None:
 
     p = verbs.add_parser("chat", help="interactive multi-turn chat in the terminal", formatter_class=fmt,
                          epilog="examples:\n  camelid chat --model out/tiny --temperature 0.7 --seed 0\n"
-                                "  camelid chat --model models/base --adapter runs/lora/final\n")
-    p.add_argument("--model", required=True)
+                                "  camelid chat --model models/base --adapter runs/lora/final\n"
+                                "  camelid chat --server http://127.0.0.1:8000 --api-key KEY\n"
+                                "  camelid chat --server http://127.0.0.1:8000 --model my-lora --session SESSION_ID\n")
+    p.add_argument("--model", default=None, help="a local model folder; with --server, the served model's name "
+                   "(default: the server's first)")
+    p.add_argument("--server", default=None, metavar="URL", help="chat with a running `camelid serve` at URL")
+    p.add_argument("--api-key", default=None,
+                   help="the server's API key (default: $CAMELID_API_KEY)")
+    p.add_argument("--session", default=None, metavar="ID", help="continue this server chat session "
+                   "(default: a new one; its id is printed)")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA/DoRA adapter folder (`camelid finetune` output)")
     p.add_argument("--template", default=None, help="chat template name (default: the adapter's recorded one, "
                    "else the tokenizer's chat_template, else a plain User:/Assistant: transcript)")

@@ -1,0 +1,96 @@
+"""`camelid serve`: the OpenAI-compatible HTTP server over the engine (or over a controller's workers)."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+DEFAULT_DB = "sqlite:///camelid-chats.db"
+
+
+def _adapter(text: str) -> tuple[str, str]:
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, folder
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Flag mistakes, found before anything is opened or loaded."""
+    if args.controller and (args.model or args.adapter):
+        raise ValueError("give either --model (serve it here) or --controller (route to its workers), not both")
+    if not args.controller and not args.model:
+        raise ValueError("give --model DIR (or --controller URL)")
+    names = [name for name, _ in args.adapter or []]
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapter names must be unique, got {', '.join(names)}")
+
+
+def build_backend(args: argparse.Namespace):
+    """LocalBackend over --model (+ --adapter), or RemoteBackend over --controller."""
+    check_flags(args)
+    if args.controller:
+        from camelid.serve.remote import RemoteBackend
+
+        return RemoteBackend(args.controller)
+    from camelid.serve.backend import LocalBackend
+
+    adapters = dict(args.adapter or [])
+    return LocalBackend.load(args.model, adapters, name=args.name, template=args.template,
+                             kv_cache_memory=args.kv_cache_memory, dtype=args.dtype, device=args.device,
+                             max_num_seqs=args.max_num_seqs)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from camelid.serve.app import create_app
+    from camelid.serve.sessions import SessionStore
+
+    check_flags(args)
+    sessions = SessionStore(args.db) if args.db != "none" else None
+    backend = build_backend(args)
+    app = create_app(backend, api_keys=args.api_key, sessions=sessions, max_body_bytes=args.max_body_bytes)
+    names = ", ".join(m["id"] for m in backend.models()) if not args.controller else f"workers of {args.controller}"
+    print(f"camelid serve: {names} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /)",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+
+
+def register(verbs, fmt) -> None:
+    """Add this module's verbs to the `camelid` parser."""
+    p = verbs.add_parser("serve", help="OpenAI-compatible HTTP server with chat sessions and a web chat page",
+                         formatter_class=fmt, epilog=textwrap.dedent("""\
+        Endpoints: /v1/models, /v1/completions, /v1/chat/completions (stream: true = SSE), /v1/sessions,
+        /health, /metrics (Prometheus), /docs and /openapi.json, and the chat page at /.
+        A LoRA adapter is its own model name. With --api-key, every /v1 request needs Authorization: Bearer KEY,
+        and each key sees only its own chat sessions.
+
+        examples:
+          camelid serve --model out/final --port 8000
+          camelid serve --model base --adapter sql=runs/sql/final --api-key alice-key --api-key bob-key
+          camelid serve --model base --db postgresql://camelid@db/chats
+          camelid serve --controller http://127.0.0.1:21001
+        """))
+    p.add_argument("--model", default=None, help="model folder (Hugging Face layout) served by this process")
+    p.add_argument("--adapter", type=_adapter, action="append", default=[], metavar="NAME=DIR",
+                   help="a PEFT LoRA folder served as model NAME (repeatable)")
+    p.add_argument("--name", default=None, help="the base model's name in the API (default: the folder's name)")
+    p.add_argument("--template", default=None, help="chat template name (default: an adapter's recorded one, else "
+                   "the tokenizer's chat_template)")
+    p.add_argument("--controller", default=None, metavar="URL",
+                   help="route requests to the workers registered with this controller instead of --model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="accept this key (repeatable); none = open, one anonymous user")
+    p.add_argument("--db", default=DEFAULT_DB, help=f"chat sessions database: sqlite:///FILE or postgresql://... "
+                   f"('none' = no sessions; default {DEFAULT_DB})")
+    p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                   help="KV cache size (4GB, 512MB; default: 90%% of free GPU memory, 1 GiB on CPU)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch (default 256)")
+    p.add_argument("--dtype", default=None, help="bfloat16 / float16 / float32 (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)

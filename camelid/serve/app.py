@@ -1,0 +1,544 @@
+"""The OpenAI-compatible HTTP API over a Backend: completions, chat completions (SSE streaming), models, chat
+sessions, health, Prometheus metrics, and the web chat page.
+
+Bad input never reaches the engine and never gives a 500: pydantic checks types and ranges, the backend checks
+models and lengths before its first chunk, and every error leaves as OpenAI's body
+{"error": {"message", "type", "param", "code"}} with a 4xx status. A streamed response first waits for the
+backend's first chunk, so a refused request still gets a real status code instead of a broken stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from camelid.engine.sampling_params import SamplingParams
+from camelid.serve.backend import BackendError, Chunk
+from camelid.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                    CompletionResponse, ErrorResponse, ModelList, Session, SessionCreate,
+                                    SessionDeleted, SessionList, SessionUpdate, SessionWithMessages)
+from camelid.serve.sessions import DEFAULT_TITLE, SessionStore
+
+WEB_DIR = Path(__file__).parent / "web"
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a context window
+ANONYMOUS = "anonymous"
+TITLE_CHARS = 60  # a new session is titled with the start of its first message
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+_ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/sessions", "/health", "/metrics")
+
+
+# ---- errors --------------------------------------------------------------------------------------------------------
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _error_response(e: BackendError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"msg": "invalid request", "loc": (), "type": ""}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        return JSONResponse(error_body(f"malformed JSON body: {first.get('msg')}"), status_code=400)
+    param = loc[0] if loc else None
+    where = ".".join(loc) or "body"
+    message = f"{where}: {first.get('msg')}" + (f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else "")
+    return JSONResponse(error_body(message, param=param), status_code=400)
+
+
+_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def _http_error(exc: StarletteHTTPException) -> JSONResponse:
+    kind = _STATUS_TYPES.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
+    return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+
+# ---- middleware: body size limit, request counting ------------------------------------------------------------
+
+async def _send_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class BodyLimit:
+    """413 for a request body over max_bytes, whether it declares its length or streams it in chunks."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        too_big = error_body(f"request body is larger than the limit of {self.max_bytes} bytes", param=None,
+                             code="request_too_large")
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await _send_json(send, 413, too_big)
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                return await _send_json(send, 413, too_big)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():  # the whole body once, then the real channel (for disconnect detection)
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class Metrics:
+    """Counters for /metrics (per app, not module-level)."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.in_flight = 0
+
+    def render(self, backend_stats: dict[str, Any]) -> str:
+        lines = ["# HELP camelid_requests_total HTTP requests by endpoint and status code.",
+                 "# TYPE camelid_requests_total counter"]
+        for (endpoint, status), n in sorted(self.requests.items()):
+            lines.append(f'camelid_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
+
+        def metric(name: str, kind: str, help: str, value: float) -> None:
+            lines.extend([f"# HELP camelid_{name} {help}", f"# TYPE camelid_{name} {kind}",
+                          f"camelid_{name} {value:g}"])
+
+        metric("prompt_tokens_total", "counter", "Prompt tokens of finished and running requests.", self.prompt_tokens)
+        metric("generation_tokens_total", "counter", "Generated tokens sent to clients.", self.generation_tokens)
+        metric("requests_in_flight", "gauge", "Generation requests being served now.", self.in_flight)
+        s = backend_stats
+        gauges = {"num_requests_waiting": ("num_waiting", "Requests queued in the engine, not yet running."),
+                  "num_requests_running": ("num_running", "Requests in the engine's running batch."),
+                  "kv_blocks_total": ("num_blocks", "KV cache blocks in the engine's pool."),
+                  "kv_blocks_free": ("num_free_blocks", "KV cache blocks free.")}
+        for name, (key, help) in gauges.items():
+            if key in s:
+                metric(name, "gauge", help, float(s[key]))
+        if "num_blocks" in s and "num_free_blocks" in s:
+            metric("kv_blocks_used", "gauge", "KV cache blocks in use.", float(s["num_blocks"] - s["num_free_blocks"]))
+            if s["num_blocks"]:
+                metric("kv_cache_usage_ratio", "gauge", "Fraction of KV cache blocks in use.",
+                       (s["num_blocks"] - s["num_free_blocks"]) / s["num_blocks"])
+        counters = {"prefix_cache_hit_tokens": "Prompt tokens served from the prefix cache.",
+                    "prompt_tokens_computed": "Prompt tokens the engine computed (cache misses).",
+                    "generated_tokens": "Tokens the engine generated.",
+                    "num_preemptions": "Requests preempted for lack of KV blocks."}
+        for key, help in counters.items():
+            if key in s:
+                metric(f"engine_{key}_total", "counter", help, float(s[key]))
+        return "\n".join(lines) + "\n"
+
+
+class CountRequests:
+    """Count every HTTP response by endpoint (the route's path template) and status."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def record(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or scope["path"]
+            endpoint = path if path.startswith(_ENDPOINTS) or path in ("/",) else "other"
+            self.metrics.requests[(endpoint, status)] += 1
+
+
+# ---- the app -------------------------------------------------------------------------------------------------------
+
+async def _call(fn, *args):
+    """Await an async backend method; run a blocking one (RemoteBackend asks the controller) in a worker thread."""
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args)
+    result = await run_in_threadpool(fn, *args)
+    return await result if inspect.isawaitable(result) else result
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _user_id(key: str) -> str:
+    """Sessions are stored under a hash of the API key, so the database never holds the keys themselves."""
+    return "key-" + _digest(key)[:24]
+
+
+def _sampling(body, max_tokens: int) -> SamplingParams:
+    try:
+        return SamplingParams(n=body.n, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                              presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                              stop=body.stop_list(), seed=body.seed)
+    except ValueError as e:
+        param = str(e).split(" ", 1)[0]
+        raise BackendError(400, str(e), param=param if param.isidentifier() else None) from None
+
+
+def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStore | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app over backend (LocalBackend or RemoteBackend). api_keys: None or [] = open, one anonymous
+    user; sessions: None = the sessions API answers 404. Closing the app (lifespan end) closes the backend."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await backend.close()
+        if sessions is not None:
+            await run_in_threadpool(sessions.close)
+
+    app = FastAPI(title="camelid", description="OpenAI-compatible API over the camelid engine, with chat sessions.",
+                  version="0.1.0", lifespan=lifespan)
+    metrics = Metrics()
+    app.state.backend, app.state.sessions, app.state.metrics = backend, sessions, metrics
+    keys = {_digest(k): _user_id(k) for k in (api_keys or [])}  # looked up by digest: no timing leak of the keys
+
+    app.add_exception_handler(RequestValidationError, lambda request, exc: _validation_error(exc))
+    app.add_exception_handler(StarletteHTTPException, lambda request, exc: _http_error(exc))
+    app.add_exception_handler(BackendError, lambda request, exc: _error_response(exc))
+    # a bug or a lost database: still OpenAI's error shape (Starlette logs the traceback)
+    app.add_exception_handler(Exception, lambda request, exc: JSONResponse(
+        error_body(f"internal server error: {type(exc).__name__}", "server_error"), status_code=500))
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(CountRequests, metrics=metrics)  # added last = outermost: it also counts the 413s
+
+    def user(request: Request) -> str:
+        if not keys:
+            return ANONYMOUS
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        user_id = keys.get(_digest(key.strip())) if scheme.lower() == "bearer" else None
+        if user_id is None:
+            raise BackendError(401, "missing API key: send Authorization: Bearer KEY" if not header else
+                               "incorrect API key", type="authentication_error", code="invalid_api_key")
+        return user_id
+
+    async def model_ids() -> list[dict]:
+        return await _call(backend.models)
+
+    async def context_length(model: str) -> int:
+        cards = await model_ids()
+        for card in cards:
+            if card["id"] == model:
+                return int(card["context_length"])
+        raise BackendError(404, f"The model {model!r} does not exist; this server has: "
+                           f"{', '.join(c['id'] for c in cards)}", param="model", code="model_not_found")
+
+    def store() -> SessionStore:
+        if sessions is None:
+            raise BackendError(404, "chat sessions are not enabled on this server (start it with --db)",
+                               param="session_id")
+        return sessions
+
+    async def find_session(user_id: str, session_id: str) -> dict:
+        found = await run_in_threadpool(store().get, user_id, session_id)
+        if found is None:
+            raise BackendError(404, f"no session {session_id!r}", type="not_found_error", param="session_id")
+        return found
+
+    # ---- generation ------------------------------------------------------------------------------------------------
+
+    async def start(model: str, prompt, messages, params: SamplingParams, request_id: str):
+        """(first chunk or None, the iterator): BackendError surfaces here, before any byte is sent."""
+        chunks = backend.generate(model, prompt, messages, params, request_id)
+        try:
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await chunks.aclose()
+            raise
+        return first, chunks
+
+    async def rest(first: Chunk | None, chunks) -> AsyncIterator[Chunk]:
+        if first is not None:
+            yield first
+        async for chunk in chunks:
+            yield chunk
+
+    async def gather(first, chunks, n: int) -> tuple[list[str], list[str | None], int, int]:
+        texts, reasons, tokens, prompt_tokens = [""] * n, [None] * n, [0] * n, 0
+        async with contextlib.aclosing(chunks):
+            async for c in rest(first, chunks):
+                texts[c.index] += c.text
+                reasons[c.index] = c.finish_reason or reasons[c.index]
+                tokens[c.index] = c.completion_tokens
+                prompt_tokens = c.prompt_tokens
+        metrics.prompt_tokens += prompt_tokens
+        metrics.generation_tokens += sum(tokens)
+        return texts, reasons, prompt_tokens, sum(tokens)
+
+    async def collect(request: Request, first, chunks, n: int) -> tuple[list[str], list[str | None], int, int]:
+        """The whole answer; a client that hangs up meanwhile (a timeout) aborts the request in the engine, as
+        for a stream (nothing cancels a plain request's handler for us)."""
+        task = asyncio.ensure_future(gather(first, chunks, n))
+        metrics.in_flight += 1
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    task.cancel()  # closes the backend's iterator: the engine frees the request's blocks
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    raise BackendError(499, "the client closed the connection", code="client_closed_request")
+        finally:
+            metrics.in_flight -= 1
+            if not task.done():  # this handler itself was cancelled (server shutdown)
+                task.cancel()
+
+    def sse(obj: Any) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    async def stream_events(first, chunks, n: int, make_choice, envelope: dict, include_usage: bool,
+                            on_end=None) -> AsyncIterator[str]:
+        """SSE events from the chunks; on_end(texts, reasons) runs however the stream ends (client gone too)."""
+        texts, reasons, tokens, prompt_tokens = [""] * n, [None] * n, [0] * n, 0
+        metrics.in_flight += 1
+        try:
+            async with contextlib.aclosing(chunks):
+                for prelude in make_choice(None):
+                    yield sse({**envelope, "choices": [prelude]})
+                async for c in rest(first, chunks):
+                    texts[c.index] += c.text
+                    reasons[c.index] = c.finish_reason or reasons[c.index]
+                    metrics.generation_tokens += c.completion_tokens - tokens[c.index]
+                    tokens[c.index] = c.completion_tokens
+                    if not prompt_tokens:
+                        prompt_tokens = c.prompt_tokens
+                        metrics.prompt_tokens += prompt_tokens
+                    for choice in make_choice(c):
+                        yield sse({**envelope, "choices": [choice]})
+            if include_usage:
+                yield sse({**envelope, "choices": [], "usage": usage(prompt_tokens, sum(tokens))})
+            yield "data: [DONE]\n\n"
+        except BackendError as e:  # failed mid-stream (a worker died): say so in the stream, then end it
+            yield sse(error_body(e.message, e.type, e.param, e.code))
+            yield "data: [DONE]\n\n"
+        finally:
+            metrics.in_flight -= 1
+            if on_end is not None:
+                with anyio.CancelScope(shield=True):  # the client may be gone: still store what was produced
+                    await on_end(texts, reasons)
+
+    # ---- endpoints -------------------------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus() -> PlainTextResponse:
+        stats = await _call(backend.stats)
+        return PlainTextResponse(metrics.render(stats), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models(user_id: str = Depends(user)) -> dict:
+        return {"object": "list", "data": [{"object": "model", "created": 0, **c} for c in await model_ids()]}
+
+    # documented, not enforced: a stream answers text/event-stream instead
+    errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413)}
+
+    @app.post("/v1/completions", responses={200: {"model": CompletionResponse}, **errors})
+    async def completions(body: CompletionRequest, request: Request, user_id: str = Depends(user)):
+        ctx = await context_length(body.model)
+        if body.echo:
+            raise BackendError(400, "echo is not supported", param="echo")
+        if body.logprobs is not None:
+            raise BackendError(400, "logprobs are not supported by this server yet", param="logprobs")
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise BackendError(400, f"send one prompt per request (got {len(prompt)})", param="prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise BackendError(400, "prompt is empty", param="prompt")
+        max_tokens = body.max_tokens or 16
+        if max_tokens >= ctx:
+            raise BackendError(400, f"max_tokens is {max_tokens}, but the model's context is {ctx} tokens",
+                               param="max_tokens")
+        params = _sampling(body, max_tokens)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        first, chunks = await start(body.model, prompt, None, params, rid)
+        envelope = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.model}
+        if body.stream:
+            def choice(c: Chunk | None):
+                if c is None or (not c.text and c.finish_reason is None):
+                    return []
+                return [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}]
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return _sse_response(stream_events(first, chunks, body.n, choice, envelope, include))
+        texts, reasons, p, c = await collect(request, first, chunks, body.n)
+        return {**envelope, "choices": [{"index": i, "text": t, "finish_reason": r, "logprobs": None}
+                                        for i, (t, r) in enumerate(zip(texts, reasons))], "usage": usage(p, c)}
+
+    @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **errors})
+    async def chat_completions(body: ChatCompletionRequest, request: Request, user_id: str = Depends(user)):
+        ctx = await context_length(body.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is not None and max_tokens >= ctx:
+            raise BackendError(400, f"max_tokens is {max_tokens}, but the model's context is {ctx} tokens",
+                               param="max_tokens")
+        session, new_turns = None, messages
+        if body.session_id is not None:
+            session = await find_session(user_id, body.session_id)
+            messages = await with_history(body.model, session, messages, ctx, max_tokens)
+        if max_tokens is None:  # as much as the context leaves
+            max_tokens = ctx - await _call(backend.count_chat_tokens, body.model, messages)
+            if max_tokens < 1:
+                raise BackendError(400, f"the messages fill the model's whole context of {ctx} tokens",
+                                   param="messages", code="context_length_exceeded")
+        params = _sampling(body, max_tokens)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        first, chunks = await start(body.model, None, messages, params, rid)
+        envelope = {"id": rid, "object": "chat.completion.chunk" if body.stream else "chat.completion",
+                    "created": int(time.time()), "model": body.model}
+        if session is not None:
+            envelope["session_id"] = session["id"]
+
+        async def save(texts: list[str], reasons) -> None:
+            if session is not None:
+                await run_in_threadpool(record_turn, user_id, session, new_turns, texts[0])
+
+        if body.stream:
+            def choice(c: Chunk | None):
+                if c is None:  # the opening delta of each choice names the role
+                    return [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                             "logprobs": None} for i in range(body.n)]
+                if not c.text and c.finish_reason is None:  # tokens that are not text yet (a split UTF-8 char)
+                    return []
+                delta = {"content": c.text} if c.text else {}
+                return [{"index": c.index, "delta": delta, "finish_reason": c.finish_reason, "logprobs": None}]
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return _sse_response(stream_events(first, chunks, body.n, choice, envelope, include, save))
+        texts, reasons, p, c = await collect(request, first, chunks, body.n)
+        await save(texts, reasons)
+        return {**envelope, "choices": [{"index": i, "message": {"role": "assistant", "content": t},
+                                         "finish_reason": r, "logprobs": None}
+                                        for i, (t, r) in enumerate(zip(texts, reasons))], "usage": usage(p, c)}
+
+    async def with_history(model: str, session: dict, new: list[dict], ctx: int, max_tokens: int | None) -> list[dict]:
+        """System prompt + stored turns + the new messages, dropping whole turns from the oldest until the prompt
+        leaves room for the answer (max_tokens, or a quarter of the context when not given)."""
+        system = [] if any(m["role"] == "system" for m in new) or not session.get("system_prompt") else \
+            [{"role": "system", "content": session["system_prompt"]}]
+        history = [{"role": m["role"], "content": m["content"]} for m in session["messages"]]
+        budget = ctx - (max_tokens if max_tokens is not None else max(1, ctx // 4))
+        while True:
+            messages = system + history + new
+            if not history or await _call(backend.count_chat_tokens, model, messages) <= budget:
+                return messages
+            history = history[1:]
+            while history and history[0]["role"] != "user":  # a turn starts with its user message
+                history = history[1:]
+
+    def record_turn(user_id: str, session: dict, new_turns: list[dict], answer: str) -> None:
+        turns = [m for m in new_turns if m["role"] != "system"] + [{"role": "assistant", "content": answer}]
+        sessions.append(user_id, session["id"], turns)
+        first_user = next((m["content"] for m in new_turns if m["role"] == "user"), "")
+        if session["title"] == DEFAULT_TITLE and not session["messages"] and first_user.strip():
+            sessions.update(user_id, session["id"], title=first_user.strip()[:TITLE_CHARS])
+
+    # ---- sessions --------------------------------------------------------------------------------------------------
+
+    @app.post("/v1/sessions", response_model=Session)
+    async def create_session(body: SessionCreate, user_id: str = Depends(user)) -> dict:
+        if body.model is not None:
+            await context_length(body.model)  # 404 for an unknown model
+        return await run_in_threadpool(store().create, user_id, body.title, body.model, body.system_prompt)
+
+    @app.get("/v1/sessions", response_model=SessionList)
+    async def list_sessions(user_id: str = Depends(user)) -> dict:
+        return {"object": "list", "data": await run_in_threadpool(store().list, user_id)}
+
+    @app.get("/v1/sessions/{session_id}", response_model=SessionWithMessages)
+    async def get_session(session_id: str, user_id: str = Depends(user)) -> dict:
+        return await find_session(user_id, session_id)
+
+    @app.patch("/v1/sessions/{session_id}", response_model=Session)
+    async def update_session(session_id: str, body: SessionUpdate, user_id: str = Depends(user)) -> dict:
+        if body.model is not None:
+            await context_length(body.model)
+        found = await run_in_threadpool(store().update, user_id, session_id, title=body.title, model=body.model,
+                                        system_prompt=body.system_prompt)
+        if found is None:
+            raise BackendError(404, f"no session {session_id!r}", type="not_found_error", param="session_id")
+        return found
+
+    @app.delete("/v1/sessions/{session_id}", response_model=SessionDeleted)
+    async def delete_session(session_id: str, user_id: str = Depends(user)) -> dict:
+        if not await run_in_threadpool(store().delete, user_id, session_id):
+            raise BackendError(404, f"no session {session_id!r}", type="not_found_error", param="session_id")
+        return {"id": session_id, "deleted": True}
+
+    # ---- the web chat page -----------------------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        page = WEB_DIR / "index.html"
+        if not page.is_file():
+            raise BackendError(404, "the web chat page is not installed", type="not_found_error")
+        return FileResponse(page)
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR, check_dir=False), name="static")
+    return app
+
+
+def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+

@@ -1,0 +1,396 @@
+"""What the HTTP app talks to: the Backend interface, and LocalBackend, which runs camelid.engine.LLM in-process.
+
+The engine is not thread-safe and its step() blocks, so LocalBackend owns it from one background thread (the step
+loop). Requests and aborts cross into that thread through a thread-safe queue; outputs go back to each request's
+asyncio.Queue through loop.call_soon_threadsafe. The asyncio side never touches the engine, only the tokenizer
+(Hugging Face tokenizers are safe to call from several threads).
+
+A Backend is duck-typed (RemoteBackend in remote.py forwards to workers):
+    models() -> [{"id", "context_length", "owned_by"}]
+    async generate(model, prompt, messages, params, request_id) -> async iterator of Chunk
+        raises BackendError before the first chunk for bad input; closing the iterator aborts the request
+    count_chat_tokens(model, messages) -> int
+    stats() -> dict of numbers (num_waiting, num_running, num_blocks, num_free_blocks, ...)
+    async close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import queue
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from camelid.engine.sampling_params import SamplingParams
+from camelid.templates import TemplateError, for_tokenizer, get_template
+
+OWNER = "camelid"
+
+
+class BackendError(Exception):
+    """A request the backend refuses or cannot finish; the app turns it into an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "message": self.message, "type": self.type, "param": self.param,
+                "code": self.code}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BackendError:
+        return cls(int(d.get("status", 500)), str(d.get("message", "backend error")), d.get("type", "server_error"),
+                   d.get("param"), d.get("code"))
+
+
+@dataclass
+class Chunk:
+    index: int  # which of the request's n completions
+    text: str  # the text that is new since this index's previous chunk
+    token_ids: list[int]  # the token ids that are new
+    finish_reason: str | None  # None while running; "stop" | "length" | "abort" on the index's last chunk
+    prompt_tokens: int
+    completion_tokens: int  # cumulative for this index
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def params_to_dict(params: SamplingParams) -> dict[str, Any]:
+    """SamplingParams as JSON (for RemoteBackend); SamplingParams(**d) reads it back."""
+    return dataclasses.asdict(params)
+
+
+class Backend:
+    """The interface, spelled out (LocalBackend and RemoteBackend implement it; subclassing is optional)."""
+
+    def models(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def generate(self, model: str, prompt: str | list[int] | None, messages: list[dict] | None,
+                 params: SamplingParams, request_id: str) -> AsyncIterator[Chunk]:
+        raise NotImplementedError
+
+    def count_chat_tokens(self, model: str, messages: list[dict]) -> int:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+def unknown_model(model: str, known: Sequence[str]) -> BackendError:
+    return BackendError(404, f"The model {model!r} does not exist; this server has: {', '.join(known)}",
+                        param="model", code="model_not_found")
+
+
+@dataclass
+class _Route:
+    """Where one request's outputs go, and what was already sent of each of its n completions."""
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    sent_text: list[str]
+    sent_tokens: list[int]
+    finished: list[bool]
+
+
+_DONE = object()  # the request is finished: the last item on its queue
+
+
+class LocalBackend(Backend):
+    """The engine in this process: one base model and its LoRA adapters, each adapter its own model name."""
+
+    def __init__(self, llm: Any, name: str, adapters: Sequence[str] = (), template: str | None = None,
+                 adapter_templates: dict[str, str | None] | None = None) -> None:
+        self.llm, self.name = llm, name
+        self.tokenizer = llm.tokenizer
+        self.max_model_len: int = llm.max_model_len
+        self.adapters = list(adapters)
+        self._templates: dict[str, Any] = {}  # model name -> chat template (None: the model cannot chat)
+        self._template_errors: dict[str, str] = {}
+        for model in [name, *self.adapters]:
+            chosen = (adapter_templates or {}).get(model) or template
+            try:
+                tpl = for_tokenizer(self.tokenizer) if chosen in (None, "model") else get_template(chosen)
+                tpl.check(self.tokenizer)
+                self._templates[model] = tpl
+            except TemplateError as e:
+                self._templates[model] = None
+                self._template_errors[model] = str(e)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._routes: dict[str, _Route] = {}  # owned by the engine thread
+        self._stats: dict[str, float] = dict(llm.stats())  # refreshed by the engine thread after each step
+        self._failure: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="camelid-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def load(cls, model_dir: str | Path, adapters: dict[str, str] | None = None, name: str | None = None,
+             template: str | None = None, **llm_kwargs: Any) -> LocalBackend:
+        """Build the engine over a model folder (+ PEFT adapter folders by name) and serve it."""
+        from camelid.engine import LLM
+        from camelid.train.finetune import recorded_template
+
+        adapters = dict(adapters or {})
+        name = name or Path(model_dir).resolve().name
+        if name in adapters:
+            raise ValueError(f"adapter name {name!r} is also the base model's name: pick another")
+        llm = LLM(str(model_dir), adapters=adapters or None, **llm_kwargs)
+        recorded = {a: recorded_template(folder) for a, folder in adapters.items()}
+        return cls(llm, name, list(adapters), template, recorded)
+
+    # ---- the Backend interface ------------------------------------------------------------------------------------
+
+    def models(self) -> list[dict[str, Any]]:
+        return [{"id": m, "context_length": self.max_model_len, "owned_by": OWNER} for m in [self.name, *self.adapters]]
+
+    def _check_model(self, model: str) -> None:
+        if model != self.name and model not in self.adapters:
+            raise unknown_model(model, [self.name, *self.adapters])
+
+    def _template(self, model: str):
+        tpl = self._templates.get(model)
+        if tpl is None:
+            raise BackendError(400, f"model {model!r} has no chat template ({self._template_errors.get(model)}); "
+                               "use /v1/completions or start the server with --template NAME", param="messages")
+        return tpl
+
+    def chat_ids(self, model: str, messages: list[dict]) -> list[int]:
+        self._check_model(model)
+        try:
+            return self._template(model).encode_prompt(self.tokenizer, messages)
+        except TemplateError as e:
+            raise BackendError(400, str(e), param="messages") from None
+
+    def count_chat_tokens(self, model: str, messages: list[dict]) -> int:
+        return len(self.chat_ids(model, messages))
+
+    def _prepare(self, model: str, prompt: str | list[int] | None, messages: list[dict] | None,
+                 params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        """Token ids and the final sampling params (chat adds the template's stops), or BackendError."""
+        self._check_model(model)
+        if (prompt is None) == (messages is None):
+            raise BackendError(400, "give exactly one of prompt and messages", param="prompt")
+        param = "messages" if messages is not None else "prompt"
+        if messages is not None:
+            tpl = self._template(model)
+            ids = self.chat_ids(model, messages)
+            _, eos = tpl.special_tokens(self.tokenizer)
+            stop_ids = tpl.stop_token_ids(self.tokenizer)
+            stop_ids_set = set(stop_ids)
+            # a stop string that is one special token is already a stop id; the others stop on text ("USER:")
+            strings = [s.replace("{eos}", eos) for s in tpl.stop_strings]
+            strings = [s for s in strings if s and self.tokenizer.token_to_id(s) not in stop_ids_set]
+            params = dataclasses.replace(params, stop_token_ids=sorted({*params.stop_token_ids, *stop_ids}),
+                                         stop=list(dict.fromkeys([*params.stop, *strings])))
+        elif isinstance(prompt, str):
+            if not prompt:
+                raise BackendError(400, "prompt is empty", param="prompt")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.llm.config.vocab_size
+            bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+            if bad is not None:
+                raise BackendError(400, f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})",
+                                   param="prompt")
+        if not ids:
+            raise BackendError(400, f"{param} is empty", param=param)
+        limit = self.max_model_len
+        if len(ids) >= limit:
+            raise BackendError(400, f"This model's maximum context length is {limit} tokens; the {param} has "
+                               f"{len(ids)} tokens, which leaves no room for an answer", param=param,
+                               code="context_length_exceeded")
+        if len(ids) + params.max_tokens > limit:
+            raise BackendError(400, f"This model's maximum context length is {limit} tokens; you requested "
+                               f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the {param}, "
+                               f"{params.max_tokens} for max_tokens). Reduce the length of the {param} or "
+                               "max_tokens", param="max_tokens", code="context_length_exceeded")
+        return ids, params
+
+    async def generate(self, model: str, prompt: str | list[int] | None, messages: list[dict] | None,
+                       params: SamplingParams, request_id: str) -> AsyncIterator[Chunk]:
+        ids, params = self._prepare(model, prompt, messages, params)
+        self._check_running()
+        loop = asyncio.get_running_loop()
+        accepted: asyncio.Future = loop.create_future()
+        out: asyncio.Queue = asyncio.Queue()
+        adapter = None if model == self.name else model
+        route = _Route(loop, out, [""] * params.n, [0] * params.n, [False] * params.n)
+        self._commands.put(("add", request_id, ids, params, adapter, route, accepted))
+        finished = False
+        try:
+            error = await accepted
+            if isinstance(error, BackendError):
+                raise error
+            if error is not None:
+                raise BackendError(400, error, param=_param_of(error, "prompt" if messages is None else "messages"))
+            while True:
+                items = [await out.get()]
+                while not out.empty():  # a consumer that fell behind takes what piled up as fewer, bigger chunks
+                    items.append(out.get_nowait())
+                for item in _coalesce(items):
+                    if item is _DONE:
+                        finished = True
+                        return
+                    if isinstance(item, BaseException):
+                        finished = True
+                        raise BackendError(500, f"the engine failed: {item}", type="server_error")
+                    yield item
+        finally:
+            if not finished:  # the client went away (or the caller closed us early): free the KV blocks now
+                self._commands.put(("abort", request_id))
+
+    def stats(self) -> dict[str, float]:
+        return dict(self._stats)
+
+    def _check_running(self) -> None:
+        if self._failure is not None:
+            raise BackendError(503, f"the engine stopped after an error: {self._failure}", type="server_error")
+        if self._closed:
+            raise BackendError(503, "the server is shutting down", type="server_error")
+
+    async def close(self) -> None:
+        self._closed = True
+        self._commands.put(("stop",))
+        await asyncio.to_thread(self._thread.join, 30)
+
+    # ---- the engine thread ------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            idle = not self.llm.has_unfinished()
+            try:
+                commands = [self._commands.get() if idle else self._commands.get_nowait()]
+            except queue.Empty:
+                commands = []
+            while True:  # take every command that is waiting, so a burst of requests joins one step
+                try:
+                    commands.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+            for cmd in commands:
+                if cmd[0] == "stop":
+                    self._stop(RuntimeError("the server is shutting down"))
+                    return
+                if cmd[0] == "add":
+                    self._add(*cmd[1:])
+                elif cmd[0] == "abort" and cmd[1] in self._routes:
+                    self._routes.pop(cmd[1])
+                    self.llm.abort(cmd[1])
+            if self.llm.has_unfinished():
+                try:
+                    outputs = self.llm.step()
+                except Exception as e:  # noqa: BLE001 - an engine bug must end the requests, not hang them
+                    self._failure = e
+                    self._stop(e)
+                    return
+                self._stats = dict(self.llm.stats())  # before the outputs go out: a client never sees older stats
+                for output in outputs:
+                    self._dispatch(output)
+            else:
+                self._stats = dict(self.llm.stats())
+
+    def _add(self, request_id: str, ids: list[int], params: SamplingParams, adapter: str | None, route: _Route,
+             accepted: asyncio.Future) -> None:
+        try:
+            self.llm.add_request(ids, params, adapter=adapter, request_id=request_id)
+        except ValueError as e:
+            _call_in(route, _resolve, accepted, str(e))
+            return
+        except Exception as e:  # noqa: BLE001 - refuse this request, keep serving the others
+            _call_in(route, _resolve, accepted, BackendError(500, f"the engine failed: {e}", type="server_error"))
+            return
+        if _call_in(route, _resolve, accepted, None):
+            self._routes[request_id] = route
+        else:  # nobody is listening any more
+            self.llm.abort(request_id)
+
+    def _dispatch(self, output: Any) -> None:
+        route = self._routes.get(output.request_id)
+        if route is None:  # aborted meanwhile
+            return
+        for c in output.outputs:
+            i = c.index
+            if route.finished[i]:
+                continue
+            text = c.text
+            # the engine holds back text that may still become a stop string; what it shows only grows
+            new_text = text[len(route.sent_text[i]):] if text.startswith(route.sent_text[i]) else ""
+            new_ids = list(c.token_ids[route.sent_tokens[i]:])
+            if not new_text and not new_ids and c.finish_reason is None:
+                continue
+            route.sent_text[i] += new_text
+            route.sent_tokens[i] = len(c.token_ids)
+            route.finished[i] = c.finish_reason is not None
+            chunk = Chunk(i, new_text, new_ids, c.finish_reason, len(output.prompt_token_ids), len(c.token_ids))
+            if not _send(route, chunk):  # its event loop is gone (the abort is still on its way): free it now
+                self._routes.pop(output.request_id, None)
+                self.llm.abort(output.request_id)
+                return
+        if output.finished:
+            self._routes.pop(output.request_id, None)
+            _send(route, _DONE)
+
+    def _stop(self, error: BaseException) -> None:
+        """End every request with error, and refuse the ones still queued; the thread then exits."""
+        self._closed = True
+        for route in self._routes.values():
+            _send(route, error)
+        self._routes.clear()
+        refusal = BackendError(503, f"the engine stopped: {error}", type="server_error")
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _call_in(cmd[5], _resolve, cmd[6], refusal)
+
+
+def _coalesce(items: list) -> list:
+    """Merge runs of chunks of the same completion index into one (text and ids joined, the last counts kept)."""
+    merged: list = []
+    for item in items:
+        last = merged[-1] if merged else None
+        if isinstance(item, Chunk) and isinstance(last, Chunk) and last.index == item.index \
+                and last.finish_reason is None:
+            merged[-1] = Chunk(item.index, last.text + item.text, last.token_ids + item.token_ids,
+                               item.finish_reason, item.prompt_tokens, item.completion_tokens)
+        else:
+            merged.append(item)
+    return merged
+
+
+def _call_in(route: _Route, fn, *args) -> bool:
+    """Run fn(*args) on the request's event loop; False when that loop has closed."""
+    try:
+        route.loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _send(route: _Route, item: Any) -> bool:
+    return _call_in(route, route.queue.put_nowait, item)
+
+
+def _resolve(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _param_of(message: str, default: str) -> str:
+    """The request field an engine ValueError names ("temperature must be ..."), else default."""
+    first = message.split(" ", 1)[0].strip(":,")
+    return first if first.isidentifier() and first in {f.name for f in dataclasses.fields(SamplingParams)} \
+        else default

@@ -1,0 +1,181 @@
+"""The request and response bodies of the HTTP API, as pydantic models: OpenAI's completions, chat completions,
+models and errors (the fields the official client sends), plus our chat sessions.
+
+Unknown request fields are ignored, as OpenAI-compatible servers do, so a newer client still works. Range checks
+live here (pydantic turns them into a 400 naming the field); SamplingParams checks the rest again.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _Sampling(_Request):
+    """Fields shared by completions and chat completions."""
+
+    model: str
+    n: int = Field(1, ge=1, le=32)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's range
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)  # vLLM extensions: top_k, min_p, repetition_penalty
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The content as one string (content parts of type "text" joined)."""
+        if isinstance(self.content, list):
+            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)  # None: up to the context length
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    session_id: str | None = None  # ours: run this turn inside a stored chat session
+
+
+# ---- responses ------------------------------------------------------------------------------------------------------
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: Any = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: Any = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    session_id: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "camelid"
+    context_length: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# ---- chat sessions --------------------------------------------------------------------------------------------------
+
+class SessionCreate(_Request):
+    title: str | None = Field(None, max_length=500)
+    model: str | None = None
+    system_prompt: str | None = None
+
+
+class SessionUpdate(_Request):
+    title: str | None = Field(None, max_length=500)
+    model: str | None = None
+    system_prompt: str | None = None
+
+
+class SessionMessage(BaseModel):
+    role: str
+    content: str
+    created_at: float  # unix seconds
+
+
+class Session(BaseModel):
+    id: str
+    title: str
+    model: str | None
+    system_prompt: str | None
+    created_at: float  # unix seconds
+    updated_at: float
+
+
+class SessionWithMessages(Session):
+    messages: list[SessionMessage]
+
+
+class SessionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Session]
+
+
+class SessionDeleted(BaseModel):
+    id: str
+    deleted: bool = True

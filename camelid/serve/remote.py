@@ -1,0 +1,149 @@
+"""RemoteBackend: the Backend interface over a cluster. Each request asks the controller for the least-loaded live
+worker serving its model, then streams that worker's newline-delimited JSON chunks.
+
+A worker that cannot be reached before the request started is dropped and another one is picked. A worker that stops
+answering mid-request (connection reset, or nothing at all, not even the keepalive blank lines it sends every second,
+for `chunk_timeout` seconds) is dropped and the request ends with a BackendError naming the worker: never a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from camelid.engine.sampling_params import SamplingParams
+from camelid.serve.backend import Backend, BackendError, Chunk, params_to_dict
+
+__all__ = ["RemoteBackend"]
+
+log = logging.getLogger(__name__)
+
+
+class RemoteBackend(Backend):
+    def __init__(self, controller_url: str, connect_timeout: float = 2.0, chunk_timeout: float = 10.0,
+                 max_attempts: int = 3) -> None:
+        self.controller_url = controller_url.rstrip("/")
+        self.max_attempts = max_attempts
+        # read = the longest silence allowed between two lines of a worker's stream (workers send keepalives)
+        timeout = httpx.Timeout(connect=connect_timeout, read=chunk_timeout, write=chunk_timeout, pool=connect_timeout)
+        self._client = httpx.AsyncClient(timeout=timeout)
+        self._sync_client = httpx.Client(timeout=timeout)  # models() and stats() are synchronous in the interface
+        self._counters = {"requests": 0, "worker_failures": 0}
+
+    # ---- the controller ---------------------------------------------------------------------------------------------
+
+    def _controller_error(self, e: httpx.HTTPError) -> BackendError:
+        return BackendError(503, f"the controller at {self.controller_url} is unreachable: {e}", type="server_error")
+
+    def models(self) -> list[dict[str, Any]]:
+        try:
+            r = self._sync_client.get(f"{self.controller_url}/models")
+            r.raise_for_status()
+        except httpx.HTTPError as e:
+            raise self._controller_error(e) from None
+        return r.json()["data"]
+
+    async def _pick(self, model: str, reserve: bool = True) -> dict[str, str]:
+        """{name, address} of the least-loaded live worker serving `model`; BackendError 404 when there is none."""
+        try:
+            r = await self._client.post(f"{self.controller_url}/pick", json={"model": model, "reserve": reserve})
+        except httpx.HTTPError as e:
+            raise self._controller_error(e) from None
+        if r.status_code == 404:
+            raise BackendError(404, r.json()["error"]["message"], param="model", code="model_not_found")
+        if r.status_code != 200:
+            raise BackendError(503, f"the controller answered {r.status_code}: {r.text[:200]}", type="server_error")
+        return r.json()
+
+    async def _drop(self, worker: dict[str, str], reason: Exception) -> None:
+        self._counters["worker_failures"] += 1
+        log.warning("dropping worker %s at %s: %r", worker["name"], worker["address"], reason)
+        try:
+            await self._client.post(f"{self.controller_url}/drop", json={"name": worker["name"]})
+        except httpx.HTTPError:
+            pass  # the controller drops it anyway once its heartbeats stop
+
+    # ---- the Backend interface --------------------------------------------------------------------------------------
+
+    async def generate(self, model: str, prompt: str | list[int] | None, messages: list[dict] | None,
+                       params: SamplingParams, request_id: str) -> AsyncIterator[Chunk]:
+        self._counters["requests"] += 1
+        body = {"model": model, "prompt": prompt, "messages": messages, "params": params_to_dict(params),
+                "request_id": request_id}
+        for attempt in range(1, self.max_attempts + 1):
+            worker = await self._pick(model)
+            url = f"{worker['address']}/worker/generate"
+            finished, started = 0, False
+            try:
+                # Closing this generator (the client went away) leaves the `async with`, which closes the connection:
+                # the worker sees the disconnect and aborts the request in its engine.
+                async with self._client.stream("POST", url, json=body) as response:
+                    started = True
+                    if response.status_code != 200:
+                        text = (await response.aread()).decode(errors="replace")[:200]
+                        raise BackendError(502, f"worker {worker['name']} answered {response.status_code}: {text}",
+                                           type="server_error")
+                    async for line in response.aiter_lines():
+                        if not line.strip():
+                            continue  # keepalive: the worker is alive, the request is waiting or running
+                        try:
+                            data = json.loads(line)
+                        except ValueError:
+                            raise httpx.RemoteProtocolError(f"not a JSON line: {line[:80]!r}") from None
+                        if "error" in data:
+                            raise BackendError.from_dict(data["error"])
+                        chunk = Chunk(**data)
+                        finished += chunk.finish_reason is not None
+                        yield chunk
+                if finished < params.n:
+                    raise httpx.RemoteProtocolError("the stream ended before every completion finished")
+                return
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                # nothing reached the worker: drop it and try another one
+                await self._drop(worker, e)
+                if attempt == self.max_attempts:
+                    raise BackendError(503, f"no worker serving {model!r} could be reached (last: {worker['name']} "
+                                       f"at {worker['address']}: {e})", type="server_error") from None
+            except httpx.TransportError as e:
+                await self._drop(worker, e)
+                what = "stopped answering" if started else "failed"
+                if isinstance(e, httpx.ReadTimeout):
+                    what = "sent nothing for too long"
+                raise BackendError(502, f"worker {worker['name']} at {worker['address']} {what} during the request: "
+                                   f"{type(e).__name__}: {e}", type="server_error") from None
+
+    async def count_chat_tokens(self, model: str, messages: list[dict]) -> int:
+        worker = await self._pick(model, reserve=False)
+        try:
+            r = await self._client.post(f"{worker['address']}/worker/count_chat_tokens",
+                                        json={"model": model, "messages": messages})
+        except httpx.TransportError as e:
+            await self._drop(worker, e)
+            raise BackendError(502, f"worker {worker['name']} at {worker['address']} failed: {e}",
+                               type="server_error") from None
+        if r.status_code != 200:
+            raise BackendError.from_dict({**r.json().get("error", {}), "status": r.status_code})
+        return r.json()["count"]
+
+    def stats(self) -> dict[str, float]:
+        """The engine counters of the live workers (as of their last heartbeat), summed, plus ours. A controller that
+        is down is reported, not raised: /metrics stays up."""
+        out: dict[str, float] = {f"remote_{k}": v for k, v in self._counters.items()}
+        try:
+            workers = self._sync_client.get(f"{self.controller_url}/workers").json()["data"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return {**out, "controller_up": 0}
+        for worker in workers:
+            for key, value in worker.get("stats", {}).items():
+                if key != "block_size" and isinstance(value, (int, float)):
+                    out[key] = out.get(key, 0) + value
+        return {**out, "controller_up": 1, "num_workers": len(workers),
+                "requests_in_flight": sum(w["queue_length"] for w in workers)}
+
+    async def close(self) -> None:
+        await self._client.aclose()
+        self._sync_client.close()

@@ -1,0 +1,176 @@
+"""A worker of a FastChat-style cluster: one Backend (a LocalBackend over camelid.engine.LLM) behind a small HTTP API,
+registered with the controller and heartbeating its load.
+
+HTTP API:
+  POST /worker/generate  {model, prompt | messages, params: {SamplingParams fields}, request_id}
+        -> 200, newline-delimited JSON: one Chunk per line, or one {"error": {message, type, param, code, status}}
+           line (bad input, or a failure mid-stream), and an empty line every `keepalive_interval` seconds of silence
+           so the caller can tell a busy worker (blank lines keep coming) from a dead one (nothing comes).
+           The status line is sent before the first token: a request that waits in the queue is not mistaken for a hang.
+           Closing the connection aborts the request in the engine.
+  POST /worker/count_chat_tokens {model, messages} -> {"count": int}
+  GET  /worker/status -> {name, address, models, queue_length, stats}   (what it registers and heartbeats)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+from camelid.engine import SamplingParams
+from camelid.serve.backend import BackendError
+
+__all__ = ["Worker", "create_worker_app"]
+
+log = logging.getLogger(__name__)
+
+
+class GenerateRequest(BaseModel):
+    model: str
+    prompt: str | list[int] | None = None
+    messages: list[dict] | None = None
+    params: dict = {}
+    request_id: str
+
+
+class CountRequest(BaseModel):
+    model: str
+    messages: list[dict]
+
+
+def error_line(e: BackendError) -> str:
+    return json.dumps({"error": e.to_dict()}) + "\n"
+
+
+class Worker:
+    """The worker's state: its backend, its name/address for the controller, and the count of requests in flight
+    (its load, reported with each heartbeat)."""
+
+    def __init__(self, backend, name: str, address: str, controller_url: str | None,
+                 heartbeat_interval: float = 1.0, keepalive_interval: float = 1.0):
+        self.backend, self.name, self.address = backend, name, address.rstrip("/")
+        self.controller_url = controller_url.rstrip("/") if controller_url else None
+        self.heartbeat_interval, self.keepalive_interval = heartbeat_interval, keepalive_interval
+        self.in_flight = 0
+
+    async def generate_lines(self, req: GenerateRequest) -> AsyncIterator[str]:
+        """The NDJSON body of /worker/generate. The engine call runs in its own task so that silence can be filled
+        with keepalive lines without cancelling (and so breaking) the backend's async generator."""
+        self.in_flight += 1
+        stream, pending = None, None
+        try:
+            params = SamplingParams(**req.params)
+            stream = self.backend.generate(req.model, req.prompt, req.messages, params, req.request_id)
+            while True:
+                pending = asyncio.ensure_future(anext(stream))
+                while not (await asyncio.wait({pending}, timeout=self.keepalive_interval))[0]:
+                    yield "\n"
+                try:
+                    chunk, pending = pending.result(), None
+                except StopAsyncIteration:
+                    pending = None
+                    return
+                yield json.dumps(chunk.to_dict()) + "\n"
+        except BackendError as e:
+            yield error_line(e)
+        except (ValueError, TypeError) as e:  # SamplingParams validation: the server checks first, this is a backstop
+            yield error_line(BackendError(400, str(e)))
+        except Exception as e:  # noqa: BLE001  an engine failure must reach the caller as an error line, not a cut
+            log.exception("request %s failed", req.request_id)
+            yield error_line(BackendError(500, f"worker {self.name}: {e}", type="server_error"))
+        finally:
+            # the client went away (or we are done): stop the engine work for this request
+            if pending is not None and not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, BackendError):
+                    await pending
+            if stream is not None and hasattr(stream, "aclose"):
+                await stream.aclose()
+            self.in_flight -= 1
+
+    def registration(self) -> dict:
+        return {"name": self.name, "address": self.address, "models": self.backend.models(),
+                "queue_length": self.in_flight, "stats": self.backend.stats()}
+
+    async def heartbeat_loop(self) -> None:
+        """Register, then heartbeat every `heartbeat_interval` s. A controller that does not know us (it restarted,
+        or dropped us after a missed beat) answers known=false and we register again; an unreachable one is retried."""
+        registered, warned = False, False
+        async with httpx.AsyncClient(base_url=self.controller_url, timeout=2.0) as client:
+            while True:
+                try:
+                    if not registered:
+                        (await client.post("/register", json=self.registration())).raise_for_status()
+                        registered, warned = True, False
+                        log.info("worker %s registered with %s", self.name, self.controller_url)
+                    else:
+                        r = await client.post("/heartbeat", json={"name": self.name, "queue_length": self.in_flight,
+                                                                  "stats": self.backend.stats()})
+                        r.raise_for_status()
+                        registered = r.json()["known"]
+                        if not registered:
+                            continue  # register again at once
+                except (httpx.HTTPError, ValueError, KeyError) as e:  # down, restarting, or not a controller
+                    if not warned:
+                        log.warning("worker %s: controller %s unreachable (%s); retrying", self.name,
+                                    self.controller_url, e)
+                        warned = True
+                await asyncio.sleep(self.heartbeat_interval)
+
+    async def unregister(self) -> None:
+        """A clean shutdown says goodbye, so no request is routed here in the seconds before the heartbeat expires."""
+        with contextlib.suppress(httpx.HTTPError):
+            async with httpx.AsyncClient(base_url=self.controller_url, timeout=1.0) as client:
+                await client.post("/drop", json={"name": self.name})
+
+
+def create_worker_app(backend, name: str, address: str, controller_url: str | None = None,
+                      heartbeat_interval: float = 1.0, keepalive_interval: float = 1.0) -> FastAPI:
+    """The worker's FastAPI app. With `controller_url` it registers and heartbeats while it runs; the backend is
+    closed on shutdown."""
+    worker = Worker(backend, name, address, controller_url, heartbeat_interval, keepalive_interval)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(worker.heartbeat_loop()) if worker.controller_url else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await worker.unregister()
+            await backend.close()
+
+    app = FastAPI(title=f"camelid worker {name}", lifespan=lifespan)
+    app.state.worker = worker
+
+    @app.post("/worker/generate")
+    async def generate(req: GenerateRequest) -> StreamingResponse:
+        return StreamingResponse(worker.generate_lines(req), media_type="application/x-ndjson")
+
+    @app.post("/worker/count_chat_tokens")
+    async def count_chat_tokens(req: CountRequest):
+        try:
+            count = backend.count_chat_tokens(req.model, req.messages)
+            if inspect.isawaitable(count):
+                count = await count
+        except BackendError as e:
+            return JSONResponse(status_code=e.status, content={"error": e.to_dict()})
+        return {"count": count}
+
+    @app.get("/worker/status")
+    async def status() -> dict:
+        return worker.registration()
+
+    return app

@@ -1,0 +1,50 @@
+"""What the serving tests share: a tiny chat model folder (byte-level tokenizer with ChatML's special tokens, so the
+real ChatML template renders and stops on <|im_end|>), and a real uvicorn server on a free loopback port in a thread.
+Imported as `from server_zoo import ...` (a unique module name; tests/serve/conftest.py registers the fixtures)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from camelid.checkpoint import save_pretrained
+from camelid.tokenizer import Tokenizer
+from model_zoo import random_model, tiny_config
+
+SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
+TEMPLATE = "chatml"
+CONTEXT = 256  # room for a few chat turns at one token per byte
+
+
+def make_chat_model(folder: Path, context: int = CONTEXT, seed: int = 0) -> Path:
+    """A random tiny LLaMA + a 261-token byte-level tokenizer, saved as an HF folder."""
+    tokenizer = Tokenizer.train([], 256 + len(SPECIALS), special_tokens=SPECIALS, show_progress=False)
+    config = tiny_config(vocab_size=tokenizer.vocab_size, max_position_embeddings=context,
+                         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    save_pretrained(random_model(config, seed), folder)
+    tokenizer.save(folder)
+    return folder
+
+
+class ServerThread:
+    """uvicorn serving `app` on 127.0.0.1 (a port the OS picks) in a daemon thread; stop() runs the app's shutdown."""
+
+    def __init__(self, app, port: int = 0) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                    lifespan="on", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

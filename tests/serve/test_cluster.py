@@ -1,0 +1,301 @@
+"""Scale-out, FastChat style, on loopback: a real controller (`camelid controller`) and two real worker processes
+(`camelid worker`, each running the engine over a tiny model). Workers register and heartbeat; RemoteBackend routes to
+the least-loaded one; a worker that goes silent is dropped and comes back; a worker killed mid-request fails exactly
+its own requests with a clear error while the other's finish; a hung worker ends its request after the chunk timeout.
+
+The tests share one cluster (starting a worker costs seconds) and repair it as they go: a test that needs two live
+workers starts replacements for the ones an earlier test killed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from camelid.engine import LLM, SamplingParams
+from camelid.serve.backend import BackendError
+from camelid.serve.controller import Controller
+from camelid.serve.remote import RemoteBackend
+from server_zoo import TEMPLATE, ServerThread, make_chat_model
+
+HEARTBEAT_TIMEOUT = 3.0  # the controller drops a worker silent this long (workers beat every 0.5 s)
+MODEL = "tiny"
+LONG = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)  # ~seconds of decoding: time to act mid-request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.controller = subprocess.Popen([sys.executable, "-m", "camelid", "controller", "--port", str(port),
+                                            "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)])
+        self.procs: dict[str, subprocess.Popen] = {}  # the workers start meanwhile: they retry until it answers
+        self.count = 0
+
+    def live(self) -> dict[str, dict]:
+        assert self.controller.poll() is None, "the controller exited"
+        try:
+            return {w["name"]: w for w in httpx.get(f"{self.url}/workers").json()["data"]}
+        except httpx.TransportError:  # still starting
+            return {}
+
+    def wait_for(self, condition, timeout: float, what: str) -> float:
+        start = time.monotonic()
+        while not condition():
+            if time.monotonic() - start > timeout:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            time.sleep(0.1)
+        return time.monotonic() - start
+
+    def ensure_workers(self, n: int) -> list[str]:
+        """Start workers until n are alive and registered; their names, in start order."""
+        for name in [k for k, p in self.procs.items() if p.poll() is not None or k not in self.live()]:
+            self.kill(name)
+        while len(self.procs) < n:
+            self.count += 1
+            name, port = f"w{self.count}", free_port()
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "camelid", "worker", "--controller", self.url, "--model", str(self.model_dir),
+                 "--model-name", MODEL, "--template", TEMPLATE, "--port", str(port), "--name", name,
+                 "--kv-cache-memory", "16MB", "--heartbeat-interval", "0.5"], env={**os.environ, "OMP_NUM_THREADS": "1"})
+        self.wait_for(lambda: set(self.procs) <= set(self.live()), 90, f"workers {list(self.procs)} to register")
+        return list(self.procs)
+
+    def address(self, name: str) -> str:
+        return self.live()[name]["address"]
+
+    def status(self, name: str) -> dict:
+        return httpx.get(f"{self.address(name)}/worker/status").json()
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.kill()
+        proc.wait()
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.kill(name)
+        self.controller.kill()
+        self.controller.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(make_chat_model(tmp_path_factory.mktemp("cluster") / MODEL, context=512))
+    yield c
+    c.close()
+
+
+async def run(backend: RemoteBackend, prompt: str, params: SamplingParams, started: asyncio.Event | None = None,
+              request_id: str = "r", model: str = MODEL) -> tuple[str, list]:
+    """(text, finish reasons) of one request; `started` is set at its first chunk."""
+    text, reasons = "", []
+    async for chunk in backend.generate(model, prompt, None, params, request_id):
+        if started is not None:
+            started.set()
+        text += chunk.text
+        if chunk.finish_reason:
+            reasons.append(chunk.finish_reason)
+    return text, reasons
+
+
+async def start_many(backend: RemoteBackend, n: int) -> list[asyncio.Task]:
+    """n long requests, returned once each has streamed its first chunk (all are in flight on some worker)."""
+    events = [asyncio.Event() for _ in range(n)]
+    tasks = [asyncio.create_task(run(backend, f"request {i}", LONG, events[i], f"r{i}")) for i in range(n)]
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
+    return tasks
+
+
+# ---- the controller's rules, on a fake clock -----------------------------------------------------------------------
+
+def test_controller_routes_to_least_loaded_and_expires_silent_workers():
+    now = [0.0]
+    c = Controller(heartbeat_timeout=3.0, clock=lambda: now[0])
+    c.register("a", "http://a/", [{"id": "m"}, {"id": "lora"}])
+    c.register("b", "http://b", [{"id": "m"}], queue_length=5)
+    assert c.pick("nope") is None
+    assert c.pick("lora").name == "a"  # only a serves the adapter
+    assert c.workers["a"].address == "http://a"
+    # a burst between heartbeats: a's picks count as load until b (5 queued) is the lighter one
+    assert [c.pick("m").name for _ in range(6)] == ["a", "a", "a", "a", "a", "b"]
+    assert c.heartbeat("b", queue_length=0)
+    assert [c.pick("m", reserve=False).name for _ in range(2)] == ["b", "b"]
+    assert sorted(m["id"] for m in c.models()) == ["lora", "m"]
+    now[0] = 2.0
+    assert c.heartbeat("a", queue_length=1)
+    now[0] = 3.5  # b's last heartbeat was at 0: older than the timeout
+    assert set(c.live_workers()) == {"a"}
+    assert not c.heartbeat("b", 0)  # the worker learns it was dropped and registers again
+    assert c.drop("a") and not c.drop("a")
+    assert c.pick("m") is None and c.models() == []
+
+
+# ---- a real cluster ------------------------------------------------------------------------------------------------
+
+def test_workers_register_and_load_is_spread(cluster):
+    names = cluster.ensure_workers(2)
+    live = cluster.live()
+    assert all(live[n]["models"][0]["id"] == MODEL for n in names)
+    assert [m["id"] for m in httpx.get(f"{cluster.url}/models").json()["data"]] == [MODEL]
+
+    async def main():
+        backend = RemoteBackend(cluster.url)
+        try:
+            # greedy output through the cluster equals the engine run directly on the same folder
+            text, reasons = await run(backend, "Hello", SamplingParams(max_tokens=12, temperature=0))
+            reference = LLM(str(cluster.model_dir), kv_cache_memory="4MB").generate(
+                ["Hello"], SamplingParams(max_tokens=12, temperature=0))[0].outputs[0]
+            assert (text, reasons) == (reference.text, [reference.finish_reason])
+
+            tasks = await start_many(backend, 4)
+            loads = {n: cluster.status(n)["queue_length"] for n in names}
+            assert sum(loads.values()) == 4 and min(loads.values()) >= 1, loads  # both workers got requests
+            # closing the streams (the client went away) aborts the requests on the workers and frees their KV blocks
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            cluster.wait_for(lambda: all(cluster.status(n)["queue_length"] == 0 for n in names), 10, "aborts")
+            for n in names:
+                cluster.wait_for(lambda n=n: (s := cluster.status(n)["stats"])["num_free_blocks"] == s["num_blocks"],
+                                 10, f"{n} to free its KV blocks")
+            with pytest.raises(BackendError) as e:
+                await run(backend, "Hello", SamplingParams(max_tokens=4), model="no-such-model")
+            assert e.value.status == 404 and e.value.param == "model"
+            # bad input is refused by the worker's engine side before the first chunk, as the same BackendError
+            with pytest.raises(BackendError) as e:
+                await run(backend, "x" * 600, SamplingParams(max_tokens=4))
+            assert e.value.status == 400 and "context" in e.value.message
+        finally:
+            await backend.close()
+
+    asyncio.run(main())
+
+
+def test_openai_server_in_front_of_the_cluster(cluster):
+    """`camelid serve --controller URL`: the OpenAI API over RemoteBackend, driven by the official client."""
+    openai = pytest.importorskip("openai")
+    from camelid.serve.app import create_app
+
+    cluster.ensure_workers(2)
+    server = ServerThread(create_app(RemoteBackend(cluster.url)))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [MODEL]
+        messages = [{"role": "user", "content": "Hi there"}]
+        full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+        pieces = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                                stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+        assert streamed == full.choices[0].message.content and full.usage.completion_tokens > 0
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="no-such-model", prompt="Hi", max_tokens=2)
+        # /metrics sums the workers' engine counters (sent with their heartbeats)
+        blocks = sum(w["stats"]["num_blocks"] for w in cluster.live().values())
+        assert blocks > 0 and f"camelid_kv_blocks_total {blocks:g}\n" in httpx.get(f"{server.url}/metrics").text
+    finally:
+        server.stop()
+
+
+def test_silent_worker_is_dropped_and_rejoins(cluster):
+    first, second = cluster.ensure_workers(2)
+    proc = cluster.procs[first]
+    proc.send_signal(signal.SIGSTOP)  # alive but silent: no heartbeats, no answers
+    try:
+        waited = cluster.wait_for(lambda: first not in cluster.live(), HEARTBEAT_TIMEOUT + 5, f"{first} to expire")
+        assert waited <= HEARTBEAT_TIMEOUT + 5
+
+        async def main():
+            backend = RemoteBackend(cluster.url, chunk_timeout=5)
+            try:  # every request now goes to the live worker (the frozen one would time out)
+                results = await asyncio.gather(*(run(backend, f"q{i}", SamplingParams(max_tokens=4), request_id=f"q{i}")
+                                                 for i in range(3)))
+                assert all(reasons == ["length"] for _, reasons in results)
+            finally:
+                await backend.close()
+
+        asyncio.run(main())
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    # its next heartbeat is answered known=false, and it registers again
+    cluster.wait_for(lambda: first in cluster.live(), 10, f"{first} to register again")
+
+
+def test_killed_worker_fails_its_requests_and_traffic_moves(cluster):
+    victim, survivor = cluster.ensure_workers(2)
+
+    async def main():
+        backend = RemoteBackend(cluster.url)
+        try:
+            tasks = await start_many(backend, 4)
+            on_victim = cluster.status(victim)["queue_length"]
+            assert 1 <= on_victim <= 3
+            killed_at = time.monotonic()
+            cluster.kill(victim)
+            results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            # exactly the victim's requests fail, at once and with a message naming it; the others finish normally
+            assert len(errors) == on_victim, results
+            assert all(isinstance(e, BackendError) and e.status == 502 and victim in e.message for e in errors)
+            assert all(reasons == ["length"] for r in results if not isinstance(r, BaseException)
+                       for _, reasons in [r])
+            assert time.monotonic() - killed_at < 60
+            assert set(cluster.live()) == {survivor}  # dropped at once, not after the heartbeat timeout
+            text, reasons = await run(backend, "after", SamplingParams(max_tokens=4))
+            assert reasons == ["length"]
+        finally:
+            await backend.close()
+
+    asyncio.run(main())
+
+
+def test_hung_worker_ends_its_request_with_an_error(cluster):
+    names = cluster.ensure_workers(1)
+    chunk_timeout = 2.0
+
+    async def main():
+        backend = RemoteBackend(cluster.url, chunk_timeout=chunk_timeout)
+        try:
+            started = asyncio.Event()
+            task = asyncio.create_task(run(backend, "hang", LONG, started))
+            await asyncio.wait_for(started.wait(), 60)
+            for name in names:  # freeze every worker: the one running the request goes silent mid-stream
+                cluster.procs[name].send_signal(signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            with pytest.raises(BackendError) as e:
+                await asyncio.wait_for(task, chunk_timeout + 30)
+            assert e.value.status == 502 and "sent nothing" in e.value.message
+            assert time.monotonic() - stopped_at < chunk_timeout + 5
+        finally:
+            await backend.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for name in names:
+            cluster.procs[name].send_signal(signal.SIGCONT)
+            cluster.kill(name)
+
+
+def test_adapter_flags_are_checked():
+    from camelid.cli.cluster_verbs import parse_adapters
+
+    assert parse_adapters(["a=x/y", "b=z=w"]) == {"a": "x/y", "b": "z=w"}
+    for bad in (["a"], ["=x"], ["a="], ["a=x", "a=y"]):
+        with pytest.raises(ValueError, match="--adapter"):
+            parse_adapters(bad)

@@ -1,0 +1,138 @@
+"""Bad input gets a 4xx with OpenAI's error body (message, type, param), never a 500; API keys; body limit."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+KEY_A, KEY_B = "key-alice", "key-bob"
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def server(start_server, tmp_path_factory):
+    db = tmp_path_factory.mktemp("errors-db") / "chats.db"
+    return start_server(api_keys=[KEY_A, KEY_B], db=f"sqlite:///{db}", max_body_bytes=64 * 1024)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY_A}"}, timeout=30) as client:
+        yield client
+
+
+def check_error(r: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"]
+    assert set(error) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+BAD_BODIES = [  # (endpoint, body, status, param)
+    ("/v1/chat/completions", {"messages": CHAT["messages"]}, 400, "model"),  # missing field
+    ("/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
+    ("/v1/completions", {"model": "tiny"}, 400, "prompt"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": "four"}, 400, "max_tokens"),  # wrong types
+    ("/v1/chat/completions", {**CHAT, "messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
+    ("/v1/completions", {"model": "tiny", "prompt": 42}, 400, "prompt"),
+    ("/v1/chat/completions", {**CHAT, "stream": "yes please"}, 400, "stream"),
+    ("/v1/chat/completions", {**CHAT, "model": "gpt-17"}, 404, "model"),  # unknown model
+    ("/v1/completions", {"model": "gpt-17", "prompt": "hi"}, 404, "model"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x" * 300}, 400, "prompt"),  # longer than the context (256)
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 300}]}, 400, "messages"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x" * 200, "max_tokens": 100}, 400, "max_tokens"),  # sum > ctx
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": -3}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 10_000}, 400, "max_tokens"),  # over the context
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 256}, 400, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": -0.1}, 400, "temperature"),
+    ("/v1/chat/completions", {**CHAT, "top_p": 0}, 400, "top_p"),
+    ("/v1/chat/completions", {**CHAT, "n": 0}, 400, "n"),
+    ("/v1/completions", {"model": "tiny", "prompt": [5, 999999]}, 400, "prompt"),  # token id outside the vocab
+    ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt"),
+    ("/v1/chat/completions", {**CHAT, "stop": [""]}, 400, "stop"),
+]
+
+
+@pytest.mark.parametrize("endpoint,body,status,param", BAD_BODIES, ids=[f"{i}" for i in range(len(BAD_BODIES))])
+def test_bad_bodies_get_openai_errors(http, endpoint, body, status, param):
+    check_error(http.post(endpoint, json=body), status, param)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_input_when_streaming_is_still_a_status_code(http, stream):
+    r = http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 10_000, "stream": stream})
+    check_error(r, 400, "max_tokens")
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "x" * 300, "stream": stream})
+    check_error(r, 400, "prompt")
+
+
+def test_malformed_json(http):
+    r = http.post("/v1/chat/completions", content=b'{"model": "tiny", "messages": [',
+                  headers={"Content-Type": "application/json"})
+    assert "JSON" in check_error(r, 400)["message"]
+    r = http.post("/v1/chat/completions", content=b"[1, 2]", headers={"Content-Type": "application/json"})
+    check_error(r, 400)
+
+
+def test_oversized_body_gets_413(http):
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 100_000}]}
+    check_error(http.post("/v1/chat/completions", json=big), 413)
+
+    def chunks():  # no Content-Length: the limit must hold for a streamed body too
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(20):
+            yield b"x" * 8192
+        yield b'"}'
+    check_error(http.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"}), 413)
+
+
+def test_unknown_route_and_method(http):
+    check_error(http.get("/v1/nothing-here"), 404)
+    check_error(http.get("/v1/chat/completions"), 405)
+
+
+def test_api_keys(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY_A}):
+        r = httpx.post(server.url + "/v1/chat/completions", json=CHAT, headers=headers)
+        assert check_error(r, 401)["type"] == "authentication_error"
+        check_error(httpx.get(server.url + "/v1/models", headers=headers), 401)
+        check_error(httpx.get(server.url + "/v1/sessions", headers=headers), 401)
+    for key in (KEY_A, KEY_B):
+        r = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200
+    assert httpx.get(server.url + "/health").status_code == 200  # probes need no key
+
+
+def test_another_users_session_is_not_found(server, http):
+    sid = http.post("/v1/sessions", json={"title": "alice's"}).json()["id"]
+    bob = {"Authorization": f"Bearer {KEY_B}"}
+    check_error(httpx.get(f"{server.url}/v1/sessions/{sid}", headers=bob), 404)
+    check_error(httpx.patch(f"{server.url}/v1/sessions/{sid}", json={"title": "mine"}, headers=bob), 404)
+    check_error(httpx.delete(f"{server.url}/v1/sessions/{sid}", headers=bob), 404)
+    r = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "session_id": sid}, headers=bob)
+    check_error(r, 404, "session_id")
+    assert httpx.get(server.url + "/v1/sessions", headers=bob).json()["data"] == []
+    assert http.get(f"/v1/sessions/{sid}").json()["title"] == "alice's"  # untouched
+    check_error(http.post("/v1/sessions", json={"model": "gpt-17"}), 404, "model")
+
+
+def test_no_500_was_ever_sent(server, http):
+    http.post("/v1/chat/completions", json=CHAT)  # one request of each kind, so the test stands alone
+    http.post("/v1/chat/completions", json={**CHAT, "temperature": -1})
+    httpx.get(server.url + "/v1/models")
+    http.post("/v1/completions", json={"model": "tiny", "prompt": "x" * 100_000})
+    metrics = httpx.get(server.url + "/metrics").text
+    statuses = {line.split('status="')[1].split('"')[0] for line in metrics.splitlines()
+                if line.startswith("camelid_requests_total")}
+    assert "200" in statuses and "400" in statuses and "401" in statuses and "413" in statuses
+    assert not any(s.startswith("5") for s in statuses), metrics
+    assert json.loads(http.get("/v1/models").text)["data"][0]["id"] == "tiny"

@@ -1,0 +1,214 @@
+"""The official openai client against a real server (uvicorn on a loopback port) over the engine."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from camelid.checkpoint import from_pretrained
+from camelid.generate import generate_ids
+from camelid.templates import get_template
+from camelid.tokenizer import Tokenizer
+from server_zoo import TEMPLATE
+
+HELLO = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello to the camel."}]
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    return start_server()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(chat_model_dir):
+    """The reference generator (static KV cache, no engine) and the tokenizer."""
+    return from_pretrained(chat_model_dir), Tokenizer(chat_model_dir)
+
+
+def test_models_list(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny"]
+    assert models[0].model_extra["context_length"] == 256
+
+
+def test_completion_matches_reference_generator(client, reference):
+    model, tokenizer = reference
+    r = client.completions.create(model="tiny", prompt="The camel walks", max_tokens=12, temperature=0)
+    ids = tokenizer.encode("The camel walks")
+    expected = generate_ids(model, [ids], 12, stop_ids=tokenizer.stop_ids, temperature=0)[0]
+    assert r.choices[0].text == tokenizer.decode(expected)
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.usage.completion_tokens == len(expected)
+    assert r.usage.total_tokens == len(ids) + len(expected)
+    assert r.choices[0].finish_reason == ("length" if len(expected) == 12 else "stop")
+
+
+def test_chat_uses_the_template_and_matches_reference(client, reference):
+    model, tokenizer = reference
+    tpl = get_template(TEMPLATE)
+    prompt = tpl.encode_prompt(tokenizer, HELLO)
+    stops = set(tpl.stop_token_ids(tokenizer)) | set(tokenizer.stop_ids)
+    expected = generate_ids(model, [prompt], 10, stop_ids=stops, temperature=0)[0]
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=10, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == tokenizer.decode(expected)
+    assert r.usage.prompt_tokens == len(prompt)
+    assert r.usage.completion_tokens == len(expected)
+
+
+def test_streamed_chat_equals_non_streamed(client):
+    kwargs = dict(model="tiny", messages=HELLO, max_tokens=24, temperature=0)
+    whole = client.chat.completions.create(**kwargs)
+    pieces, finish, usage = [], None, None
+    for chunk in client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_streamed_completion_equals_non_streamed(client):
+    kwargs = dict(model="tiny", prompt="Camels store fat", max_tokens=20, temperature=0)
+    whole = client.completions.create(**kwargs).choices[0].text
+    assert "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True) if c.choices) == whole
+
+
+def test_n_two_samples_two_choices(client):
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=1.0, n=2, seed=3)
+    assert [c.index for c in r.choices] == [0, 1]
+    texts = [c.message.content for c in r.choices]
+    assert texts[0] != texts[1]  # two independent samples of 8 random-model tokens
+    # the same seed gives the same pair again
+    again = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=1.0, n=2, seed=3)
+    assert [c.message.content for c in again.choices] == texts
+    # usage counts the tokens of both choices, the prompt once
+    single = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0)
+    assert r.usage.prompt_tokens == single.usage.prompt_tokens
+    assert r.usage.completion_tokens == sum(8 if c.finish_reason == "length" else 0 for c in r.choices) or \
+        any(c.finish_reason == "stop" for c in r.choices)
+
+
+def test_stop_string_cuts_the_text(client):
+    kwargs = dict(model="tiny", prompt="The camel walks", max_tokens=24, temperature=0)
+    text = client.completions.create(**kwargs).choices[0].text
+    stop = next(text[i:i + 2] for i in range(3, len(text) - 2) if text[i:i + 2].isprintable() and text[i:i + 2].strip())
+    r = client.completions.create(**kwargs, stop=[stop])
+    assert r.choices[0].text == text[:text.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_errors_raise_the_clients_exceptions(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="no-such-model", messages=HELLO)
+    assert e.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x" * 400, max_tokens=4)
+    assert e.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=HELLO, temperature=-0.5)
+    assert e.value.body["param"] == "temperature"
+
+
+def test_client_disconnect_aborts_and_frees_blocks(server, slow_engine):
+    backend = server.backend
+    before = backend.stats()
+    assert before["num_free_blocks"] == before["num_blocks"]
+    body = {"model": "tiny", "prompt": "A long story:", "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as http, http.stream("POST", server.url + "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        while not next(lines).startswith("data: {"):
+            pass
+        mid = backend.stats()
+        assert mid["num_free_blocks"] < mid["num_blocks"]  # the request holds KV blocks while it streams
+    # leaving the block closed the connection mid-stream
+    deadline = time.monotonic() + 10
+    while (s := backend.stats())["num_free_blocks"] != s["num_blocks"] or s["num_running"]:
+        assert time.monotonic() < deadline, f"blocks not freed after the client left: {s}"
+        time.sleep(0.02)
+    generated = s["generated_tokens"] - before["generated_tokens"]
+    assert generated < 200  # aborted, not run to max_tokens
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "camelid_kv_blocks_used 0" in metrics
+
+
+@pytest.fixture
+def slow_engine(server, monkeypatch):
+    """Each engine step takes >= 10 ms, so a 220-token request surely outlives a client that leaves early."""
+    llm = server.backend.llm
+    step = llm.step
+
+    def slow_step():
+        time.sleep(0.01)
+        return step()
+    monkeypatch.setattr(llm, "step", slow_step)  # the engine thread looks the method up at every step
+
+
+def test_a_plain_request_whose_client_gives_up_is_aborted_too(server, slow_engine):
+    backend = server.backend
+    before = backend.stats()["generated_tokens"]
+    body = {"model": "tiny", "prompt": "Another long story:", "max_tokens": 220, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client hangs up after 0.3 s
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.3))
+    deadline = time.monotonic() + 10
+    while (s := backend.stats())["num_free_blocks"] != s["num_blocks"] or s["num_running"]:
+        assert time.monotonic() < deadline, f"blocks not freed after the client left: {s}"
+        time.sleep(0.02)
+    assert s["generated_tokens"] - before < 220
+
+
+def test_openapi_schema_lists_the_endpoints(server):
+    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    for path in ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/sessions", "/v1/sessions/{session_id}",
+                 "/health", "/metrics"):
+        assert path in paths
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    page = httpx.get(server.url + "/")  # the web chat page, when its files are installed
+    assert page.status_code == 200 and "<html" in page.text.lower() or page.json()["error"]["message"]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # peft calls a deprecated transformers name
+def test_a_lora_adapter_is_its_own_model(start_server, chat_model_dir, reference, transformers, tmp_path):
+    peft = pytest.importorskip("peft")
+    import torch
+
+    from camelid.peft import load_adapter
+
+    # a PEFT adapter made by peft itself, with non-zero B so it changes the output
+    hf = transformers.AutoModelForCausalLM.from_pretrained(chat_model_dir, dtype=torch.float32)
+    lora = peft.get_peft_model(hf, peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                                                   target_modules=["q_proj", "v_proj", "down_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    lora.save_pretrained(tmp_path / "camel-lora")
+
+    server = start_server(adapters={"camel-lora": str(tmp_path / "camel-lora")})
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list().data] == ["tiny", "camel-lora"]
+    _, tokenizer = reference
+    tpl = get_template(TEMPLATE)
+    prompt = tpl.encode_prompt(tokenizer, HELLO)
+    stops = set(tpl.stop_token_ids(tokenizer)) | set(tokenizer.stop_ids)
+    tuned = load_adapter(from_pretrained(chat_model_dir), tmp_path / "camel-lora")
+    expected = tokenizer.decode(generate_ids(tuned, [prompt], 10, stop_ids=stops, temperature=0)[0])
+    answers = {m: client.chat.completions.create(model=m, messages=HELLO, max_tokens=10, temperature=0)
+               .choices[0].message.content for m in ("tiny", "camel-lora")}
+    assert answers["camel-lora"] == expected
+    assert answers["camel-lora"] != answers["tiny"]
+    server.stop()

@@ -1,0 +1,271 @@
+"""Chat sessions on SQLite and on a real PostgreSQL: the store, the HTTP API, history in follow-up turns (and the
+prefix cache skipping it), trimming that keeps the system prompt, and durability across restarts and kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from camelid.serve.sessions import DEFAULT_TITLE, SessionStore
+from camelid.templates import get_template
+from camelid.tokenizer import Tokenizer
+from server_zoo import TEMPLATE
+
+SYSTEM = "You are a camel who answers every question about deserts."
+
+
+# ---- the store -------------------------------------------------------------------------------------------------------
+
+def test_store_crud_and_isolation(db_url):
+    store = SessionStore(db_url)
+    a1 = store.create("alice", "first", "tiny", "be brief")
+    time.sleep(0.01)
+    a2 = store.create("alice")
+    b1 = store.create("bob", "bob's")
+    assert a2["title"] == DEFAULT_TITLE and a2["system_prompt"] is None
+    assert [s["id"] for s in store.list("alice")] == [a2["id"], a1["id"]]  # newest first
+    assert [s["id"] for s in store.list("bob")] == [b1["id"]]
+
+    assert store.append("alice", a1["id"], [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    assert store.append("alice", a1["id"], [{"role": "user", "content": "again"}])
+    got = store.get("alice", a1["id"])
+    assert [(m["role"], m["content"]) for m in got["messages"]] == [("user", "hi"), ("assistant", "yo"),
+                                                                     ("user", "again")]
+    assert got["system_prompt"] == "be brief" and got["model"] == "tiny"
+    assert [s["id"] for s in store.list("alice")][0] == a1["id"]  # a new message moves it to the top
+
+    updated = store.update("alice", a1["id"], title="renamed", system_prompt="be verbose")
+    assert updated["title"] == "renamed" and updated["system_prompt"] == "be verbose"
+    assert updated["updated_at"] >= got["updated_at"]
+
+    # bob reaches none of alice's sessions, by any method
+    assert store.get("bob", a1["id"]) is None
+    assert store.update("bob", a1["id"], title="mine") is None
+    assert not store.append("bob", a1["id"], [{"role": "user", "content": "intruder"}])
+    assert not store.delete("bob", a1["id"])
+    assert len(store.get("alice", a1["id"])["messages"]) == 3
+
+    assert store.delete("alice", a1["id"])
+    assert store.get("alice", a1["id"]) is None
+    assert not store.delete("alice", a1["id"])
+    assert [s["id"] for s in store.list("alice")] == [a2["id"]]
+    store.close()
+
+    reopened = SessionStore(db_url)  # written data is on disk, not in the connection
+    assert [s["id"] for s in reopened.list("alice")] == [a2["id"]]
+    assert reopened.get("bob", b1["id"])["title"] == "bob's"
+    reopened.close()
+
+
+def test_store_rejects_bad_urls(tmp_path):
+    with pytest.raises(ValueError, match="unknown session database URL"):
+        SessionStore("mysql://x")
+    with pytest.raises(FileNotFoundError):
+        SessionStore(f"sqlite:///{tmp_path}/missing/dir/chats.db")
+
+
+def test_sqlite_is_in_wal_mode(tmp_path):
+    store = SessionStore(f"sqlite:///{tmp_path}/chats.db")
+    assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.create("u")
+    assert (tmp_path / "chats.db-wal").exists()
+    store.close()
+
+
+# ---- over HTTP -------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def chat_tools(chat_model_dir):
+    tokenizer = Tokenizer(chat_model_dir)
+    tpl = get_template(TEMPLATE)
+    return lambda messages: len(tpl.encode_prompt(tokenizer, messages))
+
+
+def _stream_turn(http: httpx.Client, body: dict) -> tuple[str, dict]:
+    text, usage = "", None
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True,
+                                                           "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = httpx.Response(200, content=line[6:]).json()
+            assert event.get("session_id") == body["session_id"]
+            usage = event.get("usage") or usage
+            text += "".join(c["delta"].get("content", "") for c in event["choices"])
+    return text, usage
+
+
+def test_session_turns_history_prefix_cache_and_restart(start_server, db_url, chat_tools):
+    server = start_server(db=db_url)
+    http = httpx.Client(base_url=server.url, timeout=60)
+    session = http.post("/v1/sessions", json={"system_prompt": SYSTEM, "model": "tiny"}).json()
+    sid = session["id"]
+    assert session["title"] == DEFAULT_TITLE and session["system_prompt"] == SYSTEM
+
+    turn1 = [{"role": "user", "content": "Where do camels live?"}]
+    r1 = http.post("/v1/chat/completions", json={"model": "tiny", "messages": turn1, "max_tokens": 12,
+                                                 "temperature": 0, "session_id": sid}).json()
+    assert r1["session_id"] == sid
+    answer1 = r1["choices"][0]["message"]["content"]
+    assert r1["usage"]["prompt_tokens"] == chat_tools([{"role": "system", "content": SYSTEM}, *turn1])
+
+    hits = server.backend.stats()["prefix_cache_hit_tokens"]
+    turn2 = [{"role": "user", "content": "And what do they eat?"}]
+    answer2, usage2 = _stream_turn(http, {"model": "tiny", "messages": turn2, "max_tokens": 12, "temperature": 0,
+                                          "session_id": sid})
+    full = [{"role": "system", "content": SYSTEM}, *turn1, {"role": "assistant", "content": answer1}, *turn2]
+    assert usage2["prompt_tokens"] == chat_tools(full)  # the prompt holds the system prompt and the history
+    # the engine's prefix cache served the history it had computed for turn 1 (whole blocks of it)
+    gained = server.backend.stats()["prefix_cache_hit_tokens"] - hits
+    assert gained >= 16 * ((r1["usage"]["prompt_tokens"] - 1) // 16)
+    assert gained >= 16
+
+    stored = http.get(f"/v1/sessions/{sid}").json()
+    assert [(m["role"], m["content"]) for m in stored["messages"]] == [
+        ("user", turn1[0]["content"]), ("assistant", answer1), ("user", turn2[0]["content"]), ("assistant", answer2)]
+    assert stored["title"] == turn1[0]["content"]  # titled by its first message
+
+    assert http.patch(f"/v1/sessions/{sid}", json={"title": "Camels"}).json()["title"] == "Camels"
+    other = http.post("/v1/sessions", json={"title": "to delete"}).json()["id"]
+    listed = http.get("/v1/sessions").json()["data"]
+    assert [s["id"] for s in listed] == [other, sid]
+    assert http.delete(f"/v1/sessions/{other}").json() == {"id": other, "deleted": True}
+    assert http.get(f"/v1/sessions/{other}").status_code == 404
+    http.close()
+    server.stop()
+
+    # a new server over the same database finds everything the old one acknowledged
+    again = start_server(db=db_url)
+    with httpx.Client(base_url=again.url, timeout=60) as http:
+        assert [s["id"] for s in http.get("/v1/sessions").json()["data"]] == [sid]
+        after = http.get(f"/v1/sessions/{sid}").json()
+        assert after["title"] == "Camels" and after["messages"] == stored["messages"]
+    again.stop()
+
+
+def test_history_is_trimmed_from_the_oldest_turns_keeping_the_system_prompt(start_server, db_url, chat_tools):
+    server = start_server(db=db_url)
+    sid = httpx.post(server.url + "/v1/sessions", json={"system_prompt": SYSTEM}).json()["id"]
+    history = []
+    for i in range(8):  # ~8 x 60 tokens: far more than the 256-token context
+        history += [{"role": "user", "content": f"Question number {i}: tell me about dune {i}?"},
+                    {"role": "assistant", "content": f"Answer number {i}: dune {i} is tall and sandy."}]
+    writer = SessionStore(db_url)  # the history as an earlier conversation left it
+    writer.append("anonymous", sid, history)
+    writer.close()
+
+    new = [{"role": "user", "content": "Which dune is tallest?"}]
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": new, "max_tokens": 8, "session_id": sid}).json()
+    system = [{"role": "system", "content": SYSTEM}]
+    # expected: the longest suffix of whole turns that fits the context next to max_tokens, after the system prompt
+    fits = [k for k in range(0, len(history) + 1, 2) if chat_tools(system + history[k:] + new) <= 256 - 8]
+    assert 0 < fits[0] < len(history)  # some turns were dropped, some kept
+    assert r["usage"]["prompt_tokens"] == chat_tools(system + history[fits[0]:] + new)
+    # storage keeps everything: trimming only shapes the prompt
+    stored = httpx.get(f"{server.url}/v1/sessions/{sid}").json()["messages"]
+    assert len(stored) == len(history) + 2
+    server.stop()
+
+
+def test_an_aborted_stream_stores_what_was_produced(start_server, tmp_path):
+    server = start_server(db=f"sqlite:///{tmp_path}/chats.db")
+    sid = httpx.post(server.url + "/v1/sessions", json={}).json()["id"]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a long story"}], "max_tokens": 200,
+            "temperature": 0, "stream": True, "session_id": sid}
+    received = ""
+    with httpx.Client(timeout=30) as http, http.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                received += "".join(c["delta"].get("content", "") for c in
+                                    httpx.Response(200, content=line[6:]).json()["choices"])
+            if len(received) >= 3:
+                break
+    deadline = time.monotonic() + 10
+    while len(messages := httpx.get(f"{server.url}/v1/sessions/{sid}").json()["messages"]) < 2:
+        assert time.monotonic() < deadline, "the aborted turn was not stored"
+        time.sleep(0.05)
+    assert messages[0] == {**messages[0], "role": "user", "content": "Tell me a long story"}
+    assert messages[1]["role"] == "assistant" and messages[1]["content"].startswith(received)
+    s = server.backend.stats()
+    assert s["num_running"] == 0 and s["num_free_blocks"] == s["num_blocks"]
+    server.stop()
+
+
+# ---- kill -9 -----------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(model_dir: Path, db: str, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "camelid", "serve", "--model", str(model_dir), "--name", "tiny",
+                             "--template", TEMPLATE, "--db", db, "--port", str(port), "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"camelid serve exited: {proc.stderr.read().decode()}")
+        assert time.monotonic() < deadline, "camelid serve did not start"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_sessions_survive_kill_9(chat_model_dir, db_url):
+    port = _free_port()
+    proc = _serve(chat_model_dir, db_url, port)
+    url = f"http://127.0.0.1:{port}"
+    written = {}
+    try:
+        for i in range(3):
+            sid = httpx.post(url + "/v1/sessions", json={"title": f"chat {i}", "system_prompt": SYSTEM}).json()["id"]
+            r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+                "model": "tiny", "messages": [{"role": "user", "content": f"hello {i}"}], "max_tokens": 4,
+                "session_id": sid})
+            assert r.status_code == 200
+            written[sid] = httpx.get(f"{url}/v1/sessions/{sid}").json()
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no shutdown, no flush, no close
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # what the killed server acknowledged is in the database (read by a fresh connection, as the next server would)
+    store = SessionStore(db_url)
+    try:
+        assert {s["id"] for s in store.list("anonymous")} == set(written)
+        for sid, before in written.items():
+            assert store.get("anonymous", sid) == before
+            assert [m["role"] for m in before["messages"]] == ["user", "assistant"]
+    finally:
+        store.close()
+
+
+def test_a_lost_postgres_connection_is_one_clean_error_then_reconnects(start_server, postgres_url):
+    import psycopg
+
+    server = start_server(db=postgres_url)
+    sid = httpx.post(server.url + "/v1/sessions", json={"title": "kept"}).json()["id"]
+    store = server.server.config.app.state.sessions
+    with psycopg.connect(postgres_url, autocommit=True) as admin:  # as a database restart would
+        admin.execute("SELECT pg_terminate_backend(%s)", (store._conn.info.backend_pid,))
+    r = httpx.get(server.url + "/v1/sessions")
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"  # shaped, and not a hang
+    r = httpx.get(server.url + "/v1/sessions")
+    assert r.status_code == 200 and sid in [s["id"] for s in r.json()["data"]]
+    server.stop()
