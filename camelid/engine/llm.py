@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Iterator, Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from camelid.engine.scheduler import Scheduler
 from camelid.engine.sequence import Sequence
 from camelid.generate import StopStrings
 from camelid.model import Transformer
+from camelid.monitor import decode_bytes_per_step
 from camelid.tokenizer import StreamDecoder, Tokenizer
 
 CPU_KV_CACHE_BYTES = 2**30  # default KV budget on CPU (GPU: 90% of the memory left after the weights)
@@ -115,6 +117,7 @@ class LLM:
         self._adapter_keys: dict[str, str] = {}  # name -> prefix-cache root, new on every load
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []  # aborted requests' last outputs, returned by the next step
+        self._decode_bandwidth: float | None = None  # bytes/s of recent decode-only steps (stats())
         self._ids = itertools.count()
         self._loads = itertools.count()
         for name, folder in (adapters or {}).items():
@@ -207,14 +210,28 @@ class LLM:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        start = time.perf_counter()
         result = self.runner.run(batch)
-        self.scheduler.postprocess(batch, result.token_ids.tolist())
+        token_ids = result.token_ids.tolist()  # waits for the device: the step's time is complete here
+        if all(n == 1 for n in batch.num_new_tokens):
+            self._record_decode(batch, time.perf_counter() - start)
+        self.scheduler.postprocess(batch, token_ids)
         sampled = []
         for (seq, _), entry in zip(batch.samples, result.logprob_entries()):
             if seq.logprobs is not None and entry is not None and len(seq.logprobs) < seq.num_output_tokens:
                 seq.logprobs.append(entry)
             sampled.append(seq)
         return sampled
+
+    def _record_decode(self, batch, seconds: float) -> None:
+        """Achieved memory bandwidth of a decode-only step (camelid.monitor.decode_bytes_per_step: every weight
+        once + each sequence's KV cache, over the step's time), smoothed over recent steps for /metrics."""
+        context = sum(seq.num_computed_tokens for seq in batch.seqs) // len(batch.seqs)
+        kv_dtype = self.model.lm_head.weight.dtype  # the paged cache's dtype (_num_blocks)
+        moved = decode_bytes_per_step(self.model, len(batch.seqs), context, kv_dtype)["total"]
+        rate = moved / max(seconds, 1e-9)
+        previous = self._decode_bandwidth
+        self._decode_bandwidth = rate if previous is None else 0.9 * previous + 0.1 * rate
 
     def step(self) -> list[RequestOutput]:
         """One scheduler step. Returns the requests whose output changed (finished ones included)."""
@@ -333,4 +350,5 @@ class LLM:
                 "num_free_blocks": bm.num_free_blocks, "block_size": bm.block_size,
                 "prefix_cache_hit_tokens": s.prefix_cache_hit_tokens,
                 "prompt_tokens_computed": s.prompt_tokens_computed, "generated_tokens": s.generated_tokens,
-                "num_preemptions": s.num_preemptions}
+                "num_preemptions": s.num_preemptions,
+                **({"decode_bandwidth_bytes_per_s": self._decode_bandwidth} if self._decode_bandwidth else {})}

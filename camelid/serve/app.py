@@ -163,6 +163,11 @@ class Metrics:
         for key, help in counters.items():
             if key in s:
                 metric(f"engine_{key}_total", "counter", help, float(s[key]))
+        if "decode_bandwidth_bytes_per_s" in s:
+            metric("decode_bandwidth_bytes_per_second", "gauge", "Memory bandwidth achieved by recent decode steps "
+                   "(weights + KV cache read per step / step time).", float(s["decode_bandwidth_bytes_per_s"]))
+        for key in sorted(k for k in s if k.startswith("device_")):  # camelid.monitor: GPU via NVML, else CPU / RSS
+            metric(key, "gauge", f"camelid.monitor's {key.removeprefix('device_')} of the serving device.", float(s[key]))
         return "\n".join(lines) + "\n"
 
 

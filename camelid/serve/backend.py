@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from camelid.engine.sampling_params import SamplingParams
+from camelid.monitor import Monitor
 from camelid.templates import TemplateError, for_tokenizer, get_template
 
 OWNER = "camelid"
@@ -128,6 +129,7 @@ class LocalBackend(Backend):
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._routes: dict[str, _Route] = {}  # owned by the engine thread
         self._stats: dict[str, float] = dict(llm.stats())  # refreshed by the engine thread after each step
+        self._monitor = Monitor.for_device(llm.device)  # GPU utilisation / memory / power, or process CPU and RSS
         self._failure: BaseException | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="camelid-engine", daemon=True)
@@ -251,7 +253,8 @@ class LocalBackend(Backend):
                 self._commands.put(("abort", request_id))
 
     def stats(self) -> dict[str, float]:
-        return dict(self._stats)
+        device = {f"device_{k}": v for k, v in self._monitor.sample().items() if v is not None}
+        return {**self._stats, **device}
 
     def _check_running(self) -> None:
         if self._failure is not None:

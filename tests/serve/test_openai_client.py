@@ -143,6 +143,10 @@ def test_client_disconnect_aborts_and_frees_blocks(server, slow_engine):
     assert generated < 200  # aborted, not run to max_tokens
     metrics = httpx.get(server.url + "/metrics").text
     assert "camelid_kv_blocks_used 0" in metrics
+    # the serving monitor: decode bandwidth from the engine's decode steps, and the device's (here CPU) counters
+    gauges = dict(line.split() for line in metrics.splitlines() if line and not line.startswith("#") and "{" not in line)
+    assert float(gauges["camelid_decode_bandwidth_bytes_per_second"]) > 0
+    assert float(gauges["camelid_device_rss_gb"]) > 0 and "camelid_device_cpu_percent" in gauges
 
 
 @pytest.fixture
