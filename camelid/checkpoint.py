@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 
 from camelid.config import ModelConfig
 from camelid.model import Transformer
-from camelid.peft import load_adapter, merge_lora
+from camelid.peft import load_adapter, merge_adapter
+from camelid.quant import prepare_quantized, quant_tensor_keys, quantization_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -120,11 +121,14 @@ def from_pretrained(path: str | Path, device: str | torch.device | None = None,
     files = weight_files(path)
     dtype = parse_dtype(dtype) or parse_dtype(config.dtype)
     device = torch.device(device or "cpu")
+    quantized = json.loads((path / "config.json").read_text()).get("quantization_config")
 
     with torch.device("meta"):
         model = Transformer(config)
+    model.to(dtype)  # on meta: free; quantized layers below keep their own buffer dtypes
+    if quantized:  # `camelid quantize` output: swap in empty quantized layers, filled by load_weights
+        prepare_quantized(model, quantized, where=str(path / "config.json"))
     model.to_empty(device=device)
-    model.to(dtype)
     model.tie_weights()  # to_empty made separate tensors of the tied pair
     model.reset_buffers()
     load_weights(model, path, files)
@@ -166,9 +170,10 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # HF re-ties it from embed_tokens; safetensors refuses shared storage
+    packed = quant_tensor_keys(model)  # quantized codes and scales keep their own dtypes
     if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    stored_dtype = next(iter(state.values())).dtype
+        state = {k: v if k in packed else v.to(dtype) for k, v in state.items()}
+    stored_dtype = next(v.dtype for k, v in state.items() if k not in packed)
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -204,6 +209,9 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
             stale.unlink()
 
     hf = config.replace(dtype=str(stored_dtype).removeprefix("torch.")).to_hf()
+    quantized = quantization_config(model)
+    if quantized is not None:
+        hf["quantization_config"] = quantized
     _atomic_write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                   "pad_token_id": config.pad_token_id}
@@ -215,13 +223,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 
 def merge_adapter_folder(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
-    """`camelid merge`: base HF folder + PEFT LoRA folder -> a merged HF folder (tokenizer files copied along).
-    The merge is done in fp32 and saved in the base checkpoint's dtype."""
+    """`camelid merge`: base HF folder + a LoRA / DoRA / IA3 adapter folder -> a merged HF folder (tokenizer files
+    copied along). The merge is done in fp32 and saved in the base checkpoint's dtype."""
     base, out = Path(base), Path(out)
     stored = parse_dtype(ModelConfig.from_hf(base / "config.json").dtype)
     model = from_pretrained(base, dtype=torch.float32)
     load_adapter(model, adapter)
-    merge_lora(model)
+    merge_adapter(model)
     save_pretrained(model, out, dtype=stored)
     for name in TOKENIZER_FILES:
         if (base / name).is_file():

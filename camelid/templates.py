@@ -20,6 +20,7 @@ import json
 import re
 from dataclasses import dataclass, replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 IGNORE_INDEX = -100  # the label of tokens that are not predicted (same value as camelid.train.loss)
@@ -240,6 +241,17 @@ TEMPLATES: dict[str, ChatTemplate] = {
 TEMPLATES["vicuna_v1.1"] = TEMPLATES["vicuna"]
 # Qwen 1.5 / 2 / 2.5: ChatML with a default system prompt
 TEMPLATES["qwen"] = replace(TEMPLATES["chatml"], name="qwen", default_system="You are a helpful assistant.")
+
+
+TEMPLATE_FILE = "camelid_template.json"  # {"template": NAME} in a fine-tuned folder; NAME "model" = the tokenizer's own
+
+
+def recorded_template(folder: str | Path) -> str | None:
+    """The template name a fine-tuning run recorded in its final folder ("model" = the tokenizer's own), or None."""
+    file = Path(folder) / TEMPLATE_FILE
+    if not file.is_file():
+        return None
+    return json.loads(file.read_text()).get("template")
 
 
 def get_template(name: str) -> ChatTemplate:

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from camelid.checkpoint import CheckpointError
-from camelid.cli import model_verbs, plan_verbs, train_verbs
+from camelid.cli import cluster_verbs, model_verbs, plan_verbs, quant_verbs, serve_verbs, train_verbs
 from camelid.cli.model_verbs import build_byte_tokenizer
 from camelid.config import ConfigError
 from camelid.tokenizer import TokenizerError
@@ -23,7 +23,7 @@ BAD_INPUT = (FileNotFoundError, NotADirectoryError, ConfigError, CheckpointError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="camelid", description="LLaMA-family models: plan, train, tune, serve.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for group in (model_verbs, train_verbs, plan_verbs):
+    for group in (model_verbs, train_verbs, plan_verbs, cluster_verbs, serve_verbs, quant_verbs):
         group.register(verbs, argparse.RawDescriptionHelpFormatter)
     return parser
 

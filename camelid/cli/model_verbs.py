@@ -16,8 +16,7 @@ from camelid.generate import stream
 from camelid.model import Transformer
 from camelid.tokenizer import Tokenizer
 from camelid.peft import load_adapter
-from camelid.templates import for_tokenizer, get_template
-from camelid.train.finetune import recorded_template
+from camelid.templates import for_tokenizer, get_template, recorded_template
 
 def _device(name: str | None) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")

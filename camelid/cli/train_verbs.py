@@ -10,7 +10,7 @@ from camelid.config import PRESETS
 from camelid.data.pretrain import prepare
 from camelid.train import TrainConfig, train
 from camelid.train.finetune import METHODS, finetune, load_config
-from camelid.train.config import STRATEGIES, parse_overrides
+from camelid.train.config import OPTIMIZERS, STRATEGIES, parse_overrides
 from camelid.train.plot import plot_run
 
 
@@ -44,8 +44,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 # flags of `camelid finetune` that set a FinetuneSpec field, and those that set a TrainConfig field
 FINETUNE_SPEC_FLAGS = ("base", "data", "method", "template", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
-                       "pack")
-FINETUNE_TRAIN_FLAGS = ("out", "max_steps", "micro_batch", "grad_accum", "seq_len", "lr", "warmup_steps", "precision",
+                       "num_virtual_tokens", "prefix_projection", "prompt_init_text", "encoder_type", "bottleneck_size",
+                       "adapter_placement", "pack")
+FINETUNE_TRAIN_FLAGS = ("out", "max_steps", "micro_batch", "grad_accum", "seq_len", "lr", "optimizer", "warmup_steps", "precision",
                         "device", "seed", "save_every", "eval_every", "resume", "auto_fit", "device_memory")
 
 
@@ -55,7 +56,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     spec, cfg = load_config(args.config, spec_flags, {**parse_overrides(args.set), **train_flags})
     result = finetune(cfg, spec)
     if result.final_dir is not None:
-        kind = "a PEFT adapter folder" if spec.method != "full" else "a model folder"
+        kind = "an adapter folder" if spec.method != "full" else "a model folder"
         last = result.losses.get(result.step)
         print(f"fine-tuned {result.step} steps ({spec.method})" + (f", last loss {last:.4f}" if last else "")
               + f"; wrote {result.final_dir} ({kind}; chat: camelid chat --model {spec.base}"
@@ -128,7 +129,8 @@ def register(verbs, fmt) -> None:
     p.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default {d.seq_len})")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr:g})")
     p.add_argument("--warmup-steps", type=int, default=None, help=f"(default {d.warmup_steps})")
-    p.add_argument("--optimizer", default=None, choices=["adamw", "lion"], help=f"(default {d.optimizer})")
+    p.add_argument("--optimizer", default=None, choices=list(OPTIMIZERS),
+                   help=f"(default {d.optimizer}; adamw8bit / paged_adamw8bit: 8-bit states, CUDA only)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                    help=f"(default {d.precision}: bf16 on a GPU that has it, else fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
@@ -159,16 +161,21 @@ def register(verbs, fmt) -> None:
                    help="any other config key, e.g. --set weight_decay=0.05 (repeatable)")
     p.set_defaults(func=cmd_pretrain)
 
-    p = verbs.add_parser("finetune", help="instruction-tune a model folder (LoRA, DoRA or full)", formatter_class=fmt,
+    p = verbs.add_parser("finetune", help="instruction-tune a model folder (LoRA, QLoRA, DoRA, prefix, prompt, adapters, "
+                                          "BitFit, IA3 or full)", formatter_class=fmt,
                          epilog=textwrap.dedent("""\
         Runs the training loop of `camelid pretrain` on chat-template-rendered instruction data (Alpaca, ShareGPT
-        or OpenAI messages JSON / JSONL), with loss on the answers only. OUT/final is a PEFT adapter folder (lora,
-        dora) or a model folder (full). --config YAML may hold these flags' keys and any TrainConfig key.
+        or OpenAI messages JSON / JSONL), with loss on the answers only. OUT/final is an adapter folder (PEFT format
+        for lora, qlora, dora, prefix, ptuning-v2, prompt, ptuning, ia3; camelid's own for adapter and bitfit) or
+        a model folder (full). --config YAML may hold these flags' keys and any TrainConfig key.
 
         examples:
           camelid finetune --base models/tiny --data alpaca.json --template alpaca --out runs/lora --max-steps 200
           camelid finetune --base models/llama --data a.json:0.7 --data b.jsonl:0.3 --method dora \\
               --target-modules all-linear --lora-r 16 --lora-alpha 32 --out runs/dora
+          camelid finetune --base models/llama --data alpaca.json --method qlora --target-modules all-linear \\
+              --precision bf16 --out runs/qlora
+          camelid finetune --base models/tiny --data alpaca.json --method prefix --num-virtual-tokens 16 --out runs/p
           camelid finetune --config ft.yaml --resume
           camelid chat --model models/tiny --adapter runs/lora/final
         """))
@@ -181,6 +188,8 @@ def register(verbs, fmt) -> None:
     p.add_argument("--out", default=None, help="the run folder")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--optimizer", default=None, choices=list(OPTIMIZERS),
+                   help="adamw (default), lion, or for QLoRA on a GPU adamw8bit (torchao) / paged_adamw8bit (bitsandbytes)")
     p.add_argument("--warmup-steps", type=int, default=None, help="(default 0)")
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--grad-accum", type=int, default=None)
@@ -188,7 +197,18 @@ def register(verbs, fmt) -> None:
     p.add_argument("--lora-r", type=int, default=None, help="(default 8)")
     p.add_argument("--lora-alpha", type=float, default=None, help="(default 16)")
     p.add_argument("--lora-dropout", type=float, default=None, help="(default 0.05)")
-    p.add_argument("--target-modules", default=None, help="comma-separated names, or all-linear (default q_proj,v_proj)")
+    p.add_argument("--target-modules", default=None,
+                   help="comma-separated names, or all-linear (default: lora/dora q_proj,v_proj; "
+                        "qlora/bitfit all-linear; ia3 k_proj,v_proj,down_proj)")
+    p.add_argument("--num-virtual-tokens", type=int, default=None,
+                   help="prefix / ptuning-v2 / prompt / ptuning: virtual tokens (default 20)")
+    p.add_argument("--prefix-projection", action=argparse.BooleanOptionalAction, default=None,
+                   help="prefix / ptuning-v2: the reparameterisation MLP (default: on for prefix, off for ptuning-v2)")
+    p.add_argument("--prompt-init-text", default=None, help="prompt: start the soft tokens from this text")
+    p.add_argument("--encoder-type", default=None, choices=["mlp", "lstm"], help="ptuning: the prompt encoder (default mlp)")
+    p.add_argument("--bottleneck-size", type=int, default=None, help="adapter: the bottleneck width (default 64)")
+    p.add_argument("--adapter-placement", default=None, choices=["houlsby", "pfeiffer"],
+                   help="adapter: houlsby = after attention and FFN, pfeiffer = after FFN (default houlsby)")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
                    help="pack short examples into each row (no attention across them)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])

@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from camelid.peft.lora import LoRALinear, apply_lora, lora_layers, lora_state_dict, merge_lora
+from camelid.peft.lora import LoRALinear, apply_lora, lora_layers, lora_state_dict
+from camelid.quant import QuantLinear
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -164,7 +165,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     for name, parts in per_module.items():
         if name not in modules:
             raise AdapterError(f"{file}: adapter for module {name!r}, which this model does not have")
-        if not isinstance(modules[name], nn.Linear):
+        if not isinstance(modules[name], (nn.Linear, QuantLinear)):  # a `camelid quantize` folder's layers too
             raise AdapterError(f"{file}: adapter for {name!r}, a {type(modules[name]).__name__}, not an nn.Linear")
         ranks[name] = parts["lora_A.weight"].shape[0]
         alphas[name] = module_alpha(config, name)

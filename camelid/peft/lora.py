@@ -16,6 +16,14 @@ Forward, with s = alpha / r (rsLoRA: alpha / sqrt(r)) and dropout on the adapter
 Init as PEFT: A kaiming-uniform(a=sqrt(5)), B zeros, m = ||W||_row, so a freshly wrapped model equals its base.
 Adapter tensors are fp32 over an fp16 / bf16 base (as PEFT's autocast_adapter_dtype), else the base's dtype.
 
+QLoRA (Dettmers et al. 2023): `apply_qlora(model, ...)` = `apply_lora(..., quantize_base="nf4")` first swaps each
+targeted nn.Linear for an NF4Linear (camelid.quant.nf4: NF4 + double quantization), then wraps it. The LoRALinear
+adopts the quantized layer's buffers under their own names (`q_proj.weight` holds the NF4 codes,
+`q_proj.weight_absmax` ... the scales), so keys stay put and a QLoRA checkpoint is a quantized checkpoint plus
+adapters. The base matmul runs in `compute_dtype` (bf16, as the paper) on a weight dequantized on the fly (and again
+in backward: no full-precision copy is kept for autograd); the adapters stay fp32. A QLoRA adapter is an ordinary
+PEFT LoRA folder: it loads onto the unquantized base too. Merging folds it into the dequantized weight.
+
 Merging: `merge_lora(model)` folds the adapters into the weights and puts plain nn.Linear modules back
 (PEFT's merge_and_unload). `merge_lora(model, keep=True)` folds in place but keeps a copy of each original weight,
 so `unmerge_lora(model)` restores the base bit for bit (subtracting B A again would not, in floating point).
@@ -31,23 +39,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from camelid.quant import FORMATS, QuantLinear, dequant_linear, quantized_layers
+from camelid.quant.linear import Dequantize, apply_keeping_dtypes
+
 
 class LoRALinear(nn.Module):
     """An nn.Linear plus a low-rank update. `weight` / `bias` are the base layer's own Parameters (frozen)."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+    def __init__(self, base: nn.Linear | QuantLinear, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, use_dora: bool = False):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # the same Parameters: no copy, plain keys
+        # QLoRA: (format class, options) of a quantized base, whose buffers become ours under the same names
+        self.quant_format: tuple[type[QuantLinear], dict] | None = None
+        if isinstance(base, QuantLinear):
+            if use_dora:
+                raise ValueError("DoRA over a quantized base is not supported: use plain LoRA (QLoRA)")
+            self.quant_format = (type(base), dict(base.options))
+            self.compute_dtype = base.compute_dtype
+            for name, buffer in base.named_buffers(recurse=False):
+                self.register_buffer(name, buffer)
+        else:
+            self.weight = base.weight  # the same Parameters: no copy, plain keys
         self.register_parameter("bias", base.bias)
         self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # adapters in fp32 over a half-precision base (PEFT's autocast_adapter_dtype): small updates survive AdamW
-        low = base.weight.dtype in (torch.float16, torch.bfloat16)
+        low = self.quant_format is not None or base.weight.dtype in (torch.float16, torch.bfloat16)
         factory = dict(device=base.weight.device, dtype=torch.float32 if low else base.weight.dtype)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)  # (r, in)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)  # (out, r)
@@ -62,6 +83,19 @@ class LoRALinear(nn.Module):
     def dropout_p(self) -> float:
         return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
 
+    def _apply(self, fn, recurse=True):
+        if self.quant_format is None:
+            return super()._apply(fn, recurse)
+        # a quantized base's codes and scales keep their dtypes through .to(dtype) / .half() (see QuantLinear)
+        return apply_keeping_dtypes(self, fn, lambda f: super(LoRALinear, self)._apply(f, recurse))
+
+    def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The base layer's (out, in) weight; a quantized base is dequantized (to fp32 unless `dtype` says)."""
+        if self.quant_format is None:
+            return self.weight if dtype is None else self.weight.to(dtype)
+        cls, options = self.quant_format
+        return cls.dequantize_buffers(self, dtype or torch.float32, options)
+
     def delta_weight(self) -> torch.Tensor:
         """s * B A, (out, in): what plain LoRA adds to W."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
@@ -72,7 +106,11 @@ class LoRALinear(nn.Module):
             return torch.linalg.norm(self.weight + delta, dim=1).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self.weight, self.bias)
+        if self.quant_format is not None:
+            dequantize: Dequantize = lambda dtype: self.base_weight(dtype)  # noqa: E731
+            result = dequant_linear(x, dequantize, self.bias, self.compute_dtype)
+        else:
+            result = F.linear(x, self.weight, self.bias)
         if self.merged:
             return result
         dtype = result.dtype
@@ -95,7 +133,7 @@ class LoRALinear(nn.Module):
         """The single weight equal to this layer's (eval-mode) forward."""
         delta = self.delta_weight()
         if not self.use_dora:
-            return self.weight + delta
+            return self.base_weight(delta.dtype) + delta
         factor = (self.lora_magnitude_vector / self._weight_norm(delta)).view(-1, 1)
         return (factor * (self.weight + delta)).to(self.weight.dtype)
 
@@ -103,6 +141,9 @@ class LoRALinear(nn.Module):
     def merge(self, keep: bool = True) -> None:
         if self.merged:
             return
+        if self.quant_format is not None:
+            raise ValueError("a LoRA layer over a quantized base merges into a new float Linear only: "
+                             "use merge_lora(model) without keep")
         new = self.merged_weight()
         if keep:
             self.unmerged_weight = self.weight.detach().clone()
@@ -120,7 +161,14 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding the merged weight (merging first if needed)."""
+        """A plain nn.Linear holding the merged weight (merging first if needed); over a quantized base, the
+        dequantized weight plus the update, in fp32."""
+        if self.quant_format is not None:
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+            linear.weight = nn.Parameter(self.merged_weight(), requires_grad=False)
+            if self.bias is not None:
+                linear.bias = nn.Parameter(self.bias.detach().float(), requires_grad=False)
+            return linear
         self.merge(keep=False)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device="meta", dtype=self.weight.dtype)
@@ -129,6 +177,8 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "DoRA" if self.use_dora else "LoRA"
+        if self.quant_format is not None:
+            kind = f"LoRA over {self.quant_format[0].method}"
         return (f"{self.in_features}, {self.out_features}, {kind} r={self.r}, alpha={self.alpha}, "
                 f"scaling={self.scaling:g}, merged={self.merged}")
 
@@ -157,38 +207,63 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                target_modules: str | Iterable[str] = ("q_proj", "v_proj"), use_rslora: bool = False,
                use_dora: bool = False, ranks: dict[str, int] | None = None,
-               alphas: dict[str, float] | None = None) -> nn.Module:
+               alphas: dict[str, float] | None = None, quantize_base: str | None = None,
+               compute_dtype: torch.dtype | None = torch.bfloat16) -> nn.Module:
     """Wrap every nn.Linear named by `target_modules` (a list of names / name suffixes, or a regex over the full
     name, or "all-linear") in a LoRALinear, freeze every other parameter, and return the model (changed in place).
-    `ranks` / `alphas` override r / alpha for given full module names (used when loading PEFT folders)."""
+    `ranks` / `alphas` override r / alpha for given full module names (used when loading PEFT folders).
+    `quantize_base` ("nf4" for QLoRA; "int8" / "int4" work too) quantizes each targeted layer first, its matmul
+    then running in `compute_dtype` (None: the input's dtype). Layers already quantized (a `camelid quantize`
+    folder) are wrapped as they are."""
     if lora_layers(model):
         raise ValueError("this model already has LoRA layers; merge_lora it first")
+    if quantize_base is not None and quantize_base not in FORMATS:
+        raise ValueError(f"unknown quantize_base {quantize_base!r}; choose one of {', '.join(FORMATS)}")
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
+    linear_types = (nn.Linear, QuantLinear)
     if isinstance(target_modules, str) and target_modules == "all-linear":
-        candidates = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+        candidates = {n: m for n, m in model.named_modules() if isinstance(m, linear_types) and n != "lm_head"}
     else:
         candidates = {n: m for n, m in model.named_modules() if n and _matches(n, target_modules)}
     if not candidates:
         raise ValueError(f"target_modules {target_modules!r} match no module of this model "
                          f"(Linear layers are named like {_example_linear(model)!r})")
-    wrong = [f"{n} ({type(m).__name__})" for n, m in candidates.items() if not isinstance(m, nn.Linear)]
+    wrong = [f"{n} ({type(m).__name__})" for n, m in candidates.items() if not isinstance(m, linear_types)]
     if wrong:
         raise ValueError(f"LoRA wraps nn.Linear layers only; target_modules {target_modules!r} also match "
                          f"{', '.join(wrong[:3])}")
     # a weight shared with another module (lm_head tied to embed_tokens): merging would change both
     others = {id(p) for n, m in model.named_modules() if n not in candidates for p in m.parameters(recurse=False)}
-    tied = [n for n, m in candidates.items() if id(m.weight) in others]
+    tied = [n for n, m in candidates.items() if isinstance(m, nn.Linear) and id(m.weight) in others]
     if tied:
         raise ValueError(f"{tied[0]} shares its weight with another module (tied embeddings); leave it out of "
                          "target_modules")
     for p in model.parameters():
         p.requires_grad_(False)
+    if quantize_base is not None:  # check every shape before changing anything
+        for name, linear in candidates.items():
+            if isinstance(linear, nn.Linear):
+                try:
+                    FORMATS[quantize_base].check_options(linear.in_features, linear.out_features)
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
     for name, linear in candidates.items():
+        if quantize_base is not None and isinstance(linear, nn.Linear):
+            linear = FORMATS[quantize_base].from_linear(linear, compute_dtype=compute_dtype)
         layer = LoRALinear(linear, (ranks or {}).get(name, r), (alphas or {}).get(name, alpha), dropout,
                            use_rslora, use_dora)
         _set_module(model, name, layer)
     return model
+
+
+def apply_qlora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                target_modules: str | Iterable[str] = "all-linear", use_rslora: bool = False,
+                compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """QLoRA: every targeted Linear quantized to NF4 (double quantization), a LoRA adapter over each, the base
+    matmuls in bf16. The paper targets every linear layer, hence the default."""
+    return apply_lora(model, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
+                      use_rslora=use_rslora, quantize_base="nf4", compute_dtype=compute_dtype)
 
 
 def _example_linear(model: nn.Module) -> str:
@@ -215,9 +290,12 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, each shared tensor (tied embeddings) counted once."""
+    """(trainable, total) parameter counts, each shared tensor (tied embeddings) counted once; a quantized
+    layer's weight counts as its in x out parameters."""
     seen: set[int] = set()
-    trainable = total = 0
+    trainable = 0
+    total = sum(model.get_submodule(n).in_features * model.get_submodule(n).out_features
+                for n in quantized_layers(model))
     for p in model.parameters():
         if id(p) in seen:
             continue

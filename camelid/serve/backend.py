@@ -27,7 +27,7 @@ from typing import Any
 
 from camelid.engine.sampling_params import SamplingParams
 from camelid.monitor import Monitor
-from camelid.templates import TemplateError, for_tokenizer, get_template
+from camelid.templates import TemplateError, for_tokenizer, get_template, recorded_template
 
 OWNER = "camelid"
 
@@ -140,7 +140,6 @@ class LocalBackend(Backend):
              template: str | None = None, **llm_kwargs: Any) -> LocalBackend:
         """Build the engine over a model folder (+ PEFT adapter folders by name) and serve it."""
         from camelid.engine import LLM
-        from camelid.train.finetune import recorded_template
 
         adapters = dict(adapters or {})
         name = name or Path(model_dir).resolve().name

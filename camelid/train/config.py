@@ -17,7 +17,7 @@ from typing import Any
 from camelid.config import ConfigError, ModelConfig
 from camelid.plan.fit import fit_training, parse_size
 
-OPTIMIZERS = ("adamw", "lion")
+OPTIMIZERS = ("adamw", "lion", "adamw8bit", "paged_adamw8bit")  # the 8-bit two: CUDA only (optim.py)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STRATEGIES = ("none", "ddp", "fsdp", "zero2")  # see camelid/train/distributed.py
 
@@ -95,7 +95,7 @@ class TrainConfig:
         need(self.eps > 0, f"eps must be > 0, got {self.eps}")
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
              f"betas must be two numbers in [0, 1), got {list(self.betas)}")
-        need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose {' or '.join(OPTIMIZERS)}")
+        need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         need(self.precision in PRECISIONS,
              f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         need(self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")

@@ -1,10 +1,11 @@
-"""What fine-tuning adds to the loop: a base model with a method applied (LoRA, DoRA or full), and the SFT batch
-source. The loop itself is `camelid.train.loop.train`, called with that model and batch source.
+"""What fine-tuning adds to the loop: a base model with a method applied (METHODS: LoRA, QLoRA, DoRA, prefix,
+P-Tuning v2, prompt tuning, P-tuning, bottleneck adapters, BitFit, IA3, or full), and the SFT batch source. The loop itself is `camelid.train.loop.train`, called with that model and batch source.
 
     finetune(cfg, FinetuneSpec(base="models/llama", data=["alpaca.json"], method="lora", template="llama3"))
 
 Everything that can be checked is checked before the base model is loaded: the method, the data files, the LoRA
-shape. The final folder is a PEFT adapter folder (lora / dora) or a plain model folder (full), with the tokenizer
+shape. The final folder is the method's adapter folder (camelid.peft.methods: PEFT format where PEFT has the method)
+or a plain model folder (full), with the tokenizer
 and TEMPLATE_FILE, which names the chat template so that `camelid chat --adapter` renders prompts as trained.
 """
 
@@ -21,16 +22,16 @@ import torch
 from camelid.checkpoint import from_pretrained
 from camelid.config import ModelConfig
 from camelid.data.sft import SFTBatches, parse_data_spec
-from camelid.peft import apply_lora, count_parameters
-from camelid.templates import JinjaTemplate, for_tokenizer
+from camelid.peft import adapters, apply_lora, bitfit, count_parameters, ia3, prefix, prompt
+from camelid.templates import TEMPLATE_FILE, JinjaTemplate, for_tokenizer
 from camelid.tokenizer import Tokenizer
 from camelid.train.config import TrainConfig, auto_fit, check_keys, read_yaml_mapping
 from camelid.train.loop import LossHook, TrainResult, resolve_precision, train
 from camelid.train.pretrain import device_memory_bytes
 
-METHODS = ("lora", "dora", "full")
+METHODS = ("lora", "qlora", "dora", "prefix", "ptuning-v2", "prompt", "ptuning", "adapter", "bitfit", "ia3", "full")
 PLAN_METHOD = {"ptuning-v2": "prefix", "ptuning": "prompt"}  # finetune method -> camelid.plan.memory method, where they differ
-TEMPLATE_FILE = "camelid_template.json"  # {"template": NAME}; NAME is "model" for the tokenizer's own chat_template
+LORA_FAMILY = ("lora", "qlora", "dora")
 
 
 @dataclass
@@ -44,7 +45,15 @@ class FinetuneSpec:
     lora_r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.05
-    target_modules: str | list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # or "all-linear"
+    # names / suffixes, a regex, or "all-linear"; None = the method's default (lora, dora: q_proj, v_proj; qlora and
+    # bitfit: all-linear; ia3: k_proj, v_proj, down_proj)
+    target_modules: str | list[str] | None = None
+    num_virtual_tokens: int = 20  # prefix, ptuning-v2, prompt, ptuning
+    prefix_projection: bool | None = None  # the reparameterisation MLP; None = on for prefix, off for ptuning-v2
+    prompt_init_text: str | None = None  # prompt tuning: start the soft tokens from this text's embeddings
+    encoder_type: str = "mlp"  # ptuning: mlp | lstm
+    bottleneck_size: int = 64  # adapter
+    adapter_placement: str = "houlsby"  # adapter: houlsby (after attention and FFN) | pfeiffer (after FFN)
     pack: bool = False
     eval_fraction: float = 0.0  # share of each dataset held out for eval_batches
 
@@ -61,7 +70,7 @@ class FinetuneSpec:
             path, _ = parse_data_spec(spec)
             if not Path(path).is_file():
                 raise FileNotFoundError(f"no data file at {path}")
-        if self.method != "full" and (self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
+        if self.method in LORA_FAMILY and (self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
             raise ValueError(f"LoRA needs r >= 1, alpha > 0, 0 <= dropout < 1; got r={self.lora_r}, "
                              f"alpha={self.lora_alpha}, dropout={self.lora_dropout}")
 
@@ -88,16 +97,50 @@ def load_config(path: str | Path | None, spec_flags: dict, train_flags: dict) ->
     return spec, cfg
 
 
-def apply_method(model, spec: FinetuneSpec):
-    if spec.method == "full":
+def _targets(spec: FinetuneSpec, default):
+    targets = spec.target_modules if spec.target_modules is not None else default
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [t for t in targets.split(",") if t]
+    return targets
+
+
+def apply_method(model, spec: FinetuneSpec, tokenizer: Tokenizer | None = None):
+    """Freeze the base and add spec.method's trainable parameters (camelid.peft, one file per family); `full`
+    trains every parameter. Bad options (a target that matches nothing, ...) raise ValueError here, before training."""
+    m = spec.method
+    if m == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    targets = spec.target_modules
-    if isinstance(targets, str) and targets != "all-linear":
-        targets = [t for t in targets.split(",") if t]
-    return apply_lora(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
-                      target_modules=targets, use_dora=spec.method == "dora")
+    if m in LORA_FAMILY:
+        # QLoRA: the targeted base layers are stored in NF4 (double-quantized) and computed in bf16; like the paper,
+        # it targets every linear layer by default
+        default = "all-linear" if m == "qlora" else ["q_proj", "v_proj"]
+        return apply_lora(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
+                          target_modules=_targets(spec, default), use_dora=m == "dora",
+                          quantize_base="nf4" if m == "qlora" else None)
+    if m in ("prefix", "ptuning-v2"):
+        projection = spec.prefix_projection if spec.prefix_projection is not None else m == "prefix"
+        return prefix.apply_prefix(model, num_virtual_tokens=spec.num_virtual_tokens, prefix_projection=projection)
+    if m == "prompt":
+        if spec.prompt_init_text is not None:
+            return prompt.apply_prompt(model, spec.num_virtual_tokens, init_text=spec.prompt_init_text,
+                                       tokenizer=tokenizer)
+        # PEFT's default N(0, 1) init: larger than a small model's embeddings, which lets the soft tokens steer it
+        # (rows copied from the vocabulary barely moved the loss of the tiny test model in 25 steps)
+        return prompt.apply_prompt(model, spec.num_virtual_tokens, init="random")
+    if m == "ptuning":
+        return prompt.apply_ptuning(model, spec.num_virtual_tokens, encoder_type=spec.encoder_type.upper())
+    if m == "adapter":
+        return adapters.apply_bottleneck(model, bottleneck_size=spec.bottleneck_size, placement=spec.adapter_placement)
+    if m == "bitfit":
+        return bitfit.apply_bitfit(model, target_modules=_targets(spec, "all-linear"))
+    if m == "ia3":
+        targets = _targets(spec, ia3.DEFAULT_TARGETS)
+        # PEFT's split: the FFN's down_proj scales its input, every other target its output
+        feedforward = [t for t in ("down_proj",) if targets == "all-linear" or t in targets]
+        return ia3.apply_ia3(model, target_modules=targets, feedforward_modules=feedforward)
+    raise ValueError(f"unknown method {m!r}; choose one of {', '.join(METHODS)}")
 
 
 def finetune(cfg: TrainConfig, spec: FinetuneSpec, log: Callable[[str], None] = print,
@@ -118,7 +161,7 @@ def finetune(cfg: TrainConfig, spec: FinetuneSpec, log: Callable[[str], None] = 
         raise ValueError(f"seq_len {cfg.seq_len} is longer than the model's context "
                          f"({model.config.max_position_embeddings})")
     torch.manual_seed(cfg.seed)  # the adapters' random init: the same run gives the same adapters
-    apply_method(model, spec)
+    apply_method(model, spec, tokenizer)
     trainable, total = count_parameters(model)
     log(f"{spec.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     result = train(cfg, model=model, batches=batches, tokenizer=tokenizer, loss_hook=loss_hook)
@@ -138,11 +181,3 @@ def fit_to_device(cfg: TrainConfig, spec: FinetuneSpec, log: Callable[[str], Non
                          method=PLAN_METHOD.get(spec.method, spec.method))
     log(note)
     return dataclasses.replace(cfg, auto_fit=False)
-
-
-def recorded_template(folder: str | Path) -> str | None:
-    """The template name a fine-tuning run recorded in its final folder ("model" = the tokenizer's own), or None."""
-    file = Path(folder) / TEMPLATE_FILE
-    if not file.is_file():
-        return None
-    return json.loads(file.read_text()).get("template")

@@ -79,8 +79,36 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
+# QLoRA's low-memory optimizers: 8-bit Adam moments (block-wise quantized state, a quarter of AdamW's 8 bytes per
+# parameter). CUDA only: torchao's step is compiled with torch.compile, bitsandbytes' paging uses CUDA unified memory.
+LOW_MEMORY_OPTIMIZERS = {"adamw8bit": "torchao.optim.AdamW8bit", "paged_adamw8bit": "bitsandbytes PagedAdamW8bit"}
+
+
+def build_low_memory_optimizer(name: str, params, lr: float, betas: tuple[float, float], eps: float,
+                               device: torch.device) -> torch.optim.Optimizer:
+    """An 8-bit AdamW by name: "adamw8bit" (torchao) or "paged_adamw8bit" (bitsandbytes: optimizer state paged
+    to CPU memory when the GPU runs short). A clear ValueError on a device or an install that cannot run it."""
+    if name not in LOW_MEMORY_OPTIMIZERS:
+        raise ValueError(f"unknown 8-bit optimizer {name!r}; choose one of {', '.join(LOW_MEMORY_OPTIMIZERS)}")
+    if device.type != "cuda":
+        raise ValueError(f"optimizer {name!r} ({LOW_MEMORY_OPTIMIZERS[name]}) needs a CUDA device, and this run is "
+                         f"on {device.type}: use adamw")
+    if name == "adamw8bit":
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit(params, lr=lr, betas=betas, eps=eps)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ValueError("optimizer 'paged_adamw8bit' needs bitsandbytes (pip install bitsandbytes), or use "
+                         "adamw8bit (torchao)") from None
+    return bitsandbytes.optim.PagedAdamW8bit(params, lr=lr, betas=betas, eps=eps)
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer in LOW_MEMORY_OPTIMIZERS:
+        return build_low_memory_optimizer(cfg.optimizer, groups, cfg.lr, cfg.betas, cfg.eps, device)
     if cfg.optimizer == "lion":
         return Lion(groups, lr=cfg.lr, betas=cfg.betas)
     # fused: one kernel for the whole update on CUDA; foreach (batched over tensors) is the fast path elsewhere

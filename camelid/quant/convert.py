@@ -1,0 +1,90 @@
+"""`camelid quantize`: a model folder in, a quantized model folder out, with what it saved and what it cost.
+
+This file sits above checkpoint (it loads and saves folders); the rest of camelid.quant acts on modules only, and
+nothing in the package imports this file.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from camelid.checkpoint import TOKENIZER_FILES, from_pretrained, save_pretrained
+from camelid.quant import model_nbytes, options_for, quantize_model, select_linears
+from camelid.quant.perplexity import perplexity
+from camelid.tokenizer import Tokenizer
+
+
+@dataclass
+class QuantizeReport:
+    out: Path
+    method: str
+    options: dict
+    layers: int
+    bytes_before: int
+    bytes_after: int
+    ppl_before: float | None = None
+    ppl_after: float | None = None
+
+    def lines(self) -> list[str]:
+        saved = self.bytes_before - self.bytes_after
+        opts = "".join(f", {k}={v}" for k, v in self.options.items())
+        out = [f"wrote {self.out}: {self.method}{opts}, {self.layers} Linear layers quantized",
+               f"weights: {self.bytes_before:,} -> {self.bytes_after:,} bytes "
+               f"({saved:,} saved, {self.bytes_after / self.bytes_before:.3f}x)"]
+        if self.ppl_before is not None:
+            change = 100 * (self.ppl_after / self.ppl_before - 1)
+            out.append(f"perplexity on the eval text: {self.ppl_before:.4f} -> {self.ppl_after:.4f} ({change:+.2f}%)")
+        return out
+
+
+def eval_ids(tokenizer: Tokenizer, text_file: str | Path, max_tokens: int) -> torch.Tensor:
+    path = Path(text_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"no eval text file at {path}")
+    ids = tokenizer.encode(path.read_text(encoding="utf-8"), bos=False)[:max_tokens]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def quantize_folder(model_dir: str | Path, out: str | Path, method: str, group_size: int = 128,
+                    eval_text: str | Path | None = None, eval_tokens: int = 16384, eval_seq_len: int = 256,
+                    calibration: str | Path | None = None, calibration_tokens: int = 8192,
+                    progress: Callable[[str, int, int], None] | None = None, device: str = "cpu") -> QuantizeReport:
+    """Load `model_dir` in fp32, quantize its Linear layers (lm_head and embeddings stay), save to `out` (with the
+    tokenizer files), and measure bytes and, given `eval_text`, perplexity before and after. `calibration` (a text
+    file) selects GPTQ for int4."""
+    model_dir, out = Path(model_dir), Path(out)
+    options = options_for(method, group_size)
+    if calibration is not None and method != "int4":
+        raise ValueError(f"--calibration (GPTQ) applies to int4 only, not {method}")
+    if out.resolve() == model_dir.resolve():
+        raise ValueError(f"--out {out} is the input folder; write the quantized model elsewhere")
+    model = from_pretrained(model_dir, device=device)  # in its stored dtype: the "before" bytes
+    bytes_before, stored_dtype = model_nbytes(model), model.lm_head.weight.dtype
+    model.float()  # quantize from fp32 (a bf16 -> fp32 cast is exact)
+    layers = len(select_linears(model))  # a model with nothing to quantize fails here, before any work
+    tokenizer = Tokenizer(model_dir) if (eval_text or calibration) else None
+    ids = eval_ids(tokenizer, eval_text, eval_tokens) if eval_text else None
+    seq_len = min(eval_seq_len, model.config.max_position_embeddings)
+    ppl_before = perplexity(model, ids, seq_len) if ids is not None else None
+
+    quantizer = None
+    if calibration is not None:
+        from camelid.quant.gptq import gptq_quantizer
+
+        calib = eval_ids(tokenizer, calibration, calibration_tokens)
+        quantizer = gptq_quantizer(model, calib, seq_len, group_size=options["group_size"])
+    quantize_model(model, method, group_size=options.get("group_size"), quantizer=quantizer, progress=progress)
+    save_pretrained(model, out, dtype=stored_dtype)
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, out / name)
+    del model
+    saved = from_pretrained(out, device=device)  # measured as the engine will load it
+    bytes_after = model_nbytes(saved)
+    ppl_after = perplexity(saved.float(), ids, seq_len) if ids is not None else None
+    return QuantizeReport(out, method, options, layers, bytes_before, bytes_after, ppl_before, ppl_after)
