@@ -18,6 +18,13 @@ if TYPE_CHECKING:
     from camelid.tokenizer import Tokenizer
 
 
+def activation_dtype(model: Transformer) -> torch.dtype:
+    """The dtype of the model's hidden states, hence of its keys and values (the KV cache's dtype). Read from the
+    input embedding table, which is never quantized: a quantized lm_head (camelid.quant) holds int8 / packed codes,
+    yet computes in the dtype of its input."""
+    return model.model.embed_tokens.weight.dtype
+
+
 @torch.inference_mode()
 def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling,
                 stop_ids: Iterable[int] = ()) -> Iterator[list[int | None]]:
@@ -44,7 +51,7 @@ def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_new_to
         tokens[row, longest - len(prompt):longest] = torch.tensor(list(prompt), device=device)
         real[row, longest - len(prompt):] = 1
     padded = any(len(p) != longest for p in prompts)
-    cache = KVCache(model.config, B, total, device=device, dtype=model.lm_head.weight.dtype)
+    cache = KVCache(model.config, B, total, device=device, dtype=activation_dtype(model))
     generator = sampling.generator(device)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -145,7 +152,8 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[str], max_new_tokens: int = 128,
              stop: Sequence[str] = (), bos: bool = True, **sampling) -> str | list[str]:
     """The completion of one prompt, or of each prompt in a list (batched). Sampling keywords: temperature, top_k,
-    top_p, repetition_penalty, seed. Generation ends at EOS (or another stop token), a stop string, or the limit."""
+    top_p, min_p, repetition_penalty, seed. Generation ends at EOS (or another stop token), a stop string, or the
+    limit."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     texts = [""] * len(prompts)
     for row, piece in _stream_rows(model, tokenizer, prompts, max_new_tokens, stop, Sampling(**sampling), bos):

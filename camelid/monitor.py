@@ -14,10 +14,13 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from camelid.config import ModelConfig
 
 NVML_HINT = "GPU monitoring needs NVML bindings: pip install nvidia-ml-py"
 
@@ -182,34 +185,47 @@ def format_sample(name: str, row: dict) -> str:
 
 # ---- decode bandwidth ----------------------------------------------------------------------------------------------
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every tensor of the state dict once (parameters and persistent
+    buffers, so a quantized layer counts its codes and scales; a tied tensor counts once), less the input embedding
+    table unless it is tied to lm_head (a lookup reads B rows of it, not the table; a tied table is read whole by
+    lm_head). Constant for a model: compute it once, not on every step."""
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}  # keep_vars: the tensors themselves
+    weights = sum(t.numel() * t.element_size() for t in tensors.values())
+    embed = _input_embeddings(model)
+    if embed is not None and not model.config.tie_word_embeddings:
+        weights -= embed.numel() * embed.element_size()
+    return weights
+
+
+def kv_cache_bytes(config: ModelConfig, batch: int, context: int, kv_dtype: torch.dtype) -> int:
+    """Bytes of the keys and values `batch` sequences of `context` cached tokens each attend to:
+    2 (k, v) x L x kv_size x context x B x bytes per element."""
+    element = torch.empty((), dtype=kv_dtype).element_size()
+    return 2 * config.num_hidden_layers * config.kv_size * context * batch * element
+
+
 def decode_bytes_per_step(model: nn.Module, batch: int, context: int, kv_dtype: torch.dtype | None = None
                           ) -> dict[str, int]:
     """Bytes one decode step reads from memory: every weight once (the step is a matrix-vector product per
-    sequence, so the weights are read once for the whole batch), and every sequence's KV cache.
-
-        weights  = sum of parameter bytes, less the input embedding table unless it is tied to lm_head
-                   (a lookup reads B rows of it, not the table; a tied table is read whole by lm_head)
-        kv_cache = 2 (k, v) x L x kv_size x context x B x bytes per element
-
-    `context` is the number of cached tokens each sequence attends to (the mean over a decode is fine)."""
-    config = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    embed = model.get_submodule("model.embed_tokens").weight if _has(model, "model.embed_tokens") else None
-    if embed is not None and not config.tie_word_embeddings:
-        weights -= embed.numel() * embed.element_size()
+    sequence, so the weights are read once for the whole batch; `weight_bytes`), and every sequence's KV cache
+    (`kv_cache_bytes`). `context` is the number of cached tokens each sequence attends to (the mean over a decode
+    is fine); `kv_dtype` defaults to the embedding table's dtype (that of the hidden states, as generate.py's
+    KVCache)."""
+    weights = weight_bytes(model)
     if kv_dtype is None:
-        kv_dtype = next(model.parameters()).dtype  # generate.py's KVCache uses the model's dtype
-    element = torch.empty((), dtype=kv_dtype).element_size()
-    kv = 2 * config.num_hidden_layers * config.kv_size * context * batch * element
+        embed = _input_embeddings(model)
+        kv_dtype = (embed if embed is not None else next(model.parameters())).dtype
+    kv = kv_cache_bytes(model.config, batch, context, kv_dtype)
     return {"weights": weights, "kv_cache": kv, "total": weights + kv}
 
 
-def _has(model: nn.Module, name: str) -> bool:
+def _input_embeddings(model: nn.Module) -> torch.Tensor | None:
+    """The input embedding table (`model.embed_tokens.weight`), or None for a model without one."""
     try:
-        model.get_submodule(name)
+        return model.get_submodule("model.embed_tokens").weight
     except AttributeError:
-        return False
-    return True
+        return None
 
 
 def decode_bandwidth(model: nn.Module, tokens_per_s: float, batch: int, context: int,

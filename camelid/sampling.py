@@ -2,7 +2,8 @@
 
 The order and the tie-breaking follow transformers' logits processors (repetition penalty, then temperature, top-k,
 top-p, min-p), so results can be compared with it. Each filter takes one value for the whole batch or one per row,
-so the engine's batched sampler (camelid/engine/sampler.py) runs the same code on rows with different settings.
+and `filter_logits` chains them: camelid.generate's `next_token` calls it with one setting for the batch, the
+engine's batched sampler (camelid/engine/sampler.py) with one per row, so both run the same code.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
+GREEDY_TEMPERATURE = 1e-5  # below this, logits / temperature overflows float32: such a setting samples greedily
+
 
 @dataclass
 class Sampling:
-    temperature: float = 0.0  # 0: greedy
+    temperature: float = 0.0  # 0 (anything below GREEDY_TEMPERATURE): greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off; keep tokens with prob >= min_p * (prob of the most likely token)
     repetition_penalty: float = 1.0  # 1: off; > 1 discourages tokens already in the sequence (CTRL, Keskar et al.)
     seed: int | None = None
 
@@ -27,12 +31,14 @@ class Sampling:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
@@ -106,12 +112,22 @@ def apply_min_p(logits: torch.Tensor, min_p: float | torch.Tensor) -> torch.Tens
     return logits.masked_fill(drop, float("-inf"))
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set every token outside the top-k and outside the smallest set with probability >= top_p to -inf."""
-    if 0 < top_k < logits.shape[-1]:
+def filter_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, top_k: int | torch.Tensor = 0,
+                  top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """logits / temperature, then top-k, top-p and min-p: every token a filter drops is set to -inf. Each setting is
+    one value for the whole batch or a (B,) tensor with one per row (on the CPU: the checks below read it there, so
+    CUDA logits need no sync). A filter runs only when some row uses it; rows that do not are left unchanged by it.
+    The one filter chain of camelid.generate and of the engine's batched sampler."""
+    if isinstance(temperature, torch.Tensor):
+        temperature = per_row(temperature, logits)  # (B, 1)
+    logits = logits / temperature
+    top_k = torch.as_tensor(top_k)
+    if bool(((0 < top_k) & (top_k < logits.shape[-1])).any()):
         logits = apply_top_k(logits, top_k)
-    if top_p < 1.0:
+    if bool((torch.as_tensor(top_p) < 1.0).any()):
         logits = apply_top_p(logits, top_p)
+    if bool((torch.as_tensor(min_p) > 0.0).any()):
+        logits = apply_min_p(logits, min_p)
     return logits
 
 
@@ -123,5 +139,5 @@ def next_token(logits: torch.Tensor, seen: torch.Tensor | None, sampling: Sampli
         logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
     if sampling.greedy:
         return logits.argmax(-1)
-    logits = filter_top_k_top_p(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+    logits = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)

@@ -6,6 +6,7 @@ import torch
 
 from camelid.generate import StopStrings, generate, generate_ids, iter_tokens, stream
 from camelid.model import Transformer
+from camelid.quant import quantize_model
 from camelid.sampling import Sampling
 from camelid.tokenizer import Tokenizer
 from model_zoo import ARCH_CONFIGS, FIXTURES, random_model, tiny_config
@@ -66,6 +67,14 @@ def naive_greedy(model: Transformer, prompts: list[list[int]], new: int) -> list
 @pytest.mark.parametrize("name", list(ARCH_CONFIGS))
 def test_greedy_matches_cache_free_oracle(name):
     model = random_model(tiny_config(**ARCH_CONFIGS[name]))
+    assert generate_ids(model, PROMPTS, 16) == naive_greedy(model, PROMPTS, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_lm_head_matches_cache_free_oracle(dtype):
+    """A quantized lm_head holds int8 codes; the KV cache still takes the hidden states' dtype."""
+    model = quantize_model(random_model(tiny_config()).to(dtype), "int8", modules=r".*(proj|lm_head)")
+    assert model.lm_head.weight.dtype == torch.int8
     assert generate_ids(model, PROMPTS, 16) == naive_greedy(model, PROMPTS, 16)
 
 

@@ -13,7 +13,9 @@ import torch
 
 from camelid.config import get_preset
 from camelid.model import Transformer
-from camelid.monitor import Monitor, decode_bandwidth, decode_bytes_per_step, format_sample, rss_bytes
+from camelid.monitor import (Monitor, decode_bandwidth, decode_bytes_per_step, format_sample, rss_bytes,
+                             weight_bytes)
+from camelid.quant import model_nbytes, quantize_model
 
 
 def test_cpu_sample_is_sane():
@@ -55,6 +57,21 @@ def test_decode_bandwidth_arithmetic():
     assert per_step["kv_cache"] == 2 * c.num_hidden_layers * c.kv_size * 10 * 4
     with pytest.raises(ValueError, match="batch >= 1"):
         decode_bandwidth(model, 10.0, 0, T)
+
+
+@pytest.mark.parametrize("method,modules", [("int8", r".*(proj|lm_head)"), ("int4", None), ("nf4", None)])
+def test_weight_bytes_of_a_quantized_model_count_its_codes_and_scales(method, modules):
+    """Quantized weights are buffers (codes + scales), not parameters: the bytes a decode step reads are the state
+    dict's tensor bytes, less the embedding table (only looked up)."""
+    config = get_preset("tiny").replace(tie_word_embeddings=False)
+    model = quantize_model(Transformer(config), method, group_size=16, modules=modules)
+    state = model.state_dict()
+    embed = state["model.embed_tokens.weight"].numel() * state["model.embed_tokens.weight"].element_size()
+    expected = sum(t.numel() * t.element_size() for t in state.values()) - embed
+    assert weight_bytes(model) == expected == decode_bytes_per_step(model, 1, 0)["weights"]
+    assert weight_bytes(model) == model_nbytes(model) - embed  # camelid.quant's own count agrees
+    parameters_only = sum(p.numel() * p.element_size() for p in model.parameters()) - embed
+    assert weight_bytes(model) > parameters_only  # what was counted before: the quantized layers were missing
 
 
 def test_cli_monitor_once_as_json():

@@ -1,11 +1,13 @@
-"""Sampling: greedy, seeded sampling, and top-k / top-p / repetition penalty against transformers' processors."""
+"""Sampling: greedy, seeded sampling, and temperature / top-k / top-p / min-p / repetition penalty against
+transformers' processors."""
 
 import math
 
 import pytest
 import torch
 
-from camelid.sampling import Sampling, apply_repetition_penalty, filter_top_k_top_p, next_token
+from camelid.engine.sampling_params import SamplingParams
+from camelid.sampling import Sampling, apply_repetition_penalty, filter_logits, next_token
 
 V = 100
 
@@ -20,7 +22,7 @@ def no_history(batch: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("bad", [
     dict(temperature=-0.1), dict(temperature=math.nan), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
-    dict(top_p=-0.2), dict(repetition_penalty=0.0), dict(repetition_penalty=-1.0),
+    dict(top_p=-0.2), dict(min_p=-0.1), dict(min_p=1.5), dict(repetition_penalty=0.0), dict(repetition_penalty=-1.0),
 ])
 def test_invalid_parameters(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
@@ -34,6 +36,17 @@ def test_greedy_is_argmax():
     # greedy ignores top_k / top_p and the seed
     greedy = Sampling(top_k=5, top_p=0.5, seed=3)
     torch.testing.assert_close(next_token(logits, no_history(8), greedy), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-7, 1e-5, 0.5])
+def test_one_greedy_threshold_for_generate_and_the_engine(temperature):
+    """A temperature so small that logits / temperature would overflow is greedy, in both samplers alike."""
+    assert Sampling(temperature=temperature).greedy == SamplingParams(temperature=temperature).greedy
+    assert Sampling(temperature=temperature).greedy == (temperature < 1e-5)
+    if temperature < 1e-5:
+        logits = random_logits()
+        torch.testing.assert_close(next_token(logits, no_history(8), Sampling(temperature=temperature, seed=0)),
+                                   logits.argmax(-1))
 
 
 def test_top_k_1_is_greedy():
@@ -71,7 +84,7 @@ def test_samples_follow_the_tempered_distribution():
 
 def test_top_p_keeps_the_smallest_set():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    kept = lambda p: torch.isfinite(filter_top_k_top_p(logits, 0, p))[0].tolist()  # noqa: E731
+    kept = lambda p: torch.isfinite(filter_logits(logits, top_p=p))[0].tolist()  # noqa: E731
     assert kept(0.5) == [True, False, False, False]
     assert kept(0.79) == [True, True, False, False]
     assert kept(0.81) == [True, True, True, False]
@@ -82,22 +95,28 @@ def test_top_p_keeps_the_smallest_set():
 def test_top_k_keeps_k():
     logits = random_logits()
     for k in (1, 5, 50, V, V + 10):
-        kept = torch.isfinite(filter_top_k_top_p(logits, k, 1.0)).sum(-1)
+        kept = torch.isfinite(filter_logits(logits, top_k=k)).sum(-1)
         assert (kept == min(k, V)).all()
 
 
-@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (0, 0.5), (0, 0.05), (10, 1.0), (1, 1.0), (20, 0.8), (0, 1.0)])
-def test_filters_match_transformers(top_k, top_p, transformers):
-    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [
+    (1.0, 0, 0.9, 0.0), (1.0, 0, 0.5, 0.0), (1.0, 0, 0.05, 0.0), (1.0, 10, 1.0, 0.0), (1.0, 1, 1.0, 0.0),
+    (1.0, 20, 0.8, 0.0), (1.0, 0, 1.0, 0.0), (0.7, 0, 1.0, 0.1), (1.3, 15, 0.9, 0.05), (1.0, 0, 1.0, 1.0),
+])
+def test_filters_match_transformers(temperature, top_k, top_p, min_p, transformers):
+    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
 
     logits = random_logits(16, seed=top_k)
     input_ids = torch.zeros(16, 1, dtype=torch.long)
-    ref = logits.clone()
-    if top_k:  # transformers' order: temperature, top-k, top-p
+    ref = TemperatureLogitsWarper(temperature)(input_ids, logits.clone())  # transformers' order: temperature,
+    if top_k:  # top-k, top-p, min-p
         ref = TopKLogitsWarper(top_k)(input_ids, ref)
     if top_p < 1.0:
         ref = TopPLogitsWarper(top_p)(input_ids, ref)
-    ours = filter_top_k_top_p(logits, top_k, top_p)
+    if min_p > 0.0:
+        ref = MinPLogitsWarper(min_p)(input_ids, ref)
+    ours = filter_logits(logits, temperature, top_k, top_p, min_p)
     assert torch.equal(torch.isfinite(ours), torch.isfinite(ref))
     torch.testing.assert_close(ours, ref, atol=0, rtol=0)
 
@@ -122,8 +141,9 @@ def test_repetition_penalty_changes_the_greedy_choice():
 
 def test_sampled_tokens_stay_inside_the_filters():
     logits = random_logits(256, seed=5)
-    allowed = torch.isfinite(filter_top_k_top_p(logits / 0.8, 7, 0.6))
-    s = Sampling(temperature=0.8, top_k=7, top_p=0.6, seed=0)
+    allowed = torch.isfinite(filter_logits(logits, 0.8, 7, 0.9, 0.2))
+    assert (allowed.sum(-1) < 7).any()  # min-p cuts some rows below top-k's 7
+    s = Sampling(temperature=0.8, top_k=7, top_p=0.9, min_p=0.2, seed=0)
     tokens = next_token(logits, no_history(256), s, s.generator(logits.device))
     assert allowed.gather(1, tokens[:, None]).all()
 

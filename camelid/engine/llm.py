@@ -30,9 +30,9 @@ from camelid.engine.runner import Runner
 from camelid.engine.sampling_params import SamplingParams
 from camelid.engine.scheduler import Scheduler
 from camelid.engine.sequence import Sequence
-from camelid.generate import StopStrings
+from camelid.generate import StopStrings, activation_dtype
 from camelid.model import Transformer
-from camelid.monitor import decode_bytes_per_step
+from camelid.monitor import kv_cache_bytes, weight_bytes
 from camelid.tokenizer import StreamDecoder, Tokenizer
 
 CPU_KV_CACHE_BYTES = 2**30  # default KV budget on CPU (GPU: 90% of the memory left after the weights)
@@ -105,6 +105,7 @@ class LLM:
         self.tokenizer = tokenizer
         self.config: ModelConfig = self.model.config
         self.device = device
+        self.kv_dtype = activation_dtype(self.model)  # the paged cache's dtype (never a quantized lm_head's int8)
 
         num_blocks = self._num_blocks(num_blocks, kv_cache_memory, block_size, max_num_seqs)
         self.max_model_len = min(self.config.max_position_embeddings, num_blocks * block_size)
@@ -118,13 +119,14 @@ class LLM:
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []  # aborted requests' last outputs, returned by the next step
         self._decode_bandwidth: float | None = None  # bytes/s of recent decode-only steps (stats())
+        self.weight_bytes = weight_bytes(self.model)  # what a decode step reads of the weights: fixed, counted once
         self._ids = itertools.count()
         self._loads = itertools.count()
         for name, folder in (adapters or {}).items():
             self.add_adapter(name, folder)
 
     def _num_blocks(self, num_blocks: int | None, memory: int | str | None, block_size: int, max_num_seqs: int) -> int:
-        per_block = PagedKVCache.bytes_per_block(self.config, block_size, self.model.lm_head.weight.dtype)
+        per_block = PagedKVCache.bytes_per_block(self.config, block_size, self.kv_dtype)
         if num_blocks is None:
             if memory is None:
                 if self.device.type == "cuda":
@@ -224,11 +226,10 @@ class LLM:
         return sampled
 
     def _record_decode(self, batch, seconds: float) -> None:
-        """Achieved memory bandwidth of a decode-only step (camelid.monitor.decode_bytes_per_step: every weight
+        """Achieved memory bandwidth of a decode-only step (as camelid.monitor.decode_bytes_per_step: every weight
         once + each sequence's KV cache, over the step's time), smoothed over recent steps for /metrics."""
         context = sum(seq.num_computed_tokens for seq in batch.seqs) // len(batch.seqs)
-        kv_dtype = self.model.lm_head.weight.dtype  # the paged cache's dtype (_num_blocks)
-        moved = decode_bytes_per_step(self.model, len(batch.seqs), context, kv_dtype)["total"]
+        moved = self.weight_bytes + kv_cache_bytes(self.config, len(batch.seqs), context, self.kv_dtype)
         rate = moved / max(seconds, 1e-9)
         previous = self._decode_bandwidth
         self._decode_bandwidth = rate if previous is None else 0.9 * previous + 0.1 * rate

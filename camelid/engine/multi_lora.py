@@ -132,9 +132,6 @@ class MultiLoRA:
 
     # ---- adapters ----------------------------------------------------------------------------------------------
 
-    def names(self) -> list[str]:
-        return list(self._slots)
-
     def slot(self, name: str | None) -> int:
         """The slot of adapter `name`; None (the base model) is -1."""
         if name is None:

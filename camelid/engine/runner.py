@@ -15,13 +15,14 @@ from camelid.engine.multi_lora import MultiLoRA
 from camelid.engine.paged_attention import AttentionMetadata, PagedBatch, PagedKVCache
 from camelid.engine.sampler import SampleResult, sample
 from camelid.engine.scheduler import ScheduledBatch
+from camelid.generate import activation_dtype
 from camelid.model import Transformer
 
 
 class Runner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, lora: MultiLoRA | None = None):
         self.model, self.lora = model, lora
-        self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        self.device, self.dtype = model.lm_head.weight.device, activation_dtype(model)
         self.block_size = block_size
         self.cache = PagedKVCache(model.config, num_blocks, block_size, self.dtype, self.device)
 

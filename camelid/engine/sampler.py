@@ -5,8 +5,10 @@ Per row, in this order (transformers' order, so each stage can be checked agains
      the penalty when positive and multiplied by it when negative, once however often it was seen;
   2. presence_penalty and frequency_penalty (OpenAI) over the output tokens only:
      logit -= presence * (count > 0) + frequency * count;
-  3. temperature 0 (anything below GREEDY_TEMPERATURE): argmax of the penalized logits, and no filter matters;
-  4. otherwise logits / temperature, then top-k, top-p and min-p (keep prob >= min_p * max prob), then one draw.
+  3. temperature 0 (anything below camelid.sampling.GREEDY_TEMPERATURE): argmax of the penalized logits, and no
+     filter matters;
+  4. otherwise logits / temperature, then top-k, top-p and min-p (keep prob >= min_p * max prob), then one draw
+     (camelid.sampling.filter_logits: the same chain as camelid.generate's sampler).
 
 Logprobs are the model's own distribution: log_softmax of the raw logits in float32, before penalties, temperature
 and filters (vLLM's default). So they say how likely the model found a token, whatever the request's sampling
@@ -24,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from camelid.engine.sampling_params import GREEDY_TEMPERATURE, SamplingParams
-from camelid.sampling import apply_min_p, apply_presence_frequency_penalties, apply_top_k, apply_top_p, penalize_seen
+from camelid.engine.sampling_params import SamplingParams
+from camelid.sampling import apply_presence_frequency_penalties, filter_logits, penalize_seen
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -50,7 +52,7 @@ def make_generator(seed: int | None, index: int, device: torch.device | str) -> 
 class RowGroups:
     """Which rows of a batch take which path; an all-greedy batch is one argmax."""
 
-    greedy: list[int]  # temperature below GREEDY_TEMPERATURE
+    greedy: list[int]  # SamplingParams.greedy: temperature below GREEDY_TEMPERATURE
     random: list[int]  # every sampled row, in batch order
     seeded: list[int]  # the sampled rows with their own generator (a subset of random)
 
@@ -60,8 +62,8 @@ class RowGroups:
 
 
 def group_rows(params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]) -> RowGroups:
-    greedy = [i for i, p in enumerate(params) if p.temperature < GREEDY_TEMPERATURE]
-    random = [i for i, p in enumerate(params) if p.temperature >= GREEDY_TEMPERATURE]
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    random = [i for i, p in enumerate(params) if not p.greedy]
     return RowGroups(greedy, random, [i for i in random if generators[i] is not None])
 
 
@@ -121,17 +123,13 @@ def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams], prom
     return logits.index_copy(0, index, sub)
 
 
-def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p for sampled rows; logits (R, V) float, one SamplingParams per row.
-    A filter runs only when some row uses it; rows that do not are left unchanged by it."""
-    logits = logits / torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
-    if any(0 < p.top_k < logits.shape[-1] for p in params):
-        logits = apply_top_k(logits, torch.tensor([p.top_k for p in params]))
-    if any(p.top_p < 1.0 for p in params):
-        logits = apply_top_p(logits, torch.tensor([p.top_p for p in params], dtype=torch.float64))
-    if any(p.min_p > 0.0 for p in params):
-        logits = apply_min_p(logits, torch.tensor([p.min_p for p in params]))
-    return logits
+def filter_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """camelid.sampling.filter_logits (temperature, top-k, top-p, min-p) with each row's own settings; logits (R, V)
+    float, one SamplingParams per row."""
+    return filter_logits(logits, temperature=torch.tensor([p.temperature for p in params]),
+                         top_k=torch.tensor([p.top_k for p in params]),
+                         top_p=torch.tensor([p.top_p for p in params], dtype=torch.float64),
+                         min_p=torch.tensor([p.min_p for p in params]))
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
@@ -175,7 +173,7 @@ def _draw(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Se
     rows = groups.random
     if len(rows) < logits.shape[0]:
         logits = logits[torch.tensor(rows, device=logits.device)]
-    probs = filter_logits(logits, [params[i] for i in rows]).softmax(-1)  # (R, V)
+    probs = filter_rows(logits, [params[i] for i in rows]).softmax(-1)  # (R, V)
     drawn = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     seeded = set(groups.seeded)
     shared = [j for j, i in enumerate(rows) if i not in seeded]

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from camelid.sampling import GREEDY_TEMPERATURE
+
 PENALTY_LIMIT = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
-GREEDY_TEMPERATURE = 1e-5  # below this, logits / temperature overflows float32: such a request is sampled greedily
 
 
 def _is_int(value: object) -> bool:
@@ -26,7 +27,7 @@ def _is_number(value: object) -> bool:
 class SamplingParams:
     n: int = 1  # completions per prompt; they share the prompt's KV blocks
     max_tokens: int = 16  # generated tokens at most (the context length may stop a request earlier)
-    temperature: float = 1.0  # 0: greedy argmax
+    temperature: float = 1.0  # 0 (anything below GREEDY_TEMPERATURE): greedy argmax
     top_k: int = 0  # 0 or -1: off
     top_p: float = 1.0  # 1: off
     min_p: float = 0.0  # 0: off; keep tokens with prob >= min_p * (prob of the most likely token)

@@ -54,10 +54,15 @@ class Scheduler:
         self.generated_tokens = 0
 
     def add(self, seq: Sequence) -> None:
+        """Queue a sequence (with its forks, the other completions of an n > 1 request)."""
+        if 1 + len(seq.forks) > self.max_num_seqs:  # it could never be admitted
+            raise ValueError(f"n={1 + len(seq.forks)} completions exceed max_num_seqs={self.max_num_seqs}")
         self.waiting.append(seq)
 
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+    def num_seqs(self) -> int:
+        """Running sequences, counting the forks a running parent will branch off once its prompt is computed:
+        what max_num_seqs caps."""
+        return sum(1 + len(seq.forks) for seq in self.running)
 
     # ---- scheduling -----------------------------------------------------------------------------------------
 
@@ -84,10 +89,13 @@ class Scheduler:
                 budget -= n
                 self._add_to_batch(batch, seq, n, copies)
 
-        # admit waiting sequences, unless memory was just short enough to preempt (they would thrash)
+        # admit waiting sequences, unless memory was just short enough to preempt (they would thrash); a sequence
+        # with forks takes a place for each of them, so an n > 1 request never pushes past max_num_seqs
         just_preempted = self.num_preemptions > preemptions_before
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not just_preempted:
+        while self.waiting and budget > 0 and not just_preempted:
             seq = self.waiting[0]
+            if self.num_seqs() + 1 + len(seq.forks) > self.max_num_seqs:
+                break
             hit = self.block_manager.allocate_cached_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             copies = self.block_manager.reserve(seq, n)

@@ -11,6 +11,8 @@ import torch
 from camelid.checkpoint import save_pretrained
 from camelid.engine import LLM, SamplingParams
 from camelid.generate import generate, generate_ids
+from camelid.monitor import weight_bytes
+from camelid.quant import quantize_model
 from camelid.tokenizer import Tokenizer
 from model_zoo import ARCH_CONFIGS, random_model, tiny_config
 
@@ -169,6 +171,44 @@ def test_n_completions_under_memory_pressure(llama):
     assert [c.token_ids for c in outs[0].outputs] == [generate_ids(llama, [prompt], 10)[0]] * 3
     assert outs[1].outputs[0].token_ids == generate_ids(llama, [prompt[:7]], 10)[0]
     assert llm.stats()["num_preemptions"] > 0
+    assert_all_blocks_free(llm)
+
+
+def test_max_num_seqs_counts_every_completion(llama):
+    """Invariant: at most max_num_seqs sequences run in any step, the n completions of a request counted one by one
+    (they branch off the prompt inside the step that computes it); a request of n > max_num_seqs is refused."""
+    llm = LLM(llama, num_blocks=60, block_size=4, max_num_seqs=3)
+    prompts = mixed_prompts(4, seed=11, high=12)
+    params = [SamplingParams(n=n, temperature=0, max_tokens=6, ignore_eos=True) for n in (1, 3, 1, 2)]
+    ids = [llm.add_request(p, q) for p, q in zip(prompts, params)]
+    finished, most = {}, 0
+    while llm.has_unfinished():
+        finished.update({o.request_id: o for o in llm.step() if o.finished})
+        most = max(most, llm.stats()["num_running"])
+        assert llm.stats()["num_running"] <= 3
+    assert most == 3
+    for request_id, prompt, p in zip(ids, prompts, params):
+        assert [c.token_ids for c in finished[request_id].outputs] == [generate_ids(llama, [prompt], 6)[0]] * p.n
+    with pytest.raises(ValueError, match="n=4 completions exceed max_num_seqs=3"):
+        llm.add_request([5, 6], SamplingParams(n=4))
+    assert_all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_lm_head(dtype):
+    """int8 projections and lm_head (camelid.quant allows it): the KV cache takes the hidden states' dtype, not the
+    int8 of the quantized lm_head's codes, and greedy ids equal camelid.generate_ids on the same model; the decode
+    bandwidth counts the quantized codes and scales (buffers, not parameters)."""
+    model = quantize_model(random_model(tiny_config()).to(dtype), "int8", modules=r".*(proj|lm_head)")
+    prompts = mixed_prompts(4, seed=12, high=20)
+    expected = [generate_ids(model, [p], 8)[0] for p in prompts]
+    llm = LLM(model, num_blocks=30, block_size=4)
+    assert llm.kv_dtype == dtype and llm.runner.cache.k[0].dtype == dtype
+    assert token_ids(llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))) == expected
+    state = model.state_dict()
+    embed = state["model.embed_tokens.weight"]
+    assert llm.weight_bytes == weight_bytes(model) == sum(t.nbytes for t in state.values()) - embed.nbytes
+    assert llm.stats()["decode_bandwidth_bytes_per_s"] > 0
     assert_all_blocks_free(llm)
 
 

@@ -9,14 +9,10 @@ import torch
 
 from camelid import generate_ids
 from camelid.checkpoint import from_pretrained
+from camelid.engine import LLM, SamplingParams
 from camelid.peft import load_adapter
+from test_multi_lora import ADAPTERS, make_peft_adapter  # same folder: the peft adapter recipe
 
-engine = pytest.importorskip("camelid.engine")  # the engine lands in parallel; skip cleanly until it exists
-if "adapters" not in engine.LLM.__init__.__code__.co_varnames:
-    pytest.skip("camelid.engine.LLM does not take adapters yet", allow_module_level=True)
-from test_multi_lora import ADAPTERS, make_peft_adapter  # noqa: E402  (same folder: the peft adapter recipe)
-
-LLM, SamplingParams = engine.LLM, engine.SamplingParams
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers deprecation noise
 MAX_TOKENS = 12
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from camelid.engine.sampler import (apply_penalties, filter_logits, group_rows, make_generator, sample,
+from camelid.engine.sampler import (apply_penalties, filter_rows, group_rows, make_generator, sample,
                                     token_counts)
 from camelid.engine.sampling_params import SamplingParams
 from camelid.sampling import Sampling, apply_min_p, apply_top_k, apply_top_p, next_token, penalize_seen
@@ -141,7 +141,7 @@ def hf_warp(transformers, logits: torch.Tensor, temperature: float, top_k: int, 
 def test_filter_chain_matches_transformers_row_by_row(seed, transformers):
     logits = random_logits(len(ROW_SETTINGS), seed=seed)
     params = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m) for t, k, p, m in ROW_SETTINGS]
-    ours = filter_logits(logits, params)  # every row in one batch, each with its own settings
+    ours = filter_rows(logits, params)  # every row in one batch, each with its own settings
     for row, settings in enumerate(ROW_SETTINGS):
         ref = hf_warp(transformers, logits[row:row + 1], *settings)
         assert kept(ours[row:row + 1]) == kept(ref), settings
@@ -247,10 +247,10 @@ def test_n_samples_get_distinct_reproducible_streams():
 def test_seed_matches_the_reference_generate_sampler():
     """Sample 0 of a seeded request draws exactly as camelid.generate does with the same seed (one prompt)."""
     logits = random_logits(1, seed=13)
-    reference = Sampling(temperature=0.8, top_k=10, top_p=0.9, seed=77)
+    reference = Sampling(temperature=0.8, top_k=10, top_p=0.9, min_p=0.05, seed=77)
     ref_gen = reference.generator(torch.device("cpu"))
     ours_gen = make_generator(77, 0, "cpu")
-    params = [SamplingParams(temperature=0.8, top_k=10, top_p=0.9, seed=77)]
+    params = [SamplingParams(temperature=0.8, top_k=10, top_p=0.9, min_p=0.05, seed=77)]
     for _ in range(6):
         assert sample(logits, params, [ours_gen]).token_ids.item() == next_token(logits, None, reference, ref_gen).item()
 

@@ -3,8 +3,12 @@
 import math
 
 import pytest
+import torch
 
+from camelid.engine.sampler import make_generator, sample
 from camelid.engine.sampling_params import SamplingParams
+
+V = 50
 
 
 def test_defaults():
@@ -40,7 +44,19 @@ def test_stop_accepts_one_string_and_copies_lists():
     dict(stop_token_ids=[0]), dict(ignore_eos=True),
 ])
 def test_edge_values_are_accepted(edge):
-    SamplingParams(**edge)
+    """Every edge value is accepted and samples: a valid token id comes back for each of a few random rows (the
+    argmax where the setting leaves one token: greedy, top_k=1, a tiny top_p, min_p=1)."""
+    p = SamplingParams(**edge)
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(0)) * 3
+    prompts, outputs = [[1, 2, 3]] * 4, [[4, 4], [], [0], [7, 8, 9]]
+    result = sample(logits, [p] * 4, [make_generator(p.seed, i, "cpu") for i in range(4)], prompts, outputs)
+    tokens = result.token_ids
+    assert tokens.dtype == torch.long and tokens.shape == (4,) and ((0 <= tokens) & (tokens < V)).all()
+    if p.greedy or p.top_k == 1 or p.top_p < 1e-6 or p.min_p == 1.0:
+        assert torch.equal(tokens, logits.argmax(-1))
+    if p.logprobs is not None:
+        assert result.logprobs.shape == (4,) and (result.logprobs <= 0).all()
+        assert result.top_ids.shape == (4, min(p.logprobs, V)) if p.logprobs else result.top_ids is None
 
 
 @pytest.mark.parametrize("bad", [

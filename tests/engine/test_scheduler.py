@@ -24,6 +24,20 @@ def add(s: Scheduler, prompt_len: int, seq_id: int, max_tokens: int = 8, **param
     return seq
 
 
+def add_n(s: Scheduler, n: int, prompt_len: int, request: int, max_tokens: int = 4) -> list[Sequence]:
+    """A request of n completions as LLM.add_request builds it: the first sequence carries the others as forks."""
+    params = SamplingParams(n=n, max_tokens=max_tokens, temperature=0)
+    seqs = [Sequence(100 * request + i, str(request), i, [10 + request] * prompt_len, params, arrival=request)
+            for i in range(n)]
+    seqs[0].forks = seqs[1:]
+    s.add(seqs[0])
+    return seqs
+
+
+def unfinished(s: Scheduler) -> bool:
+    return bool(s.waiting or s.running)
+
+
 def step(s: Scheduler, token: int = 7):
     batch = s.schedule()
     s.postprocess(batch, [token] * len(batch.samples))
@@ -61,6 +75,29 @@ def test_max_num_seqs_limits_admission():
     assert seqs[2].status == Status.WAITING and len(s.running) == 2
 
 
+@pytest.mark.parametrize("budget", [64, 4])  # 4: prompts prefill in chunks while their forks wait to branch off
+def test_max_num_seqs_counts_the_forks_of_n_requests(budget):
+    """Invariant: after every step, running sequences (forks included, and those a running parent will branch off
+    once its prompt is computed) are at most max_num_seqs, and so are the tokens sampled in one step."""
+    s = make_scheduler(max_num_seqs=3, budget=budget)
+    requests = [add_n(s, 2, 6, 0), add_n(s, 3, 5, 1), add_n(s, 1, 3, 2), add_n(s, 3, 9, 3), add_n(s, 1, 2, 4)]
+    most = 0
+    while unfinished(s):
+        batch = step(s)
+        assert len(s.running) <= s.num_seqs() <= 3 and len(batch.samples) <= 3
+        most = max(most, s.num_seqs())
+    assert most == 3  # the limit is reached, not just respected
+    assert all(seq.num_output_tokens == 4 for seqs in requests for seq in seqs)
+    assert s.block_manager.num_free_blocks == 64
+
+
+def test_a_request_of_more_completions_than_max_num_seqs_is_refused():
+    s = make_scheduler(max_num_seqs=2)
+    with pytest.raises(ValueError, match="n=3 completions exceed max_num_seqs=2"):
+        add_n(s, 3, 4, 0)
+    assert not unfinished(s)
+
+
 def test_preempts_the_newest_when_blocks_run_out_and_recomputes_it():
     s = make_scheduler(num_blocks=3, budget=64)
     old, new = add(s, 4, 0, max_tokens=6), add(s, 3, 1, max_tokens=6)
@@ -73,7 +110,7 @@ def test_preempts_the_newest_when_blocks_run_out_and_recomputes_it():
     assert new.status == Status.WAITING and new.block_table == [] and new.num_computed_tokens == 0
     assert old.status == Status.RUNNING and old.num_output_tokens == 3
     assert new.num_output_tokens == 2  # generated tokens survive; their keys/values are recomputed
-    while s.has_unfinished():
+    while unfinished(s):
         step(s)
     assert old.num_output_tokens == 6 and new.num_output_tokens == 6
     assert s.block_manager.num_free_blocks == 3
@@ -93,10 +130,10 @@ def test_a_sequence_alone_preempts_itself_rather_than_deadlock():
     s = make_scheduler(num_blocks=2, budget=64)
     a, b = add(s, 4, 0, max_tokens=4), add(s, 4, 1, max_tokens=4)
     for _ in range(40):
-        if not s.has_unfinished():
+        if not unfinished(s):
             break
         step(s)
-    assert not s.has_unfinished() and s.num_preemptions > 0
+    assert not unfinished(s) and s.num_preemptions > 0
     assert a.num_output_tokens == 4 and b.num_output_tokens == 4
 
 
@@ -119,7 +156,7 @@ def test_stop_token_and_max_tokens_and_context_end_sequences():
     s.postprocess(batch, [EOS, 9, 7, 7])
     assert by_eos.finish_reason == "stop" and by_stop_id.finish_reason == "stop"
     assert by_eos.output_token_ids == [EOS]  # the stop token is kept in the ids
-    while s.has_unfinished():
+    while unfinished(s):
         step(s)
     assert by_length.finish_reason == "length" and by_length.num_output_tokens == 3
     assert by_context.finish_reason == "length" and len(by_context) == 8
@@ -129,7 +166,7 @@ def test_stop_token_and_max_tokens_and_context_end_sequences():
 def test_ignore_eos():
     s = make_scheduler()
     seq = add(s, 2, 0, max_tokens=3, ignore_eos=True)
-    while s.has_unfinished():
+    while unfinished(s):
         step(s, token=EOS)
     assert seq.output_token_ids == [EOS] * 3 and seq.finish_reason == "length"
 
@@ -142,7 +179,7 @@ def test_finish_frees_blocks_at_once():
     assert s.block_manager.num_free_blocks == 5
     s.finish(running, "abort")
     s.finish(waiting, "abort")
-    assert s.block_manager.num_free_blocks == 8 and not s.has_unfinished()
+    assert s.block_manager.num_free_blocks == 8 and not unfinished(s)
     assert running.finish_reason == "abort" and waiting.status == Status.FINISHED
 
 
@@ -159,7 +196,7 @@ def test_forked_siblings_share_the_prompt_and_sample_from_its_logits():
     assert [q.output_token_ids for q in [parent, *children]] == [[7], [8], [9]]
     batch = step(s)
     assert len(batch.copies) == 2  # the shared partial block: two writers copy, the last one writes in place
-    assert not s.has_unfinished() and s.block_manager.num_free_blocks == 64
+    assert not unfinished(s) and s.block_manager.num_free_blocks == 64
 
 
 @pytest.mark.parametrize("bad", [dict(max_num_seqs=0), dict(budget=0)])

@@ -1,0 +1,182 @@
+"""A Triton paged-decode attention kernel: the optional CUDA fast path for PagedBatch._decode.
+
+Decode steps attend one new query per sequence against that sequence's cached keys, which are scattered over the
+paged cache's blocks (see paged_attention.py). The PyTorch reference gathers every sequence's keys into a padded
+copy first; this kernel reads them in place through the block table instead, one block at a time, and never
+materializes the scores of more than one block.
+
+Work split: one program per (sequence, kv head). It loads the g = nh / nkv query heads that share that kv head and
+scores them together against each key block, so under GQA every key and value is read from memory once, not g times.
+It walks the sequence's blocks in order, keeping a running (flash-decoding style, single pass) softmax in fp32:
+
+    for each block of keys K_b and values V_b, scores s = q K_b^T * scale (+ ALiBi), masked to -inf where hidden:
+        m'  = max(m, max(s))                  running maximum of the scores seen so far
+        a   = exp(m - m')                     rescales what was accumulated under the old maximum
+        p   = exp(s - m')
+        l   = l * a + sum(p)                  running softmax denominator
+        acc = acc * a + p V_b                 running numerator
+        m   = m'
+    out = acc / l
+
+Masks: keys at or past the sequence's context length (the new token is the last key, at position context_len - 1),
+and with a sliding window keys at positions <= query_pos - window. ALiBi adds slope[h] * (key_pos - query_pos).
+
+Triton is optional: without it (or without a CUDA device) `available()` is False and callers keep the PyTorch path.
+Set TRITON_INTERPRET=1 to run the kernel on CPU tensors through Triton's interpreter (what the tests do); the kernel
+is compiled lazily, so that variable only needs to be set before the first call.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is an optional dependency: the module still imports, available() says False
+    triton = tl = None
+
+
+def available() -> bool:
+    """Whether paged_decode can run here: Triton importable, and a CUDA device or Triton's CPU interpreter."""
+    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def supports(head_dim: int, block_size: int) -> bool:
+    """Whether the kernel handles these sizes: both are tl.constexpr tile widths, so they must be powers of two."""
+    return _is_power_of_two(head_dim) and _is_power_of_two(block_size)
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _paged_decode_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, ctx_ptr, slopes_ptr,
+    scale, window,
+    q_stride_seq, q_stride_head, q_stride_dim,
+    k_stride_block, k_stride_slot, k_stride_head, k_stride_dim,
+    v_stride_block, v_stride_slot, v_stride_head, v_stride_dim,
+    out_stride_seq, out_stride_head, out_stride_dim,
+    table_stride_seq, table_stride_block,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+):
+    """Program (seq, kv_head): the GROUP query heads of kv_head for sequence seq. GROUP_PAD = GROUP rounded up to a
+    power of two (tile shapes must be); the padding rows compute on zeros and are never stored."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    ctx = tl.load(ctx_ptr + seq).to(tl.int32)  # keys of this sequence, the new token included
+    q_pos = ctx - 1  # the new token is the last key
+
+    group = tl.arange(0, GROUP_PAD)  # (G,)
+    head_ok = group < GROUP
+    heads = kv_head * GROUP + group  # (G,) query heads served by this kv head (GQA groups are contiguous)
+    dims = tl.arange(0, HEAD_DIM)  # (hd,)
+    slots = tl.arange(0, BLOCK_SIZE)  # (bs,)
+
+    q_offs = seq * q_stride_seq + heads[:, None] * q_stride_head + dims[None, :] * q_stride_dim
+    q = tl.load(q_ptr + q_offs, mask=head_ok[:, None], other=0.0).to(tl.float32)  # (G, hd)
+    if HAS_ALIBI:
+        slopes = tl.load(slopes_ptr + heads, mask=head_ok, other=0.0).to(tl.float32)  # (G,)
+
+    # Blocks wholly before the window hold no visible key: start at the block of the oldest visible one.
+    first_block = 0
+    if HAS_WINDOW:
+        first_block = tl.maximum(q_pos - window + 1, 0) // BLOCK_SIZE
+    num_blocks = tl.cdiv(ctx, BLOCK_SIZE)
+
+    # A finite start for the running max keeps exp(m - m') at 1, not NaN, should a block be fully masked.
+    m = tl.full((GROUP_PAD,), -1.0e30, tl.float32)  # (G,) running max score
+    l = tl.zeros((GROUP_PAD,), tl.float32)  # (G,) running softmax denominator
+    acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)  # (G, hd) running numerator
+    for b in range(first_block, num_blocks):
+        block_id = tl.load(table_ptr + seq * table_stride_seq + b * table_stride_block).to(tl.int64)
+        k_pos = b * BLOCK_SIZE + slots  # (bs,) positions of this block's keys in the sequence
+        visible = k_pos < ctx
+        if HAS_WINDOW:
+            visible = visible & (k_pos > q_pos - window)
+        # Hidden slots are not loaded: the tail of the last block may hold stale (even non-finite) data, and
+        # 0 * NaN would poison the sum below.
+        k_offs = block_id * k_stride_block + slots[:, None] * k_stride_slot + kv_head * k_stride_head
+        k = tl.load(k_ptr + k_offs + dims[None, :] * k_stride_dim, mask=visible[:, None], other=0.0)
+        v_offs = block_id * v_stride_block + slots[:, None] * v_stride_slot + kv_head * v_stride_head
+        v = tl.load(v_ptr + v_offs + dims[None, :] * v_stride_dim, mask=visible[:, None], other=0.0)
+        k = k.to(tl.float32)  # (bs, hd)
+        v = v.to(tl.float32)  # (bs, hd)
+
+        # (G, bs) scores as a broadcast product: tl.dot needs every tile dim >= 16, and G is often 1 to 8.
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+        if HAS_ALIBI:
+            s += slopes[:, None] * (k_pos - q_pos).to(tl.float32)[None, :]
+        s = tl.where(visible[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m, tl.max(s, axis=1))  # (G,)
+        alpha = tl.exp(m - m_new)  # (G,)
+        p = tl.exp(s - m_new[:, None])  # (G, bs)
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # (G, hd)
+        m = m_new
+
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]  # l is 0 only for an empty context: output zeros, not NaN
+    out_offs = seq * out_stride_seq + heads[:, None] * out_stride_head + dims[None, :] * out_stride_dim
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+
+
+@functools.cache
+def _compiled(interpret: bool):
+    """triton.jit picks the interpreter or the GPU compiler when it wraps the function, so wrap on first use (and
+    once per mode), not at import: importers need not set TRITON_INTERPRET before importing this module."""
+    del interpret  # only the cache key: triton.jit reads the variable itself
+    return triton.jit(_paged_decode_kernel)
+
+
+def paged_decode(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
+                 alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """One new token per sequence attended against its paged keys.
+
+    q (D, nh, hd), any strides; k_blocks / v_blocks (num_blocks, block_size, nkv, hd); block_tables (D, max_blocks)
+    int32/int64 block ids (entries past a sequence's last block are never read); context_lens (D,) keys per sequence,
+    the new token included, each >= 1; alibi_slopes (nh,) or None. Returns (D, nh, hd) in q's dtype.
+    Raises ValueError for shapes the kernel does not handle (check `supports` first to fall back instead)."""
+    if triton is None:
+        raise ValueError("paged_decode needs Triton, which is not installed (check available() first)")
+    if q.dim() != 3 or k_blocks.dim() != 4 or v_blocks.shape != k_blocks.shape:
+        raise ValueError(f"expected q (D, nh, hd) and k/v blocks (num_blocks, block_size, nkv, hd) of one shape, got "
+                         f"q {tuple(q.shape)}, k {tuple(k_blocks.shape)}, v {tuple(v_blocks.shape)}")
+    D, nh, hd = q.shape
+    _, block_size, nkv, k_hd = k_blocks.shape
+    if k_hd != hd or nh % nkv:
+        raise ValueError(f"q {tuple(q.shape)} does not fit kv blocks {tuple(k_blocks.shape)}: head_dim must match "
+                         "and num_heads be a multiple of num_kv_heads")
+    if not supports(hd, block_size):
+        raise ValueError(f"paged_decode needs power-of-two head_dim and block_size, got {hd} and {block_size}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != D or tuple(context_lens.shape) != (D,):
+        raise ValueError(f"expected block_tables ({D}, max_blocks) and context_lens ({D},), got "
+                         f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    if alibi_slopes is not None and tuple(alibi_slopes.shape) != (nh,):
+        raise ValueError(f"expected alibi_slopes ({nh},), got {tuple(alibi_slopes.shape)}")
+    tensors = [q, k_blocks, v_blocks, block_tables, context_lens] + ([alibi_slopes] if alibi_slopes is not None else [])
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"paged_decode inputs must share one device, got {sorted({str(t.device) for t in tensors})}")
+
+    out = torch.empty((D, nh, hd), dtype=q.dtype, device=q.device)
+    if D == 0:
+        return out
+    group = nh // nkv
+    slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else context_lens  # dummy, never read
+    kernel = _compiled(os.environ.get("TRITON_INTERPRET") == "1")
+    kernel[(D, nkv)](
+        q, k_blocks, v_blocks, out, block_tables, context_lens, slopes,
+        float(scale), sliding_window or 0,
+        *q.stride(), *k_blocks.stride(), *v_blocks.stride(), *out.stride(), *block_tables.stride(),
+        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=hd, BLOCK_SIZE=block_size,
+        HAS_WINDOW=sliding_window is not None, HAS_ALIBI=alibi_slopes is not None,
+    )
+    return out

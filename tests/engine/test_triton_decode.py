@@ -1,0 +1,175 @@
+"""The Triton paged-decode kernel, run on CPU through Triton's interpreter, against references we did not write:
+torch's scaled_dot_product_attention per sequence (on keys gathered token by token), and the engine's own PyTorch
+decode path (PagedBatch._decode) through the exact call the CUDA dispatch makes. Covers MHA and GQA (groups of 2, 3
+padded to 4, and 8), context lengths of 1, a full block and across block boundaries, shuffled block tables, sliding
+windows, ALiBi, fp32 and bf16, and that stale NaNs in unowned cache slots never leak into the output."""
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+from camelid.config import ModelConfig  # noqa: E402
+from camelid.engine import triton_decode  # noqa: E402
+from camelid.engine.paged_attention import AttentionMetadata, PagedBatch, PagedKVCache  # noqa: E402
+from camelid.model import alibi_slopes  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    """Run kernels on CPU tensors. Scoped to these tests (not set at import) so that no other test module sees
+    TRITON_INTERPRET=1 and routes CPU work to Triton. triton_decode wraps its kernel with triton.jit on first call,
+    which is when Triton reads the variable, so setting it here is early enough."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # Triton 3.6's interpreter calls int() on 1-element arrays for runtime loop bounds, which numpy >= 2.4 rejects
+    # (triton-lang/triton#9171, fixed upstream by #9172): apply the same fix for the duration of the test.
+    from triton.runtime import interpreter as interp
+    original = interp._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    monkeypatch.setattr(interp, "_patch_lang_tensor", patch_lang_tensor)
+
+
+def make_cache(context_lens: list[int], nkv: int, hd: int, bs: int, dtype: torch.dtype, gen: torch.Generator,
+               width_pad: int = 1, table_dtype: torch.dtype = torch.long):
+    """Random keys/values in shuffled blocks. Every slot no sequence owns (tails of last blocks, spare blocks, the
+    blocks the table padding points to) holds NaN: reading one into the output would show."""
+    needed = [-(-n // bs) for n in context_lens]
+    num_blocks = sum(needed) + 3
+    k_blocks = torch.full((num_blocks, bs, nkv, hd), float("nan"))
+    v_blocks = torch.full((num_blocks, bs, nkv, hd), float("nan"))
+    order = torch.randperm(num_blocks - 1, generator=gen) + 1  # block 0 stays all-NaN: the table padding
+    width = max(needed) + width_pad
+    tables = torch.zeros(len(context_lens), width, dtype=table_dtype)
+    start = 0
+    for s, (n, nb) in enumerate(zip(context_lens, needed)):
+        tables[s, :nb] = order[start:start + nb]
+        start += nb
+        pos = torch.arange(n)
+        blocks, offsets = tables[s, pos // bs].long(), pos % bs
+        k_blocks[blocks, offsets] = torch.randn(n, nkv, hd, generator=gen)
+        v_blocks[blocks, offsets] = torch.randn(n, nkv, hd, generator=gen)
+    return k_blocks.to(dtype), v_blocks.to(dtype), tables, torch.tensor(context_lens)
+
+
+def reference(q, k_blocks, v_blocks, tables, context_lens, scale, window=None, slopes=None):
+    """Per sequence, in fp32: gather its keys token by token, expand the GQA groups, mask and bias, and let torch's
+    SDPA attend. q (D, nh, hd) -> (D, nh, hd)."""
+    D, nh, hd = q.shape
+    bs, nkv = k_blocks.shape[1], k_blocks.shape[2]
+    outs = []
+    for s in range(D):
+        n = int(context_lens[s])
+        pos = torch.arange(n)
+        blocks, offsets = tables[s, pos // bs].long(), pos % bs
+        k = k_blocks[blocks, offsets].float().transpose(0, 1).repeat_interleave(nh // nkv, 0)  # (nh, n, hd)
+        v = v_blocks[blocks, offsets].float().transpose(0, 1).repeat_interleave(nh // nkv, 0)
+        q_pos = n - 1
+        bias = torch.zeros(nh, 1, n)
+        if window is not None:
+            bias[:, :, pos <= q_pos - window] = float("-inf")
+        if slopes is not None:
+            bias = bias + slopes[:, None, None] * (pos - q_pos).float()
+        outs.append(F.scaled_dot_product_attention(q[s].float()[:, None], k, v, attn_mask=bias, scale=scale)[:, 0])
+    return torch.stack(outs)
+
+
+CASES = {  # name: (nh, nkv, hd, block_size, context_lens, sliding_window, alibi)
+    "mha": (4, 4, 16, 4, [1, 4, 5, 13], None, False),
+    "gqa_4_2": (4, 2, 16, 4, [3, 8, 9, 1], None, False),
+    "gqa_8_1": (8, 1, 32, 8, [17, 1, 8, 30], None, False),
+    "gqa_6_2_padded_group": (6, 2, 16, 4, [7, 12, 2], None, False),
+    "window": (4, 2, 16, 4, [1, 5, 13, 16, 3], 5, False),
+    "window_1": (4, 2, 16, 4, [1, 6, 9], 1, False),
+    "window_larger_than_context": (4, 4, 16, 4, [2, 7], 64, False),
+    "alibi_gqa": (8, 2, 16, 4, [1, 6, 13], None, True),
+    "alibi_window": (4, 1, 16, 8, [9, 20, 4], 7, True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_sdpa_reference(case, dtype):
+    nh, nkv, hd, bs, context_lens, window, alibi = CASES[case]
+    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    k_blocks, v_blocks, tables, lens = make_cache(context_lens, nkv, hd, bs, dtype, gen)
+    q = torch.randn(len(context_lens), nh, hd, generator=gen).to(dtype)
+    slopes = alibi_slopes(nh) if alibi else None
+    scale = hd**-0.5
+    out = triton_decode.paged_decode(q, k_blocks, v_blocks, tables, lens, scale, window, slopes)
+    assert out.shape == q.shape and out.dtype == dtype
+    expected = reference(q, k_blocks, v_blocks, tables, lens, scale, window, slopes)
+    atol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding (inputs are exact in both)
+    torch.testing.assert_close(out.float(), expected, atol=atol, rtol=0)
+
+
+def test_strided_query_int32_tables_and_wide_padding():
+    """The CUDA dispatch passes q as a transposed view and the engine may hand int32 tables wider than needed."""
+    gen = torch.Generator().manual_seed(1)
+    k_blocks, v_blocks, tables, lens = make_cache([5, 11, 1], 2, 16, 4, torch.float32, gen, width_pad=3,
+                                                  table_dtype=torch.int32)
+    q = torch.randn(4, 3, 16, generator=gen).transpose(0, 1)  # (D=3, nh=4, hd), not contiguous
+    assert not q.is_contiguous()
+    out = triton_decode.paged_decode(q, k_blocks, v_blocks, tables, lens, 0.3)
+    torch.testing.assert_close(out, reference(q, k_blocks, v_blocks, tables, lens, 0.3), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("window, alibi", [(None, False), (6, True)], ids=["plain", "window_alibi"])
+def test_matches_paged_batch_decode(window, alibi):
+    """The engine's PyTorch decode and the kernel, called the way PagedBatch._decode would dispatch to it on CUDA."""
+    config = ModelConfig(vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=window,
+                         position_encoding="alibi" if alibi else "rope")
+    bs, context_lens = 4, [1, 6, 13]
+    cache = PagedKVCache(config, num_blocks=12, block_size=bs, dtype=torch.float32, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(2)
+    order = (torch.randperm(11, generator=gen) + 1).tolist()
+    block_tables, start = [], 0
+    for n in context_lens:
+        block_tables.append(order[start:start + -(-n // bs)])
+        start += len(block_tables[-1])
+    cache.k[0].normal_(generator=gen)
+    cache.v[0].normal_(generator=gen)
+    meta = AttentionMetadata.build(block_tables, [n - 1 for n in context_lens], [1] * len(context_lens), bs,
+                                   torch.device("cpu"))
+    q = torch.randn(1, 4, len(context_lens), 16, generator=gen)  # (1, nh, D, hd) as Attention hands it over
+    tables = meta.block_tables[:, :meta.single_width]
+    expected = PagedBatch(cache, meta)._decode(q, cache.k[0], cache.v[0], tables, meta.context_lens)
+    out = triton_decode.paged_decode(q[0].transpose(0, 1), cache.k[0], cache.v[0], tables, meta.context_lens,
+                                     16**-0.5, cache.sliding_window, cache.alibi)  # (D, nh, hd)
+    torch.testing.assert_close(out.transpose(0, 1)[None], expected, atol=1e-5, rtol=0)
+
+
+def test_available_and_bad_shapes():
+    assert triton_decode.available()  # triton installed and TRITON_INTERPRET=1
+    assert triton_decode.supports(128, 16) and not triton_decode.supports(96, 16) and not triton_decode.supports(64, 6)
+    q, blocks = torch.zeros(2, 4, 24), torch.zeros(3, 4, 2, 24)
+    tables, lens = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        triton_decode.paged_decode(q, blocks, blocks, tables, lens, 1.0)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        triton_decode.paged_decode(torch.zeros(2, 3, 16), torch.zeros(3, 4, 2, 16), torch.zeros(3, 4, 2, 16),
+                                   tables, lens, 1.0)
+    with pytest.raises(ValueError, match="sliding_window"):
+        triton_decode.paged_decode(torch.zeros(2, 4, 16), torch.zeros(3, 4, 2, 16), torch.zeros(3, 4, 2, 16),
+                                   tables, lens, 1.0, sliding_window=0)
+
+
+def test_imports_without_triton(monkeypatch):
+    """The engine imports this module unconditionally: without Triton it must import and report unavailable."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location("triton_decode_without_triton", triton_decode.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert not module.available()
+    with pytest.raises(ValueError, match="needs Triton"):
+        module.paged_decode(torch.zeros(1, 1, 16), torch.zeros(1, 4, 1, 16), torch.zeros(1, 4, 1, 16),
+                            torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long), 1.0)
