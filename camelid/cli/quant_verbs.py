@@ -8,7 +8,7 @@ import textwrap
 from tqdm import tqdm
 
 from camelid.quant import FORMATS
-from camelid.quant.convert import quantize_folder
+from camelid.quantize import quantize_folder
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:

@@ -4,46 +4,33 @@ by the `peft` library (`PeftModel.from_pretrained`, `save_pretrained`).
 A PEFT file key is ours with "base_model.model." in front (see lora.py): the adapter name ("default") is not in
 saved files. Which modules carry an adapter is read from the file's keys, not re-derived from target_modules, so a
 folder loads exactly as it was saved whatever matching rule wrote it; the rank comes from the tensors' shapes.
+A folder is written by shared.py's write_adapter_folder, as every method's is.
+
+A LoRA folder also loads onto a quantized model folder (`camelid quantize`): that is QLoRA, which builds on
+camelid.quant (the deliberate peft -> quant edge described in lora.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from camelid.peft.lora import LoRALinear, apply_lora, lora_layers, lora_state_dict
+from camelid.peft.shared import CONFIG_FILE, WEIGHTS_FILE, AdapterError, short_or_regex, write_adapter_folder
 from camelid.quant import QuantLinear
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # adapter_config.json fields that change what the adapter computes and that camelid does not implement
 UNSUPPORTED = {"modules_to_save": None, "fan_in_fan_out": False, "lora_bias": False, "bias": "none",
                "use_qalora": False, "trainable_token_indices": None, "target_parameters": None,
                "layer_replication": None, "alora_invocation_tokens": None, "use_bdlora": None,
                "arrow_config": None, "monteclora_config": None}
-
-
-class AdapterError(ValueError):
-    """A PEFT folder that cannot be loaded onto this model; the message names the file and the key or field."""
-
-
-def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
-    """PEFT's target_modules for exactly these module names: the short names ("q_proj") when they select nothing
-    else, otherwise a regex that matches these full names only."""
-    short = sorted({n.rsplit(".", 1)[-1] for n in names})
-    selected = {n for n, _ in model.named_modules() if n and any(n == s or n.endswith("." + s) for s in short)}
-    if selected == set(names):
-        return short
-    return "^(" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
 
 
 def _pattern_value(patterns: dict, name: str, default):
@@ -76,7 +63,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": first.dropout_p,
-        "target_modules": _target_modules(model, list(layers)),
+        "target_modules": short_or_regex(model, layers),
         "rank_pattern": {re.escape(n): layer.r for n, layer in layers.items() if layer.r != r},
         "alpha_pattern": {re.escape(n): layer.alpha for n, layer in layers.items() if layer.alpha != alpha},
         "use_rslora": first.use_rslora,
@@ -90,16 +77,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         "layers_to_transform": None,
         "layers_pattern": None,
     }
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {PREFIX + k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    tmp = path / f".{WEIGHTS_FILE}.tmp"
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path / WEIGHTS_FILE)
-    tmp = path / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, path / CONFIG_FILE)
-    return path
+    return write_adapter_folder(path, config, {PREFIX + k: v for k, v in lora_state_dict(model).items()})
 
 
 def read_adapter_config(path: str | Path) -> dict:

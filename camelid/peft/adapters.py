@@ -10,7 +10,8 @@ the first steps move it away smoothly (Houlsby's near-identity initialisation); 
 
 The adapters are new submodules of each block (`model.layers.N.attn_adapter`, `model.layers.N.mlp_adapter`), so
 their keys are `model.layers.N.mlp_adapter.down.weight` etc., and a forward hook on the sublayer (`self_attn`,
-`mlp` or Mixtral's `block_sparse_moe`) passes its output through them; Block.forward is untouched. The adapters
+`mlp` or Mixtral's `block_sparse_moe`) passes its output through them; Block.forward is untouched. Each hook's
+handle is kept next to the sublayer's reference to its adapter (`sublayer.bottleneck_adapter.hook`). The adapters
 compute in fp32 over a half-precision base (as LoRA's adapters do here).
 
 PEFT has no bottleneck adapters, so the folder is ours: peft_type "CAMELID_BOTTLENECK", our keys.
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from camelid.peft.shared import adapter_dtype, freeze, read_adapter_folder, write_adapter_folder
+from camelid.peft.shared import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, adapter_dtype, freeze, read_adapter_folder,
+                                 write_adapter_folder)
 
 PEFT_TYPE = "CAMELID_BOTTLENECK"
 PLACEMENTS = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}
@@ -53,10 +55,11 @@ class Bottleneck(nn.Module):
 
 class _Ref:
     """Holds a module without registering it as a child: the adapter belongs to the block (its key is
-    `model.layers.N.mlp_adapter...`), the sublayer only needs to reach it. Copied along by copy.deepcopy."""
+    `model.layers.N.mlp_adapter...`), the sublayer only needs to reach it; `hook` is the handle of the sublayer's
+    forward hook that runs it. Copied along by copy.deepcopy."""
 
-    def __init__(self, module: nn.Module):
-        self.module = module
+    def __init__(self, module: nn.Module, hook: torch.utils.hooks.RemovableHandle):
+        self.module, self.hook = module, hook
 
 
 def _run_adapter(sublayer: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
@@ -76,10 +79,8 @@ def has_bottleneck(model: nn.Module) -> bool:
     return bool(bottleneck_adapters(model))
 
 
-def apply_bottleneck(model: nn.Module, bottleneck_size: int = 64, placement: str = "houlsby",
-                     nonlinearity: str = "relu", init_std: float = 1e-2) -> nn.Module:
-    """Freeze the model and add a bottleneck adapter after every block's attention and FFN (houlsby) or after the
-    FFN only (pfeiffer)."""
+def _checked_blocks(model: nn.Module, bottleneck_size: int, placement: str, nonlinearity: str) -> nn.ModuleList:
+    """The model's blocks, once the options are known to be valid for it (nothing is changed here)."""
     if isinstance(bottleneck_size, bool) or not isinstance(bottleneck_size, int) or bottleneck_size < 1:
         raise ValueError(f"bottleneck_size must be a positive integer, got {bottleneck_size!r}")
     if placement not in PLACEMENTS:
@@ -91,6 +92,14 @@ def apply_bottleneck(model: nn.Module, bottleneck_size: int = 64, placement: str
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not layers:
         raise ValueError("bottleneck adapters need a camelid Transformer (model.model.layers)")
+    return layers
+
+
+def apply_bottleneck(model: nn.Module, bottleneck_size: int = 64, placement: str = "houlsby",
+                     nonlinearity: str = "relu", init_std: float = 1e-2) -> nn.Module:
+    """Freeze the model and add a bottleneck adapter after every block's attention and FFN (houlsby) or after the
+    FFN only (pfeiffer)."""
+    layers = _checked_blocks(model, bottleneck_size, placement, nonlinearity)
     freeze(model)
     hidden = model.config.hidden_size
     for block in layers:
@@ -100,11 +109,19 @@ def apply_bottleneck(model: nn.Module, bottleneck_size: int = 64, placement: str
             adapter = Bottleneck(hidden, bottleneck_size, nonlinearity, init_std, weight.device,
                                  adapter_dtype(weight))
             block.add_module(f"{where}_adapter", adapter)
-            sublayer.bottleneck_adapter = _Ref(adapter)
-            sublayer.register_forward_hook(_run_adapter)
+            sublayer.bottleneck_adapter = _Ref(adapter, sublayer.register_forward_hook(_run_adapter))
     model.bottleneck_config = {"bottleneck_size": bottleneck_size, "placement": placement,
                                "nonlinearity": nonlinearity}
     return model
+
+
+def _expected_shapes(model: nn.Module, bottleneck_size: int, placement: str, nonlinearity: str) -> dict[str, tuple]:
+    """Every tensor key and shape apply_bottleneck would give this model, without changing it."""
+    layers = _checked_blocks(model, bottleneck_size, placement, nonlinearity)
+    probe = Bottleneck(model.config.hidden_size, bottleneck_size, nonlinearity, 0.0, torch.device("meta"),
+                       torch.float32)  # meta: shapes only, no memory
+    return {f"model.layers.{i}.{where}_adapter.{key}": tuple(t.shape)
+            for i in range(len(layers)) for where in PLACEMENTS[placement] for key, t in probe.state_dict().items()}
 
 
 def bottleneck_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -121,23 +138,25 @@ def save_bottleneck(model: nn.Module, folder: str | Path, base_model_name_or_pat
 
 
 def load_bottleneck(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Apply a CAMELID_BOTTLENECK folder to `model`; every key and shape must match what its config builds."""
+    """Apply a CAMELID_BOTTLENECK folder to `model`; every key and shape must match what its config builds, and
+    is checked before the model is changed."""
     config, tensors = read_adapter_folder(folder, PEFT_TYPE)
-    file = Path(folder) / "adapter_model.safetensors"
+    file = Path(folder) / WEIGHTS_FILE
     try:
         options = {k: config[k] for k in ("bottleneck_size", "placement", "nonlinearity")}
     except KeyError as e:
-        raise ValueError(f"{Path(folder) / 'adapter_config.json'}: missing field {e.args[0]!r}") from None
-    apply_bottleneck(model, **options)
-    expected = bottleneck_state_dict(model)
+        raise AdapterError(f"{Path(folder) / CONFIG_FILE}: missing field {e.args[0]!r}") from None
+    expected = _expected_shapes(model, **options)
     unknown, missing = sorted(tensors.keys() - expected.keys()), sorted(expected.keys() - tensors.keys())
     if unknown or missing:
-        raise ValueError(f"{file}: " + (f"unexpected tensor {unknown[0]!r}" if unknown else
-                                        f"missing tensor {missing[0]!r}") + " for this model")
+        raise AdapterError(f"{file}: " + (f"unexpected tensor {unknown[0]!r}" if unknown else
+                                          f"missing tensor {missing[0]!r}") + " for this model")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise AdapterError(f"{file}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the model expects "
+                               f"{shape}")
+    apply_bottleneck(model, **options)
     with torch.no_grad():
-        for key, target in expected.items():
-            if tensors[key].shape != target.shape:
-                raise ValueError(f"{file}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the model expects "
-                                 f"{tuple(target.shape)}")
+        for key, target in bottleneck_state_dict(model).items():
             target.copy_(tensors[key])
     return model

@@ -4,6 +4,12 @@ LLaMA's Linear layers have no biases, so BitFit adds zero biases (the model star
 nn.Linear modules with register_parameter("bias", ...): nn.Linear's own forward then adds them, no hook needed.
 Layers that already have a bias (Qwen2's q/k/v) train it as it is. Biases only: norm weights stay frozen.
 
+Unlike the other methods' adapters (fp32 over a half-precision base, shared.adapter_dtype), a BitFit bias has the
+weight's dtype, bf16 over a bf16 base: F.linear takes one dtype for weight and bias, and an fp32 bias added by a
+hook instead would need another key than `<module>.bias`, losing the Hugging Face layout below. To train biases
+in fp32, load the base in fp32 (`from_pretrained(path, dtype=torch.float32)`): the training loop's bf16 autocast
+still computes in bf16, and the optimizer updates fp32 biases.
+
 PEFT has no BitFit, so the folder is ours: adapter_config.json with peft_type "CAMELID_BITFIT" and
 adapter_model.safetensors holding each trained bias under its module's name (`model.layers.0.mlp.up_proj.bias`).
 A LLaMA with biases on every projection is what transformers' Llama computes with attention_bias=True and
@@ -18,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from camelid.peft.shared import freeze, read_adapter_folder, select_linears, write_adapter_folder
+from camelid.peft.shared import WEIGHTS_FILE, freeze, read_adapter_folder, select_linears, write_adapter_folder
 
 PEFT_TYPE = "CAMELID_BITFIT"
 
@@ -65,7 +71,7 @@ def save_bitfit(model: nn.Module, folder: str | Path, base_model_name_or_path: s
 def load_bitfit(model: nn.Module, folder: str | Path) -> nn.Module:
     """Apply a CAMELID_BITFIT folder to `model`: the same layers get biases, set to the saved values."""
     _, tensors = read_adapter_folder(folder, PEFT_TYPE)
-    file = Path(folder) / "adapter_model.safetensors"
+    file = Path(folder) / WEIGHTS_FILE
     modules = dict(model.named_modules())
     names = []
     for key, tensor in tensors.items():

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from camelid.peft.shared import (adapter_dtype, freeze, name_matches, read_adapter_folder, select_linears,
-                                 short_or_regex, write_adapter_folder)
+from camelid.peft.shared import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, adapter_dtype, freeze, name_matches,
+                                 read_adapter_folder, select_linears, short_or_regex, write_adapter_folder)
 
 PREFIX = "base_model.model."
 DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")
@@ -146,35 +146,37 @@ def _feedforward_spec(layers: dict[str, nn.Linear], feedforward: list[str]) -> l
 
 def load_ia3(model: nn.Module, folder: str | Path) -> nn.Module:
     """Apply a PEFT IA3 folder (written by `peft` or by save_ia3) to `model`, in place; every base parameter is
-    frozen. Which modules carry a vector is read from the file's keys; which are feedforward from the config."""
+    frozen. Which modules carry a vector is read from the file's keys; which are feedforward from the config.
+    Every key and shape is checked before the model is changed."""
     config, tensors = read_adapter_folder(folder, "IA3")
-    file = Path(folder) / "adapter_config.json"
+    config_file, weights_file = Path(folder) / CONFIG_FILE, Path(folder) / WEIGHTS_FILE
     for field, default in UNSUPPORTED.items():
         value = config.get(field, default)
         if value not in (default, None, [], {}, False):
-            raise ValueError(f"{file}: {field}={value!r} is not supported by camelid's IA3")
+            raise AdapterError(f"{config_file}: {field}={value!r} is not supported by camelid's IA3")
     names = []
     for key in tensors:
         if not (key.startswith(PREFIX) and key.endswith(".ia3_l")):
-            raise ValueError(f"{file.parent / 'adapter_model.safetensors'}: unexpected tensor {key!r} "
-                             f"(expected {PREFIX}<module>.ia3_l)")
+            raise AdapterError(f"{weights_file}: unexpected tensor {key!r} (expected {PREFIX}<module>.ia3_l)")
         names.append(key[len(PREFIX):-len(".ia3_l")])
     modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise ValueError(f"{file.parent}: IA3 vector for module {missing[0]!r}, which this model does not have")
     feedforward_modules = config.get("feedforward_modules") or []
+    feedforward = [n for n in names if _is_feedforward(n, feedforward_modules)]
+    for name in names:
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            raise AdapterError(f"{weights_file}: IA3 vector for module {name!r}, which is not an nn.Linear of this "
+                               "model")
+        shape = tuple(tensors[f"{PREFIX}{name}.ia3_l"].shape)
+        expected = (1, linear.in_features) if name in feedforward else (linear.out_features, 1)
+        if shape != expected:
+            raise AdapterError(f"{weights_file}: tensor {PREFIX}{name}.ia3_l has shape {shape}, the model expects "
+                               f"{expected}")
     apply_ia3(model, target_modules="^(" + "|".join(re.escape(n) for n in names) + ")$",
-              feedforward_modules=[n for n in names if _is_feedforward(n, feedforward_modules)])
+              feedforward_modules=feedforward)
     with torch.no_grad():
         for name in names:
-            linear = model.get_submodule(name)
-            tensor = tensors[f"{PREFIX}{name}.ia3_l"]
-            expected = (1, linear.in_features) if linear.ia3_feedforward else (linear.out_features, 1)
-            if tuple(tensor.shape) != expected:
-                raise ValueError(f"{file.parent}: tensor {PREFIX}{name}.ia3_l has shape {tuple(tensor.shape)}, "
-                                 f"the model expects {expected}")
-            linear.ia3_l.copy_(tensor.flatten())
+            modules[name].ia3_l.copy_(tensors[f"{PREFIX}{name}.ia3_l"].flatten())
     return model
 
 

@@ -24,6 +24,10 @@ adapters. The base matmul runs in `compute_dtype` (bf16, as the paper) on a weig
 in backward: no full-precision copy is kept for autograd); the adapters stay fp32. A QLoRA adapter is an ordinary
 PEFT LoRA folder: it loads onto the unquantized base too. Merging folds it into the dequantized weight.
 
+peft -> quant is a deliberate sideways edge: QLoRA needs quant's formats (FORMATS, to quantize a base), its
+layer type (QuantLinear, to wrap a quantized base), its backward-recomputing matmul (dequant_linear) and its
+dtype-keeping _apply. quant imports nothing of peft; the module-name rule both use lives in quant (name_matches).
+
 Merging: `merge_lora(model)` folds the adapters into the weights and puts plain nn.Linear modules back
 (PEFT's merge_and_unload). `merge_lora(model, keep=True)` folds in place but keeps a copy of each original weight,
 so `unmerge_lora(model)` restores the base bit for bit (subtracting B A again would not, in floating point).
@@ -32,13 +36,13 @@ so `unmerge_lora(model)` restores the base bit for bit (subtracting B A again wo
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from camelid.peft.shared import name_matches
 from camelid.quant import FORMATS, QuantLinear, dequant_linear, quantized_layers
 from camelid.quant.linear import Dequantize, apply_keeping_dtypes
 
@@ -185,16 +189,6 @@ class LoRALinear(nn.Module):
 
 # ---- acting on a model by module name ------------------------------------------------------------------------
 
-def _matches(name: str, target_modules: str | Iterable[str]) -> bool:
-    """PEFT's rule: a string is a regex that must match the whole module name ("all-linear": every Linear but
-    lm_head); a list matches a name equal to an entry or ending in "." + entry."""
-    if isinstance(target_modules, str):
-        if target_modules == "all-linear":
-            return name != "lm_head"
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -225,7 +219,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
     if isinstance(target_modules, str) and target_modules == "all-linear":
         candidates = {n: m for n, m in model.named_modules() if isinstance(m, linear_types) and n != "lm_head"}
     else:
-        candidates = {n: m for n, m in model.named_modules() if n and _matches(n, target_modules)}
+        candidates = {n: m for n, m in model.named_modules() if n and name_matches(n, target_modules)}
     if not candidates:
         raise ValueError(f"target_modules {target_modules!r} match no module of this model "
                          f"(Linear layers are named like {_example_linear(model)!r})")

@@ -18,7 +18,7 @@ the prefix in front of what it returns, so `camelid.generate` works unchanged.
 L*2*nkv*hd. Saved files hold the projected prefix only (as PEFT's `prompt_embeddings`), so a loaded adapter is a
 plain prefix, in camelid as in PEFT.
 
-The PEFT-folder helpers at the bottom are shared with prompt.py (prompt tuning and P-tuning save the same way).
+The folder is PEFT's prompt-learning layout (shared.py's write_peft_folder / read_peft_folder, as prompt.py's).
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from camelid.peft.adapter_io import CONFIG_FILE, WEIGHTS_FILE, AdapterError
-from camelid.peft.shared import read_adapter_folder, write_adapter_folder
-
-PEFT_KEY = "prompt_embeddings"  # the one tensor in every PEFT prompt-learning file
+from camelid.peft.shared import (CONFIG_FILE, PEFT_KEY, AdapterError, check_position_table, read_peft_folder,
+                                 write_peft_folder)
 
 
 class PrefixEncoder(nn.Module):
@@ -91,14 +89,6 @@ class PrefixedCache:
         prefix_k = self.keys[layer].to(k.dtype).expand(B, -1, -1, -1)  # (B, nkv, P, hd)
         prefix_v = self.values[layer].to(v.dtype).expand(B, -1, -1, -1)
         return torch.cat((prefix_k, k), dim=2), torch.cat((prefix_v, v), dim=2)
-
-
-def check_position_table(model: nn.Module, last_position: int, P: int) -> None:
-    """Virtual tokens move the real ones P positions on: a learned position table must still cover them."""
-    limit = model.config.max_position_embeddings
-    if model.config.position_encoding == "learned" and last_position >= limit:
-        raise ValueError(f"{P} virtual tokens push position {last_position} past the model's learned position "
-                         f"table ({limit} positions); use shorter inputs or fewer virtual tokens")
 
 
 def _prefix_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -213,28 +203,3 @@ def load_prefix(model: nn.Module, folder: str | Path) -> nn.Module:
 # P-Tuning v2 is deep prefix tuning: the same functions under the method's own name
 apply_ptuning_v2, has_ptuning_v2, ptuning_v2_state_dict = apply_prefix, has_prefix, prefix_state_dict
 save_ptuning_v2, load_ptuning_v2 = save_prefix, load_prefix
-
-
-# ---- PEFT prompt-learning folders (shared with prompt.py) ----------------------------------------------------
-
-def write_peft_folder(folder: str | Path, config: dict, prompt_embeddings: torch.Tensor) -> Path:
-    """adapter_config.json + adapter_model.safetensors holding {"prompt_embeddings": (P, D) fp32}, atomically."""
-    return write_adapter_folder(folder, config, {PEFT_KEY: prompt_embeddings.detach().float()})
-
-
-def read_peft_folder(folder: str | Path, peft_type: str) -> tuple[dict, torch.Tensor, Path]:
-    """(adapter_config.json, prompt_embeddings tensor on the CPU, the weights file) of a PEFT prompt-learning folder."""
-    config, tensors = read_adapter_folder(folder, peft_type)
-    file = Path(folder) / WEIGHTS_FILE
-    if config.get("modules_to_save"):
-        raise AdapterError(f"{Path(folder) / CONFIG_FILE}: modules_to_save={config['modules_to_save']!r} is not "
-                           "supported")
-    if list(tensors) != [PEFT_KEY]:
-        raise AdapterError(f"{file}: expected exactly one tensor {PEFT_KEY!r}, found {sorted(tensors)}")
-    tensor = tensors[PEFT_KEY]
-    if tensor.dim() != 2:
-        raise AdapterError(f"{file}: {PEFT_KEY} must be 2-D, got shape {tuple(tensor.shape)}")
-    if config.get("num_virtual_tokens") not in (None, tensor.shape[0]):
-        raise AdapterError(f"{file}: {tensor.shape[0]} virtual tokens, adapter_config.json says "
-                           f"{config['num_virtual_tokens']}")
-    return config, tensor, file

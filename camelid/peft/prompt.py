@@ -19,9 +19,10 @@ output stays (B, T, V) aligned with input_ids (what the training loop's loss exp
     and every document sees them.
 
 With a KV cache (camelid.generate), the first call (start == 0) also runs the soft tokens, so the cache must hold
-P more slots than the real tokens: the hook grows the caller's KVCache by P slots then, and every later call is
-shifted by P. Saved files hold the encoded prompt (P, H) as PEFT's `prompt_embeddings`, for both methods; a loaded
-P-tuning adapter is therefore a plain soft prompt, in camelid as in PEFT.
+P more slots than the real tokens: the hook grows the caller's KVCache by P slots then (once per cache, so a
+reused cache does not keep growing), and every later call is shifted by P. Saved files hold the encoded prompt
+(P, H) as PEFT's `prompt_embeddings`, for both methods; a loaded P-tuning adapter is therefore a plain soft prompt,
+in camelid as in PEFT.
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from camelid.peft.adapter_io import AdapterError
-from camelid.peft.prefix import check_position_table, read_peft_folder, write_peft_folder
+from camelid.peft.shared import AdapterError, check_position_table, read_peft_folder, write_peft_folder
 
 ENCODER_TYPES = ("MLP", "LSTM")
 
@@ -75,13 +75,19 @@ def _embedding_scale(model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(model.config.hidden_size**0.5, dtype=dtype)
 
 
-def _grow_cache(cache, extra: int) -> None:
-    """Give a camelid KVCache `extra` more slots (a fresh prefill overwrites every slot, so zeros are fine)."""
+def _make_room(cache, P: int) -> None:
+    """Give a camelid KVCache P more slots than its caller allocated for the real tokens, once: a cache reused for
+    another generation already has them (`soft_prompt_slots` records how many were added). A fresh prefill
+    overwrites every slot it reads, so zeros are fine."""
+    extra = P - getattr(cache, "soft_prompt_slots", 0)
+    if extra <= 0:
+        return
     for layer in range(len(cache.k)):
         for store in (cache.k, cache.v):
             old = store[layer]  # (B, nkv, S, hd)
             store[layer] = old.new_zeros(*old.shape[:2], old.shape[2] + extra, old.shape[3])
     cache.max_seq_len += extra
+    cache.soft_prompt_slots = P
 
 
 def _prompt_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -102,7 +108,7 @@ def _prompt_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
         positions = positions.expand(B, T) + P
     if cache is None or start == 0:  # the soft tokens run in this call, in front of the real ones
         if cache is not None:
-            _grow_cache(cache, P)
+            _make_room(cache, P)
         soft = prompt().to(embeds.dtype)[None].expand(B, -1, -1)  # (B, P, H)
         if model.config.scale_embeddings:  # the forward scales input_embeds; soft tokens are already in model space
             soft = soft / _embedding_scale(model, embeds.dtype)

@@ -1,9 +1,13 @@
-"""What the hook-based PEFT methods (bottleneck adapters, BitFit, IA3) share: choosing modules by name with PEFT's
-matching rule, and writing / reading an adapter folder (`adapter_config.json` + `adapter_model.safetensors`).
+"""What the PEFT methods share: choosing modules by name with PEFT's matching rule, the one writer and reader of
+an adapter folder (`adapter_config.json` + `adapter_model.safetensors`) that every method saves with, and the
+prompt-learning folder layout of prefix.py and prompt.py. The lowest module of camelid.peft: it imports none of
+the others.
 
-A folder is built in a temporary sibling folder and renamed into place, so a crash never leaves a half-written
-adapter where a good one was. When the folder already exists (a training run's `final/` that also holds a tokenizer),
-each file is moved in with os.replace instead, which is atomic per file and keeps the other files.
+A new folder is built in a temporary sibling folder and renamed into place, so it appears whole or not at all.
+When the folder already exists (a training run's `final/` that also holds a tokenizer), the two files are moved in
+one by one with os.replace, each atomically, keeping the other files. The old config is removed first and the new
+one moved in last, so a crash part-way leaves weights without a config (which fails to load with a clear error),
+never a config next to weights it does not describe.
 """
 
 from __future__ import annotations
@@ -21,18 +25,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from camelid.peft.adapter_io import CONFIG_FILE, WEIGHTS_FILE, AdapterError
+from camelid.quant import name_matches  # the one module-name rule, shared with quant (see lora.py on peft -> quant)
 
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_KEY = "prompt_embeddings"  # the one tensor in every PEFT prompt-learning file
 
-
-def name_matches(name: str, patterns: str | Iterable[str]) -> bool:
-    """PEFT's rule: a string is a regex over the whole module name ("all-linear": anything but lm_head); a list
-    matches a name equal to an entry or ending in "." + entry."""
-    if isinstance(patterns, str):
-        if patterns == "all-linear":
-            return name != "lm_head"
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
+class AdapterError(ValueError):
+    """An adapter folder that cannot be loaded onto this model; the message names the file and the key or field."""
 
 
 def select_linears(model: nn.Module, target_modules: str | Iterable[str], method: str) -> dict[str, nn.Linear]:
@@ -76,8 +76,9 @@ def write_adapter_folder(folder: str | Path, config: dict, tensors: dict[str, to
                   metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if folder.exists():
-            for file in (WEIGHTS_FILE, CONFIG_FILE):  # the weights first: a config never names missing tensors
-                os.replace(tmp / file, folder / file)
+            (folder / CONFIG_FILE).unlink(missing_ok=True)  # never the old config over the new weights
+            os.replace(tmp / WEIGHTS_FILE, folder / WEIGHTS_FILE)
+            os.replace(tmp / CONFIG_FILE, folder / CONFIG_FILE)
         else:
             tmp.chmod(0o755)  # mkdtemp makes it private
             os.replace(tmp, folder)
@@ -117,3 +118,36 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+# ---- PEFT prompt-learning folders (prefix.py and prompt.py) --------------------------------------------------
+
+def write_peft_folder(folder: str | Path, config: dict, prompt_embeddings: torch.Tensor) -> Path:
+    """adapter_config.json + adapter_model.safetensors holding {"prompt_embeddings": (P, D) fp32}, atomically."""
+    return write_adapter_folder(folder, config, {PEFT_KEY: prompt_embeddings.detach().float()})
+
+
+def read_peft_folder(folder: str | Path, peft_type: str) -> tuple[dict, torch.Tensor, Path]:
+    """(adapter_config.json, prompt_embeddings tensor on the CPU, the weights file) of a PEFT prompt-learning folder."""
+    config, tensors = read_adapter_folder(folder, peft_type)
+    file = Path(folder) / WEIGHTS_FILE
+    if config.get("modules_to_save"):
+        raise AdapterError(f"{Path(folder) / CONFIG_FILE}: modules_to_save={config['modules_to_save']!r} is not "
+                           "supported")
+    if list(tensors) != [PEFT_KEY]:
+        raise AdapterError(f"{file}: expected exactly one tensor {PEFT_KEY!r}, found {sorted(tensors)}")
+    tensor = tensors[PEFT_KEY]
+    if tensor.dim() != 2:
+        raise AdapterError(f"{file}: {PEFT_KEY} must be 2-D, got shape {tuple(tensor.shape)}")
+    if config.get("num_virtual_tokens") not in (None, tensor.shape[0]):
+        raise AdapterError(f"{file}: {tensor.shape[0]} virtual tokens, adapter_config.json says "
+                           f"{config['num_virtual_tokens']}")
+    return config, tensor, file
+
+
+def check_position_table(model: nn.Module, last_position: int, P: int) -> None:
+    """Virtual tokens move the real ones P positions on: a learned position table must still cover them."""
+    limit = model.config.max_position_embeddings
+    if model.config.position_encoding == "learned" and last_position >= limit:
+        raise ValueError(f"{P} virtual tokens push position {last_position} past the model's learned position "
+                         f"table ({limit} positions); use shorter inputs or fewer virtual tokens")

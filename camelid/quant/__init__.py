@@ -6,7 +6,11 @@
 
 Formats: int8.py (per-channel symmetric), int4.py (grouped, asymmetric; gptq.py chooses the codes with
 calibration data), nf4.py (NF4 + double quantization, the QLoRA base); linear.py holds what they share.
-perplexity.py measures what quantizing cost; convert.py is the `camelid quantize` workflow (folder in, folder out).
+perplexity.py measures what quantizing cost; the `camelid quantize` workflow (folder in, folder out) is
+camelid/quantize.py, above checkpoint.
+
+`name_matches` is the module-name rule shared with camelid.peft (PEFT's target_modules rule), which may import
+quant (QLoRA builds on it) while quant imports nothing of peft.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from camelid.quant.linear import QuantLinear, dequant_linear
 from camelid.quant.nf4 import NF4Linear
 
 __all__ = ["FORMATS", "Int4Linear", "Int8Linear", "NF4Linear", "QuantLinear", "dequant_linear", "dequantize_model",
-           "model_nbytes", "options_for", "prepare_quantized", "quantization_config", "quantize_model", "quantized_layers",
-           "quant_tensor_keys", "select_linears"]
+           "model_nbytes", "name_matches", "options_for", "prepare_quantized", "quantization_config", "quantize_model",
+           "quantized_layers", "quant_tensor_keys", "select_linears"]
 
 FORMATS: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "nf4": NF4Linear}
 CONFIG_TAG = "camelid"  # quantization_config.quant_method: our own format (transformers has no loader for it)
@@ -44,19 +48,26 @@ def options_for(method: str, group_size: int | None) -> dict:
     return {"group_size": group_size or 128} if method == "int4" else {}
 
 
+def name_matches(name: str, patterns: str | Iterable[str]) -> bool:
+    """PEFT's target_modules rule: a string is a regex over the whole module name ("all-linear": anything but
+    lm_head); a list matches a name equal to an entry or ending in "." + entry."""
+    if isinstance(patterns, str):
+        if patterns == "all-linear":
+            return name != "lm_head"
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
 def select_linears(model: nn.Module, modules: str | Iterable[str] | None = None) -> dict[str, nn.Linear]:
     """The nn.Linear layers to quantize: every one but lm_head and MoE routers by default; else those whose full
-    name matches the regex `modules`, or equals / ends with ".<entry>" for a list."""
+    name matches `modules` by PEFT's rule (`name_matches`)."""
+    if modules is not None and not isinstance(modules, str):
+        modules = list(modules)  # a generator would be used up by the first name
     found = {}
     for name, m in model.named_modules():
         if not isinstance(m, nn.Linear):
             continue
-        if modules is None:
-            chosen = DEFAULT_SKIP.search(name) is None
-        elif isinstance(modules, str):
-            chosen = re.fullmatch(modules, name) is not None
-        else:
-            chosen = any(name == t or name.endswith("." + t) for t in modules)
+        chosen = DEFAULT_SKIP.search(name) is None if modules is None else name_matches(name, modules)
         if chosen:
             found[name] = m
     if not found:
@@ -74,7 +85,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int | None = 128,
                    progress: Callable[[str, int, int], None] | None = None) -> nn.Module:
     """Replace the selected nn.Linear layers of `model` by quantized ones (in place; returns the model).
     `group_size` is int4's group (int8 is per channel, nf4 uses QLoRA's 64 / 256 blocks). `quantizer`, when
-    given, builds each layer instead (GPTQ passes its calibrated one). `progress(name, done, total)` is called after each layer."""
+    given, builds each layer instead (GPTQ passes its calibrated one). `progress(name, done, total)` is called
+    after each layer."""
     options = options_for(method, group_size)
     layers = select_linears(model, modules)
     for name, linear in layers.items():  # check every shape before changing anything

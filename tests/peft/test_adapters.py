@@ -138,3 +138,29 @@ def test_train_loop_trains_only_the_adapters(placement, hf_checkpoint, tmp_path)
     model = apply_bottleneck(from_pretrained(hf_checkpoint("llama")), bottleneck_size=8, placement=placement)
     losses = train_briefly(model, tmp_path)
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def _hooks(model) -> dict[str, int]:
+    return {n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in model.named_modules()}
+
+
+def test_a_bad_folder_leaves_the_model_unchanged(hf_checkpoint, tmp_path):
+    """Every key and shape is checked before anything is applied: a refused folder leaves no adapter, hook or
+    frozen parameter behind. And each applied hook's handle is kept (it removes the hook)."""
+    path = hf_checkpoint("llama")
+    save_bottleneck(apply_bottleneck(from_pretrained(path), bottleneck_size=4), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    model = from_pretrained(path)
+    keys, hooks = set(model.state_dict()), _hooks(model)
+    for change, message in [({"bottleneck_size": 5}, "shape"), ({"placement": "pfeiffer"}, "unexpected tensor")]:
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(ValueError, match=message):
+            load_bottleneck(model, tmp_path)
+        assert set(model.state_dict()) == keys and _hooks(model) == hooks
+        assert not has_bottleneck(model) and all(p.requires_grad for p in model.parameters())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    load_bottleneck(model, tmp_path)
+    mlp = model.model.layers[0].mlp
+    assert len(mlp._forward_hooks) == 1
+    mlp.bottleneck_adapter.hook.remove()
+    assert len(mlp._forward_hooks) == 0

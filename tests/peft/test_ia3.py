@@ -185,3 +185,23 @@ def test_train_loop_trains_only_the_vectors(hf_checkpoint, tmp_path):
     losses = train_briefly(model, tmp_path, lr=3e-2)
     assert losses[-1] < losses[0] - 0.1, losses
     assert any((m.ia3_l - 1).abs().max() > 1e-3 for m in ia3_layers(model).values())
+
+
+def test_a_bad_folder_leaves_the_model_unchanged(hf_checkpoint, tmp_path):
+    """Shapes are checked before any vector or hook is attached: a refused folder leaves the model as it was."""
+    from safetensors.torch import load_file, save_file
+
+    path = hf_checkpoint("llama")
+    save_ia3(apply_ia3(from_pretrained(path)), tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    last = sorted(tensors)[-1]  # a vector checked after others would already have been attached before the fix
+    save_file({**tensors, last: torch.ones(tensors[last].numel() + 1, 1)}, weights)
+    model = from_pretrained(path)
+    keys = set(model.state_dict())
+    hooks = {n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="shape"):
+        load_ia3(model, tmp_path)
+    assert set(model.state_dict()) == keys and not has_ia3(model)
+    assert hooks == {n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in model.named_modules()}
+    assert all(p.requires_grad for p in model.parameters())

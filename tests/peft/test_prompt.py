@@ -254,3 +254,23 @@ def test_bad_options_and_folders(base, tmp_path):
         load_prompt(from_pretrained(base), folder)
     with pytest.raises(FileNotFoundError):
         load_prompt(from_pretrained(base), tmp_path / "missing")
+
+
+def test_a_reused_kv_cache_grows_by_p_once(base):
+    """camelid.generate-style calls (prefill at start 0, then one token) on one KVCache, three times over: the
+    hook adds the P soft-token slots the first time only, and every round computes the same logits."""
+    from camelid.model import KVCache
+
+    model = apply_prompt(from_pretrained(base), num_virtual_tokens=P)
+    randomize_(model.prompt_encoder, 1, std=0.3)
+    ids = TOKENS[:1, :6]
+    cache = KVCache(model.config, 1, 8)
+    rounds = []
+    with torch.no_grad():
+        for _ in range(3):
+            prefill = model(ids, cache=cache, start=0, last_only=True)
+            step = model(ids[:, :1], cache=cache, start=6, last_only=True)
+            assert cache.max_seq_len == 8 + P
+            rounds.append(torch.cat((prefill, step), dim=1))
+    torch.testing.assert_close(rounds[1], rounds[0], rtol=0, atol=0)
+    torch.testing.assert_close(rounds[2], rounds[0], rtol=0, atol=0)

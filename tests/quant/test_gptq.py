@@ -8,7 +8,7 @@ import torch
 from model_zoo import random_model, tiny_config
 
 from camelid.quant import Int4Linear, quantize_model, select_linears
-from camelid.quant.convert import quantize_folder
+from camelid.quantize import quantize_folder
 from camelid.quant.gptq import gptq_quantizer, input_hessians
 
 CONFIG = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from camelid.cli import main
-from camelid.quant.convert import quantize_folder
+from camelid.quantize import quantize_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torchao import noise
 

@@ -1,7 +1,7 @@
 """`camelid quantize`: a model folder in, a quantized model folder out, with what it saved and what it cost.
 
-This file sits above checkpoint (it loads and saves folders); the rest of camelid.quant acts on modules only, and
-nothing in the package imports this file.
+A workflow (load, quantize, save, evaluate), so it sits above checkpoint and tokenizer; camelid.quant itself acts
+on modules only.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from camelid.checkpoint import TOKENIZER_FILES, from_pretrained, save_pretrained
 from camelid.quant import model_nbytes, options_for, quantize_model, select_linears
+from camelid.quant.gptq import gptq_quantizer
 from camelid.quant.perplexity import perplexity
 from camelid.tokenizer import Tokenizer
 
@@ -74,8 +75,6 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, group_s
 
     quantizer = None
     if calibration is not None:
-        from camelid.quant.gptq import gptq_quantizer
-
         calib = eval_ids(tokenizer, calibration, calibration_tokens)
         quantizer = gptq_quantizer(model, calib, seq_len, group_size=options["group_size"])
     quantize_model(model, method, group_size=options.get("group_size"), quantizer=quantizer, progress=progress)
