@@ -4,24 +4,37 @@ in front of them is `camelid serve --controller URL`. Also the client side of `c
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import socket
 import sys
 import textwrap
 
+from camelid.cli.serve_verbs import parse_adapters
 
-def parse_adapters(items: list[str]) -> dict[str, str]:
-    """["name=folder", ...] -> {"name": "folder"}, refusing a malformed item or a repeated name."""
-    adapters: dict[str, str] = {}
-    for item in items:
-        name, sep, folder = item.partition("=")
-        if not sep or not name or not folder:
-            raise ValueError(f"--adapter {item!r}: expected NAME=DIR")
-        if name in adapters:
-            raise ValueError(f"--adapter {name!r} is given twice")
-        adapters[name] = folder
-    return adapters
+__all__ = ["ChatClient", "chat_with_server", "cluster_token", "parse_adapters", "register"]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def cluster_token(args: argparse.Namespace) -> str | None:
+    """--cluster-token, else $CAMELID_CLUSTER_TOKEN; a controller or worker reachable beyond this machine must have
+    one: without it anyone could register an address (and receive users' prompts) or call /worker/generate."""
+    from camelid.serve.controller import CLUSTER_TOKEN_ENV
+
+    token = args.cluster_token or os.environ.get(CLUSTER_TOKEN_ENV) or None
+    if token is None and not _is_loopback(args.host):
+        raise ValueError(f"--host {args.host} is reachable from other machines: give --cluster-token TOKEN (or set "
+                         f"{CLUSTER_TOKEN_ENV}), the same on the controller, the workers and `camelid serve`")
+    return token
 
 
 def cmd_controller(args: argparse.Namespace) -> None:
@@ -29,7 +42,7 @@ def cmd_controller(args: argparse.Namespace) -> None:
 
     from camelid.serve.controller import create_controller_app
 
-    app = create_controller_app(heartbeat_timeout=args.heartbeat_timeout)
+    app = create_controller_app(heartbeat_timeout=args.heartbeat_timeout, cluster_token=cluster_token(args))
     print(f"camelid controller: http://{args.host}:{args.port} (drops a worker silent for {args.heartbeat_timeout:g} s)",
           file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -42,12 +55,14 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from camelid.serve.worker import create_worker_app
 
     adapters = parse_adapters(args.adapter)
-    llm_kwargs = {k: v for k, v in dict(kv_cache_memory=args.kv_cache_memory, dtype=args.dtype,
-                                        device=args.device).items() if v is not None}
+    token = cluster_token(args)  # before the model loads: a flag mistake costs nothing
+    llm_kwargs = {k: v for k, v in dict(kv_cache_memory=args.kv_cache_memory, dtype=args.dtype, device=args.device,
+                                        max_num_seqs=args.max_num_seqs).items() if v is not None}
     backend = LocalBackend.load(args.model, adapters, name=args.model_name, template=args.template, **llm_kwargs)
     address = args.address or f"http://{args.host}:{args.port}"
     name = args.name or f"{socket.gethostname()}:{args.port}"
-    app = create_worker_app(backend, name, address, args.controller, heartbeat_interval=args.heartbeat_interval)
+    app = create_worker_app(backend, name, address, args.controller, heartbeat_interval=args.heartbeat_interval,
+                            cluster_token=token)
     models = ", ".join(m["id"] for m in backend.models())
     print(f"camelid worker {name}: serving {models} at {address} for the controller {args.controller}",
           file=sys.stderr)
@@ -202,6 +217,8 @@ def register(verbs, fmt) -> None:
     p.add_argument("--port", type=int, default=21001)
     p.add_argument("--heartbeat-timeout", type=float, default=4.0,
                    help="drop a worker whose last heartbeat is older than this many seconds (default 4)")
+    p.add_argument("--cluster-token", default=None, metavar="TOKEN", help="the cluster's shared secret, needed on "
+                   "every call (default: $CAMELID_CLUSTER_TOKEN); required with a --host other than loopback")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     p.set_defaults(func=cmd_controller)
 
@@ -209,8 +226,8 @@ def register(verbs, fmt) -> None:
                          formatter_class=fmt, epilog=textwrap.dedent("""\
         examples:
           camelid worker --controller http://127.0.0.1:21001 --model out/tiny
-          camelid worker --controller http://10.0.0.1:21001 --model models/base --adapter chat=runs/lora/final \\
-              --host 0.0.0.0 --port 21002 --address http://10.0.0.2:21002
+          CAMELID_CLUSTER_TOKEN=s3cret camelid worker --controller http://10.0.0.1:21001 --model models/base \\
+              --adapter chat=runs/lora/final --host 0.0.0.0 --port 21002 --address http://10.0.0.2:21002
         """))
     p.add_argument("--controller", required=True, help="the controller's URL, e.g. http://127.0.0.1:21001")
     p.add_argument("--model", required=True, help="a Hugging Face-style model folder")
@@ -226,6 +243,9 @@ def register(verbs, fmt) -> None:
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 64MB or 2GB (default: the engine's)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as saved)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the engine's)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one batch (default: the engine's)")
+    p.add_argument("--cluster-token", default=None, metavar="TOKEN", help="the cluster's shared secret (default: "
+                   "$CAMELID_CLUSTER_TOKEN); required with a --host other than loopback")
     p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats (default 1)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     p.set_defaults(func=cmd_worker)

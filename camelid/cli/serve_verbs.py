@@ -3,40 +3,69 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import textwrap
+from pathlib import Path
 
 DEFAULT_DB = "sqlite:///camelid-chats.db"
+API_KEYS_ENV = "CAMELID_API_KEYS"
 
 
-def _adapter(text: str) -> tuple[str, str]:
-    name, sep, folder = text.partition("=")
-    if not sep or not name or not folder:
-        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
-    return name, folder
+def parse_adapters(items: list[str]) -> dict[str, str]:
+    """["name=folder", ...] -> {"name": "folder"}, refusing a malformed item or a repeated name (serve and worker)."""
+    adapters: dict[str, str] = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--adapter {item!r}: expected NAME=DIR")
+        if name in adapters:
+            raise ValueError(f"--adapter {name!r} is given twice: adapter names must be unique")
+        adapters[name] = folder
+    return adapters
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    """The keys of --api-key, --api-key-file (one a line; blank lines and # comments skipped) and $CAMELID_API_KEYS
+    (comma-separated): the file and the variable keep keys out of `ps`."""
+    keys = list(args.api_key or [])
+    if args.api_key_file:
+        path = Path(args.api_key_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--api-key-file {str(path)!r} does not exist")
+        from_file = [line.strip() for line in path.read_text().splitlines()]
+        from_file = [k for k in from_file if k and not k.startswith("#")]
+        if not from_file:  # an empty file must not leave the server open by mistake
+            raise ValueError(f"--api-key-file {str(path)!r} holds no key")
+        keys += from_file
+    keys += [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    return list(dict.fromkeys(keys))
 
 
 def check_flags(args: argparse.Namespace) -> None:
     """Flag mistakes, found before anything is opened or loaded."""
+    from camelid.serve.sessions import check_url
+
     if args.controller and (args.model or args.adapter):
         raise ValueError("give either --model (serve it here) or --controller (route to its workers), not both")
     if not args.controller and not args.model:
         raise ValueError("give --model DIR (or --controller URL)")
-    names = [name for name, _ in args.adapter or []]
-    if len(set(names)) != len(names):
-        raise ValueError(f"adapter names must be unique, got {', '.join(names)}")
+    parse_adapters(args.adapter or [])
+    if args.db != "none":
+        check_url(args.db)
 
 
 def build_backend(args: argparse.Namespace):
     """LocalBackend over --model (+ --adapter), or RemoteBackend over --controller."""
     check_flags(args)
     if args.controller:
+        from camelid.serve.controller import CLUSTER_TOKEN_ENV
         from camelid.serve.remote import RemoteBackend
 
-        return RemoteBackend(args.controller)
+        return RemoteBackend(args.controller, cluster_token=args.cluster_token or os.environ.get(CLUSTER_TOKEN_ENV))
     from camelid.serve.backend import LocalBackend
 
-    adapters = dict(args.adapter or [])
-    return LocalBackend.load(args.model, adapters, name=args.name, template=args.template,
+    return LocalBackend.load(args.model, parse_adapters(args.adapter or []), name=args.name, template=args.template,
                              kv_cache_memory=args.kv_cache_memory, dtype=args.dtype, device=args.device,
                              max_num_seqs=args.max_num_seqs)
 
@@ -48,9 +77,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from camelid.serve.sessions import SessionStore
 
     check_flags(args)
-    sessions = SessionStore(args.db) if args.db != "none" else None
-    backend = build_backend(args)
-    app = create_app(backend, api_keys=args.api_key, sessions=sessions, max_body_bytes=args.max_body_bytes)
+    keys = api_keys(args)
+    backend = build_backend(args)  # first: a model that fails to load leaves no database file behind
+    try:
+        sessions = SessionStore(args.db) if args.db != "none" else None
+    except BaseException:
+        asyncio.run(backend.close())
+        raise
+    app = create_app(backend, api_keys=keys, sessions=sessions, max_body_bytes=args.max_body_bytes)
     names = ", ".join(m["id"] for m in backend.models()) if not args.controller else f"workers of {args.controller}"
     print(f"camelid serve: {names} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /)",
           flush=True)
@@ -63,17 +97,18 @@ def register(verbs, fmt) -> None:
                          formatter_class=fmt, epilog=textwrap.dedent("""\
         Endpoints: /v1/models, /v1/completions, /v1/chat/completions (stream: true = SSE), /v1/sessions,
         /health, /metrics (Prometheus), /docs and /openapi.json, and the chat page at /.
-        A LoRA adapter is its own model name. With --api-key, every /v1 request needs Authorization: Bearer KEY,
-        and each key sees only its own chat sessions.
+        A LoRA adapter is its own model name. With API keys (--api-key, --api-key-file, or $CAMELID_API_KEYS
+        comma-separated), every /v1 request needs Authorization: Bearer KEY, and each key sees only its own chat
+        sessions. With --controller, --cluster-token (or $CAMELID_CLUSTER_TOKEN) is the cluster's shared secret.
 
         examples:
           camelid serve --model out/final --port 8000
-          camelid serve --model base --adapter sql=runs/sql/final --api-key alice-key --api-key bob-key
+          camelid serve --model base --adapter sql=runs/sql/final --api-key-file keys.txt
           camelid serve --model base --db postgresql://camelid@db/chats
           camelid serve --controller http://127.0.0.1:21001
         """))
     p.add_argument("--model", default=None, help="model folder (Hugging Face layout) served by this process")
-    p.add_argument("--adapter", type=_adapter, action="append", default=[], metavar="NAME=DIR",
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="a PEFT LoRA folder served as model NAME (repeatable)")
     p.add_argument("--name", default=None, help="the base model's name in the API (default: the folder's name)")
     p.add_argument("--template", default=None, help="chat template name (default: an adapter's recorded one, else "
@@ -83,7 +118,11 @@ def register(verbs, fmt) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help="accept this key (repeatable); none = open, one anonymous user")
+                   help="accept this key (repeatable; visible in `ps`: prefer --api-key-file or $CAMELID_API_KEYS); "
+                   "no key at all = open, one anonymous user")
+    p.add_argument("--api-key-file", default=None, metavar="FILE", help="accept the keys in FILE (one a line)")
+    p.add_argument("--cluster-token", default=None, metavar="TOKEN",
+                   help="with --controller: the cluster's shared secret (default: $CAMELID_CLUSTER_TOKEN)")
     p.add_argument("--db", default=DEFAULT_DB, help=f"chat sessions database: sqlite:///FILE or postgresql://... "
                    f"('none' = no sessions; default {DEFAULT_DB})")
     p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",

@@ -167,7 +167,8 @@ class Metrics:
             metric("decode_bandwidth_bytes_per_second", "gauge", "Memory bandwidth achieved by recent decode steps "
                    "(weights + KV cache read per step / step time).", float(s["decode_bandwidth_bytes_per_s"]))
         for key in sorted(k for k in s if k.startswith("device_")):  # camelid.monitor: GPU via NVML, else CPU / RSS
-            metric(key, "gauge", f"camelid.monitor's {key.removeprefix('device_')} of the serving device.", float(s[key]))
+            metric(key, "gauge", f"camelid.monitor's {key.removeprefix('device_')} of the serving device (behind "
+                   "a controller: the largest over its workers).", float(s[key]))
         return "\n".join(lines) + "\n"
 
 
@@ -308,8 +309,10 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
         async for chunk in chunks:
             yield chunk
 
-    async def gather(first, chunks, n: int) -> tuple[list[str], list[str | None], int, int]:
-        texts, reasons, tokens, prompt_tokens = [""] * n, [None] * n, [0] * n, 0
+    async def gather(first, chunks, texts: list[str], reasons: list[str | None]
+                     ) -> tuple[list[str], list[str | None], int, int]:
+        """The whole answer, filled into texts/reasons as it comes (a caller that gives up still sees the part)."""
+        tokens, prompt_tokens = [0] * len(texts), 0
         async with contextlib.aclosing(chunks):
             async for c in rest(first, chunks):
                 texts[c.index] += c.text
@@ -320,16 +323,23 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
         metrics.generation_tokens += sum(tokens)
         return texts, reasons, prompt_tokens, sum(tokens)
 
-    async def collect(request: Request, first, chunks, n: int) -> tuple[list[str], list[str | None], int, int]:
+    async def collect(request: Request, first, chunks, n: int, on_end=None
+                      ) -> tuple[list[str], list[str | None], int, int]:
         """The whole answer; a client that hangs up meanwhile (a timeout) aborts the request in the engine, as
-        for a stream (nothing cancels a plain request's handler for us)."""
-        task = asyncio.ensure_future(gather(first, chunks, n))
+        for a stream (nothing cancels a plain request's handler for us). on_end(texts, reasons) runs however it
+        ends, as for a stream: reasons are "error" where the backend failed."""
+        texts, reasons = [""] * n, [None] * n
+        task = asyncio.ensure_future(gather(first, chunks, texts, reasons))
         metrics.in_flight += 1
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
                 if done:
-                    return task.result()
+                    try:
+                        return task.result()
+                    except BackendError:
+                        reasons[:] = [r or "error" for r in reasons]
+                        raise
                 if await request.is_disconnected():
                     task.cancel()  # closes the backend's iterator: the engine frees the request's blocks
                     with contextlib.suppress(asyncio.CancelledError):
@@ -339,6 +349,9 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
             metrics.in_flight -= 1
             if not task.done():  # this handler itself was cancelled (server shutdown)
                 task.cancel()
+            if on_end is not None:
+                with anyio.CancelScope(shield=True):
+                    await on_end(texts, reasons)
 
     def sse(obj: Any) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -370,6 +383,7 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
                 yield sse({**envelope, "choices": [], "usage": usage(prompt_tokens, sum(tokens))})
             yield "data: [DONE]\n\n"
         except BackendError as e:  # failed mid-stream (a worker died): say so in the stream, then end it
+            reasons[:] = [r or "error" for r in reasons]
             yield sse(error_body(e.message, e.type, e.param, e.code))
             yield "data: [DONE]\n\n"
         finally:
@@ -381,7 +395,11 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
     # ---- endpoints -------------------------------------------------------------------------------------------------
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health():
+        # a backend whose engine failed refuses every request: a load balancer must stop sending it traffic
+        if not getattr(backend, "healthy", lambda: True)():
+            return JSONResponse(error_body("the engine has failed: this server refuses every request",
+                                           "server_error"), status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -456,7 +474,9 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
             envelope["session_id"] = session["id"]
 
         async def save(texts: list[str], reasons) -> None:
-            if session is not None:
+            # streamed or not, the same rule: a finished answer is stored, and so is the part a client stopped
+            # (the web page's Stop button, a timeout: the user saw it); one the server failed ("error") is not
+            if session is not None and reasons[0] != "error":
                 await run_in_threadpool(record_turn, user_id, session, new_turns, texts[0])
 
         if body.stream:
@@ -470,8 +490,7 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
                 return [{"index": c.index, "delta": delta, "finish_reason": c.finish_reason, "logprobs": None}]
             include = bool(body.stream_options and body.stream_options.include_usage)
             return _sse_response(stream_events(first, chunks, body.n, choice, envelope, include, save))
-        texts, reasons, p, c = await collect(request, first, chunks, body.n)
-        await save(texts, reasons)
+        texts, reasons, p, c = await collect(request, first, chunks, body.n, save)
         return {**envelope, "choices": [{"index": i, "message": {"role": "assistant", "content": t},
                                          "finish_reason": r, "logprobs": None}
                                         for i, (t, r) in enumerate(zip(texts, reasons))], "usage": usage(p, c)}

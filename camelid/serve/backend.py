@@ -11,6 +11,7 @@ A Backend is duck-typed (RemoteBackend in remote.py forwards to workers):
         raises BackendError before the first chunk for bad input; closing the iterator aborts the request
     count_chat_tokens(model, messages) -> int
     stats() -> dict of numbers (num_waiting, num_running, num_blocks, num_free_blocks, ...)
+    healthy() -> bool   (optional, True when absent: False once the engine has failed, so /health answers 503)
     async close()
 """
 
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,10 @@ from camelid.monitor import Monitor
 from camelid.templates import TemplateError, for_tokenizer, get_template, recorded_template
 
 OWNER = "camelid"
+DEVICE_SAMPLE_S = 1.0  # device counters are read at most this often: heartbeats and /metrics scrapes share one sample
+ALIVE_CHECK_S = 1.0  # how often a request waiting to be accepted checks that the engine thread still runs
+
+log = logging.getLogger(__name__)
 
 
 class BackendError(Exception):
@@ -84,6 +91,9 @@ class Backend:
     def stats(self) -> dict[str, float]:
         raise NotImplementedError
 
+    def healthy(self) -> bool:
+        return True
+
     async def close(self) -> None:
         raise NotImplementedError
 
@@ -130,8 +140,15 @@ class LocalBackend(Backend):
         self._routes: dict[str, _Route] = {}  # owned by the engine thread
         self._stats: dict[str, float] = dict(llm.stats())  # refreshed by the engine thread after each step
         self._monitor = Monitor.for_device(llm.device)  # GPU utilisation / memory / power, or process CPU and RSS
+        self._device: dict[str, float] = {}  # the last monitor sample, and when it was taken (under _device_lock)
+        self._device_at = float("-inf")
+        self._device_lock = threading.Lock()
         self._failure: BaseException | None = None
+        # _closed flips under _accepting, and an add is queued under it too: once _stop has set it and drained the
+        # queue, no add can arrive that nobody answers
         self._closed = False
+        self._accepting = threading.Lock()
+        self._batch: list[tuple] = []  # the commands the engine thread took and has not handled yet
         self._thread = threading.Thread(target=self._loop, name="camelid-engine", daemon=True)
         self._thread.start()
 
@@ -220,17 +237,19 @@ class LocalBackend(Backend):
 
     async def generate(self, model: str, prompt: str | list[int] | None, messages: list[dict] | None,
                        params: SamplingParams, request_id: str) -> AsyncIterator[Chunk]:
-        ids, params = self._prepare(model, prompt, messages, params)
-        self._check_running()
+        # tokenizing (or rendering a chat of) up to a 1 MiB body takes milliseconds: not on the event loop
+        ids, params = await asyncio.to_thread(self._prepare, model, prompt, messages, params)
         loop = asyncio.get_running_loop()
         accepted: asyncio.Future = loop.create_future()
         out: asyncio.Queue = asyncio.Queue()
         adapter = None if model == self.name else model
         route = _Route(loop, out, [""] * params.n, [0] * params.n, [False] * params.n)
-        self._commands.put(("add", request_id, ids, params, adapter, route, accepted))
+        with self._accepting:
+            self._check_running()
+            self._commands.put(("add", request_id, ids, params, adapter, route, accepted))
         finished = False
         try:
-            error = await accepted
+            error = await self._accepted(accepted)
             if isinstance(error, BackendError):
                 raise error
             if error is not None:
@@ -251,9 +270,30 @@ class LocalBackend(Backend):
             if not finished:  # the client went away (or the caller closed us early): free the KV blocks now
                 self._commands.put(("abort", request_id))
 
+    async def _accepted(self, accepted: asyncio.Future) -> Any:
+        """The engine's answer to an add. A backstop against a hang: an engine thread that is gone answers 503."""
+        while not (await asyncio.wait({accepted}, timeout=ALIVE_CHECK_S))[0]:
+            if not self._thread.is_alive():
+                await asyncio.wait({accepted}, timeout=0.1)  # an answer it sent just before exiting is on its way
+                if not accepted.done():
+                    self._check_running()
+                    raise BackendError(503, "the engine thread is gone", type="server_error")
+        return accepted.result()
+
     def stats(self) -> dict[str, float]:
-        device = {f"device_{k}": v for k, v in self._monitor.sample().items() if v is not None}
+        # Monitor.sample() measures CPU use since its previous call: sampled at most once a second and shared, so
+        # heartbeats and /metrics scrapes do not shorten each other's window (and NVML is not queried per call)
+        with self._device_lock:
+            now = time.monotonic()
+            if now - self._device_at >= DEVICE_SAMPLE_S:
+                self._device = {f"device_{k}": v for k, v in self._monitor.sample().items() if v is not None}
+                self._device_at = now
+            device = self._device
         return {**self._stats, **device}
+
+    def healthy(self) -> bool:
+        """False once the engine has failed (every request would get 503): /health says so, a worker leaves."""
+        return self._failure is None and (self._closed or self._thread.is_alive())
 
     def _check_running(self) -> None:
         if self._failure is not None:
@@ -262,40 +302,46 @@ class LocalBackend(Backend):
             raise BackendError(503, "the server is shutting down", type="server_error")
 
     async def close(self) -> None:
-        self._closed = True
-        self._commands.put(("stop",))
+        with self._accepting:
+            self._closed = True
+            self._commands.put(("stop",))
         await asyncio.to_thread(self._thread.join, 30)
 
     # ---- the engine thread ------------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        """Serve until a stop command or an error; then end every request, so nothing waits forever."""
+        try:
+            self._serve()
+            error: BaseException = RuntimeError("the server is shutting down")
+        except Exception as e:  # noqa: BLE001 - an engine bug must end the requests and mark us unhealthy, not hang
+            log.exception("the engine failed; this backend refuses every request from now on")
+            self._failure = error = e
+        self._stop(error)
+
+    def _serve(self) -> None:
         while True:
             idle = not self.llm.has_unfinished()
             try:
-                commands = [self._commands.get() if idle else self._commands.get_nowait()]
+                self._batch = [self._commands.get() if idle else self._commands.get_nowait()]
             except queue.Empty:
-                commands = []
+                self._batch = []
             while True:  # take every command that is waiting, so a burst of requests joins one step
                 try:
-                    commands.append(self._commands.get_nowait())
+                    self._batch.append(self._commands.get_nowait())
                 except queue.Empty:
                     break
-            for cmd in commands:
+            while self._batch:
+                cmd = self._batch.pop(0)
                 if cmd[0] == "stop":
-                    self._stop(RuntimeError("the server is shutting down"))
-                    return
+                    return  # _stop answers the rest of the batch
                 if cmd[0] == "add":
                     self._add(*cmd[1:])
                 elif cmd[0] == "abort" and cmd[1] in self._routes:
                     self._routes.pop(cmd[1])
                     self.llm.abort(cmd[1])
             if self.llm.has_unfinished():
-                try:
-                    outputs = self.llm.step()
-                except Exception as e:  # noqa: BLE001 - an engine bug must end the requests, not hang them
-                    self._failure = e
-                    self._stop(e)
-                    return
+                outputs = self.llm.step()
                 self._stats = dict(self.llm.stats())  # before the outputs go out: a client never sees older stats
                 for output in outputs:
                     self._dispatch(output)
@@ -344,19 +390,23 @@ class LocalBackend(Backend):
             _send(route, _DONE)
 
     def _stop(self, error: BaseException) -> None:
-        """End every request with error, and refuse the ones still queued; the thread then exits."""
-        self._closed = True
+        """End every request with error, and refuse every add not yet handled (taken in the last batch, or still
+        queued); the thread then exits."""
+        with self._accepting:  # from here on no add is queued: the drain below sees every one
+            self._closed = True
         for route in self._routes.values():
             _send(route, error)
         self._routes.clear()
         refusal = BackendError(503, f"the engine stopped: {error}", type="server_error")
         while True:
             try:
-                cmd = self._commands.get_nowait()
+                self._batch.append(self._commands.get_nowait())
             except queue.Empty:
-                return
+                break
+        for cmd in self._batch:
             if cmd[0] == "add":
                 _call_in(cmd[5], _resolve, cmd[6], refusal)
+        self._batch = []
 
 
 def _coalesce(items: list) -> list:

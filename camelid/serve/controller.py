@@ -11,18 +11,43 @@ HTTP API (JSON):
   POST /drop      {name}  -> {"dropped": bool}           (a client saw the worker fail: stop routing to it at once)
   GET  /workers   -> {"data": [{name, address, models, queue_length, stats, last_heartbeat_age}]}
   GET  /models    -> {"data": [model dict, ...]}                (the union over live workers, one entry per name)
+
+A cluster token (a shared secret) guards the cluster: with one, every call above except GET /health needs the header
+X-Camelid-Cluster-Token (else 401), so nobody else can register an address to receive users' prompts, drop workers,
+or call a worker's /worker/generate behind the OpenAI server's API keys. The workers and RemoteBackend send it.
 """
 
 from __future__ import annotations
 
+import hmac
 import time
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-__all__ = ["Controller", "WorkerInfo", "create_controller_app"]
+__all__ = ["CLUSTER_TOKEN_ENV", "CLUSTER_TOKEN_HEADER", "Controller", "WorkerInfo", "cluster_headers",
+           "create_controller_app", "require_cluster_token"]
+
+CLUSTER_TOKEN_HEADER = "X-Camelid-Cluster-Token"
+CLUSTER_TOKEN_ENV = "CAMELID_CLUSTER_TOKEN"
+
+
+def cluster_headers(token: str | None) -> dict[str, str]:
+    """The headers a member of the cluster sends with each call."""
+    return {CLUSTER_TOKEN_HEADER: token} if token else {}
+
+
+def require_cluster_token(token: str | None):
+    """A FastAPI dependency: 401 unless the request carries `token` (no token: everything is allowed)."""
+    async def check(request: Request) -> None:
+        if not token:
+            return
+        sent = request.headers.get(CLUSTER_TOKEN_HEADER, "")
+        if not hmac.compare_digest(sent.encode(), token.encode()):  # constant time: no timing leak of the token
+            raise HTTPException(401, f"missing or wrong cluster token (header {CLUSTER_TOKEN_HEADER})")
+    return check
 
 
 @dataclass
@@ -115,21 +140,22 @@ class DropRequest(BaseModel):
     name: str
 
 
-def create_controller_app(heartbeat_timeout: float = 4.0) -> FastAPI:
+def create_controller_app(heartbeat_timeout: float = 4.0, cluster_token: str | None = None) -> FastAPI:
     controller = Controller(heartbeat_timeout)  # async endpoints: all run on the event loop, so no locks are needed
     app = FastAPI(title="camelid controller")
     app.state.controller = controller
+    guarded = [Depends(require_cluster_token(cluster_token))]
 
-    @app.post("/register")
+    @app.post("/register", dependencies=guarded)
     async def register(req: RegisterRequest) -> dict:
         controller.register(req.name, req.address, req.models, req.queue_length, req.stats)
         return {"ok": True}
 
-    @app.post("/heartbeat")
+    @app.post("/heartbeat", dependencies=guarded)
     async def heartbeat(req: HeartbeatRequest) -> dict:
         return {"known": controller.heartbeat(req.name, req.queue_length, req.stats)}
 
-    @app.post("/pick")
+    @app.post("/pick", dependencies=guarded)
     async def pick(req: PickRequest):
         worker = controller.pick(req.model, req.reserve)
         if worker is None:
@@ -138,18 +164,18 @@ def create_controller_app(heartbeat_timeout: float = 4.0) -> FastAPI:
                 "param": "model", "code": "model_not_found"}})
         return {"name": worker.name, "address": worker.address}
 
-    @app.post("/drop")
+    @app.post("/drop", dependencies=guarded)
     async def drop(req: DropRequest) -> dict:
         return {"dropped": controller.drop(req.name)}
 
-    @app.get("/workers")
+    @app.get("/workers", dependencies=guarded)
     async def workers() -> dict:
         now = controller.clock()
         return {"data": [{"name": w.name, "address": w.address, "models": w.models, "queue_length": w.queue_length,
                           "stats": w.stats, "last_heartbeat_age": round(now - w.last_heartbeat, 3)}
                          for w in controller.live_workers().values()]}
 
-    @app.get("/models")
+    @app.get("/models", dependencies=guarded)
     async def models() -> dict:
         return {"data": controller.models()}
 

@@ -1,7 +1,8 @@
 """RemoteBackend: the Backend interface over a cluster. Each request asks the controller for the least-loaded live
 worker serving its model, then streams that worker's newline-delimited JSON chunks.
 
-A worker that cannot be reached before the request started is dropped and another one is picked. A worker that stops
+A worker that cannot be reached before the request started, or that refuses it with a 503 before its first chunk (its
+engine failed, or it is shutting down), is dropped and another one is picked. A worker that stops
 answering mid-request (connection reset, or nothing at all, not even the keepalive blank lines it sends every second,
 for `chunk_timeout` seconds) is dropped and the request ends with a BackendError naming the worker: never a hang.
 """
@@ -17,21 +18,33 @@ import httpx
 
 from camelid.engine.sampling_params import SamplingParams
 from camelid.serve.backend import Backend, BackendError, Chunk, params_to_dict
+from camelid.serve.controller import cluster_headers
 
 __all__ = ["RemoteBackend"]
 
 log = logging.getLogger(__name__)
 
+# worker stats that add up over a cluster (a gauge of requests or blocks, a token counter); the others (block_size,
+# device_* temperatures, utilisation, memory totals) do not: device_* is reported as the largest over the workers
+ADDITIVE_STATS = ("num_waiting", "num_running", "num_blocks", "num_free_blocks", "prefix_cache_hit_tokens",
+                  "prompt_tokens_computed", "generated_tokens", "num_preemptions", "decode_bandwidth_bytes_per_s")
+
+
+class _Retry(Exception):
+    """The picked worker refused the request before doing anything: drop it, try another."""
+
 
 class RemoteBackend(Backend):
     def __init__(self, controller_url: str, connect_timeout: float = 2.0, chunk_timeout: float = 10.0,
-                 max_attempts: int = 3) -> None:
+                 max_attempts: int = 3, cluster_token: str | None = None) -> None:
         self.controller_url = controller_url.rstrip("/")
         self.max_attempts = max_attempts
         # read = the longest silence allowed between two lines of a worker's stream (workers send keepalives)
         timeout = httpx.Timeout(connect=connect_timeout, read=chunk_timeout, write=chunk_timeout, pool=connect_timeout)
-        self._client = httpx.AsyncClient(timeout=timeout)
-        self._sync_client = httpx.Client(timeout=timeout)  # models() and stats() are synchronous in the interface
+        headers = cluster_headers(cluster_token)  # to the controller and to the workers alike
+        self._client = httpx.AsyncClient(timeout=timeout, headers=headers)
+        # models() and stats() are synchronous in the interface
+        self._sync_client = httpx.Client(timeout=timeout, headers=headers)
         self._counters = {"requests": 0, "worker_failures": 0}
 
     # ---- the controller ---------------------------------------------------------------------------------------------
@@ -77,7 +90,7 @@ class RemoteBackend(Backend):
         for attempt in range(1, self.max_attempts + 1):
             worker = await self._pick(model)
             url = f"{worker['address']}/worker/generate"
-            finished, started = 0, False
+            finished, started, yielded = 0, False, False
             try:
                 # Closing this generator (the client went away) leaves the `async with`, which closes the connection:
                 # the worker sees the disconnect and aborts the request in its engine.
@@ -85,8 +98,11 @@ class RemoteBackend(Backend):
                     started = True
                     if response.status_code != 200:
                         text = (await response.aread()).decode(errors="replace")[:200]
-                        raise BackendError(502, f"worker {worker['name']} answered {response.status_code}: {text}",
-                                           type="server_error")
+                        error = BackendError(502, f"worker {worker['name']} answered {response.status_code}: {text}",
+                                             type="server_error")
+                        if response.status_code == 503:
+                            raise _Retry(error)
+                        raise error
                     async for line in response.aiter_lines():
                         if not line.strip():
                             continue  # keepalive: the worker is alive, the request is waiting or running
@@ -95,13 +111,23 @@ class RemoteBackend(Backend):
                         except ValueError:
                             raise httpx.RemoteProtocolError(f"not a JSON line: {line[:80]!r}") from None
                         if "error" in data:
-                            raise BackendError.from_dict(data["error"])
+                            error = BackendError.from_dict(data["error"])
+                            if error.status == 503 and not yielded:  # its engine failed: nothing was done yet
+                                raise _Retry(error)
+                            raise error
                         chunk = Chunk(**data)
                         finished += chunk.finish_reason is not None
+                        yielded = True
                         yield chunk
                 if finished < params.n:
                     raise httpx.RemoteProtocolError("the stream ended before every completion finished")
                 return
+            except _Retry as e:
+                error = e.args[0]
+                await self._drop(worker, error)
+                if attempt == self.max_attempts:
+                    raise BackendError(503, f"no worker serving {model!r} took the request (last: {worker['name']}: "
+                                       f"{error.message})", type="server_error") from None
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 # nothing reached the worker: drop it and try another one
                 await self._drop(worker, e)
@@ -130,8 +156,9 @@ class RemoteBackend(Backend):
         return r.json()["count"]
 
     def stats(self) -> dict[str, float]:
-        """The engine counters of the live workers (as of their last heartbeat), summed, plus ours. A controller that
-        is down is reported, not raised: /metrics stays up."""
+        """The engine counters of the live workers (as of their last heartbeat) summed, their device_* gauges at
+        the largest (the hottest, busiest card), plus ours. A controller that is down is reported, not raised:
+        /metrics stays up."""
         out: dict[str, float] = {f"remote_{k}": v for k, v in self._counters.items()}
         try:
             workers = self._sync_client.get(f"{self.controller_url}/workers").json()["data"]
@@ -139,8 +166,12 @@ class RemoteBackend(Backend):
             return {**out, "controller_up": 0}
         for worker in workers:
             for key, value in worker.get("stats", {}).items():
-                if key != "block_size" and isinstance(value, (int, float)):
+                if not isinstance(value, (int, float)):
+                    continue
+                if key in ADDITIVE_STATS:
                     out[key] = out.get(key, 0) + value
+                elif key.startswith("device_"):
+                    out[key] = max(out.get(key, value), value)
         return {**out, "controller_up": 1, "num_workers": len(workers),
                 "requests_in_flight": sum(w["queue_length"] for w in workers)}
 

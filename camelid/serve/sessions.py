@@ -49,17 +49,15 @@ class SessionStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self._lock = threading.Lock()
-        parsed = urlparse(url)
-        if parsed.scheme == "sqlite":
-            self.kind = "sqlite"
-            self._conn = _open_sqlite(url)
-        elif parsed.scheme in ("postgresql", "postgres"):
-            self.kind = "postgresql"
-            self._conn = _open_postgres(url)
-        else:
-            raise ValueError(f"unknown session database URL {url!r}: use sqlite:///FILE or postgresql://...")
-        with self._lock:
-            self._transaction(lambda cur: [cur.execute(s) for s in _SCHEMA])
+        self._closed = False
+        self.kind = check_url(url)
+        self._conn = _open_sqlite(url) if self.kind == "sqlite" else _open_postgres(url)
+        try:
+            with self._lock:
+                self._transaction(lambda cur: [cur.execute(s) for s in _SCHEMA])
+        except BaseException:  # a read-only file, a database without rights: no connection left behind
+            self.close()
+            raise
 
     # ---- plumbing ---------------------------------------------------------------------------------------------------
 
@@ -68,11 +66,14 @@ class SessionStore:
 
     def _transaction(self, body):
         """Run body(cursor) in one committed transaction (rolled back if it raises)."""
+        if self._closed:  # e.g. a streamed answer saved after the server's shutdown closed the store
+            raise RuntimeError("the session store is closed")
         if self.kind == "sqlite":
             with self._conn:  # commits, or rolls back on an exception
                 return body(self._conn.cursor())
-        if self._conn.closed or self._conn.broken:  # the database restarted: the call that saw it failed, this
-            self._conn = _open_postgres(self.url)   # one reconnects (never a retry: a write may have committed)
+        if self._conn.broken:  # the database restarted: the call that saw it failed, this one reconnects
+            self._conn.close()  # (never a retry: a write may have committed)
+            self._conn = _open_postgres(self.url)
         with self._conn.transaction(), self._conn.cursor() as cur:
             return body(cur)
 
@@ -85,6 +86,7 @@ class SessionStore:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._conn.close()
 
     # ---- sessions ---------------------------------------------------------------------------------------------------
@@ -152,6 +154,16 @@ class SessionStore:
             return True
         with self._lock:
             return self._transaction(run)
+
+
+def check_url(url: str) -> str:
+    """"sqlite" or "postgresql" for a session database URL (nothing is opened); ValueError for another kind."""
+    scheme = urlparse(url).scheme
+    if scheme == "sqlite":
+        return "sqlite"
+    if scheme in ("postgresql", "postgres"):
+        return "postgresql"
+    raise ValueError(f"unknown session database URL {url!r}: use sqlite:///FILE or postgresql://...")
 
 
 def _session(row: tuple) -> dict[str, Any]:

@@ -10,6 +10,9 @@ HTTP API:
            Closing the connection aborts the request in the engine.
   POST /worker/count_chat_tokens {model, messages} -> {"count": int}
   GET  /worker/status -> {name, address, models, queue_length, stats}   (what it registers and heartbeats)
+
+With a cluster token, every /worker/* request must carry it (header X-Camelid-Cluster-Token; else 401), and the worker
+sends it to the controller. A worker whose engine failed unregisters and stops heartbeating: nothing is routed to it.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ import logging
 from collections.abc import AsyncIterator
 
 import httpx
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from camelid.engine import SamplingParams
 from camelid.serve.backend import BackendError
+from camelid.serve.controller import cluster_headers, require_cluster_token
 
 __all__ = ["Worker", "create_worker_app"]
 
@@ -56,11 +60,19 @@ class Worker:
     (its load, reported with each heartbeat)."""
 
     def __init__(self, backend, name: str, address: str, controller_url: str | None,
-                 heartbeat_interval: float = 1.0, keepalive_interval: float = 1.0):
+                 heartbeat_interval: float = 1.0, keepalive_interval: float = 1.0, cluster_token: str | None = None):
         self.backend, self.name, self.address = backend, name, address.rstrip("/")
         self.controller_url = controller_url.rstrip("/") if controller_url else None
         self.heartbeat_interval, self.keepalive_interval = heartbeat_interval, keepalive_interval
+        self.headers = cluster_headers(cluster_token)
         self.in_flight = 0
+
+    def healthy(self) -> bool:
+        return getattr(self.backend, "healthy", lambda: True)()
+
+    async def stats(self) -> dict:
+        # LocalBackend.stats() may read NVML / /proc: not on the event loop that streams the tokens
+        return await asyncio.to_thread(self.backend.stats)
 
     async def generate_lines(self, req: GenerateRequest) -> AsyncIterator[str]:
         """The NDJSON body of /worker/generate. The engine call runs in its own task so that silence can be filled
@@ -97,24 +109,30 @@ class Worker:
                 await stream.aclose()
             self.in_flight -= 1
 
-    def registration(self) -> dict:
+    async def registration(self) -> dict:
         return {"name": self.name, "address": self.address, "models": self.backend.models(),
-                "queue_length": self.in_flight, "stats": self.backend.stats()}
+                "queue_length": self.in_flight, "stats": await self.stats()}
 
     async def heartbeat_loop(self) -> None:
         """Register, then heartbeat every `heartbeat_interval` s. A controller that does not know us (it restarted,
-        or dropped us after a missed beat) answers known=false and we register again; an unreachable one is retried."""
+        or dropped us after a missed beat) answers known=false and we register again; an unreachable one is retried.
+        Once the backend has failed we unregister and stop: the controller must not route requests here."""
         registered, warned = False, False
-        async with httpx.AsyncClient(base_url=self.controller_url, timeout=2.0) as client:
+        async with httpx.AsyncClient(base_url=self.controller_url, timeout=2.0, headers=self.headers) as client:
             while True:
+                if not self.healthy():
+                    log.error("worker %s: its engine failed; leaving the controller %s", self.name,
+                              self.controller_url)
+                    await self.unregister()
+                    return
                 try:
                     if not registered:
-                        (await client.post("/register", json=self.registration())).raise_for_status()
+                        (await client.post("/register", json=await self.registration())).raise_for_status()
                         registered, warned = True, False
                         log.info("worker %s registered with %s", self.name, self.controller_url)
                     else:
                         r = await client.post("/heartbeat", json={"name": self.name, "queue_length": self.in_flight,
-                                                                  "stats": self.backend.stats()})
+                                                                  "stats": await self.stats()})
                         r.raise_for_status()
                         registered = r.json()["known"]
                         if not registered:
@@ -129,15 +147,16 @@ class Worker:
     async def unregister(self) -> None:
         """A clean shutdown says goodbye, so no request is routed here in the seconds before the heartbeat expires."""
         with contextlib.suppress(httpx.HTTPError):
-            async with httpx.AsyncClient(base_url=self.controller_url, timeout=1.0) as client:
+            async with httpx.AsyncClient(base_url=self.controller_url, timeout=1.0, headers=self.headers) as client:
                 await client.post("/drop", json={"name": self.name})
 
 
 def create_worker_app(backend, name: str, address: str, controller_url: str | None = None,
-                      heartbeat_interval: float = 1.0, keepalive_interval: float = 1.0) -> FastAPI:
+                      heartbeat_interval: float = 1.0, keepalive_interval: float = 1.0,
+                      cluster_token: str | None = None) -> FastAPI:
     """The worker's FastAPI app. With `controller_url` it registers and heartbeats while it runs; the backend is
-    closed on shutdown."""
-    worker = Worker(backend, name, address, controller_url, heartbeat_interval, keepalive_interval)
+    closed on shutdown. With `cluster_token`, /worker/* answers 401 to a request without it."""
+    worker = Worker(backend, name, address, controller_url, heartbeat_interval, keepalive_interval, cluster_token)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -152,7 +171,8 @@ def create_worker_app(backend, name: str, address: str, controller_url: str | No
                 await worker.unregister()
             await backend.close()
 
-    app = FastAPI(title=f"camelid worker {name}", lifespan=lifespan)
+    app = FastAPI(title=f"camelid worker {name}", lifespan=lifespan,
+                  dependencies=[Depends(require_cluster_token(cluster_token))])
     app.state.worker = worker
 
     @app.post("/worker/generate")
@@ -162,15 +182,16 @@ def create_worker_app(backend, name: str, address: str, controller_url: str | No
     @app.post("/worker/count_chat_tokens")
     async def count_chat_tokens(req: CountRequest):
         try:
-            count = backend.count_chat_tokens(req.model, req.messages)
-            if inspect.isawaitable(count):
-                count = await count
+            if inspect.iscoroutinefunction(backend.count_chat_tokens):
+                count = await backend.count_chat_tokens(req.model, req.messages)
+            else:  # rendering and tokenizing a long chat: not on the event loop
+                count = await asyncio.to_thread(backend.count_chat_tokens, req.model, req.messages)
         except BackendError as e:
             return JSONResponse(status_code=e.status, content={"error": e.to_dict()})
         return {"count": count}
 
     @app.get("/worker/status")
     async def status() -> dict:
-        return worker.registration()
+        return await worker.registration()
 
     return app

@@ -48,3 +48,33 @@ class ServerThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+class FakeBackend:
+    """A scripted Backend for the HTTP layers (app, worker, RemoteBackend) where the engine is beside the point:
+    `script(prompt)` is an async generator of Chunks (it may raise BackendError, or wait forever)."""
+
+    def __init__(self, script, name: str = "tiny", stats: dict | None = None) -> None:
+        self.script, self.name, self.ok = script, name, True
+        self._stats = dict(stats or {})
+        self.calls = 0
+
+    def models(self) -> list[dict]:
+        return [{"id": self.name, "context_length": CONTEXT, "owned_by": "test"}]
+
+    async def generate(self, model, prompt, messages, params, request_id):
+        self.calls += 1
+        async for chunk in self.script(prompt if prompt is not None else messages[-1]["content"]):
+            yield chunk
+
+    def count_chat_tokens(self, model: str, messages: list[dict]) -> int:
+        return sum(len(m["content"]) for m in messages)
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+    def healthy(self) -> bool:
+        return self.ok
+
+    async def close(self) -> None:
+        pass

@@ -67,10 +67,11 @@ def test_errors_come_before_the_first_chunk(backend):
 
 def test_closing_the_iterator_aborts_the_request(backend):
     async def start_then_leave():
-        chunks = backend.generate("tiny", "Once upon a time", None, SamplingParams(max_tokens=200, temperature=0),
-                                  "leaver")
+        params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)  # cannot finish by itself early
+        chunks = backend.generate("tiny", "Once upon a time", None, params, "leaver")
         first = await chunks.__anext__()
-        assert backend.stats()["num_free_blocks"] < backend.stats()["num_blocks"] or first.finish_reason
+        assert first.finish_reason is None
+        assert backend.stats()["num_free_blocks"] < backend.stats()["num_blocks"]  # the request holds KV blocks
         await chunks.aclose()
 
     before = backend.stats()["generated_tokens"]
@@ -165,4 +166,91 @@ def test_an_engine_failure_ends_requests_and_refuses_new_ones(chat_model_dir):
     with pytest.raises(BackendError) as e:  # no hang: later requests are refused at once
         run(collect(backend, prompt="Hello"))
     assert e.value.status == 503
+    assert not backend.healthy()
     run(backend.close())
+
+
+@pytest.mark.parametrize("where", ["dispatch", "stats"])
+def test_a_failure_outside_step_also_ends_requests_and_refuses_new_ones(chat_model_dir, where):
+    """Any error of the engine thread (not only in step()) marks the backend failed: no request waits forever."""
+    backend = LocalBackend.load(chat_model_dir, name="tiny", template=TEMPLATE)
+
+    def broken(*args):
+        raise RuntimeError(f"simulated {where} bug")
+    if where == "dispatch":
+        backend._dispatch = broken
+    else:
+        backend.llm.stats = broken
+
+    async def within(coro):
+        return await asyncio.wait_for(coro, 10)
+
+    with pytest.raises(BackendError) as e:
+        run(within(collect(backend, prompt="Hello", max_tokens=4)))
+    assert e.value.status in (500, 503) and f"simulated {where} bug" in e.value.message
+    with pytest.raises(BackendError) as e:
+        run(within(collect(backend, prompt="Hello", max_tokens=4)))
+    assert e.value.status == 503 and not backend.healthy()
+    run(backend.close())
+
+
+def test_an_add_behind_a_stop_is_refused_not_left_waiting(chat_model_dir):
+    """close() racing a request: its add lands in the queue behind the stop (here: in the same batch)."""
+    import threading
+
+    backend = LocalBackend.load(chat_model_dir, name="tiny", template=TEMPLATE)
+    gate, real = threading.Event(), backend.llm.has_unfinished
+    held = threading.Event()
+
+    def has_unfinished():
+        if not gate.is_set():
+            held.set()
+            gate.wait(10)  # the engine thread waits here until both commands are queued
+        return real()
+
+    backend.llm.has_unfinished = has_unfinished
+    backend._commands.put(("abort", "nobody"))  # wakes the idle thread, which then blocks in has_unfinished
+    assert held.wait(10)
+
+    async def add_after_stop():
+        backend._commands.put(("stop",))  # as close() puts it, after this request passed its check
+        chunks = backend.generate("tiny", "Hello", None, SamplingParams(max_tokens=4), "late")
+        pending = asyncio.ensure_future(chunks.__anext__())
+        await asyncio.sleep(0.3)  # the add is queued behind the stop
+        gate.set()
+        return await asyncio.wait_for(pending, 10)
+
+    with pytest.raises(BackendError) as e:
+        run(add_after_stop())
+    assert e.value.status == 503
+    backend._thread.join(10)
+    assert not backend._thread.is_alive()
+    with pytest.raises(BackendError) as e:  # and after the stop, a request is refused at once
+        run(collect(backend, prompt="Hello"))
+    assert e.value.status == 503
+
+
+def test_device_counters_are_sampled_at_most_once_a_second(backend, monkeypatch):
+    """Monitor.sample() measures CPU use since its last call: heartbeats and scrapes must share one window."""
+    calls = []
+    monkeypatch.setattr(backend._monitor, "sample", lambda: calls.append(1) or {"cpu_percent": 42.0, "gpu_util": None})
+    monkeypatch.setattr(backend, "_device_at", float("-inf"))
+    first = backend.stats()
+    assert [backend.stats() for _ in range(5)] and len(calls) == 1
+    assert first["device_cpu_percent"] == 42.0 and "device_gpu_util" not in first
+    monkeypatch.setattr(backend, "_device_at", time.monotonic() - 1.5)  # a second later: a fresh sample
+    backend.stats()
+    assert len(calls) == 2
+
+
+def test_prompts_are_tokenized_off_the_event_loop(backend, monkeypatch):
+    import threading
+
+    threads, prepare = [], backend._prepare
+
+    def recording(*args):
+        threads.append(threading.current_thread())
+        return prepare(*args)
+    monkeypatch.setattr(backend, "_prepare", recording)
+    run(collect(backend, prompt="Hello", max_tokens=2))
+    assert threads and threads[0] is not threading.main_thread()

@@ -22,13 +22,16 @@ import pytest
 
 from camelid.engine import LLM, SamplingParams
 from camelid.serve.backend import BackendError
-from camelid.serve.controller import Controller
+from camelid.serve.controller import CLUSTER_TOKEN_HEADER, Controller, create_controller_app
 from camelid.serve.remote import RemoteBackend
-from server_zoo import TEMPLATE, ServerThread, make_chat_model
+from server_zoo import TEMPLATE, FakeBackend, ServerThread, make_chat_model
 
 HEARTBEAT_TIMEOUT = 3.0  # the controller drops a worker silent this long (workers beat every 0.5 s)
+TOKEN = "cluster-secret"  # the real cluster runs with a cluster token, as a multi-machine one must
+AUTH = {CLUSTER_TOKEN_HEADER: TOKEN}
 MODEL = "tiny"
 LONG = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)  # ~seconds of decoding: time to act mid-request
+SHORT = SamplingParams(max_tokens=4, ignore_eos=True)  # always ends with "length" (sampling may hit EOS otherwise)
 
 
 def free_port() -> int:
@@ -43,14 +46,14 @@ class Cluster:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.controller = subprocess.Popen([sys.executable, "-m", "camelid", "controller", "--port", str(port),
-                                            "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)])
+                                            "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT), "--cluster-token", TOKEN])
         self.procs: dict[str, subprocess.Popen] = {}  # the workers start meanwhile: they retry until it answers
         self.count = 0
 
     def live(self) -> dict[str, dict]:
         assert self.controller.poll() is None, "the controller exited"
         try:
-            return {w["name"]: w for w in httpx.get(f"{self.url}/workers").json()["data"]}
+            return {w["name"]: w for w in httpx.get(f"{self.url}/workers", headers=AUTH).json()["data"]}
         except httpx.TransportError:  # still starting
             return {}
 
@@ -72,7 +75,8 @@ class Cluster:
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "camelid", "worker", "--controller", self.url, "--model", str(self.model_dir),
                  "--model-name", MODEL, "--template", TEMPLATE, "--port", str(port), "--name", name,
-                 "--kv-cache-memory", "16MB", "--heartbeat-interval", "0.5"], env={**os.environ, "OMP_NUM_THREADS": "1"})
+                 "--kv-cache-memory", "16MB", "--heartbeat-interval", "0.5"],
+                env={**os.environ, "OMP_NUM_THREADS": "1", "CAMELID_CLUSTER_TOKEN": TOKEN})
         self.wait_for(lambda: set(self.procs) <= set(self.live()), 90, f"workers {list(self.procs)} to register")
         return list(self.procs)
 
@@ -80,7 +84,7 @@ class Cluster:
         return self.live()[name]["address"]
 
     def status(self, name: str) -> dict:
-        return httpx.get(f"{self.address(name)}/worker/status").json()
+        return httpx.get(f"{self.address(name)}/worker/status", headers=AUTH).json()
 
     def kill(self, name: str) -> None:
         proc = self.procs.pop(name)
@@ -152,10 +156,14 @@ def test_workers_register_and_load_is_spread(cluster):
     names = cluster.ensure_workers(2)
     live = cluster.live()
     assert all(live[n]["models"][0]["id"] == MODEL for n in names)
-    assert [m["id"] for m in httpx.get(f"{cluster.url}/models").json()["data"]] == [MODEL]
+    assert [m["id"] for m in httpx.get(f"{cluster.url}/models", headers=AUTH).json()["data"]] == [MODEL]
+    # without the cluster token neither the controller nor a worker answers (a worker's port bypasses API keys)
+    assert httpx.get(f"{cluster.url}/models").status_code == 401
+    body = {"model": MODEL, "prompt": "Hello", "request_id": "x"}
+    assert httpx.post(f"{cluster.address(names[0])}/worker/generate", json=body).status_code == 401
 
     async def main():
-        backend = RemoteBackend(cluster.url)
+        backend = RemoteBackend(cluster.url, cluster_token=TOKEN)
         try:
             # greedy output through the cluster equals the engine run directly on the same folder
             text, reasons = await run(backend, "Hello", SamplingParams(max_tokens=12, temperature=0))
@@ -193,7 +201,7 @@ def test_openai_server_in_front_of_the_cluster(cluster):
     from camelid.serve.app import create_app
 
     cluster.ensure_workers(2)
-    server = ServerThread(create_app(RemoteBackend(cluster.url)))
+    server = ServerThread(create_app(RemoteBackend(cluster.url, cluster_token=TOKEN)))
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == [MODEL]
@@ -221,9 +229,9 @@ def test_silent_worker_is_dropped_and_rejoins(cluster):
         assert waited <= HEARTBEAT_TIMEOUT + 5
 
         async def main():
-            backend = RemoteBackend(cluster.url, chunk_timeout=5)
+            backend = RemoteBackend(cluster.url, cluster_token=TOKEN, chunk_timeout=5)
             try:  # every request now goes to the live worker (the frozen one would time out)
-                results = await asyncio.gather(*(run(backend, f"q{i}", SamplingParams(max_tokens=4), request_id=f"q{i}")
+                results = await asyncio.gather(*(run(backend, f"q{i}", SHORT, request_id=f"q{i}")
                                                  for i in range(3)))
                 assert all(reasons == ["length"] for _, reasons in results)
             finally:
@@ -240,7 +248,7 @@ def test_killed_worker_fails_its_requests_and_traffic_moves(cluster):
     victim, survivor = cluster.ensure_workers(2)
 
     async def main():
-        backend = RemoteBackend(cluster.url)
+        backend = RemoteBackend(cluster.url, cluster_token=TOKEN)
         try:
             tasks = await start_many(backend, 4)
             on_victim = cluster.status(victim)["queue_length"]
@@ -256,7 +264,7 @@ def test_killed_worker_fails_its_requests_and_traffic_moves(cluster):
                        for _, reasons in [r])
             assert time.monotonic() - killed_at < 60
             assert set(cluster.live()) == {survivor}  # dropped at once, not after the heartbeat timeout
-            text, reasons = await run(backend, "after", SamplingParams(max_tokens=4))
+            text, reasons = await run(backend, "after", SHORT)
             assert reasons == ["length"]
         finally:
             await backend.close()
@@ -269,7 +277,7 @@ def test_hung_worker_ends_its_request_with_an_error(cluster):
     chunk_timeout = 2.0
 
     async def main():
-        backend = RemoteBackend(cluster.url, chunk_timeout=chunk_timeout)
+        backend = RemoteBackend(cluster.url, cluster_token=TOKEN, chunk_timeout=chunk_timeout)
         try:
             started = asyncio.Event()
             task = asyncio.create_task(run(backend, "hang", LONG, started))
@@ -299,3 +307,127 @@ def test_adapter_flags_are_checked():
     for bad in (["a"], ["=x"], ["a="], ["a=x", "a=y"]):
         with pytest.raises(ValueError, match="--adapter"):
             parse_adapters(bad)
+
+
+# ---- the cluster token, failed workers, /metrics: in-process, over scripted backends --------------------------------
+
+async def _answer(prompt: str):
+    from camelid.serve.backend import Chunk
+
+    yield Chunk(0, f"echo {prompt}", [1], "stop", 1, 1)
+
+
+async def _failed_engine(prompt: str):
+    from camelid.serve.backend import BackendError
+
+    raise BackendError(503, "the engine stopped after an error: simulated", type="server_error")
+    yield  # an async generator
+
+
+def test_the_cluster_token_guards_the_controller_and_the_workers():
+    from fastapi.testclient import TestClient
+
+    from camelid.serve.worker import create_worker_app
+
+    controller = TestClient(create_controller_app(cluster_token=TOKEN))
+    worker = TestClient(create_worker_app(FakeBackend(_answer), "w", "http://w", cluster_token=TOKEN))
+    register = {"name": "evil", "address": "http://attacker", "models": [{"id": MODEL}]}
+    calls = [(controller, "POST", "/register", register), (controller, "POST", "/drop", {"name": "w"}),
+             (controller, "POST", "/pick", {"model": MODEL}), (controller, "GET", "/workers", None),
+             (controller, "POST", "/heartbeat", {"name": "w"}), (controller, "GET", "/models", None),
+             (worker, "POST", "/worker/generate", {"model": MODEL, "prompt": "hi", "request_id": "r"}),
+             (worker, "POST", "/worker/count_chat_tokens", {"model": MODEL, "messages": []}),
+             (worker, "GET", "/worker/status", None)]
+    for headers in ({}, {CLUSTER_TOKEN_HEADER: "wrong"}, {CLUSTER_TOKEN_HEADER: TOKEN[:-1]}):
+        for client, method, path, body in calls:
+            assert client.request(method, path, json=body, headers=headers).status_code == 401, (path, headers)
+    assert controller.get("/workers", headers=AUTH).json()["data"] == []  # "evil" never registered
+    for client, method, path, body in calls:
+        assert client.request(method, path, json=body, headers=AUTH).status_code == 200, path
+    assert controller.get("/health").status_code == 200  # probes need no token
+
+
+@pytest.mark.parametrize("verb", [["controller"], ["worker", "--controller", "http://x", "--model", "/no/such"]])
+def test_a_public_host_needs_a_cluster_token(verb, capsys, monkeypatch):
+    from camelid.cli import main
+
+    monkeypatch.delenv("CAMELID_CLUSTER_TOKEN", raising=False)
+    assert main([*verb, "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "--cluster-token" in err and err.count("\n") == 1
+
+
+def test_a_failed_worker_is_skipped_and_leaves_the_controller():
+    """A worker whose engine failed refuses with 503 before any chunk: RemoteBackend tries the next worker. And the
+    failed worker unregisters and stops heartbeating, so nothing is routed to it again."""
+    from camelid.serve.worker import create_worker_app
+
+    controller = ServerThread(create_controller_app(heartbeat_timeout=30, cluster_token=TOKEN))
+    broken, good = FakeBackend(_failed_engine), FakeBackend(_answer)
+    workers = []
+
+    def live() -> set[str]:
+        return {w["name"] for w in httpx.get(f"{controller.url}/workers", headers=AUTH).json()["data"]}
+    try:
+        for name, backend in (("broken", broken), ("good", good)):  # registered first: picked first on a tie
+            port = free_port()
+            app = create_worker_app(backend, name, f"http://127.0.0.1:{port}", controller.url,
+                                    heartbeat_interval=0.1, cluster_token=TOKEN)
+            workers.append(ServerThread(app, port))
+            deadline = time.monotonic() + 10
+            while name not in live():
+                assert time.monotonic() < deadline, f"{name} did not register"
+                time.sleep(0.05)
+
+        async def ask():
+            backend = RemoteBackend(controller.url, cluster_token=TOKEN)
+            try:
+                return await run(backend, "hi", SamplingParams(max_tokens=4))
+            finally:
+                await backend.close()
+
+        assert asyncio.run(ask()) == ("echo hi", ["stop"])
+        assert broken.calls == 1 and good.calls == 1
+
+        broken.ok = False  # its backend reports the failure: the heartbeat loop says goodbye
+        deadline = time.monotonic() + 10
+        while "broken" in live():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # five heartbeat intervals: it does not register again
+        assert live() == {"good"}
+    finally:
+        for server in [*workers, controller]:
+            server.stop()
+
+
+def test_remote_stats_add_counters_and_take_the_largest_device_gauge():
+    controller = ServerThread(create_controller_app(cluster_token=TOKEN))
+    try:
+        per_worker = [{"num_blocks": 100, "num_free_blocks": 40, "block_size": 16, "generated_tokens": 7,
+                       "device_gpu_temp_c": 60.0, "device_gpu_util": 90.0, "device_gpu_mem_total_gb": 80.0},
+                      {"num_blocks": 50, "num_free_blocks": 50, "block_size": 16, "generated_tokens": 5,
+                       "device_gpu_temp_c": 70.0, "device_gpu_util": 10.0, "device_gpu_mem_total_gb": 80.0}]
+        for i, stats in enumerate(per_worker):
+            httpx.post(f"{controller.url}/register", headers=AUTH, json={
+                "name": f"w{i}", "address": f"http://w{i}", "models": [{"id": MODEL}], "stats": stats})
+        backend = RemoteBackend(controller.url, cluster_token=TOKEN)
+        s = backend.stats()
+        asyncio.run(backend.close())
+        assert (s["num_blocks"], s["num_free_blocks"], s["generated_tokens"]) == (150, 90, 12)
+        assert (s["device_gpu_temp_c"], s["device_gpu_util"], s["device_gpu_mem_total_gb"]) == (70.0, 90.0, 80.0)
+        assert "block_size" not in s and s["num_workers"] == 2
+    finally:
+        controller.stop()
+
+
+def test_worker_flags_reach_the_engine(monkeypatch, capsys):
+    from camelid.cli import main
+    from camelid.serve.backend import LocalBackend
+
+    def load(model_dir, adapters, **kwargs):
+        raise ValueError(f"would load {model_dir} with {adapters} and max_num_seqs={kwargs.get('max_num_seqs')}")
+    monkeypatch.setattr(LocalBackend, "load", load)
+    argv = ["worker", "--controller", "http://x", "--model", "m", "--adapter", "a=x", "--max-num-seqs", "4"]
+    assert main(argv) == 2
+    assert "would load m with {'a': 'x'} and max_num_seqs=4" in capsys.readouterr().err

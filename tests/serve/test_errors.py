@@ -126,13 +126,33 @@ def test_another_users_session_is_not_found(server, http):
 
 
 def test_no_500_was_ever_sent(server, http):
-    http.post("/v1/chat/completions", json=CHAT)  # one request of each kind, so the test stands alone
-    http.post("/v1/chat/completions", json={**CHAT, "temperature": -1})
-    httpx.get(server.url + "/v1/models")
-    http.post("/v1/completions", json={"model": "tiny", "prompt": "x" * 100_000})
+    # one request of each kind first, so the test stands alone (run by itself, or after any other selection)
+    assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+    assert http.post("/v1/chat/completions", json={**CHAT, "temperature": -1}).status_code == 400
+    assert http.post("/v1/completions", json={"model": "tiny", "prompt": "x" * 300}).status_code == 400
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    assert http.post("/v1/completions", json={"model": "tiny", "prompt": "x" * 100_000}).status_code == 413
     metrics = httpx.get(server.url + "/metrics").text
     statuses = {line.split('status="')[1].split('"')[0] for line in metrics.splitlines()
                 if line.startswith("camelid_requests_total")}
     assert "200" in statuses and "400" in statuses and "401" in statuses and "413" in statuses
     assert not any(s.startswith("5") for s in statuses), metrics
     assert json.loads(http.get("/v1/models").text)["data"][0]["id"] == "tiny"
+
+
+def test_a_failed_engine_answers_503_and_health_says_so(start_server):
+    """One engine error: the requests end, later ones get 503 at once (no hang), and /health stops answering 200
+    so a load balancer (or the cluster's controller) sends the traffic elsewhere."""
+    server = start_server()
+    assert httpx.get(server.url + "/health").status_code == 200
+
+    def broken_step():
+        raise RuntimeError("simulated engine bug")
+    server.backend.llm.step = broken_step
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 4}
+    check_error(httpx.post(server.url + "/v1/completions", json=body, timeout=10), 500)
+    for stream in (False, True):
+        error = check_error(httpx.post(server.url + "/v1/completions", json={**body, "stream": stream}, timeout=10),
+                            503)
+        assert "simulated engine bug" in error["message"]
+    check_error(httpx.get(server.url + "/health"), 503)

@@ -12,6 +12,7 @@ from camelid.cli import main
     (["serve", "--model", "m", "--controller", "http://x"], "not both"),
     (["serve", "--model", "m", "--db", "mysql://x"], "unknown session database URL"),
     (["serve", "--model", "/no/such/model", "--db", "none"], "/no/such/model"),
+    (["serve", "--model", "/no/such/model"], "/no/such/model"),  # the model loads before the database opens
     (["serve", "--model", "m", "--adapter", "a=x", "--adapter", "a=y"], "unique"),
 ])
 def test_bad_flags_exit_2(argv, message, capsys, tmp_path, monkeypatch):
@@ -24,7 +25,23 @@ def test_bad_flags_exit_2(argv, message, capsys, tmp_path, monkeypatch):
 
 
 def test_adapter_flag_needs_name_equals_dir(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["serve", "--model", "m", "--adapter", "just-a-dir"])
-    assert e.value.code == 2
+    assert main(["serve", "--model", "m", "--adapter", "just-a-dir"]) == 2
     assert "expected NAME=DIR" in capsys.readouterr().err
+
+
+def test_api_keys_come_from_flags_a_file_and_the_environment(tmp_path, monkeypatch):
+    from camelid.cli import build_parser
+    from camelid.cli.serve_verbs import api_keys
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# one key a line\nkey-from-file\n\n  other-file-key  \n")
+    monkeypatch.setenv("CAMELID_API_KEYS", "env-a, env-b,,")
+    args = build_parser().parse_args(["serve", "--model", "m", "--api-key", "flag-key", "--api-key-file", str(keys)])
+    assert api_keys(args) == ["flag-key", "key-from-file", "other-file-key", "env-a", "env-b"]
+    monkeypatch.delenv("CAMELID_API_KEYS")
+    assert api_keys(build_parser().parse_args(["serve", "--model", "m"])) == []  # open, as documented
+    keys.write_text("# nothing but comments\n\n")
+    with pytest.raises(ValueError, match="holds no key"):  # never an open server by mistake
+        api_keys(args)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        api_keys(build_parser().parse_args(["serve", "--model", "m", "--api-key-file", str(tmp_path / "missing.txt")]))

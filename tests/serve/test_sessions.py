@@ -72,6 +72,30 @@ def test_store_rejects_bad_urls(tmp_path):
         SessionStore(f"sqlite:///{tmp_path}/missing/dir/chats.db")
 
 
+def test_a_closed_store_refuses_and_does_not_reconnect(db_url):
+    """A streamed answer saved after the server's shutdown closed the store must not open a new connection."""
+    store = SessionStore(db_url)
+    sid = store.create("u")["id"]
+    conn = store._conn
+    store.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        store.append("u", sid, [{"role": "user", "content": "late"}])
+    assert store._conn is conn  # still the closed one: nothing was reopened (and leaked)
+
+
+def test_a_failed_schema_creation_closes_the_connection(tmp_path, monkeypatch):
+    import camelid.serve.sessions as sessions
+
+    opened = []
+    open_sqlite = sessions._open_sqlite
+    monkeypatch.setattr(sessions, "_open_sqlite", lambda url: opened.append(open_sqlite(url)) or opened[-1])
+    monkeypatch.setattr(sessions, "_SCHEMA", [*sessions._SCHEMA, "CREATE TABLE broken ("])
+    with pytest.raises(Exception, match="syntax error|incomplete input"):
+        SessionStore(f"sqlite:///{tmp_path}/chats.db")
+    with pytest.raises(Exception, match="closed"):  # sqlite3.ProgrammingError on a closed connection
+        opened[0].execute("SELECT 1")
+
+
 def test_sqlite_is_in_wal_mode(tmp_path):
     store = SessionStore(f"sqlite:///{tmp_path}/chats.db")
     assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -269,3 +293,58 @@ def test_a_lost_postgres_connection_is_one_clean_error_then_reconnects(start_ser
     r = httpx.get(server.url + "/v1/sessions")
     assert r.status_code == 200 and sid in [s["id"] for s in r.json()["data"]]
     server.stop()
+
+
+# ---- what a turn that did not finish leaves in the session ---------------------------------------------------------
+
+async def _half_then(prompt: str):
+    """One chunk of answer, then a failure ("fail") or nothing more until the client leaves ("stop")."""
+    import asyncio
+
+    from camelid.serve.backend import BackendError, Chunk
+
+    yield Chunk(0, "Half", [1], None, 3, 1)
+    if prompt == "fail":
+        raise BackendError(502, "worker w1 stopped answering during the request", type="server_error")
+    await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_streamed_and_plain_turns_store_the_same_history(tmp_path, stream):
+    """Streamed or not, one rule: a turn the client stopped keeps what was produced; one the server failed is not
+    stored (the session stays as it was)."""
+    from camelid.serve.app import create_app
+    from server_zoo import FakeBackend, ServerThread
+
+    server = ServerThread(create_app(FakeBackend(_half_then), sessions=SessionStore(f"sqlite:///{tmp_path}/c.db")))
+    try:
+        def ask(sid: str, text: str) -> None:
+            body = {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 8,
+                    "session_id": sid, "stream": stream}
+            with httpx.Client(timeout=1.0) as http:
+                if stream:
+                    with http.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+                        for line in r.iter_lines():
+                            if '"Half"' in line or "error" in line:
+                                break
+                else:
+                    try:
+                        r = http.post(server.url + "/v1/chat/completions", json=body)
+                        assert r.status_code == 502, r.text
+                    except httpx.ReadTimeout:  # "stop": the client gives up, as a timeout would
+                        pass
+
+        def messages(sid: str, expected: int) -> list:
+            deadline = time.monotonic() + 5
+            while len(got := httpx.get(f"{server.url}/v1/sessions/{sid}").json()["messages"]) < expected:
+                assert time.monotonic() < deadline, got
+                time.sleep(0.05)
+            return [(m["role"], m["content"]) for m in got]
+
+        failed, stopped = (httpx.post(server.url + "/v1/sessions", json={}).json()["id"] for _ in range(2))
+        ask(failed, "fail")
+        ask(stopped, "stop")
+        assert messages(stopped, 2) == [("user", "stop"), ("assistant", "Half")]
+        assert messages(failed, 0) == []
+    finally:
+        server.stop()
