@@ -7,6 +7,7 @@ they import this file.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime
 import importlib.metadata
@@ -48,6 +49,23 @@ def device_slug(device: torch.device) -> str:
     """"cpu", or the GPU's name in file-name form ("nvidia-h100-80gb-hbm3")."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def parser(doc: str, cpu_shape: str = "a tiny llama-shaped config") -> argparse.ArgumentParser:
+    """The arguments every model benchmark takes (--preset, --layers, --device), with the script's docstring as help."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0], epilog=doc.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", help=f"a camelid.config.PRESETS name (default: tinyllama-1.1b on CUDA, {cpu_shape} "
+                                    "otherwise)")
+    p.add_argument("--layers", type=int, help="override num_hidden_layers (run a big shape on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present")
+    return p
+
+
+def start(device_name: str) -> tuple[torch.device, bool, float]:
+    """(device, whether glibc keeps freed memory (keep_freed_memory, CPU only), the 1-minute load average now)."""
+    device = torch.device(device_name)
+    return device, device.type == "cpu" and keep_freed_memory(), os.getloadavg()[0]
 
 
 def keep_freed_memory() -> bool:

@@ -19,7 +19,6 @@ Both models hold the same weights (built from a seed, saved by camelid, loaded b
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import statistics
@@ -28,8 +27,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from common import TINY, check_same_logits, device_name, device_slug, keep_freed_memory, record_header, same_weights
-from common import write_result
+from common import TINY, check_same_logits, device_name, device_slug, record_header, same_weights
+from common import parser, start, write_result
 
 from camelid.checkpoint import parse_dtype
 from camelid.config import get_preset
@@ -102,8 +101,8 @@ def run_engine(llm: LLM, prompts: list[list[int]], lengths: list[int], device: t
 def run_transformers(model, prompts: list[list[int]], lengths: list[int], batch: int, device: torch.device) -> dict:
     """Padded batches through generate: each batch runs to its longest requested output."""
     outputs, seconds = [], 0.0
-    for start in range(0, len(prompts), batch):
-        chunk, want = prompts[start:start + batch], lengths[start:start + batch]
+    for first in range(0, len(prompts), batch):
+        chunk, want = prompts[first:first + batch], lengths[first:first + batch]
         longest, new = max(map(len, chunk)), max(want)
         ids = torch.tensor([[0] * (longest - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in chunk], device=device)
@@ -145,12 +144,7 @@ def decode_batch1(llm: LLM, hf, prompt: list[int], n: int, device: torch.device)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--preset", help="camelid.config.PRESETS name (default: tinyllama-1.1b on CUDA, a tiny llama "
-                                    "on CPU)")
-    p.add_argument("--layers", type=int, help="override num_hidden_layers")
+    p = parser(__doc__)
     p.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--requests", type=int)
     p.add_argument("--prompt", type=int, nargs=2, metavar=("MIN", "MAX"), help="prompt lengths, uniform")
@@ -168,13 +162,11 @@ def main() -> None:
     args = p.parse_args()
     transformers.logging.disable_progress_bar()
 
-    device = torch.device(args.device)
+    device, malloc_tweak, load_start = start(args.device)
     defaults = CUDA_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     opt = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in defaults.items()}
-    malloc_tweak = device.type == "cpu" and keep_freed_memory()
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
-    load_start = os.getloadavg()[0]
     dtype = parse_dtype(opt["dtype"])
     config = get_preset(opt["preset"]) if opt["preset"] else TINY.replace()
     if args.layers:

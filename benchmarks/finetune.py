@@ -30,7 +30,6 @@ ones (the loss curve covers both).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.metadata
 import os
@@ -40,8 +39,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from common import TINY, check_same_logits, device_name, device_slug, keep_freed_memory, record_header, same_weights
-from common import write_result
+from common import TINY, check_same_logits, device_name, device_slug, record_header, same_weights
+from common import parser, start, write_result
 
 from camelid.config import get_preset
 from camelid.peft import apply_lora, count_parameters, lora_layers
@@ -148,12 +147,7 @@ def hf_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", help="a camelid.config.PRESETS name (default: tinyllama-1.1b on CUDA, a tiny "
-                                    "llama-shaped config otherwise)")
-    p.add_argument("--layers", type=int, help="override num_hidden_layers")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present")
+    p = parser(__doc__)
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="bf16 = bf16 frozen base + bf16 autocast (default on "
                                                              "CUDA); fp32 (default on CPU)")
     p.add_argument("--seq", type=int, help="tokens per row (default: 2048 on CUDA, 128 on CPU)")
@@ -167,10 +161,8 @@ def main() -> None:
     args = p.parse_args()
     transformers.logging.disable_progress_bar()
 
-    device = torch.device(args.device)
+    device, malloc_tweak, load_start = start(args.device)
     cuda = device.type == "cuda"
-    malloc_tweak = not cuda and keep_freed_memory()
-    load_start = os.getloadavg()[0]
     bf16 = (args.dtype or ("bf16" if cuda else "fp32")) == "bf16"
     seq, batch = args.seq or (2048 if cuda else 128), args.batch or (4 if cuda else 2)
     steps = args.steps or (10 if cuda else 6)

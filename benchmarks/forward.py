@@ -22,7 +22,6 @@ Ratios are camelid / transformers in tokens/s: > 1 means camelid is faster.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 from pathlib import Path
@@ -30,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from common import SMALL, check_same_logits, compare, device_name, device_slug, keep_freed_memory, record_header
-from common import same_weights, write_result
+from common import SMALL, check_same_logits, compare, device_name, device_slug, record_header
+from common import parser, same_weights, start, write_result
 
 from camelid.checkpoint import parse_dtype
 from camelid.config import get_preset
@@ -48,12 +47,7 @@ def train_step(model: torch.nn.Module, ids: torch.Tensor, hf: bool) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", help="a camelid.config.PRESETS name (default: tinyllama-1.1b on CUDA, a small "
-                                    "llama-shaped config otherwise)")
-    p.add_argument("--layers", type=int, help="override num_hidden_layers (run a big shape on CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present")
+    p = parser(__doc__, "a small llama-shaped config")
     p.add_argument("--dtype", help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--seq", type=int, help="training sequence length (default: 2048 on CUDA, 256 on CPU)")
     p.add_argument("--batch", type=int, help="batch size for training and decode (default: 4 on CUDA, 2 on CPU)")
@@ -66,10 +60,8 @@ def main() -> None:
     args = p.parse_args()
     transformers.logging.disable_progress_bar()
 
-    device = torch.device(args.device)
+    device, malloc_tweak, load_start = start(args.device)
     cuda = device.type == "cuda"
-    malloc_tweak = not cuda and keep_freed_memory()
-    load_start = os.getloadavg()[0]
     warmup = args.warmup if args.warmup is not None else 5 if args.compile else 2
     dtype = parse_dtype(args.dtype or ("bfloat16" if cuda else "float32"))
     seq, batch = args.seq or (2048 if cuda else 256), args.batch or (4 if cuda else 2)

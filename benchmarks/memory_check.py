@@ -5,10 +5,11 @@ weights, and then runs what the estimate models:
 
   full       camelid's training step: fp32 master weights, bf16 autocast, chunked cross-entropy, backward,
              fused AdamW (camelid.train.optim.build_optimizer); 2 steps, so the second sees the optimizer states
-  lora       the base frozen in bf16, fp32 rank-8 adapters on q_proj and v_proj (inline below: camelid has no
-             peft package yet), AdamW on the adapters only
-  qlora      lora over a base whose projections are NF4 (torchao's to_nf4 / linear_nf4); skipped without torchao
-  prefix     skipped: prefix tuning needs camelid's peft package (virtual keys/values in attention)
+  lora       the base frozen in bf16, fp32 rank-8 adapters on q_proj and v_proj (camelid.peft.apply_lora), AdamW on
+             the adapters only
+  qlora      lora over a base whose block projections are NF4 (camelid.quant, torchao's to_nf4); skipped without
+             torchao
+  prefix     prefix tuning with the estimate's 20 virtual tokens per layer (camelid.peft.prefix)
   inference  a bf16 model, generate_ids over B prompts of S tokens plus N new ones (KV cache of S + N tokens)
 
 each with and without activation checkpointing (training), at two sequence lengths. The target (issue 7) is every
@@ -34,13 +35,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from camelid.config import ModelConfig, get_preset
 from camelid.generate import generate_ids
 from camelid.model import Transformer
-from camelid.plan.memory import estimate
+from camelid.peft import apply_lora
+from camelid.peft.prefix import apply_prefix
+from camelid.plan.memory import NUM_VIRTUAL_TOKENS, estimate
+from camelid.quant import quantize_model
 from camelid.train.config import TrainConfig
 from camelid.train.loss import loss_fn
 from camelid.train.optim import build_optimizer
@@ -50,50 +52,21 @@ LORA_R, LORA_ALPHA = 8, 16
 DEVICE = torch.device("cuda")
 
 
-# ---- adapters (inline until camelid.peft exists) -------------------------------------------------------------------
+# ---- the methods, as camelid.peft applies them -------------------------------------------------------------------
 
-class LoRALinear(nn.Module):
-    """y = base(x) + (alpha / r) x A^T B^T, with the base frozen and A (r x in), B (out x r) trainable in fp32."""
-
-    def __init__(self, base: nn.Module, in_features: int, out_features: int):
-        super().__init__()
-        self.base = base
-        self.lora_a = nn.Parameter(torch.randn(LORA_R, in_features, device=DEVICE) / math.sqrt(in_features))
-        self.lora_b = nn.Parameter(torch.zeros(out_features, LORA_R, device=DEVICE))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * (LORA_ALPHA / LORA_R)
+BLOCK_PROJECTIONS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
-class NF4Linear(nn.Module):
-    """A frozen projection stored in NF4 (QLoRA's 4-bit NormalFloat, double-quantised absmax), bf16 compute."""
-
-    def __init__(self, linear: nn.Linear):
-        from torchao.dtypes.nf4tensor import to_nf4
-
-        super().__init__()
-        self.weight = nn.Parameter(to_nf4(linear.weight.detach().to(torch.bfloat16)), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torchao.dtypes.nf4tensor import linear_nf4
-
-        return linear_nf4(x.to(torch.bfloat16), self.weight)
-
-
-def add_lora(model: Transformer, quantize: bool) -> None:
-    """Freeze the model; with `quantize`, swap every block projection for NF4; LoRA on q_proj and v_proj."""
-    model.requires_grad_(False)
-    for block in model.model.layers:
-        attn, mlp = block.self_attn, block.mlp
-        if quantize:
-            for module, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                                  (mlp, ("gate_proj", "up_proj", "down_proj"))):
-                for name in names:
-                    setattr(module, name, NF4Linear(getattr(module, name)))
-        for name in ("q_proj", "v_proj"):
-            base = getattr(attn, name)
-            out_features, in_features = base.weight.shape
-            setattr(attn, name, LoRALinear(base, in_features, out_features))
+def apply_method(model: Transformer, method: str) -> None:
+    """What `camelid finetune --method M` adds to a frozen bf16 base: LoRA rank 8 on q_proj and v_proj; for qlora
+    every block projection stored in NF4 first (the estimate's assumption); prefix tuning with the estimate's
+    number of virtual tokens."""
+    if method == "qlora":
+        quantize_model(model, "nf4", modules=BLOCK_PROJECTIONS, compute_dtype=torch.bfloat16)
+    if method in ("lora", "qlora"):
+        apply_lora(model, r=LORA_R, alpha=LORA_ALPHA, target_modules=["q_proj", "v_proj"])
+    elif method == "prefix":
+        apply_prefix(model, num_virtual_tokens=NUM_VIRTUAL_TOKENS)
 
 
 # ---- one measured configuration ------------------------------------------------------------------------------------
@@ -115,7 +88,7 @@ def train_run(config: ModelConfig, method: str, seq: int, batch: int, checkpoint
         model = Transformer(config).to(DEVICE)  # fp32 master weights
     else:
         model = Transformer(config).to(DEVICE, torch.bfloat16)  # frozen base in the compute dtype
-        add_lora(model, quantize=method == "qlora")
+        apply_method(model, method)
     model.set_activation_checkpointing(checkpointing)
     model.train()
     optimizer = build_optimizer(model, TrainConfig(), DEVICE)
@@ -161,11 +134,9 @@ def configurations(seqs: list[int], batch: int, new_tokens: int) -> list[dict]:
 
 
 def skip_reason(method: str) -> str | None:
-    if method == "prefix":
-        return "needs camelid.peft prefix tuning (not in camelid yet)"
     if method == "qlora":
         try:
-            import torchao.dtypes.nf4tensor  # noqa: F401
+            import torchao  # noqa: F401
         except ImportError:
             return "needs torchao for NF4 (pip install torchao)"
     return None

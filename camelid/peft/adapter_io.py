@@ -12,7 +12,6 @@ camelid.quant (the deliberate peft -> quant edge described in lora.py).
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -22,7 +21,8 @@ from safetensors import safe_open
 from torch import nn
 
 from camelid.peft.lora import LoRALinear, apply_lora, lora_layers, lora_state_dict
-from camelid.peft.shared import CONFIG_FILE, WEIGHTS_FILE, AdapterError, short_or_regex, write_adapter_folder
+from camelid.peft.shared import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, read_config, short_or_regex,
+                                 write_adapter_folder)
 from camelid.quant import QuantLinear
 
 PREFIX = "base_model.model."
@@ -81,15 +81,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
 
 
 def read_adapter_config(path: str | Path) -> dict:
-    file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {path}: not a PEFT adapter folder")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{file}: not valid JSON ({e})") from None
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{file}: peft_type {config.get('peft_type')!r}; this loader reads LORA adapters")
+    config, file = read_config(path, "LORA"), Path(path) / CONFIG_FILE
     for field, default in UNSUPPORTED.items():
         value = config.get(field, default)
         if value not in (default, None, [], {}, False, "none"):

@@ -87,19 +87,27 @@ def write_adapter_folder(folder: str | Path, config: dict, tensors: dict[str, to
     return folder
 
 
-def read_adapter_folder(folder: str | Path, peft_type: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, tensors) of an adapter folder whose config says `peft_type`; FileNotFoundError / AdapterError (a
+def read_config(folder: str | Path, peft_type: str) -> dict:
+    """adapter_config.json of a folder whose config says `peft_type`; FileNotFoundError / AdapterError (a
     ValueError) naming the file otherwise."""
-    folder = Path(folder)
-    config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    config_file = Path(folder) / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {folder}: not an adapter folder")
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise AdapterError(f"{config_file}: not valid JSON ({e})") from None
-    if config.get("peft_type") != peft_type:
-        raise AdapterError(f"{config_file}: peft_type {config.get('peft_type')!r}, expected {peft_type!r}")
+    if not isinstance(config, dict) or config.get("peft_type") != peft_type:
+        found = config.get("peft_type") if isinstance(config, dict) else None
+        raise AdapterError(f"{config_file}: peft_type {found!r}, expected {peft_type!r}")
+    return config
+
+
+def read_adapter_folder(folder: str | Path, peft_type: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of an adapter folder whose config says `peft_type` (read_config's errors, and the same
+    for a missing or empty weights file)."""
+    folder = Path(folder)
+    config, weights_file = read_config(folder, peft_type), folder / WEIGHTS_FILE
     if not weights_file.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {folder} (pickled adapter_model.bin files are never loaded)")
     with safe_open(weights_file, framework="pt", device="cpu") as handle:
