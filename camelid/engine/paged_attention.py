@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from camelid.config import ModelConfig
+from camelid.engine import triton_decode
 from camelid.model import alibi_slopes
 
 
@@ -145,7 +146,13 @@ class PagedBatch:
                 context_lens: torch.Tensor) -> torch.Tensor:
         """One new token for each of D sequences, q (1, nh, D, hd): gather every sequence's keys, padded to the
         longest, and attend in one batched product. The g = nh / nkv query heads of a KV group share one matmul
-        against their keys, so GQA keys are never expanded (that copy would be g times the batch's keys, per layer)."""
+        against their keys, so GQA keys are never expanded (that copy would be g times the batch's keys, per layer).
+        On CUDA with Triton, triton_decode's kernel reads the blocks in place instead of gathering them."""
+        hd = q.shape[-1]
+        if q.is_cuda and triton_decode.available() and triton_decode.supports(hd, k_blocks.shape[1]):
+            out = triton_decode.paged_decode(q[0].transpose(0, 1), k_blocks, v_blocks, tables, context_lens,
+                                             hd**-0.5, self.cache.sliding_window, self.cache.alibi)  # (D, nh, hd)
+            return out.transpose(0, 1)[None]  # (1, nh, D, hd)
         k, v = self._gather(k_blocks, tables), self._gather(v_blocks, tables)  # (D, nkv, Tk, hd)
         D, nkv, Tk, hd = k.shape
         nh = q.shape[1]

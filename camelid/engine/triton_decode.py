@@ -7,6 +7,8 @@ materializes the scores of more than one block.
 
 Work split: one program per (sequence, kv head). It loads the g = nh / nkv query heads that share that kv head and
 scores them together against each key block, so under GQA every key and value is read from memory once, not g times.
+With block_size and head_dim >= 16 the two products are tl.dot on tensor cores, the query heads padded to 16 rows
+(tl.dot's minimum; decode is memory-bound, so the idle rows cost little); smaller tiles use broadcast products.
 It walks the sequence's blocks in order, keeping a running (flash-decoding style, single pass) softmax in fp32:
 
     for each block of keys K_b and values V_b, scores s = q K_b^T * scale (+ ALiBi), masked to -inf where hidden:
@@ -63,10 +65,10 @@ def _paged_decode_kernel(
     out_stride_seq, out_stride_head, out_stride_dim,
     table_stride_seq, table_stride_block,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     """Program (seq, kv_head): the GROUP query heads of kv_head for sequence seq. GROUP_PAD = GROUP rounded up to a
-    power of two (tile shapes must be); the padding rows compute on zeros and are never stored."""
+    power of two (tile shapes must be), and to 16 with USE_DOT; padding rows compute on zeros and are never stored."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     ctx = tl.load(ctx_ptr + seq).to(tl.int32)  # keys of this sequence, the new token included
@@ -79,7 +81,7 @@ def _paged_decode_kernel(
     slots = tl.arange(0, BLOCK_SIZE)  # (bs,)
 
     q_offs = seq * q_stride_seq + heads[:, None] * q_stride_head + dims[None, :] * q_stride_dim
-    q = tl.load(q_ptr + q_offs, mask=head_ok[:, None], other=0.0).to(tl.float32)  # (G, hd)
+    q = tl.load(q_ptr + q_offs, mask=head_ok[:, None], other=0.0)  # (G, hd) in the input dtype
     if HAS_ALIBI:
         slopes = tl.load(slopes_ptr + heads, mask=head_ok, other=0.0).to(tl.float32)  # (G,)
 
@@ -102,14 +104,14 @@ def _paged_decode_kernel(
         # Hidden slots are not loaded: the tail of the last block may hold stale (even non-finite) data, and
         # 0 * NaN would poison the sum below.
         k_offs = block_id * k_stride_block + slots[:, None] * k_stride_slot + kv_head * k_stride_head
-        k = tl.load(k_ptr + k_offs + dims[None, :] * k_stride_dim, mask=visible[:, None], other=0.0)
+        k = tl.load(k_ptr + k_offs + dims[None, :] * k_stride_dim, mask=visible[:, None], other=0.0)  # (bs, hd)
         v_offs = block_id * v_stride_block + slots[:, None] * v_stride_slot + kv_head * v_stride_head
-        v = tl.load(v_ptr + v_offs + dims[None, :] * v_stride_dim, mask=visible[:, None], other=0.0)
-        k = k.to(tl.float32)  # (bs, hd)
-        v = v.to(tl.float32)  # (bs, hd)
+        v = tl.load(v_ptr + v_offs + dims[None, :] * v_stride_dim, mask=visible[:, None], other=0.0)  # (bs, hd)
 
-        # (G, bs) scores as a broadcast product: tl.dot needs every tile dim >= 16, and G is often 1 to 8.
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+        if USE_DOT:  # (G, bs) scores, accumulated in fp32; "ieee": fp32 inputs multiply in fp32, not tf32
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:  # tl.dot needs every tile dim >= 16: a broadcast product over (G, bs, hd) instead
+            s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale
         if HAS_ALIBI:
             s += slopes[:, None] * (k_pos - q_pos).to(tl.float32)[None, :]
         s = tl.where(visible[None, :], s, float("-inf"))
@@ -118,7 +120,10 @@ def _paged_decode_kernel(
         alpha = tl.exp(m - m_new)  # (G,)
         p = tl.exp(s - m_new[:, None])  # (G, bs)
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # (G, hd)
+        if USE_DOT:  # probabilities in the values' dtype for the product, as the PyTorch path does
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")  # (G, hd)
+        else:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         m = m_new
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]  # l is 0 only for an empty context: output zeros, not NaN
@@ -153,6 +158,8 @@ def paged_decode(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
     if k_hd != hd or nh % nkv:
         raise ValueError(f"q {tuple(q.shape)} does not fit kv blocks {tuple(k_blocks.shape)}: head_dim must match "
                          "and num_heads be a multiple of num_kv_heads")
+    if not q.dtype == k_blocks.dtype == v_blocks.dtype:
+        raise ValueError(f"q and the kv blocks must share a dtype, got {q.dtype}, {k_blocks.dtype}, {v_blocks.dtype}")
     if not supports(hd, block_size):
         raise ValueError(f"paged_decode needs power-of-two head_dim and block_size, got {hd} and {block_size}")
     if block_tables.dim() != 2 or block_tables.shape[0] != D or tuple(context_lens.shape) != (D,):
@@ -170,13 +177,18 @@ def paged_decode(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
     if D == 0:
         return out
     group = nh // nkv
+    use_dot = block_size >= 16 and hd >= 16
+    group_pad = max(triton.next_power_of_2(group), 16 if use_dot else 1)
+    # The broadcast path holds a (G, bs, hd) fp32 product in registers: spread it so each thread keeps <= 64 values.
+    num_warps = 4 if use_dot else max(4, min(16, group_pad * block_size * hd // 2048))
     slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else context_lens  # dummy, never read
     kernel = _compiled(os.environ.get("TRITON_INTERPRET") == "1")
     kernel[(D, nkv)](
         q, k_blocks, v_blocks, out, block_tables, context_lens, slopes,
         float(scale), sliding_window or 0,
         *q.stride(), *k_blocks.stride(), *v_blocks.stride(), *out.stride(), *block_tables.stride(),
-        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=hd, BLOCK_SIZE=block_size,
-        HAS_WINDOW=sliding_window is not None, HAS_ALIBI=alibi_slopes is not None,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=hd, BLOCK_SIZE=block_size,
+        HAS_WINDOW=sliding_window is not None, HAS_ALIBI=alibi_slopes is not None, USE_DOT=use_dot,
+        num_warps=num_warps,
     )
     return out

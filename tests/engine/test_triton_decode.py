@@ -1,12 +1,14 @@
 """The Triton paged-decode kernel, run on CPU through Triton's interpreter, against references we did not write:
 torch's scaled_dot_product_attention per sequence (on keys gathered token by token), and the engine's own PyTorch
-decode path (PagedBatch._decode) through the exact call the CUDA dispatch makes. Covers MHA and GQA (groups of 2, 3
-padded to 4, and 8), context lengths of 1, a full block and across block boundaries, shuffled block tables, sliding
-windows, ALiBi, fp32 and bf16, and that stale NaNs in unowned cache slots never leak into the output."""
+decode path (PagedBatch._decode) through the exact call the CUDA dispatch makes. Covers both kernel paths (tl.dot for
+block_size >= 16, broadcast products below), MHA and GQA (groups of 2, 3 padded to 4, 4 and 8), context lengths of 1,
+a full block and across block boundaries, shuffled block tables, sliding windows (with whole blocks skipped), ALiBi,
+fp32 and bf16, and that stale NaNs in unowned cache slots never leak into the output."""
 
 import importlib.util
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,15 +21,37 @@ from camelid.engine.paged_attention import AttentionMetadata, PagedBatch, PagedK
 from camelid.model import alibi_slopes  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def interpreter(monkeypatch):
-    """Run kernels on CPU tensors. Scoped to these tests (not set at import) so that no other test module sees
-    TRITON_INTERPRET=1 and routes CPU work to Triton. triton_decode wraps its kernel with triton.jit on first call,
-    which is when Triton reads the variable, so setting it here is early enough."""
+    """Run kernels on CPU tensors through Triton's interpreter, for the tests that ask: setting TRITON_INTERPRET=1 at
+    import would leak into every later test of the session (anything checking triton_decode.available() would see
+    True on CPU). triton_decode wraps its kernel with triton.jit on first call, when Triton reads the variable."""
+    from triton.runtime import interpreter as interp
+    from triton.runtime.jit import JITFunction
+
+    language = [triton.language, triton.language.core, triton.language.math, triton.language.standard]
+    before = [dict(vars(module)) for module in language]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # Triton's own helpers (tl.sum, tl.max, tl.cdiv) were wrapped for the GPU compiler if triton was imported before
+    # this fixture (here, or by another module: torchao imports triton): interpret those calls too. Either way, patch
+    # the language for a helper's module during its call only (Triton 3.6 leaves those patches behind).
+    interpreted = {}  # by id: hashing a JITFunction walks its source, which fails while the interpreter runs
+
+    def call_interpreted(self, *args, **kwargs):
+        if not isinstance(self, interp.InterpretedFunction):
+            if id(self) not in interpreted:
+                interpreted[id(self)] = interp.InterpretedFunction(self.fn)
+            self = interpreted[id(self)]
+        scope = interp._patch_lang(self.fn)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        finally:
+            scope.restore()
+
+    monkeypatch.setattr(JITFunction, "__call__", call_interpreted)
+    monkeypatch.setattr(interp.InterpretedFunction, "__call__", call_interpreted)
     # Triton 3.6's interpreter calls int() on 1-element arrays for runtime loop bounds, which numpy >= 2.4 rejects
     # (triton-lang/triton#9171, fixed upstream by #9172): apply the same fix for the duration of the test.
-    from triton.runtime import interpreter as interp
     original = interp._patch_lang_tensor
 
     def patch_lang_tensor(tensor, scope):
@@ -35,6 +59,25 @@ def interpreter(monkeypatch):
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
 
     monkeypatch.setattr(interp, "_patch_lang_tensor", patch_lang_tensor)
+    # The interpreter multiplies bf16 dot operands as their raw uint16 bits: widen them to fp32 first (exact), which
+    # is what the GPU's bf16 x bf16 -> fp32 tensor-core dot computes.
+    original_dot = interp.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        def widen(x):
+            if x.dtype.scalar != triton.language.bfloat16:
+                return x
+            return interp.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), triton.language.float32)
+
+        return original_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", create_dot)
+    yield
+    # The GPU compiler runs on the same triton.language: the interpreter must leave none of its patches behind.
+    monkeypatch.undo()
+    for module, attrs in zip(language, before):
+        changed = [name for name, value in vars(module).items() if attrs.get(name, value) is not value]
+        assert not changed, f"interpreter patches left on {module.__name__}: {changed[:5]}"
 
 
 def make_cache(context_lens: list[int], nkv: int, hd: int, bs: int, dtype: torch.dtype, gen: torch.Generator,
@@ -81,19 +124,22 @@ def reference(q, k_blocks, v_blocks, tables, context_lens, scale, window=None, s
     return torch.stack(outs)
 
 
-CASES = {  # name: (nh, nkv, hd, block_size, context_lens, sliding_window, alibi)
+CASES = {  # name: (nh, nkv, hd, block_size, context_lens, sliding_window, alibi); block_size 16 takes the tl.dot path
     "mha": (4, 4, 16, 4, [1, 4, 5, 13], None, False),
+    "mha_dot": (4, 4, 16, 16, [1, 16, 17, 40], None, False),
     "gqa_4_2": (4, 2, 16, 4, [3, 8, 9, 1], None, False),
-    "gqa_8_1": (8, 1, 32, 8, [17, 1, 8, 30], None, False),
-    "gqa_6_2_padded_group": (6, 2, 16, 4, [7, 12, 2], None, False),
+    "gqa_8_1_dot": (8, 1, 32, 16, [17, 1, 16, 30], None, False),
+    "gqa_6_2_padded_group": (6, 2, 16, 8, [7, 12, 2], None, False),
     "window": (4, 2, 16, 4, [1, 5, 13, 16, 3], 5, False),
     "window_1": (4, 2, 16, 4, [1, 6, 9], 1, False),
     "window_larger_than_context": (4, 4, 16, 4, [2, 7], 64, False),
+    "window_dot_skips_blocks": (4, 2, 16, 16, [50, 33, 2], 18, False),
     "alibi_gqa": (8, 2, 16, 4, [1, 6, 13], None, True),
-    "alibi_window": (4, 1, 16, 8, [9, 20, 4], 7, True),
+    "alibi_window_dot": (4, 1, 16, 16, [9, 40, 4], 20, True),
 }
 
 
+@pytest.mark.usefixtures("interpreter")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_sdpa_reference(case, dtype):
@@ -106,28 +152,35 @@ def test_matches_sdpa_reference(case, dtype):
     out = triton_decode.paged_decode(q, k_blocks, v_blocks, tables, lens, scale, window, slopes)
     assert out.shape == q.shape and out.dtype == dtype
     expected = reference(q, k_blocks, v_blocks, tables, lens, scale, window, slopes)
-    atol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding (inputs are exact in both)
-    torch.testing.assert_close(out.float(), expected, atol=atol, rtol=0)
+    # bf16: inputs are exact in both, but the kernel rounds its output and (tl.dot path, like PagedBatch._decode) the
+    # probabilities to bf16, and the interpreter rounds by truncation (the GPU to nearest): one bf16 ulp relative,
+    # plus the probabilities' error summed over the keys.
+    tol = dict(atol=1e-5, rtol=0) if dtype == torch.float32 else dict(atol=1e-2, rtol=2**-7)
+    torch.testing.assert_close(out.float(), expected, **tol)
 
 
+@pytest.mark.usefixtures("interpreter")
 def test_strided_query_int32_tables_and_wide_padding():
-    """The CUDA dispatch passes q as a transposed view and the engine may hand int32 tables wider than needed."""
+    """The CUDA dispatch passes q as a transposed view and a column slice of the engine's tables (int32 here), wider
+    than the longest sequence needs."""
     gen = torch.Generator().manual_seed(1)
     k_blocks, v_blocks, tables, lens = make_cache([5, 11, 1], 2, 16, 4, torch.float32, gen, width_pad=3,
                                                   table_dtype=torch.int32)
-    q = torch.randn(4, 3, 16, generator=gen).transpose(0, 1)  # (D=3, nh=4, hd), not contiguous
-    assert not q.is_contiguous()
+    tables = tables[:, :-1]
+    q = torch.randn(4, 3, 16, generator=gen).transpose(0, 1)  # (D=3, nh=4, hd)
+    assert not q.is_contiguous() and not tables.is_contiguous()
     out = triton_decode.paged_decode(q, k_blocks, v_blocks, tables, lens, 0.3)
     torch.testing.assert_close(out, reference(q, k_blocks, v_blocks, tables, lens, 0.3), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("window, alibi", [(None, False), (6, True)], ids=["plain", "window_alibi"])
-def test_matches_paged_batch_decode(window, alibi):
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("window, alibi, bs, context_lens", [(None, False, 4, [1, 6, 13]), (20, True, 16, [1, 17, 40])],
+                         ids=["plain_broadcast", "window_alibi_dot"])
+def test_matches_paged_batch_decode(window, alibi, bs, context_lens):
     """The engine's PyTorch decode and the kernel, called the way PagedBatch._decode would dispatch to it on CUDA."""
     config = ModelConfig(vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=window,
                          position_encoding="alibi" if alibi else "rope")
-    bs, context_lens = 4, [1, 6, 13]
     cache = PagedKVCache(config, num_blocks=12, block_size=bs, dtype=torch.float32, device=torch.device("cpu"))
     gen = torch.Generator().manual_seed(2)
     order = (torch.randperm(11, generator=gen) + 1).tolist()
@@ -147,6 +200,32 @@ def test_matches_paged_batch_decode(window, alibi):
     torch.testing.assert_close(out.transpose(0, 1)[None], expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("use_dot", [True, False], ids=["dot", "broadcast"])
+def test_compiles_for_h100(monkeypatch, use_dot):
+    """The interpreter runs the kernel as Python, which is lenient where the GPU compiler is not (types of loop-carried
+    values, names defined under a constexpr if): compile it for sm_90 through Triton's real pipeline down to PTX and
+    ptxas (bundled with the wheel; no GPU needed)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(triton.language.standard.cdiv, InterpretedFunction):
+        pytest.skip("TRITON_INTERPRET was set when triton was imported: its GPU compiler cannot run in this process")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kernel = triton.jit(triton_decode._paged_decode_kernel)
+    dtype = "bf16" if use_dot else "fp32"
+    constants = dict(GROUP=4, GROUP_PAD=16 if use_dot else 4, HEAD_DIM=128, BLOCK_SIZE=16 if use_dot else 8,
+                     HAS_WINDOW=True, HAS_ALIBI=True, USE_DOT=use_dot)
+    signature = dict.fromkeys(kernel.arg_names, "i32") | dict.fromkeys(constants, "constexpr")
+    signature |= dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", out_ptr=f"*{dtype}",
+                      table_ptr="*i32", ctx_ptr="*i64", slopes_ptr="*fp32", scale="fp32")
+    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32))
+    assert "cubin" in compiled.asm
+    assert ("mma" in compiled.asm["ptx"]) == use_dot  # the dot path runs on tensor cores
+
+
+@pytest.mark.usefixtures("interpreter")
 def test_available_and_bad_shapes():
     assert triton_decode.available()  # triton installed and TRITON_INTERPRET=1
     assert triton_decode.supports(128, 16) and not triton_decode.supports(96, 16) and not triton_decode.supports(64, 6)
@@ -157,6 +236,9 @@ def test_available_and_bad_shapes():
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         triton_decode.paged_decode(torch.zeros(2, 3, 16), torch.zeros(3, 4, 2, 16), torch.zeros(3, 4, 2, 16),
                                    tables, lens, 1.0)
+    with pytest.raises(ValueError, match="share a dtype"):
+        triton_decode.paged_decode(torch.zeros(2, 4, 16), torch.zeros(3, 4, 2, 16, dtype=torch.bfloat16),
+                                   torch.zeros(3, 4, 2, 16, dtype=torch.bfloat16), tables, lens, 1.0)
     with pytest.raises(ValueError, match="sliding_window"):
         triton_decode.paged_decode(torch.zeros(2, 4, 16), torch.zeros(3, 4, 2, 16), torch.zeros(3, 4, 2, 16),
                                    tables, lens, 1.0, sliding_window=0)
