@@ -20,6 +20,12 @@ batch rarely mixes more than a handful of adapters: the segment loop costs a few
 and exactly the FLOPs of running each adapter alone. Its shapes depend on the batch, so a CUDA-graph decode path
 should run eagerly (or capture base-only graphs) whenever a batch has adapter rows.
 
+A quantized base (a `camelid quantize` folder's camelid.quant.QuantLinear layers: int8 / int4 / nf4, the QLoRA
+serving case) is wrapped too: the quantized layer's own forward computes the base output, its buffers and bias are
+registered on the wrapper under the same names (the keys stay put, as LoRALinear does for QLoRA), the adapters are
+kept in fp32 (as LoRALinear over a quantized base) and each delta is computed in the layer's compute dtype (else
+the input's).
+
 Only plain LoRA (and rsLoRA scaling) is batched: DoRA rescales the base output per adapter, so it cannot share one
 base matmul; merge a DoRA adapter into its own checkpoint instead (camelid.checkpoint.merge_adapter_folder).
 """
@@ -35,6 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from camelid.peft.adapter_io import AdapterError, module_alpha, read_adapter
+from camelid.quant import QuantLinear
+from camelid.quant.linear import apply_keeping_dtypes
 
 # Modules that never see one row per token: lm_head may get only the sampled rows (Transformer's logits_at), and a
 # MoE expert only the tokens routed to it. An adapter on them could not be matched to its rows.
@@ -51,16 +59,27 @@ class TokenSlots:
 
 
 class MultiLoRALinear(nn.Module):
-    """An nn.Linear whose rows each get their own LoRA update: y[i] = W x[i] + b + scale[s] * B[s] A[s] x[i],
-    s = the slot of row i (no update for slot -1 or a slot with no adapter on this module)."""
+    """An nn.Linear (or a QuantLinear) whose rows each get their own LoRA update:
+    y[i] = W x[i] + b + scale[s] * B[s] A[s] x[i], s = the slot of row i (no update for slot -1 or a slot with no
+    adapter on this module)."""
 
-    def __init__(self, base: nn.Linear, max_adapters: int, token_slots: TokenSlots):
+    def __init__(self, base: nn.Linear | QuantLinear, max_adapters: int, token_slots: TokenSlots):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # the same Parameters: no copy, plain checkpoint keys
+        # a quantized base: held outside the module tree (its tensors are registered here instead, so the keys do
+        # not gain a ".base"), and its format recorded as LoRALinear does, so quantized_layers() still finds it
+        self.__dict__["quant_base"] = base if isinstance(base, QuantLinear) else None
+        self.quant_format = (type(base), dict(base.options)) if isinstance(base, QuantLinear) else None
+        if isinstance(base, QuantLinear):
+            for name, buffer in base.named_buffers(recurse=False):  # the same tensors: no copy
+                self.register_buffer(name, buffer)
+            # adapters in fp32 over a quantized base (as LoRALinear); each delta is computed in the compute dtype
+            factory = dict(device=base.weight.device, dtype=torch.float32)
+        else:
+            self.weight = base.weight  # the same Parameters: no copy, plain checkpoint keys
+            factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.register_parameter("bias", base.bias)
         self.token_slots = token_slots
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         # non-persistent: adapters come from their own folders, the model's state dict stays an HF checkpoint
         self.register_buffer("lora_A", torch.zeros(max_adapters, 0, self.in_features, **factory),
                              persistent=False)  # (S, R, in)
@@ -91,8 +110,31 @@ class MultiLoRALinear(nn.Module):
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
 
+    def _apply(self, fn, recurse=True):
+        if self.quant_base is None:
+            return super()._apply(fn, recurse)
+        # .to(dtype) / .half() moves the codes, scales and adapters but never casts them (see QuantLinear)
+        return apply_keeping_dtypes(self, fn, lambda f: super(MultiLoRALinear, self)._apply(f, recurse))
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """W x + b: the plain matmul, or the quantized layer's own forward (int8's fast path, ...)."""
+        base = self.quant_base
+        if base is None:
+            return F.linear(x, self.weight, self.bias)
+        # point it at the tensors registered here: .to(), load_state_dict(assign=True) ... replace those, not its own
+        for name in base._buffers:
+            base._buffers[name] = self._buffers[name]
+        base._parameters["bias"] = self.bias
+        return base(x)
+
+    def delta_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype each LoRA delta is computed in: the quantized layer's compute dtype, else the input's."""
+        if self.quant_base is not None and self.quant_base.compute_dtype is not None:
+            return self.quant_base.compute_dtype
+        return x.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # (..., out)
+        y = self.base_forward(x)  # (..., out)
         slots = self.token_slots
         if slots.num_rows is None or not self.ranks:
             return y
@@ -100,13 +142,16 @@ class MultiLoRALinear(nn.Module):
         if flat_x.shape[0] != slots.num_rows:
             raise RuntimeError(f"set_token_slots gave {slots.num_rows} rows, but this forward has "
                                f"{flat_x.shape[0]} (B*T) rows")
+        dtype = self.delta_dtype(x)
         for slot, rows in slots.segments:
             r = self.ranks.get(slot)
             if r is None:  # this adapter does not target this module
                 continue
-            # the true rank, not the padded R: the same matmuls as the adapter alone (LoRALinear), row for row
-            x_s = flat_x if rows is None else flat_x.index_select(0, rows)  # (n, in)
-            delta = F.linear(F.linear(x_s, self.lora_A[slot, :r]), self.lora_B[slot, :, :r]) * self.scales[slot]
+            # the true rank, not the padded R: the same matmuls as the adapter alone (LoRALinear), row for row;
+            # the casts are no-ops over a float base (adapters in its dtype), (r, in) copies over a quantized one
+            x_s = (flat_x if rows is None else flat_x.index_select(0, rows)).to(dtype)  # (n, in)
+            A, B = self.lora_A[slot, :r].to(dtype), self.lora_B[slot, :, :r].to(dtype)  # (r, in), (out, r)
+            delta = (F.linear(F.linear(x_s, A), B) * self.scales[slot]).to(flat_y.dtype)  # (n, out)
             if rows is None:
                 flat_y += delta
             else:  # in place: y is this layer's own fresh output, and a copy per adapter would cost N x out each
@@ -114,7 +159,8 @@ class MultiLoRALinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return (f"{self.in_features}, {self.out_features}, adapters in slots {sorted(self.ranks)}, "
+        base = f", over {self.quant_format[0].method}" if self.quant_format is not None else ""
+        return (f"{self.in_features}, {self.out_features}{base}, adapters in slots {sorted(self.ranks)}, "
                 f"padded rank {self.lora_A.shape[1]}")
 
 
@@ -166,9 +212,9 @@ class MultiLoRA:
             if module is None:
                 raise ValueError(f"adapter {name!r} ({folder}) targets {module_name!r}, which this model does not "
                                  f"have")
-            if not isinstance(module, (nn.Linear, MultiLoRALinear)):
+            if not isinstance(module, (nn.Linear, QuantLinear, MultiLoRALinear)):
                 raise ValueError(f"adapter {name!r} ({folder}) targets {module_name!r}, a {type(module).__name__}; "
-                                 "multi-LoRA wraps nn.Linear layers only")
+                                 "multi-LoRA wraps nn.Linear and quantized (QuantLinear) layers only")
             if module_name == UNBATCHABLE[0] or UNBATCHABLE[1] in module_name:
                 raise ValueError(f"adapter {name!r} ({folder}) targets {module_name!r}, which is unsupported for "
                                  "multi-LoRA (it does not see one row per token: lm_head and MoE experts)")

@@ -502,13 +502,27 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
             [{"role": "system", "content": session["system_prompt"]}]
         history = [{"role": m["role"], "content": m["content"]} for m in session["messages"]]
         budget = ctx - (max_tokens if max_tokens is not None else max(1, ctx // 4))
-        while True:
-            messages = system + history + new
-            if not history or await _call(backend.count_chat_tokens, model, messages) <= budget:
-                return messages
-            history = history[1:]
-            while history and history[0]["role"] != "user":  # a turn starts with its user message
-                history = history[1:]
+        # where the kept history may start: everything, then after each dropped turn (a turn starts with its user
+        # message), then nothing
+        cuts = [0] + [i for i, m in enumerate(history) if i > 0 and m["role"] == "user"] + [len(history)]
+
+        async def fits(k: int) -> bool:  # the history from cut k on leaves room for the answer (one count)
+            return await _call(backend.count_chat_tokens, model, system + history[cuts[k]:] + new) <= budget
+
+        # the first cut that fits; the empty history is taken uncounted (then the new messages alone are too long,
+        # which is not the history's to fix). A template renders one message after another, so dropping whole
+        # turns never adds tokens and "fits" only turns on along the cuts: a binary search finds the first with
+        # O(log turns) counts (each a whole render + tokenize), after one count for the usual "all fits"
+        if not history or await fits(0):
+            return system + history + new
+        lo, hi = 1, len(cuts) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if await fits(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return system + history[cuts[lo]:] + new
 
     def record_turn(user_id: str, session: dict, new_turns: list[dict], answer: str) -> None:
         turns = [m for m in new_turns if m["role"] != "system"] + [{"role": "assistant", "content": answer}]

@@ -7,10 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from camelid import generate_ids
+from camelid import generate_ids, save_pretrained
 from camelid.checkpoint import from_pretrained
 from camelid.engine import LLM, SamplingParams
+from camelid.engine.multi_lora import MultiLoRALinear
 from camelid.peft import load_adapter
+from camelid.quant import quantize_model
 from test_multi_lora import ADAPTERS, make_peft_adapter  # same folder: the peft adapter recipe
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers deprecation noise
@@ -96,3 +98,24 @@ def test_add_and_remove_adapters_while_requests_run(setup):
     llm.add_adapter("a3", folders["a2"])
     [out] = llm.generate([PROMPTS[3]], GREEDY, adapter="a3")
     assert out.outputs[0].token_ids == reference("a2", PROMPTS[3]) != reference("a3", PROMPTS[3])
+
+
+def test_adapters_over_a_quantized_folder(setup, tmp_path):
+    """Serving QLoRA-style: the engine over a `camelid quantize`d folder (int8) with two adapters gives each request
+    the greedy tokens of generate_ids on that quantized model with its adapter loaded alone."""
+    base, folders, _ = setup
+    quantized = tmp_path / "int8"
+    save_pretrained(quantize_model(from_pretrained(base), "int8"), quantized)
+    names = ["a1", "a2"]
+    models = {None: from_pretrained(quantized), **{n: load_adapter(from_pretrained(quantized), folders[n])
+                                                    for n in names}}
+    adapters = ["a1", None, "a2", "a2", "a1", None]
+    prompts = PROMPTS[:len(adapters)]
+    expected = [generate_ids(models[a], [p], max_new_tokens=MAX_TOKENS)[0] for a, p in zip(adapters, prompts)]
+    # the comparison has teeth: the same prompt gives different tokens under different adapters
+    assert len({tuple(generate_ids(models[a], [prompts[0]], max_new_tokens=MAX_TOKENS)[0])
+                for a in [None, *names]}) == 3
+    llm = LLM(quantized, adapters={n: folders[n] for n in names}, num_blocks=64, block_size=4)
+    assert isinstance(llm.model.get_submodule("model.layers.0.self_attn.q_proj"), MultiLoRALinear)
+    outputs = llm.generate(prompts, GREEDY, adapter=adapters)
+    assert [o.outputs[0].token_ids for o in outputs] == expected

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from camelid.checkpoint import from_pretrained
 from camelid.engine.multi_lora import MultiLoRA, MultiLoRALinear
 from camelid.peft import load_adapter
+from camelid.quant import quantization_config, quantize_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers deprecation noise
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -193,3 +194,36 @@ def test_adapters_follow_the_base_dtype(setup):
     torch.testing.assert_close(logits[1], expected["a2"][1], rtol=0, atol=0.1)
     assert (logits[1] - expected["a2"][1]).abs().mean() < (logits[1] - expected[None][1]).abs().mean()
     torch.testing.assert_close(logits[2], expected[None][2], rtol=0, atol=0.1)
+
+
+def quantized(base, method: str = "int8"):
+    return quantize_model(from_pretrained(base), method)
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_adapters_over_a_quantized_base(setup, method):
+    """Serving QLoRA-style: adapters on a `camelid quantize`d base; each row equals that adapter loaded alone with
+    load_adapter on the same quantized model, and the quantized checkpoint (keys, codes, config) is untouched."""
+    base, folders, _ = setup
+    rows = ["a1", "a2", None, "a2", "a1"]
+    with torch.no_grad():
+        expected = {name: (quantized(base, method) if name is None
+                           else load_adapter(quantized(base, method), folders[name]))(TOKENS)
+                    for name in [None, "a1", "a2"]}
+    model = quantized(base, method)
+    before = model.state_dict()
+    config = quantization_config(model)
+    ml = MultiLoRA(model, max_adapters=2)
+    ml.add("a1", folders["a1"])
+    ml.add("a2", folders["a2"])
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(layer, MultiLoRALinear) and layer.quant_format[0].method == method
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for key, tensor in before.items():
+        assert after[key].dtype == tensor.dtype and torch.equal(after[key], tensor), key
+    assert quantization_config(model) == config  # save_pretrained still writes the same quantized folder
+    # the comparison has teeth: the adapters change the quantized model's logits
+    assert (expected["a1"][0] - expected[None][0]).abs().max() > 1e-2
+    check_rows(mixed_forward(model, ml, rows), expected, rows)
+    check_rows(mixed_forward(model, ml, ["a2"] * 5), expected, ["a2"] * 5)

@@ -348,3 +348,66 @@ def test_streamed_and_plain_turns_store_the_same_history(tmp_path, stream):
         assert messages(failed, 0) == []
     finally:
         server.stop()
+
+
+def test_trimming_a_long_history_counts_tokens_a_logarithmic_number_of_times(tmp_path):
+    """40 stored turns, most of which must go: the kept turns are exactly the longest suffix of whole turns that
+    fits (as dropping them one by one would find), with about log2(40) token counts instead of one per dropped turn."""
+    import math
+
+    from camelid.serve.app import create_app
+    from camelid.serve.backend import Chunk
+    from server_zoo import CONTEXT, FakeBackend, ServerThread
+
+    async def answer(prompt: str):
+        yield Chunk(0, "ok", [1], "stop", 1, 1)
+
+    class CountingBackend(FakeBackend):  # one token per character, as FakeBackend; counts calls, keeps the prompt
+        def __init__(self):
+            super().__init__(answer)
+            self.counted, self.prompts = 0, []
+
+        def count_chat_tokens(self, model, messages):
+            self.counted += 1
+            return super().count_chat_tokens(model, messages)
+
+        async def generate(self, model, prompt, messages, params, request_id):
+            self.prompts.append(messages)
+            async for chunk in super().generate(model, prompt, messages, params, request_id):
+                yield chunk
+
+    backend = CountingBackend()
+    store = SessionStore(f"sqlite:///{tmp_path}/c.db")
+    server = ServerThread(create_app(backend, sessions=store))
+    try:
+        system = [{"role": "system", "content": "S" * 10}]
+        sid = httpx.post(server.url + "/v1/sessions", json={"system_prompt": system[0]["content"]}).json()["id"]
+        history = []
+        for i in range(40):  # turns of 18 to 31 characters: ~1000 in all, the context is 256
+            history += [{"role": "user", "content": f"question {i}" + "?" * (i % 7)},
+                        {"role": "assistant", "content": f"answer {i}" + "!" * (i % 5)}]
+        store.append("anonymous", sid, history)
+        new = [{"role": "user", "content": "last"}]
+        budget = CONTEXT - 8
+
+        def ask() -> list[dict]:
+            backend.counted = 0
+            r = httpx.post(server.url + "/v1/chat/completions", timeout=10, json={
+                "model": "tiny", "messages": new, "max_tokens": 8, "session_id": sid})
+            assert r.status_code == 200, r.text
+            return [{"role": m["role"], "content": m["content"]} for m in backend.prompts[-1]]
+
+        fits = [k for k in range(0, len(history) + 1, 2)
+                if backend.count_chat_tokens("tiny", system + history[k:] + new) <= budget]
+        assert len(history) // 2 < fits[0] < len(history)  # most turns dropped, some kept
+        assert ask() == system + history[fits[0]:] + new
+        assert backend.counted <= math.log2(40) + 2
+        # a short history that fits whole: one count
+        short = httpx.post(server.url + "/v1/sessions", json={"system_prompt": system[0]["content"]}).json()["id"]
+        store.append("anonymous", short, history[:4])
+        sid = short
+        assert ask() == system + history[:4] + new
+        assert backend.counted == 1
+    finally:
+        server.stop()
+        store.close()
