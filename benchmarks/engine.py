@@ -9,6 +9,10 @@
       Also: KV-cache waste (allocated slots holding no token, averaged over steps, weighted by allocation), time to
       first token and inter-token latency percentiles (all requests arrive at t=0, so TTFT includes queueing), and the
       fraction of greedy tokens identical in both.
+      Third column: transformers' own continuous batching (`init_continuous_batching`, the path issue 5's reference
+      number comes from) on the same requests, each with its own max_new_tokens and EOS off; it runs last (it swaps
+      the model's attention to a paged one while it runs) and, where the installed transformers lacks it or it fails,
+      the column reads "skipped: <reason>" and the JSON records the reason.
 
 Both models hold the same weights (built from a seed, saved by camelid, loaded by transformers; see common.py).
 
@@ -116,6 +120,80 @@ def run_transformers(model, prompts: list[list[int]], lengths: list[int], batch:
     return {"seconds": seconds, "useful_output_tokens": sum(lengths), "outputs": outputs}
 
 
+def run_transformers_cb(model, prompts: list[list[int]], lengths: list[int], device: torch.device,
+                        stall_seconds: float = 600.0) -> dict:
+    """transformers' continuous batching: every request queued at t=0 with its own max_new_tokens, EOS off (-1),
+    greedy. Returns {"skipped": reason} instead of raising when the API is missing or the run fails, so that the rest
+    of the benchmark still reports. Not under inference_mode: buffers the manager makes here (warmup) would become
+    inference tensors that its generation thread, running under no_grad, may not update in place."""
+    if not hasattr(model, "init_continuous_batching"):
+        return {"skipped": f"transformers {transformers.__version__} has no init_continuous_batching"}
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=False, max_new_tokens=max(lengths), eos_token_id=-1, pad_token_id=0)
+    try:  # sizes its KV cache and batch for this workload, as generate_batch does
+        from transformers.generation.continuous_batching.utils import WorkloadHints
+        hints = {"workload_hints": WorkloadHints(max_prompt_length=max(map(len, prompts)),
+                                                 max_generated_length=max(lengths), num_requests=len(prompts))}
+    except ImportError:
+        hints = {}
+    manager = None
+    try:
+        manager = model.init_continuous_batching(generation_config=config, **hints)
+        attention = model.config._attn_implementation  # the manager switched it to a paged / flash one
+        if hasattr(manager, "warmup"):
+            manager.warmup()  # CUDA graph capture, out of the timing (camelid captures its graphs when built)
+        resolved = getattr(manager, "continuous_batching_config", None)  # the sizes it chose; None where unknown
+        settings = {key: getattr(resolved, key, None) for key in ("num_blocks", "block_size", "page_size",
+                                                                  "max_batch_tokens", "max_requests_per_batch")}
+        manager.start()
+        index = {}
+        sync(device)
+        t0 = time.perf_counter()
+        for i, (prompt, n) in enumerate(zip(prompts, lengths)):
+            request_id = manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=n, eos_token_id=-1,
+                                             record_timestamps=True)
+            if request_id is None:
+                return {"skipped": f"the manager refused request {i}"}
+            index[request_id] = i
+        results: dict[int, object] = {}
+        last_progress = time.perf_counter()
+        while len(results) < len(prompts):
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                results[index[result.request_id]] = result
+                last_progress = time.perf_counter()
+            elif result is None and not manager.is_running():
+                return {"skipped": f"generation thread stopped with {len(results)}/{len(prompts)} requests done"}
+            elif time.perf_counter() - last_progress > stall_seconds:
+                return {"skipped": f"no request finished for {stall_seconds:.0f} s ({len(results)}/{len(prompts)})"}
+        seconds = time.perf_counter() - t0
+    except Exception as error:  # any failure of the reference path must not cost us the other two columns
+        return {"skipped": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]}
+    finally:
+        if manager is not None:
+            try:
+                manager.stop(block=True, timeout=30)  # also restores the original attention implementation
+                if hasattr(manager, "destroy"):
+                    manager.destroy()  # its distributed helpers, as generate_batch does
+            except Exception as error:  # a failing stop must not hide the result above
+                print(f"transformers continuous batching: stop failed: {type(error).__name__}: {error}")
+    failed = [f"{i}: {r.error}" for i, r in sorted(results.items()) if getattr(r, "error", None)]
+    if failed:
+        return {"skipped": f"{len(failed)} requests failed, first: {failed[0]}"[:300]}
+    outputs = [list(results[i].generated_tokens) for i in range(len(prompts))]
+    stamps = [[t - t0 for t in (results[i].timestamps or [])] for i in range(len(prompts))]
+    return {"seconds": seconds, "output_tokens": sum(map(len, outputs)), "outputs": outputs,
+            "attn_implementation": attention, "settings": settings,
+            "ttft_s": percentiles([s[0] for s in stamps if s]),
+            "inter_token_s": percentiles([b - a for s in stamps for a, b in zip(s, s[1:])])}
+
+
+def identical_fraction(ours: list[list[int]], theirs: list[list[int]], lengths: list[int]) -> float:
+    """Fraction of the requested greedy tokens that are the same, position by position."""
+    return sum(x == y for a, b in zip(ours, theirs) for x, y in zip(a, b)) / sum(lengths)
+
+
 def decode_batch1(llm: LLM, hf, prompt: list[int], n: int, device: torch.device) -> dict:
     """Decode tokens/s of one request, prefill excluded, for both."""
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm up
@@ -203,9 +281,19 @@ def main() -> None:
     # (b) offline throughput
     engine = run_engine(llm, prompts, lengths, device)
     hf = run_transformers(theirs, prompts, lengths, opt["hf_batch"], device)
-    same = sum(x == y for a, b in zip(engine["outputs"], hf["outputs"]) for x, y in zip(a, b)) / sum(lengths)
+    cb = run_transformers_cb(theirs, prompts, lengths, device)  # last: it swaps the model's attention while it runs
+    same = identical_fraction(engine["outputs"], hf["outputs"], lengths)
     ours_tps = engine["output_tokens"] / engine["seconds"]
     theirs_tps = hf["useful_output_tokens"] / hf["seconds"]
+    if "skipped" in cb:
+        cb_record = {"skipped": cb["skipped"]}
+    else:
+        cb_tps = cb["output_tokens"] / cb["seconds"]
+        cb_record = {"output_tok_s": cb_tps, "ratio": ours_tps / cb_tps, "seconds": cb["seconds"],
+                     "output_tokens": cb["output_tokens"], "attn_implementation": cb["attn_implementation"],
+                     "settings": cb["settings"],
+                     "ttft_s": cb["ttft_s"], "inter_token_s": cb["inter_token_s"],
+                     "greedy_tokens_identical": identical_fraction(engine["outputs"], cb["outputs"], lengths)}
 
     print(f"{'':34}{'camelid':>12}{'transformers':>14}{'ratio':>8}")
     print(f"{'decode batch 1 (tok/s)':34}{decode['camelid_tok_s']:12.1f}{decode['transformers_tok_s']:14.1f}"
@@ -213,13 +301,21 @@ def main() -> None:
     print(f"{'  roofline fraction':34}{decode['camelid_roofline_fraction']:12.1%}"
           f"{decode['transformers_roofline_fraction']:14.1%}   (roofline {roofline:.0f} tok/s = "
           f"{bandwidth / 1e9:.1f} GB/s / {param_bytes / 1e9:.3f} GB)")
-    print(f"{'offline throughput (output tok/s)':34}{ours_tps:12.1f}{theirs_tps:14.1f}{ours_tps / theirs_tps:8.2f}")
-    print(f"{'  wall seconds':34}{engine['seconds']:12.1f}{hf['seconds']:14.1f}")
+    print(f"\n{'offline throughput (output tok/s)':34}{'camelid':>12}{'padded gen.':>14}{'ratio':>8}"
+          f"{'HF cont. b.':>14}{'ratio':>8}")
+    cb_columns = (f"{cb_record['output_tok_s']:14.1f}{cb_record['ratio']:8.2f}" if "skipped" not in cb
+                  else f"  skipped: {cb['skipped']}")
+    print(f"{'':34}{ours_tps:12.1f}{theirs_tps:14.1f}{ours_tps / theirs_tps:8.2f}{cb_columns}")
+    print(f"{'  wall seconds':34}{engine['seconds']:12.1f}{hf['seconds']:14.1f}"
+          + (f"{'':8}{cb['seconds']:14.1f}" if "skipped" not in cb else ""))
     print(f"camelid: KV-cache waste {engine['kv_waste']:.2%}, TTFT p50 {engine['ttft_s']['p50']:.3f} s p99 "
           f"{engine['ttft_s']['p99']:.3f} s, inter-token p50 {engine['inter_token_s']['p50'] * 1e3:.1f} ms p99 "
           f"{engine['inter_token_s']['p99'] * 1e3:.1f} ms, {engine['steps']} steps, "
           f"{engine['stats']['num_preemptions']} preemptions")
-    print(f"greedy tokens identical in both: {same:.1%}")
+    print(f"greedy tokens identical to camelid's: padded generate {same:.1%}"
+          + (f", continuous batching {cb_record['greedy_tokens_identical']:.1%} (attention "
+             f"{cb['attn_implementation']}, TTFT p50 {cb['ttft_s']['p50']:.3f} s, inter-token p50 "
+             f"{cb['inter_token_s']['p50'] * 1e3:.1f} ms)" if "skipped" not in cb else ""))
 
     record = {
         **record_header("engine", device), "dtype": str(dtype).removeprefix("torch."),
@@ -236,7 +332,8 @@ def main() -> None:
                     "ratio": ours_tps / theirs_tps, "camelid_s": engine["seconds"], "transformers_s": hf["seconds"],
                     "transformers_batch": opt["hf_batch"], "kv_cache_waste": engine["kv_waste"],
                     "ttft_s": engine["ttft_s"], "inter_token_s": engine["inter_token_s"], "steps": engine["steps"],
-                    "engine_stats": engine["stats"], "greedy_tokens_identical": same},
+                    "engine_stats": engine["stats"], "greedy_tokens_identical": same,
+                    "transformers_continuous_batching": cb_record},
     }
     out = write_result(record, f"engine-{device_slug(device)}-{shape}", args.out)
     print(f"wrote {out}")
