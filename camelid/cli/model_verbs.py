@@ -197,7 +197,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     out = merge_adapter_folder(args.base, args.adapter, args.out)
-    print(f"wrote {out}: {args.base} with the LoRA adapter {args.adapter} folded into its weights")
+    print(f"wrote {out}: {args.base} with the adapter {args.adapter} folded into its weights")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -239,7 +239,7 @@ def register(verbs, fmt) -> None:
     p.add_argument("--model", required=True, help="a Hugging Face-style model folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--adapter", default=None, help="a PEFT LoRA/DoRA adapter folder to apply to --model")
+    p.add_argument("--adapter", default=None, help="an adapter folder (any `camelid finetune` method, or a PEFT folder) to apply to --model")
     _add_sampling(p)
     p.set_defaults(func=cmd_generate)
 
@@ -255,7 +255,7 @@ def register(verbs, fmt) -> None:
                    help="the server's API key (default: $CAMELID_API_KEY)")
     p.add_argument("--session", default=None, metavar="ID", help="continue this server chat session "
                    "(default: a new one; its id is printed)")
-    p.add_argument("--adapter", default=None, help="a PEFT LoRA/DoRA adapter folder (`camelid finetune` output)")
+    p.add_argument("--adapter", default=None, help="an adapter folder (`camelid finetune` output of any method, or a PEFT folder)")
     p.add_argument("--template", default=None, help="chat template name (default: the adapter's recorded one, "
                    "else the tokenizer's chat_template, else a plain User:/Assistant: transcript)")
     p.add_argument("--system", default="", help="a system prompt kept at the top of the history")
@@ -279,7 +279,7 @@ def register(verbs, fmt) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init)
 
-    p = verbs.add_parser("merge", help="fold a PEFT LoRA/DoRA adapter into its base model", formatter_class=fmt,
+    p = verbs.add_parser("merge", help="fold a LoRA / DoRA / IA3 adapter into its base model", formatter_class=fmt,
                          epilog="example:\n  camelid merge --base models/llama --adapter runs/lora/final --out models/merged\n")
     p.add_argument("--base", required=True, help="the base model folder")
     p.add_argument("--adapter", required=True, help="a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
