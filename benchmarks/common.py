@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from camelid.checkpoint import save_pretrained
-from camelid.config import ModelConfig
+from camelid.config import ModelConfig, get_preset
 from camelid.model import Transformer
 
 RESULTS = Path(__file__).parent / "results"
@@ -66,6 +66,28 @@ def start(device_name: str) -> tuple[torch.device, bool, float]:
     """(device, whether glibc keeps freed memory (keep_freed_memory, CPU only), the 1-minute load average now)."""
     device = torch.device(device_name)
     return device, device.type == "cpu" and keep_freed_memory(), os.getloadavg()[0]
+
+
+def model_shape(args: argparse.Namespace, positions: int, cuda: bool, cpu_default: ModelConfig = TINY
+                ) -> tuple[ModelConfig, str]:
+    """(config, preset name) from --preset (tinyllama-1.1b on CUDA, `cpu_default` otherwise) and --layers, with room
+    for `positions` positions."""
+    preset = args.preset or ("tinyllama-1.1b" if cuda else None)
+    config = get_preset(preset) if preset else cpu_default.replace()
+    if args.layers:
+        config = config.replace(num_hidden_layers=args.layers)
+    return config.replace(max_position_embeddings=max(positions, config.max_position_embeddings)), preset
+
+
+def liger_patch(cuda: bool) -> tuple[Callable | None, str | None]:
+    """(transformers' apply_liger_kernel_to_llama, None), or (None, why there is no Liger column)."""
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except ImportError as e:
+        return None, f"liger_kernel is not installed ({e.msg}): pip install liger-kernel"
+    if not cuda:
+        return None, "Liger's kernels are Triton kernels: CUDA only"
+    return apply_liger_kernel_to_llama, None
 
 
 def keep_freed_memory() -> bool:

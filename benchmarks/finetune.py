@@ -39,23 +39,13 @@ from pathlib import Path
 
 import torch
 import transformers
-from common import TINY, check_same_logits, device_name, device_slug, record_header, same_weights
-from common import parser, start, write_result
+from common import check_same_logits, device_name, device_slug, record_header, same_weights
+from common import liger_patch, model_shape, parser, start, write_result
 
-from camelid.config import get_preset
 from camelid.peft import apply_lora, count_parameters, lora_layers
 from camelid.train.loss import count_targets, loss_fn
 
 R, ALPHA, DATA_VOCAB = 16, 32, 512
-
-
-def liger_patch():
-    """apply_liger_kernel_to_llama, or the reason there is no Liger column."""
-    try:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-    except ImportError as e:
-        return None, f"liger_kernel is not importable ({e.msg}): skipped"
-    return apply_liger_kernel_to_llama, None
 
 
 def batches(n: int, batch: int, seq: int, vocab: int, seed: int) -> list[torch.Tensor]:
@@ -166,16 +156,10 @@ def main() -> None:
     bf16 = (args.dtype or ("bf16" if cuda else "fp32")) == "bf16"
     seq, batch = args.seq or (2048 if cuda else 128), args.batch or (4 if cuda else 2)
     steps = args.steps or (10 if cuda else 6)
-    preset = args.preset or ("tinyllama-1.1b" if cuda else None)
-    config = get_preset(preset) if preset else TINY.replace()
-    if args.layers:
-        config = config.replace(num_hidden_layers=args.layers)
-    config = config.replace(max_position_embeddings=max(seq, config.max_position_embeddings))
+    config, preset = model_shape(args, seq, cuda)
     shape = f"{preset or 'tiny'}-L{config.num_hidden_layers}-{'bf16' if bf16 else 'fp32'}-s{seq}-b{batch}"
 
-    liger_apply, liger_note = (None, "--no-liger") if args.no_liger else liger_patch()
-    if liger_apply is not None and not cuda:
-        liger_apply, liger_note = None, "Liger's kernels are Triton kernels: CUDA only, skipped"
+    liger_apply, liger_note = (None, "--no-liger") if args.no_liger else liger_patch(cuda)
 
     # ---- one set of weights in every model, then LoRA with one initialisation ----------------------------------
     dtype = torch.bfloat16 if bf16 else torch.float32

@@ -30,10 +30,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 from common import SMALL, check_same_logits, compare, device_name, device_slug, record_header
-from common import parser, same_weights, start, write_result
+from common import model_shape, parser, same_weights, start, write_result
 
 from camelid.checkpoint import parse_dtype
-from camelid.config import get_preset
 from camelid.generate import generate_ids
 from camelid.model import KVCache
 
@@ -65,12 +64,7 @@ def main() -> None:
     warmup = args.warmup if args.warmup is not None else 5 if args.compile else 2
     dtype = parse_dtype(args.dtype or ("bfloat16" if cuda else "float32"))
     seq, batch = args.seq or (2048 if cuda else 256), args.batch or (4 if cuda else 2)
-    preset = args.preset or ("tinyllama-1.1b" if cuda else None)
-    config = get_preset(preset) if preset else SMALL.replace()
-    if args.layers:
-        config = config.replace(num_hidden_layers=args.layers)
-    if max(seq, args.prompt + args.decode_tokens) > config.max_position_embeddings:
-        config = config.replace(max_position_embeddings=max(seq, args.prompt + args.decode_tokens))
+    config, preset = model_shape(args, max(seq, args.prompt + args.decode_tokens), cuda, SMALL)
     shape = f"{preset or 'small'}-L{config.num_hidden_layers}-{str(dtype).removeprefix('torch.')}-s{seq}-b{batch}"
 
     # ---- one set of weights in both models -----------------------------------------------------------------------

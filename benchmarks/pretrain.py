@@ -39,25 +39,15 @@ from pathlib import Path
 
 import torch
 import transformers
-from common import TINY, check_same_logits, compare, device_name, device_slug, record_header
-from common import parser, same_weights, start, write_result
+from common import check_same_logits, compare, device_name, device_slug, record_header
+from common import liger_patch, model_shape, parser, same_weights, start, write_result
 
-from camelid.config import get_preset
 from camelid.train.config import TrainConfig
 from camelid.train.loss import count_targets, loss_fn
 from camelid.train.metrics import flops_per_token, peak_flops
 from camelid.train.optim import build_optimizer
 
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 3e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
-
-
-def liger_patch():
-    """apply_liger_kernel_to_llama, or the reason there is no Liger column."""
-    try:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-    except ImportError as e:
-        return None, f"liger_kernel is not installed ({e.msg}): pip install liger-kernel"
-    return apply_liger_kernel_to_llama, None
 
 
 class Step:
@@ -115,16 +105,10 @@ def main() -> None:
     warmup = args.warmup if args.warmup is not None else 6 if args.compile else 3
     bf16 = (args.dtype or ("bf16" if cuda else "fp32")) == "bf16"
     seq, batch = args.seq or (2048 if cuda else 256), args.batch or 4
-    preset = args.preset or ("tinyllama-1.1b" if cuda else None)
-    config = get_preset(preset) if preset else TINY.replace()
-    if args.layers:
-        config = config.replace(num_hidden_layers=args.layers)
-    config = config.replace(max_position_embeddings=max(seq, config.max_position_embeddings))
+    config, preset = model_shape(args, seq, cuda)
     shape = f"{preset or 'tiny'}-L{config.num_hidden_layers}-{'bf16' if bf16 else 'fp32'}-s{seq}-b{batch}"
 
-    liger_apply, liger_note = (None, "--no-liger") if args.no_liger else liger_patch()
-    if liger_apply is not None and not cuda:
-        liger_apply, liger_note = None, "Liger's kernels are Triton kernels: CUDA only"
+    liger_apply, liger_note = (None, "--no-liger") if args.no_liger else liger_patch(cuda)
 
     # ---- one set of weights in every model (fp32 master weights) ---------------------------------------------------
     ours, theirs = same_weights(config, device, torch.float32, copies=2 if liger_apply else 1)
