@@ -11,6 +11,7 @@ import socket
 import sys
 import textwrap
 
+from camelid.cli.model_verbs import user_lines
 from camelid.cli.serve_verbs import parse_adapters
 
 __all__ = ["ChatClient", "chat_with_server", "cluster_token", "parse_adapters", "register"]
@@ -182,18 +183,9 @@ def chat_with_server(args: argparse.Namespace) -> None:
                 "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
     print(f"camelid chat: {model} at {args.server}; /reset starts over, /exit or Ctrl-D quits.",
           file=sys.stderr)
-    while True:
-        try:
-            user = input("you> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return
-        if user in ("/exit", "/quit"):
-            return
+    for user in user_lines():
         if user == "/reset":
             session_id = client.open_session(None, model, args.system)
-            continue
-        if not user:
             continue
         print("bot> ", end="", flush=True)
         try:

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -88,18 +89,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
         return template.render(messages, True, bos, eos), False  # the template writes BOS itself
 
     print("camelid chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
-    while True:
-        try:
-            user = input("you> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return
-        if user in ("/exit", "/quit"):
-            return
+    for user in user_lines():
         if user == "/reset":
             turns.clear()
-            continue
-        if not user:
             continue
         while True:
             prompt, add_bos = render()
@@ -114,6 +106,20 @@ def cmd_chat(args: argparse.Namespace) -> None:
             print(piece, end="", flush=True)
         print()
         turns.append((user, answer.strip()))
+
+
+def user_lines() -> Iterator[str]:
+    """The chat's input: each non-empty line typed at `you> `, until /exit, /quit, end of input or Ctrl-C."""
+    while True:
+        try:
+            user = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if user in ("/exit", "/quit"):
+            return
+        if user:
+            yield user
 
 
 def human_bytes(n: float) -> str:
