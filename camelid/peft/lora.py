@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from camelid.peft.shared import name_matches
-from camelid.quant import FORMATS, QuantLinear, dequant_linear, quantized_layers
+from camelid.quant import FORMATS, QuantLinear, dequant_linear, float_dtype, quantized_layers
 from camelid.quant.linear import Dequantize, apply_keeping_dtypes
 
 
@@ -164,14 +164,16 @@ class LoRALinear(nn.Module):
         self.unmerged_weight = None
         self.merged = False
 
-    def to_linear(self) -> nn.Linear:
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain nn.Linear holding the merged weight (merging first if needed); over a quantized base, the
-        dequantized weight plus the update, in fp32."""
+        dequantized weight plus the update (summed in the adapters' dtype, fp32 unless cast), stored in `dtype`
+        (default fp32)."""
         if self.quant_format is not None:
+            weight = self.merged_weight().to(dtype or torch.float32)
             linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-            linear.weight = nn.Parameter(self.merged_weight(), requires_grad=False)
+            linear.weight = nn.Parameter(weight, requires_grad=False)
             if self.bias is not None:
-                linear.bias = nn.Parameter(self.bias.detach().float(), requires_grad=False)
+                linear.bias = nn.Parameter(self.bias.detach().to(weight.dtype), requires_grad=False)
             return linear
         self.merge(keep=False)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
@@ -267,12 +269,14 @@ def _example_linear(model: nn.Module) -> str:
 def merge_lora(model: nn.Module, keep: bool = False) -> nn.Module:
     """Fold every adapter into its base weight. keep=False (default): put plain nn.Linear modules back, the model is
     a plain model again (state dict = HF checkpoint). keep=True: layers stay LoRALinear with a copy of the original
-    weight, so `unmerge_lora` restores it exactly."""
+    weight, so `unmerge_lora` restores it exactly. A quantized base (QLoRA) becomes a Linear in the model's
+    float dtype, the one its inputs come in."""
+    dtype = float_dtype(model)
     for name, layer in lora_layers(model).items():
         if keep:
             layer.merge(keep=True)
         else:
-            _set_module(model, name, layer.to_linear())
+            _set_module(model, name, layer.to_linear(dtype))
     return model
 
 

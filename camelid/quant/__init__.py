@@ -27,8 +27,8 @@ from camelid.quant.linear import QuantLinear, dequant_linear
 from camelid.quant.nf4 import NF4Linear
 
 __all__ = ["FORMATS", "Int4Linear", "Int8Linear", "NF4Linear", "QuantLinear", "dequant_linear", "dequantize_model",
-           "model_nbytes", "name_matches", "options_for", "prepare_quantized", "quantization_config", "quantize_model",
-           "quantized_layers", "quant_tensor_keys", "select_linears"]
+           "float_dtype", "model_nbytes", "name_matches", "options_for", "prepare_quantized", "quantization_config",
+           "quantize_model", "quantized_layers", "quant_tensor_keys", "select_linears"]
 
 FORMATS: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "nf4": NF4Linear}
 CONFIG_TAG = "camelid"  # quantization_config.quant_method: our own format (transformers has no loader for it)
@@ -45,7 +45,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def options_for(method: str, group_size: int | None) -> dict:
     if method not in FORMATS:
         raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(FORMATS)}")
-    return {"group_size": group_size or 128} if method == "int4" else {}
+    return {"group_size": 128 if group_size is None else group_size} if method == "int4" else {}
 
 
 def name_matches(name: str, patterns: str | Iterable[str]) -> bool:
@@ -157,8 +157,18 @@ def prepare_quantized(model: nn.Module, config: dict, where: str = "config.json"
     return model
 
 
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's largest floating-point parameter (the embeddings, in a LLaMA): the dtype its
+    activations flow in, so the one a dequantized Linear needs. A quantized layer cannot tell it alone: its
+    codes and scales keep their own dtypes, and LLaMA's Linear layers have no bias."""
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    return max(floats, key=torch.Tensor.numel).dtype if floats else torch.float32
+
+
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Put plain nn.Linear layers (holding the dequantized weights) back in place of quantized ones."""
+    """Put plain nn.Linear layers (holding the dequantized weights, in `dtype`, default the model's
+    `float_dtype`) back in place of quantized ones."""
+    dtype = dtype or float_dtype(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear):
             _set_module(model, name, m.to_linear(dtype))

@@ -5,8 +5,9 @@
 Asymmetric, because with only 16 levels every level counts: a group's values are rarely centred on zero, and a
 symmetric grid (-8..7 * absmax / 8) spends levels on the side the group does not reach, while min/max spreads all 16
 over the range the group actually has and reproduces both ends exactly. (Measured on the weights of a model our
-pretraining trained, groups of 128: 15% lower RMS error than symmetric codes -8..7 with scale absmax / 7.) The offset is stored as a float (`low`, not an integer zero point),
-as gpt-fast and HQQ do: one multiply-add to dequantize, and nothing rounds the zero point.
+pretraining trained, groups of 128: 15% lower RMS error than symmetric codes -8..7 with scale absmax / 7.) The
+offset is stored as a float (`low`, not an integer zero point), as gpt-fast and HQQ do: one multiply-add to
+dequantize, and nothing rounds the zero point.
 
 Storage: two codes per byte (even input in the low nibble, odd in the high), scale and low in fp16:
 4 + 32 / group_size bits per weight (4.25 at 128).

@@ -96,6 +96,22 @@ def test_quantized_linear_output_is_close_to_fp32(method, rel_bound):
 
 
 @pytest.mark.parametrize("method", list(FORMATS))
+def test_fp16_forward_stays_finite_where_the_output_fits_fp16(method):
+    # all-positive rows and inputs: the true outputs are ~40, but int8's unscaled products (q up to 127) sum past
+    # fp16's 65504 unless the scale is applied first
+    lin = nn.Linear(1024, 8, bias=False)
+    with torch.no_grad():
+        lin.weight.uniform_(0.02, 0.06)
+    options = {"group_size": 128} if method == "int4" else {}
+    q = FORMATS[method].from_linear(lin, **options).half()
+    x = torch.full((2, 1024), 2.0)
+    with torch.no_grad():
+        got = q(x.half())
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), lin(x).detach(), rtol=0.02, atol=0.0)
+
+
+@pytest.mark.parametrize("method", list(FORMATS))
 def test_backward_gives_the_input_gradient_without_saving_a_float_weight(method):
     lin = linear()
     q = FORMATS[method].from_linear(lin)
@@ -129,3 +145,5 @@ def test_quantize_model_keeps_names_skips_lm_head_and_checks_shapes():
         quantize_model(random_model(tiny_config(hidden_size=96, intermediate_size=144)), "int4", group_size=96)
     with pytest.raises(ValueError, match="unknown quantization method 'int3'"):
         quantize_model(model, "int3")
+    with pytest.raises(ValueError, match="int4 group_size 0 must be"):  # not silently the default 128
+        quantize_model(random_model(tiny_config(hidden_size=128, intermediate_size=256)), "int4", group_size=0)

@@ -13,7 +13,7 @@ from torch import nn
 from camelid.checkpoint import from_pretrained, save_pretrained
 from camelid.config import ModelConfig
 from camelid.generate import generate_ids
-from camelid.quant import FORMATS, QuantLinear, model_nbytes, quantize_model
+from camelid.quant import FORMATS, QuantLinear, dequantize_model, model_nbytes, quantize_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torchao import noise
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -118,3 +118,18 @@ def test_casting_a_quantized_model_keeps_codes_and_scales_exact(method):
     with torch.no_grad():
         logits = model(TOKENS)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("method", list(FORMATS))
+def test_dequantize_model_gives_linears_in_the_model_dtype(method):
+    # LLaMA's Linear layers have no bias, so a quantized layer alone cannot tell the model's dtype
+    model = quantized(method).to(torch.bfloat16)
+    want_weight = model.model.layers[0].self_attn.q_proj.dequantize(torch.bfloat16)
+    with torch.no_grad():
+        want = model(TOKENS).float()
+        dequantize_model(model)
+        got = model(TOKENS).float()
+    layer = model.model.layers[0].self_attn.q_proj
+    assert type(layer) is nn.Linear and torch.equal(layer.weight, want_weight)
+    # int4 / nf4 run the same bf16 matmul (equal); int8 scales after its matmul: bf16 rounding differs (~2%)
+    assert (got - want).norm() / want.norm() < 0.05

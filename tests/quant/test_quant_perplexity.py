@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from model_zoo import random_model, tiny_config
 
+from camelid.checkpoint import save_pretrained
 from camelid.cli import main
+from camelid.quant import quantize_model
 from camelid.quantize import quantize_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torchao import noise
@@ -53,3 +57,21 @@ def test_quantize_verb_bad_input_is_one_line_and_exit_2(args, message, trained_m
 def test_quantize_verb_missing_model_folder(tmp_path, capsys):
     code = main(["quantize", "--model", str(tmp_path / "none"), "--method", "int8", "--out", str(tmp_path / "q")])
     assert code == 2 and "no model folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--out", "FILE"], "is a file, not a folder"),
+    (["--device", "bogus"], "--device 'bogus' is not a device"),
+    pytest.param(["--device", "cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
+    (["--model", "QUANTIZED"], "is already quantized (int8)"),
+])
+def test_quantize_verb_bad_out_or_device_is_one_line_and_exit_2(args, message, tmp_path, capsys):
+    save_pretrained(random_model(tiny_config()), tmp_path / "model")
+    save_pretrained(quantize_model(random_model(tiny_config()), "int8"), tmp_path / "QUANTIZED")
+    (tmp_path / "FILE").write_text("not a folder")
+    flags = {"--model": str(tmp_path / "model"), "--out": str(tmp_path / "q")}
+    flags.update({k: str(tmp_path / v) if v in ("FILE", "QUANTIZED") else v for k, v in zip(args[::2], args[1::2])})
+    code = main(["quantize", "--method", "int8", "--quiet", *(x for kv in flags.items() for x in kv)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
