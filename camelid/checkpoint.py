@@ -42,6 +42,17 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return value
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or a one-line error for a name torch does not know or a CUDA it lacks."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not one torch knows (cpu, cuda, cuda:1 ...)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available here")
+    return parsed
+
+
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder, from the index when sharded."""
     index = path / INDEX_FILE

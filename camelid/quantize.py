@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from camelid.checkpoint import TOKENIZER_FILES, from_pretrained, save_pretrained
+from camelid.checkpoint import TOKENIZER_FILES, from_pretrained, parse_device, save_pretrained
 from camelid.quant import model_nbytes, options_for, quantization_config, quantize_model, select_linears
 from camelid.quant.gptq import gptq_quantizer
 from camelid.quant.perplexity import perplexity
@@ -51,17 +51,6 @@ def eval_ids(tokenizer: Tokenizer, text_file: str | Path, max_tokens: int) -> to
     return torch.tensor(ids, dtype=torch.long)
 
 
-def checked_device(device: str) -> torch.device:
-    """`device` as a torch.device, or a one-line error for a name torch does not know or a CUDA it lacks."""
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device torch knows (cpu, cuda, cuda:1 ...)") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here")
-    return parsed
-
-
 def quantize_folder(model_dir: str | Path, out: str | Path, method: str, group_size: int = 128,
                     eval_text: str | Path | None = None, eval_tokens: int = 16384, eval_seq_len: int = 256,
                     calibration: str | Path | None = None, calibration_tokens: int = 8192,
@@ -77,7 +66,7 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, group_s
         raise ValueError(f"--out {out} is the input folder; write the quantized model elsewhere")
     if out.exists() and not out.is_dir():  # checked now, not after all the work when saving fails
         raise ValueError(f"--out {out} is a file, not a folder")
-    model = from_pretrained(model_dir, device=checked_device(device))  # in its stored dtype: the "before" bytes
+    model = from_pretrained(model_dir, device=parse_device(device))  # in its stored dtype: the "before" bytes
     done = quantization_config(model)
     if done is not None:  # else select_linears would only say that no nn.Linear is left
         raise ValueError(f"{model_dir} is already quantized ({done['method']}); quantize the original folder")

@@ -133,3 +133,17 @@ def test_merge_folds_a_lora_adapter(tiny_dir, tmp_path):
         torch.testing.assert_close(merged(ids), merge_lora(model)(ids), atol=1e-5, rtol=0)
         torch.testing.assert_close(merged(ids), expected, atol=1e-5, rtol=0)
     assert (tmp_path / "m" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("device, message", [("bogus", "device 'bogus' is not one torch knows"),
+                                             ("cuda", "CUDA is not available here")])
+def test_bad_device_is_one_line_exit_2(device, message, tmp_path, capsys):
+    from camelid.cli import main
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["init", "--preset", "tiny", "--out", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "hi", "--device", device]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

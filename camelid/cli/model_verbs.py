@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from camelid.checkpoint import from_pretrained, merge_adapter_folder, save_pretrained
+from camelid.checkpoint import from_pretrained, merge_adapter_folder, parse_device, save_pretrained
 from camelid.config import PRESETS, ModelConfig, get_preset, num_parameters
 from camelid.generate import stream
 from camelid.model import Transformer
@@ -19,8 +19,8 @@ from camelid.tokenizer import Tokenizer
 from camelid.peft import load_adapter
 from camelid.templates import for_tokenizer, get_template, recorded_template
 
-def _device(name: str | None) -> str:
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+def _device(name: str | None) -> torch.device:
+    return parse_device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _load(model_dir: str, device: str | None, dtype: str | None,

@@ -61,7 +61,7 @@ def test_quantize_verb_missing_model_folder(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--out", "FILE"], "is a file, not a folder"),
-    (["--device", "bogus"], "--device 'bogus' is not a device"),
+    (["--device", "bogus"], "device 'bogus' is not one torch knows"),
     pytest.param(["--device", "cuda"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
     (["--model", "QUANTIZED"], "is already quantized (int8)"),
