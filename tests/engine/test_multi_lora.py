@@ -37,7 +37,9 @@ def peft():
 
 
 def make_peft_adapter(peft, transformers, base_path, out, seed: int, **config) -> None:
-    """Save a PEFT LoRA adapter with random non-zero weights (B starts at zero, which would make the test vacuous)."""
+    """Save a PEFT LoRA adapter with random non-zero weights (B starts at zero, which would make the test vacuous).
+    Seeded whole (peft draws A from the global generator), so the adapter does not depend on which tests ran first."""
+    torch.manual_seed(seed)
     hf = transformers.AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
     model = peft.get_peft_model(hf, peft.LoraConfig(task_type="CAUSAL_LM", **config))
     g = torch.Generator().manual_seed(seed)
@@ -190,10 +192,12 @@ def test_adapters_follow_the_base_dtype(setup):
     assert layer.lora_A.dtype == layer.lora_B.dtype == torch.bfloat16
     logits = mixed_forward(model, ml, [None, "a2", None, "a2", None]).float()
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
-    # bf16 keeps ~3 significant digits: close to the fp32 reference, and closer to a2's row than to the base's
-    torch.testing.assert_close(logits[1], expected["a2"][1], rtol=0, atol=0.1)
-    assert (logits[1] - expected["a2"][1]).abs().mean() < (logits[1] - expected[None][1]).abs().mean()
-    torch.testing.assert_close(logits[2], expected[None][2], rtol=0, atol=0.1)
+    # bf16 keeps ~3 significant digits, compounded over the layers: close to the fp32 reference on average (measured
+    # 0.015 mean, 0.1 max here, against a mean adapter effect of 0.93), and far closer to a2's row than to the base's
+    for row, name in ((1, "a2"), (2, None)):
+        error = (logits[row] - expected[name][row]).abs()
+        assert error.mean() < 0.05 and error.max() < 0.5, (name, error.mean(), error.max())
+    assert (logits[1] - expected["a2"][1]).abs().mean() < 0.1 * (logits[1] - expected[None][1]).abs().mean()
 
 
 def quantized(base, method: str = "int8"):
