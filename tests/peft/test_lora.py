@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 
+from method_helpers import RepeatBatches
+
 from camelid.checkpoint import from_pretrained, save_pretrained
 from camelid.checkpoint import merge_adapter_folder
 from camelid.peft import (LoRALinear, apply_lora, count_parameters, load_adapter, lora_layers,
@@ -187,19 +189,6 @@ def test_bad_adapter_folders(hf_checkpoint, tmp_path):
             load_adapter(from_pretrained(path), tmp_path)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_adapter(from_pretrained(path), tmp_path / "nowhere")
-
-
-class RepeatBatches:
-    """One fixed tiny batch: the loss must fall when only the adapters train."""
-
-    def __init__(self):
-        self.ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3))
-
-    def batch(self, step, micro, rank, world):
-        return {"input_ids": self.ids, "labels": self.ids.clone()}
-
-    def eval_batches(self):
-        return []
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
