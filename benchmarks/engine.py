@@ -234,6 +234,8 @@ def main() -> None:
     p.add_argument("--kv-cache-memory", help="KV budget, e.g. 20GB (default: the engine's)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="decode steps replay CUDA graphs (auto: on CUDA; on for CPU runs their padded path eagerly)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default on CPU: 1; on a shared box, threads that "
                                               "spin-wait for a descheduled sibling swamp a small model)")
     p.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/engine-<device>-<shape>-<date>)")
@@ -265,10 +267,15 @@ def main() -> None:
     diff = check_same_logits(ours, theirs, torch.tensor([prompts[0][:16]], device=device),
                              low_precision=dtype != torch.float32)
     llm = LLM(ours, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, device=device,
-              max_num_seqs=opt["max_num_seqs"], max_num_batched_tokens=opt["max_num_batched_tokens"])
+              max_num_seqs=opt["max_num_seqs"], max_num_batched_tokens=opt["max_num_batched_tokens"],
+              cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
+    graphs = llm.runner.graphs
+    graph_note = ("none" if graphs is None else f"{len(graphs.graphs)} captured, up to batch {graphs.max_batch}"
+                  if graphs.graphs else "padded path, not captured")
     param_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in ours.parameters()}.values())
     print(f"{shape} on {device_name(device)}: {opt['requests']} requests, prompt {opt['prompt']}, output "
-          f"{opt['output']}, {llm.stats()['num_blocks']} KV blocks of {args.block_size}; max |logits diff| {diff:.3g}")
+          f"{opt['output']}, {llm.stats()['num_blocks']} KV blocks of {args.block_size}; CUDA graphs: {graph_note}; max |logits diff| "
+          f"{diff:.3g}")
 
     # (a) decode at batch 1
     bandwidth = copy_bandwidth(device)
@@ -324,7 +331,8 @@ def main() -> None:
             "output_range": opt["output"], "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(lengths)},
         "engine_options": {"block_size": args.block_size, "num_blocks": engine["stats"]["num_blocks"],
                            "max_num_seqs": opt["max_num_seqs"],
-                           "max_num_batched_tokens": opt["max_num_batched_tokens"]},
+                           "max_num_batched_tokens": opt["max_num_batched_tokens"], "cuda_graphs": graph_note,
+                           "graph_replays": graphs.replays if graphs is not None else 0},
         "glibc_keep_freed_memory": malloc_tweak, "max_abs_logits_diff": diff,
         "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},  # other work on the box skews CPU runs
         "decode_batch1": decode,

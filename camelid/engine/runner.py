@@ -4,13 +4,17 @@ The new tokens of every scheduled sequence (a prefill chunk or one decode token)
 with their positions; `AttentionMetadata` says where each token's keys go (slot mapping) and which keys each
 sequence reads (block tables, context lengths, query start locations). The model gets it bound to the cache as a
 `PagedBatch` (see camelid/model.py's docstring), and computes logits only at the last new token of each sequence
-that samples this step.
+that samples this step. Decode-only steps of the base model replay a CUDA graph instead when the runner has them
+(camelid/engine/cuda_graphs.py).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from camelid.engine.cuda_graphs import DecodeGraphs, unsupported_reason
 from camelid.engine.multi_lora import MultiLoRA
 from camelid.engine.paged_attention import AttentionMetadata, PagedBatch, PagedKVCache
 from camelid.engine.sampler import SampleResult, sample
@@ -18,13 +22,33 @@ from camelid.engine.scheduler import ScheduledBatch
 from camelid.generate import activation_dtype
 from camelid.model import Transformer
 
+log = logging.getLogger(__name__)
+
 
 class Runner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, lora: MultiLoRA | None = None):
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, lora: MultiLoRA | None = None,
+                 graph_batch: int = 0, max_blocks_per_seq: int = 0):
+        """`graph_batch` > 0: decode steps of up to that many sequences replay CUDA graphs (on CUDA, when the model
+        allows; see cuda_graphs.py), or on CPU run the same padded static-buffer path eagerly. The cache then gets
+        one scratch block beyond `num_blocks` for the padding rows."""
         self.model, self.lora = model, lora
         self.device, self.dtype = model.lm_head.weight.device, activation_dtype(model)
         self.block_size = block_size
-        self.cache = PagedKVCache(model.config, num_blocks, block_size, self.dtype, self.device)
+        self.cache = PagedKVCache(model.config, num_blocks + (graph_batch > 0), block_size, self.dtype, self.device)
+        self.graphs = self._decode_graphs(graph_batch, max_blocks_per_seq) if graph_batch > 0 else None
+
+    def _decode_graphs(self, graph_batch: int, max_blocks_per_seq: int) -> DecodeGraphs | None:
+        if self.device.type != "cuda":
+            return DecodeGraphs(self.model, self.cache, graph_batch, max_blocks_per_seq, capture=False)
+        reason = unsupported_reason(self.model, self.cache)
+        if reason is not None:
+            log.info("decode runs without CUDA graphs: %s", reason)
+            return None
+        try:
+            return DecodeGraphs(self.model, self.cache, graph_batch, max_blocks_per_seq)
+        except Exception as error:  # noqa: BLE001 - a capture that fails costs speed, never the engine
+            log.warning("CUDA graph capture failed, decode runs eagerly: %s", error)
+            return None
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """(input_ids (1, N), position_ids (1, N), metadata, logits_at (R,)): the packed inputs of one step."""
@@ -48,6 +72,10 @@ class Runner:
     def forward(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits (R, V) at the last new token of every sequence of the batch that reached its end."""
         self.cache.copy_blocks(batch.copies)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            if self.lora is not None:
+                self.lora.set_token_slots(None)  # as at capture: every layer is its base
+            return self.graphs.run(batch)
         input_ids, position_ids, meta, logits_at = self.prepare(batch)
         if self.lora is not None:
             self.lora.set_token_slots(self.lora.token_slots_for([s.adapter for s in batch.seqs], batch.num_new_tokens))
