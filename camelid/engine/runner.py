@@ -93,9 +93,11 @@ class Runner:
         reaching = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
                     if seq.num_computed_tokens + n == len(seq)]
         row_of = {index: row for row, index in enumerate(reaching)}
-        rows = torch.tensor([row_of[index] for _, index in batch.samples], dtype=torch.long, device=logits.device)
+        rows = [row_of[index] for _, index in batch.samples]
+        if rows != list(range(len(logits))):  # forks share a row, or rows are skipped: gather (else no copy at all)
+            logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
         seqs = [seq for seq, _ in batch.samples]
         penalties = any(s.params.uses_penalties for s in seqs)  # only then are the token lists read
-        return sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs],
+        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
                       prompt_ids=[s.token_ids[:s.num_prompt_tokens] for s in seqs] if penalties else None,
                       output_ids=[s.output_token_ids for s in seqs] if penalties else None)
