@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from camelid.config import ModelConfig
 from camelid.model import Transformer
-from camelid.peft import load_adapter, merge_adapter
+from camelid.peft import KINDS, applied_kinds, load_adapter, merge_adapter
 from camelid.quant import prepare_quantized, quant_tensor_keys, quantization_config
 
 SINGLE_FILE = "model.safetensors"
@@ -166,14 +166,47 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def adapter_keys(model: Transformer) -> list[str]:
+    """The state-dict keys of `model` that a plain model of its config (quantized as it is) lacks: the tensors of
+    an applied PEFT method (`...lora_A.weight`, `...ia3_l`, `prompt_encoder...`, a bias BitFit added)."""
+    with torch.device("meta"):
+        plain = Transformer(model.config)
+    quantized = quantization_config(model)
+    if quantized is not None:
+        prepare_quantized(plain, quantized)
+    expected = plain.state_dict()
+    return [k for k in model.state_dict() if k not in expected]
+
+
+def check_plain(model: Transformer, path: Path) -> None:
+    """A one-line error when `model` carries adapter tensors that from_pretrained (and transformers) would refuse."""
+    extra = adapter_keys(model)
+    if not extra:
+        return
+    kinds = applied_kinds(model) or ["unknown"]
+    hint = "save the adapter alone with camelid.peft.save_adapter(model, folder)"
+    if all(kind in KINDS and KINDS[kind].merge is not None for kind in kinds):
+        hint += ", or fold it into the weights first with camelid.peft.merge_adapter(model)"
+    raise ValueError(f"{path}: the model carries an adapter ({' + '.join(kinds)}; tensor {extra[0]!r} is not part of "
+                     f"a {model.config.model_type} checkpoint); {hint}")
+
+
 def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | str = "5GB",
-                    dtype: str | torch.dtype | None = None) -> Path:
+                    dtype: str | torch.dtype | None = None, adapters: bool = False) -> Path:
     """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads (for HF architectures).
+
+    A model with a PEFT method applied (unmerged LoRA / DoRA / QLoRA, IA3, prefix, prompt, bottleneck, added BitFit
+    biases) is refused with the two ways out (save_adapter, merge_adapter): silently merging would save a model
+    other than the live one (a QLoRA base would come back dequantized), and writing the adapter tensors would give
+    a folder that neither from_pretrained nor transformers loads. `adapters=True` writes them anyway, under their
+    own keys: a training step folder, read back by `load_weights` into a model with the same method applied.
 
     Every file is written under a temporary name and renamed into place, so a crash never leaves a half-written
     checkpoint where a good one was; shards of an earlier save that are no longer referenced are removed.
     """
     path = Path(path)
+    if not adapters:
+        check_plain(model, path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = parse_dtype(dtype)
     limit = parse_size(max_shard_size)

@@ -7,9 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from camelid.checkpoint import CheckpointError, from_pretrained, parse_dtype, parse_size, save_pretrained
+from camelid.checkpoint import CheckpointError, from_pretrained, load_weights, parse_dtype, parse_size, save_pretrained
 from camelid.config import ConfigError, ModelConfig
 from camelid.model import Transformer
+from camelid.peft import apply_lora, load_adapter, merge_adapter, save_adapter
+from camelid.peft.adapters import apply_bottleneck
+from camelid.peft.bitfit import apply_bitfit
+from camelid.peft.ia3 import apply_ia3
+from camelid.peft.lora import apply_qlora
+from camelid.peft.prefix import apply_prefix
+from camelid.peft.prompt import apply_prompt, apply_ptuning
 from model_zoo import ARCH_CONFIGS, HF_ARCHS, NATIVE_CONFIGS, VOCAB, random_model, tiny_config
 
 # every layout transformers reads, plus LLaMA's attention_bias / mlp_bias
@@ -289,3 +296,84 @@ def test_no_weights_at_all(broken):
 def test_config_round_trips_through_folder(saved):
     model, path = saved
     assert ModelConfig.from_hf(path) == model.config
+
+
+# ---- models with a PEFT method applied ---------------------------------------------------------------------------
+
+# methods whose adapter folds into the weights (merge_adapter), and those that only run alongside the model
+FOLDABLE = {"lora": lambda m: apply_lora(m, target_modules="all-linear"),
+            "dora": lambda m: apply_lora(m, use_dora=True),
+            "qlora": apply_qlora,
+            "ia3": apply_ia3}
+RUNTIME_ONLY = {"prefix": lambda m: apply_prefix(m, num_virtual_tokens=3),
+                "prompt": lambda m: apply_prompt(m, num_virtual_tokens=3),
+                "ptuning": lambda m: apply_ptuning(m, num_virtual_tokens=3),
+                "bottleneck": apply_bottleneck,
+                "bitfit": apply_bitfit}
+
+
+def adapted(model: Transformer, apply, seed: int = 0) -> Transformer:
+    """`apply`(model) with random non-trivial adapter values (every method's init leaves the model equal to its
+    base, which would make the comparisons vacuous)."""
+    model = apply(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.1)
+    return model.eval()
+
+
+def logits(model, ids: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(batch()[0] if ids is None else ids)
+
+
+@pytest.mark.parametrize("kind", list(FOLDABLE))
+def test_an_unmerged_adapter_is_refused_and_the_merged_model_round_trips(kind, tmp_path):
+    base = random_model(tiny_config())
+    base_logits = logits(base)
+    model = adapted(base, FOLDABLE[kind])
+    live = logits(model)
+    with pytest.raises(ValueError, match="merge_adapter") as e:
+        save_pretrained(model, tmp_path / "out")
+    assert "save_adapter" in one_line(e) and not (tmp_path / "out").exists()  # refused before writing anything
+    merge_adapter(model)
+    merged = logits(model)
+    assert (merged - base_logits).abs().max() > 0.05  # the adapter is in the weights
+    # QLoRA's live forward ran its base matmul in bf16; the merged weight is fp32
+    torch.testing.assert_close(merged, live, rtol=0, atol=5e-2 if kind == "qlora" else 1e-5)
+    again = from_pretrained(save_pretrained(model, tmp_path / "out"))
+    torch.testing.assert_close(logits(again), merged, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", list(RUNTIME_ONLY))
+def test_a_runtime_adapter_is_refused_and_its_adapter_folder_round_trips(kind, tmp_path):
+    base = save_pretrained(random_model(tiny_config()), tmp_path / "base")
+    model = adapted(from_pretrained(base), RUNTIME_ONLY[kind])
+    with pytest.raises(ValueError, match="save_adapter") as e:
+        save_pretrained(model, tmp_path / "out")
+    assert "merge_adapter" not in one_line(e) and not (tmp_path / "out").exists()
+    save_adapter(model, tmp_path / "adapter")
+    again = load_adapter(from_pretrained(base), tmp_path / "adapter").eval()
+    assert (logits(model) - logits(from_pretrained(base))).abs().max() > 0.05
+    torch.testing.assert_close(logits(again), logits(model), rtol=0, atol=0)
+
+
+def test_bitfit_on_existing_biases_is_a_plain_model(tmp_path):
+    """Qwen2's q/k/v biases are checkpoint tensors already: trained by BitFit, the model saves as it is."""
+    base = random_model(tiny_config(**ARCH_CONFIGS["qwen2"]))
+    before = logits(base)
+    model = adapted(base, lambda m: apply_bitfit(m, target_modules=["q_proj", "k_proj", "v_proj"]))
+    assert (logits(model) - before).abs().max() > 0.05
+    again = from_pretrained(save_pretrained(model, tmp_path))
+    torch.testing.assert_close(logits(again), logits(model), rtol=0, atol=0)
+
+
+def test_adapters_true_writes_a_step_folder_that_load_weights_restores(tmp_path):
+    """The training loop's step folders keep the adapter tensors, read back into a model with the same adapter."""
+    model = adapted(random_model(tiny_config()), FOLDABLE["lora"])
+    save_pretrained(model, tmp_path, adapters=True)
+    fresh = FOLDABLE["lora"](random_model(tiny_config(), seed=1))
+    load_weights(fresh, tmp_path)
+    torch.testing.assert_close(logits(fresh.eval()), logits(model), rtol=0, atol=0)

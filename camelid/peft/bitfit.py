@@ -1,14 +1,14 @@
 """BitFit (Ben Zaken et al. 2022): train the bias terms only, everything else frozen.
 
 LLaMA's Linear layers have no biases, so BitFit adds zero biases (the model starts as its base) to the chosen
-nn.Linear modules with register_parameter("bias", ...): nn.Linear's own forward then adds them, no hook needed.
-Layers that already have a bias (Qwen2's q/k/v) train it as it is. Biases only: norm weights stay frozen.
+nn.Linear modules. Layers that already have a bias (Qwen2's q/k/v) train it as it is. Biases only: norm weights
+stay frozen.
 
-Unlike the other methods' adapters (fp32 over a half-precision base, shared.adapter_dtype), a BitFit bias has the
-weight's dtype, bf16 over a bf16 base: F.linear takes one dtype for weight and bias, and an fp32 bias added by a
-hook instead would need another key than `<module>.bias`, losing the Hugging Face layout below. To train biases
-in fp32, load the base in fp32 (`from_pretrained(path, dtype=torch.float32)`): the training loop's bf16 autocast
-still computes in bf16, and the optimizer updates fp32 biases.
+Each chosen layer is swapped (model.set_submodule) for a BitFitLinear: still an nn.Linear holding the base's own
+weight Parameter, so keys stay `<module>.weight` / `<module>.bias` (the Hugging Face layout below), but its bias is
+kept in the adapter dtype of the other methods (shared.adapter_dtype: fp32 over a half-precision base, as LoRA's
+adapters) and cast to the weight's dtype in forward, F.linear taking one dtype for weight and bias. A bf16 bias
+would lose every AdamW update below its resolution (about 2^-8 of its value).
 
 PEFT has no BitFit, so the folder is ours: adapter_config.json with peft_type "CAMELID_BITFIT" and
 adapter_model.safetensors holding each trained bias under its module's name (`model.layers.0.mlp.up_proj.bias`).
@@ -22,15 +22,39 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from camelid.peft.shared import WEIGHTS_FILE, freeze, read_adapter_folder, select_linears, write_adapter_folder
+from camelid.peft.shared import (WEIGHTS_FILE, adapter_dtype, freeze, read_adapter_folder, select_linears,
+                                 write_adapter_folder)
 
 PEFT_TYPE = "CAMELID_BITFIT"
 
 
-def bitfit_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and hasattr(m, "bitfit_added")}
+class BitFitLinear(nn.Linear):
+    """`base`'s weight Parameter (frozen, not copied) and a trainable bias in the adapter dtype: the base's own bias
+    Parameter when it already has that dtype, else a copy of it (exact: fp32 holds every bf16 / fp16 value), else
+    zeros. `bitfit_added` records whether the base had no bias."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__(base.in_features, base.out_features, bias=False, device="meta")
+        w = base.weight
+        self.weight = w
+        dtype = adapter_dtype(w)
+        self.bitfit_added = base.bias is None
+        if base.bias is None:
+            self.bias = nn.Parameter(torch.zeros(self.out_features, device=w.device, dtype=dtype))  # (out,)
+        elif base.bias.dtype == dtype:
+            self.bias = base.bias
+        else:
+            self.bias = nn.Parameter(base.bias.detach().to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias.to(self.weight.dtype))
+
+
+def bitfit_layers(model: nn.Module) -> dict[str, BitFitLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, BitFitLinear)}
 
 
 def has_bitfit(model: nn.Module) -> bool:
@@ -44,13 +68,10 @@ def apply_bitfit(model: nn.Module, target_modules: str | Iterable[str] = "all-li
         raise ValueError("this model already has BitFit biases")
     targets = select_linears(model, target_modules, "BitFit")
     freeze(model)
-    for linear in targets.values():
-        linear.bitfit_added = linear.bias is None  # whether removing BitFit would delete the bias again
-        if linear.bias is None:
-            w = linear.weight  # the bias in the weight's dtype: F.linear takes one dtype for both
-            linear.register_parameter(
-                "bias", nn.Parameter(torch.zeros(linear.out_features, device=w.device, dtype=w.dtype)))
-        linear.bias.requires_grad_(True)
+    for name, linear in targets.items():
+        layer = BitFitLinear(linear)
+        layer.bias.requires_grad_(True)
+        model.set_submodule(name, layer, strict=True)
     return model
 
 
@@ -87,6 +108,6 @@ def load_bitfit(model: nn.Module, folder: str | Path) -> nn.Module:
     apply_bitfit(model, target_modules=names)
     with torch.no_grad():
         for name in names:
-            modules[name].bias.copy_(tensors[f"{name}.bias"])
+            model.get_submodule(name).bias.copy_(tensors[f"{name}.bias"])  # the swapped-in layer, not `modules`
     return model
 

@@ -191,11 +191,6 @@ class LoRALinear(nn.Module):
 
 # ---- acting on a model by module name ------------------------------------------------------------------------
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -249,7 +244,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
             linear = FORMATS[quantize_base].from_linear(linear, compute_dtype=compute_dtype)
         layer = LoRALinear(linear, (ranks or {}).get(name, r), (alphas or {}).get(name, alpha), dropout,
                            use_rslora, use_dora)
-        _set_module(model, name, layer)
+        model.set_submodule(name, layer, strict=True)
     return model
 
 
@@ -276,7 +271,7 @@ def merge_lora(model: nn.Module, keep: bool = False) -> nn.Module:
         if keep:
             layer.merge(keep=True)
         else:
-            _set_module(model, name, layer.to_linear(dtype))
+            model.set_submodule(name, layer.to_linear(dtype), strict=True)
     return model
 
 

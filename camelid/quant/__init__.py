@@ -37,11 +37,6 @@ CONFIG_TAG = "camelid"  # quantization_config.quant_method: our own format (tran
 DEFAULT_SKIP = re.compile(r"(^|\.)(lm_head|gate)$")
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def options_for(method: str, group_size: int | None) -> dict:
     if method not in FORMATS:
         raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(FORMATS)}")
@@ -99,7 +94,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int | None = 128,
             layer = quantizer(name, linear)
         else:
             layer = FORMATS[method].from_linear(linear, compute_dtype=compute_dtype, **options)
-        _set_module(model, name, layer)
+        model.set_submodule(name, layer, strict=True)
         if progress is not None:
             progress(name, done, len(layers))
     return model
@@ -153,7 +148,7 @@ def prepare_quantized(model: nn.Module, config: dict, where: str = "config.json"
             raise ValueError(f"{where}: quantized module {name!r} is a {type(linear).__name__}, not a Linear")
         layer = FORMATS[method](linear.in_features, linear.out_features, linear.bias is not None,
                                 device=linear.weight.device, bias_dtype=linear.weight.dtype, **options)
-        _set_module(model, name, layer)
+        model.set_submodule(name, layer, strict=True)
     return model
 
 
@@ -171,7 +166,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     dtype = dtype or float_dtype(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear):
-            _set_module(model, name, m.to_linear(dtype))
+            model.set_submodule(name, m.to_linear(dtype), strict=True)
     return model
 
 

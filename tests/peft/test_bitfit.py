@@ -83,6 +83,44 @@ def test_existing_biases_train_and_round_trip(hf_checkpoint, tmp_path):
     torch.testing.assert_close(logits(again), logits(model), rtol=0, atol=0)
 
 
+def test_biases_are_fp32_over_a_bf16_base_so_tiny_updates_survive(hf_checkpoint, tmp_path):
+    """As LoRA's adapters (shared.adapter_dtype), BitFit's biases over a bf16 base are fp32, cast in forward: an
+    AdamW step far below bf16's resolution still moves them, and the model runs in bf16 without autocast."""
+    from safetensors.torch import load_file
+
+    path = hf_checkpoint("llama")
+    before = logits(from_pretrained(path, dtype=torch.bfloat16))
+    model = apply_bitfit(from_pretrained(path, dtype=torch.bfloat16))
+    layers = bitfit_layers(model)
+    assert all(m.bias.dtype == torch.float32 and m.weight.dtype == torch.bfloat16 for m in layers.values())
+    assert logits(model).dtype == torch.bfloat16 and torch.equal(logits(model), before)  # zero biases: the base
+    biases = [m.bias for m in layers.values()]
+    with torch.no_grad():
+        for b in biases:
+            b.fill_(1.0)
+    step = 1e-3
+    assert torch.ones(1, dtype=torch.bfloat16) + step == 1.0  # bf16 spacing at 1.0 is 2^-7: a bf16 bias stays put
+    optimizer = torch.optim.AdamW(biases, lr=step, weight_decay=0.0)
+    model(TOKENS).float().pow(2).mean().backward()
+    optimizer.step()  # Adam's first step moves every coordinate with a non-zero gradient by ~lr
+    assert min(float((b.detach() - 1.0).abs().min()) for b in biases) > step / 2
+    save_bitfit(model, tmp_path)
+    assert all(t.dtype == torch.float32 for t in load_file(tmp_path / "adapter_model.safetensors").values())
+    again = load_bitfit(from_pretrained(path, dtype=torch.bfloat16), tmp_path)
+    for name, m in bitfit_layers(again).items():
+        assert torch.equal(m.bias, layers[name].bias), name  # fp32 on disk and back: the update is not rounded
+    torch.testing.assert_close(logits(again), logits(model), rtol=0, atol=0)
+
+
+def test_an_existing_bf16_bias_trains_as_an_fp32_copy(hf_checkpoint):
+    model = from_pretrained(hf_checkpoint("qwen2"), dtype=torch.bfloat16)
+    before, base_bias = logits(model), model.get_submodule("model.layers.0.self_attn.q_proj").bias.detach().clone()
+    apply_bitfit(model, target_modules=["q_proj"])
+    bias = model.get_submodule("model.layers.0.self_attn.q_proj").bias
+    assert bias.dtype == torch.float32 and bias.requires_grad and torch.equal(bias, base_bias.float())
+    assert torch.equal(logits(model), before)
+
+
 def test_generation_with_kv_cache(hf_checkpoint):
     model = apply_bitfit(from_pretrained(hf_checkpoint("llama")))
     perturb_trainable_(model, 0.1, seed=4)

@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 from model_zoo import NATIVE_CONFIGS, random_model, tiny_config
-from vt_helpers import (LENGTHS, TOKENS, P, InstructionBatches, default_positions, hf_model, mean, padded,
-                        randomize_, train_config)
+from vt_helpers import (LENGTHS, TOKENS, P, InstructionBatches, default_positions, hf_model, logits, mean,
+                        padded, randomize_, train_config)
 
 from camelid.checkpoint import from_pretrained
 from camelid.generate import generate_ids
@@ -48,11 +48,6 @@ def peft_model(peft, transformers, base, variant: str, seed: int = 3):
     model = peft.get_peft_model(hf_model(transformers, base), config)
     randomize_(model.prompt_encoder, seed)
     return model.eval()
-
-
-def logits(model, ids=TOKENS, **kw) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids, **kw)
 
 
 def hf_logits(model, ids=TOKENS, **kw) -> torch.Tensor:

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from model_zoo import COMMON, NATIVE_CONFIGS, random_model, tiny_config
-from vt_helpers import (LENGTHS, TOKENS, P, InstructionBatches, hf_model, mean, padded, randomize_,
+from vt_helpers import (LENGTHS, TOKENS, P, InstructionBatches, hf_model, logits, mean, padded, randomize_,
                         train_config)
 
 from camelid.checkpoint import from_pretrained
@@ -59,11 +59,6 @@ def peft_model(peft, transformers, base, method: str, seed: int = 3):
     model = peft.get_peft_model(hf_model(transformers, base), peft_config(peft, method))
     randomize_(model.prompt_encoder, seed, std=0.3)
     return model.eval()
-
-
-def logits(model, ids=TOKENS, **kw) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids, **kw)
 
 
 def hf_logits(model, ids=TOKENS, **kw) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Helpers shared by the virtual-token PEFT tests (prefix, prompt, P-tuning): the reference models, a padded batch,
-and a synthetic instruction task the training loop can learn with a frozen base."""
+"""Helpers shared by the virtual-token PEFT tests (prefix, prompt, P-tuning): the reference models, camelid's logits,
+a padded batch, and a synthetic instruction task the training loop can learn with a frozen base."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ LENGTHS = (12, 7)  # row 1 of a padded batch is shorter
 
 def hf_model(transformers, path):
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor = TOKENS, **kw) -> torch.Tensor:
+    """camelid's logits on the real tokens (a virtual-token method drops its own rows)."""
+    with torch.no_grad():
+        return model(ids, **kw)
 
 
 def randomize_(module: torch.nn.Module, seed: int, std: float = 0.5) -> None:
