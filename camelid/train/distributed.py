@@ -163,6 +163,52 @@ def sync_gradients(model: nn.Module, enabled: bool) -> Iterator[None]:
             yield
 
 
+@contextlib.contextmanager
+def whole_trainable(model: nn.Module) -> Iterator[None]:
+    """Inside this block the trainable parameters of a sharded model are whole plain tensors, so that an adapter's
+    save function reads them as in one process. Collective: every rank gathers each one, in the same order. The
+    frozen base stays sharded (gathering it would put the whole model on every rank, the memory FSDP saves).
+    The shards are put back on exit; nothing happens to an unsharded model."""
+    from torch.distributed.tensor import DTensor
+
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []  # (module, name, its sharded parameter)
+    whole: dict[int, nn.Parameter] = {}  # a parameter shared by several modules is gathered once
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if isinstance(p, DTensor) and p.requires_grad:
+                    if id(p) not in whole:
+                        whole[id(p)] = nn.Parameter(p.full_tensor())  # all-gather: the global shape
+                    swapped.append((module, name, p))
+                    module._parameters[name] = whole[id(p)]
+    try:
+        yield
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
+@contextlib.contextmanager
+def rank0_outputs(model: nn.Module) -> Iterator[None]:
+    """Inside this block every rank's forward returns rank 0's output (broadcast after each call), so that ranks
+    decoding together pick rank 0's tokens and stop together, even where their logits differ in the last bit: a
+    sharded model's generation is collective, and ranks that disagreed on a token or on stopping would hang."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        yield
+        return
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        output = output.contiguous()  # (B, T, V) logits; prompt tuning's are a slice
+        dist.broadcast(output, src=0)  # in place: rank 0's values everywhere
+        return output
+
+    handle = model.register_forward_hook(hook)  # after any adapter's own output hook (prompt tuning's)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of `t` over all processes, in place; `t` itself in a single process."""
     if dist.is_initialized() and dist.get_world_size() > 1:

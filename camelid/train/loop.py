@@ -50,7 +50,8 @@ class BatchSource(Protocol):
         """input_ids (B, T) long, labels (B, T) long with -100 = ignore; optionally attention_mask, position_ids.
         Must depend on (step, micro, rank, world) only: that is what makes resume exact."""
 
-    def eval_batches(self) -> Iterable[Batch]: ...
+    def eval_batches(self) -> Iterable[Batch]:
+        """The whole eval set, the same on every rank: the loop splits it over the ranks."""
 
 
 @dataclass
@@ -329,16 +330,26 @@ class Trainer:
     # ---- eval, samples, checkpoints -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean token loss over the batch source's eval batches. Every rank runs them (an FSDP forward needs all
-        ranks); the (loss sum, targets) pair is reduced, so a source that shards its eval set by rank also works."""
-        self.model.eval()
+        """Mean token loss over the batch source's eval batches, split over the ranks (batch i on rank i % world):
+        the (loss sum, targets) pair is summed over ranks, so the number is the one a single process computes.
+        Under DDP a rank runs its share on the plain module (a DDP forward broadcasts buffers: a collective). Under
+        FSDP every forward is collective, so a rank one batch short runs one more forward and drops its result."""
+        model = self.model if self.sharded or self.world == 1 else self.raw
+        model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, targets)
-        for batch in self.batches.eval_batches():
+        n, first = 0, None  # every rank walks the whole list, so all know n
+        for i, batch in enumerate(self.batches.eval_batches()):
+            n, first = i + 1, first or batch
+            if i % self.world != self.rank:
+                continue
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.autocast():
-                total[0] += loss_fn(self.model, batch).double()
+                total[0] += loss_fn(model, batch).double()
             total[1] += count_targets(batch)
-        self.model.train()
+        if self.sharded and len(range(self.rank, n, self.world)) < len(range(0, n, self.world)):
+            with self.autocast():  # the all-gathers of the forwards the other ranks run; the loss is dropped
+                loss_fn(model, {k: v.to(self.device) for k, v in first.items()})
+        model.train()
         distributed.all_reduce_sum(total)
         if total[1] == 0:
             return None
@@ -350,13 +361,13 @@ class Trainer:
 
     def sample(self) -> None:
         """A greedy completion, logged by rank 0. Unsharded, rank 0 alone generates from its full copy of the
-        weights. Sharded, every rank runs the same greedy decode, so that each forward's all-gathers find every
-        rank; greedy decoding of the same prompt with the same weights picks the same tokens everywhere, so the
-        ranks also stop together. Autocast: under bf16 the gathered weights are bf16, the KV cache as well."""
+        weights. Sharded, every rank runs the decode (each forward's all-gathers need every rank), and each forward
+        hands all ranks rank 0's logits, so they pick the same tokens and stop together. Autocast: under bf16 the
+        gathered weights are bf16, the KV cache as well."""
         if (self.rank != 0 and not self.sharded) or self.tokenizer is None or not hasattr(self.raw, "config"):
             return
         self.raw.eval()
-        with self.autocast():
+        with self.autocast(), distributed.rank0_outputs(self.raw) if self.sharded else contextlib.nullcontext():
             text = generate(self.raw, self.tokenizer, self.cfg.sample_prompt, self.cfg.sample_tokens)
         self.raw.train()
         self.log.sample(self.step, self.cfg.sample_prompt, text)

@@ -47,8 +47,7 @@ class PretrainBatches:
     def eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """The first eval_batches * (micro_batch * grad_accum * world) non-overlapping windows of the val split, in
         micro_batch-sized pieces: the same set at every eval, however the global batch is split into micro-batches
-        and ranks. Every rank evaluates all of it (the loop's sum over ranks divides out): simple, and under FSDP
-        every rank must run the same forwards anyway."""
+        and ranks. Every rank yields all of it; the loop splits the batches over the ranks."""
         if self.val is None:
             return
         windows = self.n_eval * self.micro_batch * self.grad_accum * self.world

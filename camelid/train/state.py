@@ -138,7 +138,7 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
             return final
         _save_config(model, tmp)
     else:
-        save_pretrained(model, tmp)  # safetensors; a tied lm_head is stored once, as embed_tokens
+        save_pretrained(model, tmp, adapters=True)  # with any PEFT tensors; a tied lm_head stored once
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if tokenizer is not None:
         tokenizer.save(tmp)  # with safetensors: `camelid generate --model out/checkpoints/step_N` works
@@ -267,9 +267,10 @@ def save_final(path: str | Path, model: nn.Module, tokenizer: Tokenizer | None, 
     Every rank calls this (a sharded model is gathered collectively); rank 0 writes and returns the path, the
     others None."""
     if applied_kinds(model):
-        if rank != 0:
-            return None
-        out = save_adapter(model, path, base_model_name_or_path=base)
+        with distributed.whole_trainable(model):  # sharded: every rank gathers the adapter's tensors
+            if rank != 0:
+                return None
+            out = save_adapter(model, path, base_model_name_or_path=base)
         if tokenizer is not None:
             tokenizer.save(out)
         return out
