@@ -2,7 +2,7 @@
 
 LoRA r=16, alpha=32 on every linear layer but lm_head ("all-linear"), no dropout, in both libraries:
   camelid         camelid.peft.apply_lora(model, r=16, alpha=32, target_modules="all-linear"); the loss is
-                  camelid.train.loss.loss_fn (chunked fp32 cross-entropy, summed, divided by the target count).
+                  camelid.train.loss.loss_fn (fused linear cross-entropy, summed, divided by the target count).
   transformers    LlamaForCausalLM from the same weights (attn_implementation="sdpa") wrapped by
                   peft.get_peft_model(LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")); its own loss
                   (labels=input_ids, shifted inside, fp32 logits).

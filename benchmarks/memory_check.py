@@ -3,7 +3,7 @@
 Each configuration builds its model on the GPU after torch.cuda.reset_peak_memory_stats(), so the peak covers the
 weights, and then runs what the estimate models:
 
-  full       camelid's training step: fp32 master weights, bf16 autocast, chunked cross-entropy, backward,
+  full       camelid's training step: fp32 master weights, bf16 autocast, fused cross-entropy, backward,
              fused AdamW (camelid.train.optim.build_optimizer); 2 steps, so the second sees the optimizer states
   lora       the base frozen in bf16, fp32 rank-8 adapters on q_proj and v_proj (camelid.peft.apply_lora), AdamW on
              the adapters only

@@ -4,7 +4,7 @@ One step = forward + loss + backward + gradient clipping + AdamW step + zero_gra
 tokens, with fp32 master weights and, for bf16, autocast: the way camelid's trainer and the Hugging Face Trainer
 both run mixed precision.
 
-  camelid         camelid's training path: camelid.train.loss.loss_fn (chunked fp32 cross-entropy, summed, divided
+  camelid         camelid's training path: camelid.train.loss.loss_fn (fused linear cross-entropy, summed, divided
                   by the target count) and the AdamW of camelid.train.optim.build_optimizer (fused on CUDA,
                   foreach on CPU; decay on matrices only). --compile wraps the model in torch.compile, as the
                   trainer's `compile: true` does.

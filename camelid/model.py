@@ -281,8 +281,10 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, *, input_embeds: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, start: int = 0, last_only: bool = False,
-                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                logits_at: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with `last_only`, or (B, R, V) at the R token indices `logits_at`.
+        `return_hidden`: the final-norm hidden states (B, T|1|R, H) instead, without lm_head (a fused loss applies
+        it chunk by chunk: camelid/train/loss.py).
 
         input_ids (B, T), or input_embeds (B, T, H) instead (soft prompts). With a cache, these are slots
         start..start+T. attention_mask: (B, S) with 1 for real tokens and 0 for padding over every slot up to
@@ -320,7 +322,7 @@ class Transformer(nn.Module):
         if logits_at is not None:
             x = x[:, logits_at]  # (B, R, H): only the rows that are sampled, so the vocab matmul skips the rest
         x = self.model.norm(x[:, -1:] if last_only else x)
-        return self.lm_head(x)
+        return x if return_hidden else self.lm_head(x)
 
     def _attention_mask(self, attention_mask: torch.Tensor | None, T: int, start: int, device: torch.device,
                         dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:

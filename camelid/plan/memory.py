@@ -10,7 +10,9 @@ What the numbers assume (camelid's own training loop):
 - PEFT methods keep the frozen base in the compute dtype (bf16/fp16; fp32 with --precision fp32) and their
   trainable parameters, gradients and optimizer states in fp32;
 - attention is SDPA with a flash / memory-efficient kernel: no (S x S) score matrix is stored;
-- the loss is camelid's chunked cross-entropy (bf16 logits kept, fp32 log-softmax one 4096-token chunk at a time).
+- the loss is camelid's fused linear cross-entropy (camelid/train/loss.py: no logits kept, gradients computed
+  one fp32 chunk of logits at a time); with FSDP-style sharding over several GPUs, its chunked cross-entropy (bf16
+  logits kept, fp32 log-softmax one 4096-token chunk at a time).
 What it leaves out: the CUDA context and allocator fragmentation (`fit` adds a margin for those), and torch's
 per-op workspaces.
 """
@@ -29,6 +31,7 @@ LORA_TARGETS = {"qv": ("q", "v"), "all": ("q", "k", "v", "o", "gate", "up", "dow
 NUM_VIRTUAL_TOKENS = 20  # prompt / prefix tuning: the PEFT library's usual setting
 ADAPTER_SIZE = 64  # bottleneck width of a Houlsby adapter, two per block
 CE_CHUNK = 4096  # tokens per fp32 cross-entropy chunk (camelid.train.loss.CE_CHUNK)
+FUSED_CHUNK_BYTES = 2**28  # fp32 logits per chunk of the fused loss (camelid.train.loss.FUSED_CHUNK_BYTES)
 NF4_BLOCK, NF4_BLOCK2 = 64, 256  # QLoRA: 64 weights per absmax, 256 absmaxes per second-level fp32 constant
 
 
@@ -204,9 +207,18 @@ def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: i
             # autocast's half copies of every matmul weight, saved for backward (the gradient of the input)
             put("autocast_weight_copies", 2 * (P - V * h * (0 if c.tie_word_embeddings else 1)) if b == 2 else 0,
                 "2 x matmul weights (P less the embedding table) in half precision; 0 for fp32")
-        chunk = min(batch * S, CE_CHUNK)
-        put("logits", batch * S * V * 2 * b + chunk * V * 2 * 4,
-            f"B S V x 2 x {b} (logits kept for backward + their gradient) + {chunk} x V x 8 (fp32 CE chunk)")
+        if gpus > 1 and strategy in ("fsdp", "zero2", "zero3"):  # sharded lm_head: the chunked loss
+            chunk = min(batch * S, CE_CHUNK)
+            put("logits", batch * S * V * 2 * b + chunk * V * 2 * 4,
+                f"B S V x 2 x {b} (logits kept for backward + their gradient) + {chunk} x V x 8 (fp32 CE chunk)")
+        else:
+            rows = min(batch * S, max(1, FUSED_CHUNK_BYTES // (4 * V)))
+            head = (V * h * b if b == 2 else 0) + V * h * (4 + b) if method == "full" else 0
+            put("loss", batch * S * h * resid + rows * V * (4 + b) + head,
+                f"B S h x {resid} (gradient of the hidden states) + {rows} x V x {4 + b} (fp32 logits chunk, its "
+                f"gradient in {b} bytes)" + (f" + V h ({'2 + ' if b == 2 else ''}4 + {b}) (lm_head"
+                                            f"{' in half precision' if b == 2 else ''}, its fp32 gradient and a "
+                                            "chunk's product)" if method == "full" else ""))
         put("backward_buffers", batch * S * (2 * c.intermediate_size + h) * b,
             "B S (2 i + h) b (gradients in flight through one block)")
     else:

@@ -129,3 +129,17 @@ def _saved_bytes_per_layer(method: str) -> float:
 def test_activation_formula_matches_autograd_saved_tensors(method):
     per_token, _ = activation_bytes_per_token_layer(get_preset("tiny"), method, b=4)
     assert per_token == _saved_bytes_per_layer(method)
+
+
+def test_loss_term_follows_the_training_loss():
+    """The estimator mirrors camelid.train.loss: the fused loss on one GPU or DDP, the chunked one under sharding."""
+    from camelid.plan import memory
+    from camelid.train import loss
+
+    assert (memory.CE_CHUNK, memory.FUSED_CHUNK_BYTES) == (loss.CE_CHUNK, loss.FUSED_CHUNK_BYTES)
+    config = get_preset("tinyllama-1.1b")
+    single = estimate(config, "full", seq=2048, batch=4)
+    sharded = estimate(config, "full", seq=2048, batch=4, gpus=2, strategy="fsdp")
+    assert "loss" in single.terms and "logits" not in single.terms
+    assert "logits" in sharded.terms and "loss" not in sharded.terms
+    assert single.terms["loss"] < sharded.terms["logits"]  # no (B S, V) logits kept
