@@ -144,7 +144,8 @@ def same_weights(config: ModelConfig, device: torch.device, dtype: torch.dtype, 
     ours.to(dtype)
     ours.set_activation_checkpointing(False)
     for model in theirs:
-        model.activation_checkpointing_disable()  # transformers 5 name of gradient_checkpointing_disable
+        # transformers >= 5.2x renamed gradient_checkpointing_disable; the GPU machine's 5.17 has only the old name
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         model.config.use_cache = False  # training and plain forwards: no KV cache built
     return ours, theirs
 

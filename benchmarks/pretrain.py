@@ -60,7 +60,9 @@ class Step:
         self.autocast, self.transient = autocast, 0
 
     def __call__(self) -> None:
-        cuda = self.device.type == "cuda"
+        # the first step allocates AdamW's state inside the step: peak_bytes counts that state already, so only
+        # steps that start with it in place measure the transient
+        cuda = self.device.type == "cuda" and bool(self.optimizer.state)
         if cuda:
             before = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -50,8 +50,9 @@ def unsupported_reason(model: Transformer, cache: PagedKVCache) -> str | None:
         return "dynamic RoPE scaling reads the longest position on the host"
     if not triton_decode.available():
         return "the Triton paged-decode kernel is not available"
-    if not triton_decode.supports(c.head_dim, cache.block_size):
-        return f"the Triton kernel needs power-of-two head_dim and block_size ({c.head_dim}, {cache.block_size})"
+    if not triton_decode.supports(c.head_dim, cache.block_size, cache.k[0].dtype):
+        return (f"the Triton kernel does not take head_dim {c.head_dim}, block_size {cache.block_size} in "
+                f"{cache.k[0].dtype} (powers of two, a key tile of at most {triton_decode.MAX_TILE_BYTES} bytes)")
     return None
 
 

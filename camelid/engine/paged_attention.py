@@ -149,7 +149,7 @@ class PagedBatch:
         against their keys, so GQA keys are never expanded (that copy would be g times the batch's keys, per layer).
         On CUDA with Triton, triton_decode's kernel reads the blocks in place instead of gathering them."""
         hd = q.shape[-1]
-        if q.is_cuda and triton_decode.available() and triton_decode.supports(hd, k_blocks.shape[1]):
+        if q.is_cuda and triton_decode.available() and triton_decode.supports(hd, k_blocks.shape[1], k_blocks.dtype):
             out = triton_decode.paged_decode(q[0].transpose(0, 1), k_blocks, v_blocks, tables, context_lens,
                                              hd**-0.5, self.cache.sliding_window, self.cache.alibi)  # (D, nh, hd)
             return out.transpose(0, 1)[None]  # (1, nh, D, hd)

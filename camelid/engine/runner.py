@@ -10,6 +10,7 @@ that samples this step. Decode-only steps of the base model replay a CUDA graph 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -35,7 +36,13 @@ class Runner:
         self.device, self.dtype = model.lm_head.weight.device, activation_dtype(model)
         self.block_size = block_size
         self.cache = PagedKVCache(model.config, num_blocks + (graph_batch > 0), block_size, self.dtype, self.device)
-        self.graphs = self._decode_graphs(graph_batch, max_blocks_per_seq) if graph_batch > 0 else None
+        with self.on_device():
+            self.graphs = self._decode_graphs(graph_batch, max_blocks_per_seq) if graph_batch > 0 else None
+
+    def on_device(self) -> contextlib.AbstractContextManager:
+        """Make the model's GPU the current one: Triton launches and graph captures use the current device (per
+        thread), which is not the model's for LLM(device="cuda:1") or a server's engine thread."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _decode_graphs(self, graph_batch: int, max_blocks_per_seq: int) -> DecodeGraphs | None:
         if self.device.type != "cuda":
@@ -47,6 +54,8 @@ class Runner:
         try:
             return DecodeGraphs(self.model, self.cache, graph_batch, max_blocks_per_seq)
         except Exception as error:  # noqa: BLE001 - a capture that fails costs speed, never the engine
+            # torch.cuda.graph leaves its capture stream current when the capture fails: back to the default one
+            torch.cuda.set_stream(torch.cuda.default_stream(self.device))
             log.warning("CUDA graph capture failed, decode runs eagerly: %s", error)
             return None
 
@@ -85,6 +94,10 @@ class Runner:
 
     def run(self, batch: ScheduledBatch) -> SampleResult:
         """One step: the forward, then one token for each entry of batch.samples (in that order)."""
+        with self.on_device():
+            return self._run(batch)
+
+    def _run(self, batch: ScheduledBatch) -> SampleResult:
         logits = self.forward(batch)  # (R, V)
         if not batch.samples:  # only prefill chunks that stop short of their last token
             return SampleResult(torch.empty(0, dtype=torch.long))

@@ -47,9 +47,15 @@ def available() -> bool:
     return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def supports(head_dim: int, block_size: int) -> bool:
-    """Whether the kernel handles these sizes: both are tl.constexpr tile widths, so they must be powers of two."""
-    return _is_power_of_two(head_dim) and _is_power_of_two(block_size)
+MAX_TILE_BYTES = 64 * 1024  # one (block_size, head_dim) key tile; Triton stages K and V tiles in shared memory,
+# about 2.2x this in all (measured: a 128 KiB fp32 tile asked 280 KiB of sm_90's 227 KiB)
+
+
+def supports(head_dim: int, block_size: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the kernel handles these sizes: both are tl.constexpr tile widths, so they must be powers of two,
+    and a key tile of this dtype must leave its staged copies room in shared memory."""
+    tile = block_size * head_dim * torch.empty((), dtype=dtype).element_size()
+    return _is_power_of_two(head_dim) and _is_power_of_two(block_size) and tile <= MAX_TILE_BYTES
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -160,8 +166,9 @@ def paged_decode(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
                          "and num_heads be a multiple of num_kv_heads")
     if not q.dtype == k_blocks.dtype == v_blocks.dtype:
         raise ValueError(f"q and the kv blocks must share a dtype, got {q.dtype}, {k_blocks.dtype}, {v_blocks.dtype}")
-    if not supports(hd, block_size):
-        raise ValueError(f"paged_decode needs power-of-two head_dim and block_size, got {hd} and {block_size}")
+    if not supports(hd, block_size, q.dtype):
+        raise ValueError(f"paged_decode needs power-of-two head_dim and block_size with a key tile of at most "
+                         f"{MAX_TILE_BYTES} bytes, got {hd}, {block_size} and {q.dtype}")
     if block_tables.dim() != 2 or block_tables.shape[0] != D or tuple(context_lens.shape) != (D,):
         raise ValueError(f"expected block_tables ({D}, max_blocks) and context_lens ({D},), got "
                          f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")

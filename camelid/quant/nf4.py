@@ -31,6 +31,19 @@ NF4_LEVELS = (-1.0000, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0
               0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0000)
 
 
+_LEVELS: dict[torch.device, torch.Tensor] = {}
+
+
+def _levels(device: torch.device) -> torch.Tensor:
+    """The code book (16,) on `device`, made once per device: made per forward it would be a host-to-device copy
+    in every layer (a sync, and forbidden inside CUDA-graph capture)."""
+    levels = _LEVELS.get(device)
+    if levels is None:
+        with torch.inference_mode(False):  # a normal tensor, usable by training too
+            levels = _LEVELS[device] = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+    return levels
+
+
 def padded_numel(numel: int, block_size: int, scaler_block_size: int) -> int:
     unit = block_size * scaler_block_size
     return -(-numel // unit) * unit
@@ -75,9 +88,9 @@ class NF4Linear(QuantLinear):
     @classmethod
     def dequantize_buffers(cls, holder: nn.Module, dtype: torch.dtype, options: dict) -> torch.Tensor:
         block_size, scaler_block_size = options["block_size"], options["scaler_block_size"]
-        levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=holder.weight.device)
+        levels = _levels(holder.weight.device)
         # element 2i is the high nibble, 2i + 1 the low one (torchao's packing)
-        codes = torch.stack([holder.weight >> 4, holder.weight & 0x0F], dim=-1).flatten().long()  # (numel,)
+        codes = torch.stack([holder.weight >> 4, holder.weight & 0x0F], dim=-1).flatten().int()  # (numel,)
         q8 = holder.weight_absmax.view(-1, scaler_block_size)  # (n_scaler_blocks, 256)
         absmax = (q8 / holder.weight_absmax_factor[:, None]).flatten() + holder.weight_absmax_mean  # (n_blocks,)
         w = levels[codes].view(-1, block_size) * absmax[:, None]  # (n_blocks, 64)

@@ -108,7 +108,8 @@ def apply_method(model, spec: FinetuneSpec, tokenizer: Tokenizer | None = None):
     """Freeze the base and add spec.method's trainable parameters (camelid.peft, one file per family); `full`
     trains every parameter. Bad options (a target that matches nothing, ...) raise ValueError here, before training."""
     m = spec.method
-    if m == "full":
+    if m == "full":  # fp32 master weights whatever the checkpoint's dtype: the loop autocasts the matmuls, and
+        model.float()  # AdamW on bf16 weights loses small updates (fp16 ones even stop the gradient scaler)
         for p in model.parameters():
             p.requires_grad_(True)
         return model

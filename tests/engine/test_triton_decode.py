@@ -229,6 +229,8 @@ def test_compiles_for_h100(monkeypatch, use_dot):
 def test_available_and_bad_shapes():
     assert triton_decode.available()  # triton installed and TRITON_INTERPRET=1
     assert triton_decode.supports(128, 16) and not triton_decode.supports(96, 16) and not triton_decode.supports(64, 6)
+    # shared memory: a 256-token block of fp32 keys at head_dim 128 (128 KiB) does not fit sm_90; bf16 does
+    assert triton_decode.supports(128, 256, torch.bfloat16) and not triton_decode.supports(128, 256, torch.float32)
     q, blocks = torch.zeros(2, 4, 24), torch.zeros(3, 4, 2, 24)
     tables, lens = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, dtype=torch.long)
     with pytest.raises(ValueError, match="power-of-two head_dim"):

@@ -16,7 +16,7 @@ from camelid.model import Transformer
 from camelid.peft import load_adapter
 from camelid.tokenizer import Tokenizer
 from camelid.templates import recorded_template
-from camelid.train.finetune import FinetuneSpec, finetune, load_config
+from camelid.train.finetune import FinetuneSpec, apply_method, finetune, load_config
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,8 @@ def _run(root, folder, data, name, method="lora", max_steps=30, resume=False, lo
     spec, cfg = load_config(None, dict(base=str(folder), data=[str(data)], method=method, template="alpaca",
                                        target_modules="all-linear"),
                             dict(out=str(root / name), max_steps=max_steps, micro_batch=4, seq_len=96,
-                                 eval_every=0, save_every=10, device="cpu", precision="fp32", tensorboard=False,
-                                 resume=resume, **{"lr": 1e-2, **train}))
+                                 eval_every=0, save_every=10, device="cpu", tensorboard=False,
+                                 resume=resume, **{"lr": 1e-2, "precision": "fp32", **train}))
     return finetune(cfg, spec, log=lambda s: None, loss_hook=loss_hook)
 
 
@@ -239,3 +239,16 @@ def test_every_method_trains_and_its_folder_reloads(base, method):
         tuned = load_adapter(from_pretrained(folder), result.final_dir)
     assert _answer_loss(tuned, tokenizer, data) < 0.8 * base_loss, method
     assert recorded_template(result.final_dir) == "alpaca"
+
+
+def test_full_keeps_fp32_master_weights_over_a_half_precision_base(base, tmp_path):
+    """A bf16/fp16 checkpoint trains with fp32 weights under autocast: with fp16 weights the gradient scaler
+    refuses to unscale fp16 gradients (the run died at step 1), and bf16 AdamW would lose small updates."""
+    root, folder, data = base
+    half = tmp_path / "half"
+    save_pretrained(from_pretrained(folder).to(torch.float16), half)
+    Tokenizer(folder).save(half)
+    model = apply_method(from_pretrained(half), FinetuneSpec(base=str(half), data=[str(data)], method="full"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    result = _run(root, half, data, "full-fp16", method="full", max_steps=3, precision="fp16")
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(v)) for v in result.losses.values())
