@@ -47,7 +47,8 @@ FINETUNE_SPEC_FLAGS = ("base", "data", "method", "template", "lora_r", "lora_alp
                        "num_virtual_tokens", "prefix_projection", "prompt_init_text", "encoder_type", "bottleneck_size",
                        "adapter_placement", "pack")
 FINETUNE_TRAIN_FLAGS = ("out", "max_steps", "micro_batch", "grad_accum", "seq_len", "lr", "optimizer", "warmup_steps", "precision",
-                        "device", "seed", "save_every", "eval_every", "resume", "auto_fit", "device_memory")
+                        "device", "seed", "save_every", "eval_every", "resume", "auto_fit", "device_memory",
+                        "strategy", "compile", "activation_checkpointing")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -213,6 +214,11 @@ def register(verbs, fmt) -> None:
                    help="pack short examples into each row (no attention across them)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--strategy", default=None, choices=list(STRATEGIES),
+                   help="under torchrun: ddp, fsdp or zero2, as for `camelid pretrain` (default none)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute block activations in backward")
     p.add_argument("--auto", dest="auto_fit", action=argparse.BooleanOptionalAction, default=None,
                    help="pick micro-batch, accumulation and checkpointing that fit the device for this method "
                         "(camelid plan fit), keeping micro-batch x grad-accum sequences per step")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -149,6 +150,8 @@ def finetune(cfg: TrainConfig, spec: FinetuneSpec, log: Callable[[str], None] = 
     """Load spec.base, apply spec.method, build the SFT batches with the chat template, and run the one loop.
     On --resume the method is applied before the loop loads the checkpoint, so the adapters are there to fill."""
     spec.validate()
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one report (rank 0's), not one per process
+        log = lambda line: None  # noqa: E731
     tokenizer = Tokenizer(spec.base)
     template = for_tokenizer(tokenizer, spec.template)  # TemplateError: unknown name, or no chat_template to use
     template.check(tokenizer)

@@ -82,3 +82,20 @@ def test_tensorboard_events_when_installed(prepared, tmp_path):
     out = tmp_path / "run"
     train(tiny_train_config(prepared, out, max_steps=2, tensorboard=True))
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_finetune_takes_the_distributed_and_memory_flags(monkeypatch):
+    """`camelid finetune --strategy/--compile/--activation-checkpointing` reach its TrainConfig (as for pretrain)."""
+    from camelid.cli import build_parser, train_verbs
+
+    seen = {}
+    monkeypatch.setattr(train_verbs, "finetune", lambda cfg, spec: seen.update(cfg=cfg) or _NoResult())
+    args = build_parser().parse_args(["finetune", "--base", "b", "--data", "d.json", "--strategy", "fsdp",
+                                      "--compile", "--activation-checkpointing"])
+    monkeypatch.setattr(train_verbs, "load_config", lambda path, spec, train: (None, train))
+    args.func(args)
+    assert seen["cfg"]["strategy"] == "fsdp" and seen["cfg"]["compile"] and seen["cfg"]["activation_checkpointing"]
+
+
+class _NoResult:
+    final_dir = None
