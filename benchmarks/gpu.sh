@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Every GPU measurement the open issues ask for, in three device calls of under 10 minutes each on one H100.
+#
+# Here (the CPU machine), once per session:
+#   bash benchmarks/gpu.sh wheels    # the packages the device image lacks, as wheels in .whl/ (git-ignored)
+# Then one device call per part, each carrying .whl (the device tool: carry [".whl"]):
+#   bash benchmarks/gpu.sh engine    # issue 5: CUDA tests of the Triton kernel and decode graphs, benchmarks/engine.py
+#   bash benchmarks/gpu.sh train     # issues 3, 4: pretrain.py (eager and --compile), finetune.py, qlora.py
+#   bash benchmarks/gpu.sh check     # issues 6, 7: memory_check.py, serve_load.py on CUDA, forward.py
+# Each part prints its tables and copies the JSON it wrote (benchmarks/results/) and its log into $OUT, which the
+# device tool brings back; commit the JSON and update docs/BENCHMARKS.md from it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+part=${1:?usage: bash benchmarks/gpu.sh wheels|engine|train|check}
+
+if [[ $part == wheels ]]; then
+    exclude=$(git rev-parse --git-path info/exclude)
+    mkdir -p "$(dirname "$exclude")"
+    grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"
+    platforms=(--platform manylinux_2_35_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64
+               --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
+               --platform manylinux_2_17_x86_64
+               --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+    # versions: constraints.txt's pins; liger-kernel as issue 3 names it. The device image has torch, triton,
+    # transformers, peft, accelerate, httpx, anyio, click, h11, annotated-doc; these it lacks:
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        "${platforms[@]}" -d .whl liger-kernel==0.8.5 torchao==0.18.0 bitsandbytes==0.50.2 fastapi==0.165.0 \
+        starlette==1.10.0 pydantic==2.14.3 pydantic-core==2.50.4 uvicorn==0.54.0 annotated-types==0.8.0 \
+        typing-inspection==0.4.5 opentelemetry-api==1.45.2
+    du -sh .whl
+    exit 0
+fi
+
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+touch /tmp/camelid-gpu-mark
+exec > >(tee "$OUT/$part.log") 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__,
+            "transformers", transformers.__version__)'
+
+run() {  # one benchmark: a failure is reported and the part goes on with the next
+    echo; echo "== $*"
+    "$@" || echo "!! failed ($?): $*"
+}
+
+case $part in
+engine)
+    run python3 -m pytest -q -p no:cacheprovider tests/engine/test_triton_decode.py tests/engine/test_cuda_graphs.py
+    run python3 benchmarks/engine.py --device cuda
+    ;;
+train)
+    run python3 benchmarks/pretrain.py --device cuda
+    run python3 benchmarks/pretrain.py --device cuda --compile --repeats 6
+    run python3 benchmarks/finetune.py --device cuda
+    run python3 benchmarks/qlora.py --device cuda
+    ;;
+check)
+    run python3 benchmarks/memory_check.py
+    run python3 benchmarks/serve_load.py --device cuda --dtype bfloat16
+    run python3 benchmarks/forward.py --device cuda
+    ;;
+*)
+    echo "unknown part $part (wheels | engine | train | check)" >&2
+    exit 2
+    ;;
+esac
+find benchmarks/results -name '*.json' -newer /tmp/camelid-gpu-mark -exec cp {} "$OUT/" \; 2>/dev/null || true
+ls -l "$OUT"
