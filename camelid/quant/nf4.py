@@ -34,14 +34,17 @@ NF4_LEVELS = (-1.0000, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0
 _LEVELS: dict[torch.device, torch.Tensor] = {}
 
 
-def _levels(device: torch.device) -> torch.Tensor:
-    """The code book (16,) on `device`, made once per device: made per forward it would be a host-to-device copy
-    in every layer (a sync, and forbidden inside CUDA-graph capture)."""
-    levels = _LEVELS.get(device)
-    if levels is None:
+def _byte_levels(device: torch.device) -> torch.Tensor:
+    """(256, 2) fp32: the two NF4 values every packed byte holds (high nibble first, torchao's packing), so one
+    lookup per byte dequantizes two weights. Made once per device: made per forward it would be a host-to-device
+    copy in every layer (a sync, and forbidden inside CUDA-graph capture)."""
+    table = _LEVELS.get(device)
+    if table is None:
         with torch.inference_mode(False):  # a normal tensor, usable by training too
-            levels = _LEVELS[device] = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
-    return levels
+            levels = torch.tensor(NF4_LEVELS, dtype=torch.float32)
+            byte = torch.arange(256)
+            table = _LEVELS[device] = torch.stack([levels[byte >> 4], levels[byte & 0x0F]], dim=-1).to(device)
+    return table
 
 
 def padded_numel(numel: int, block_size: int, scaler_block_size: int) -> int:
@@ -88,11 +91,10 @@ class NF4Linear(QuantLinear):
     @classmethod
     def dequantize_buffers(cls, holder: nn.Module, dtype: torch.dtype, options: dict) -> torch.Tensor:
         block_size, scaler_block_size = options["block_size"], options["scaler_block_size"]
-        levels = _levels(holder.weight.device)
-        # element 2i is the high nibble, 2i + 1 the low one (torchao's packing)
-        codes = torch.stack([holder.weight >> 4, holder.weight & 0x0F], dim=-1).flatten().int()  # (numel,)
+        # byte i holds weights 2i (high nibble) and 2i + 1 (low): one lookup gives both
+        values = _byte_levels(holder.weight.device)[holder.weight.int()]  # (numel / 2, 2)
         q8 = holder.weight_absmax.view(-1, scaler_block_size)  # (n_scaler_blocks, 256)
         absmax = (q8 / holder.weight_absmax_factor[:, None]).flatten() + holder.weight_absmax_mean  # (n_blocks,)
-        w = levels[codes].view(-1, block_size) * absmax[:, None]  # (n_blocks, 64)
+        w = values.view(-1, block_size) * absmax[:, None]  # (n_blocks, 64)
         numel = holder.out_features * holder.in_features
         return w.flatten()[:numel].view(holder.out_features, holder.in_features).to(dtype)
