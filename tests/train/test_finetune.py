@@ -9,10 +9,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import write_finetune_base
 
 from camelid.checkpoint import from_pretrained, save_pretrained
-from camelid.config import PRESETS
-from camelid.model import Transformer
 from camelid.peft import load_adapter
 from camelid.tokenizer import Tokenizer
 from camelid.templates import recorded_template
@@ -21,24 +20,9 @@ from camelid.train.finetune import FinetuneSpec, apply_method, finetune, load_co
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A tiny random LLaMA with a byte-level BPE trained here, saved as a model folder."""
+    """A tiny random LLaMA with a byte-level BPE trained here, saved as a model folder, and 40 Alpaca records."""
     root = tmp_path_factory.mktemp("ft")
-    corpus = root / "corpus.txt"
-    corpus.write_text("Below is an instruction that describes a task. Write a response that appropriately completes "
-                      "the request.\n\n### Instruction:\nWhat is 2+3?\n\n### Response:\n5\n\n" * 20)
-    tokenizer = Tokenizer.train([corpus], 300, show_progress=False)
-    config = PRESETS["tiny"].replace(vocab_size=320, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                                     pad_token_id=tokenizer.pad_id)
-    torch.manual_seed(0)
-    model = Transformer(config)
-    with torch.no_grad():  # at init, logits are too flat for adapters (lm_head is not one) to sharpen them quickly
-        model.lm_head.weight.mul_(10)
-    folder = save_pretrained(model, root / "base")
-    tokenizer.save(folder)
-    records = [{"instruction": f"What is {a}+{b}?", "input": "", "output": str(a + b)}
-               for a in range(8) for b in range(5)]  # 40 records
-    data = root / "alpaca.json"
-    data.write_text(json.dumps(records))
+    folder, data = write_finetune_base(root)
     return root, folder, data
 
 

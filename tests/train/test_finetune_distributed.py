@@ -16,13 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import eval_rows, sample_rows, step_rows
+from train_helpers import eval_rows, sample_rows, step_rows, write_finetune_base
 
-from camelid.checkpoint import from_pretrained, save_pretrained
-from camelid.config import PRESETS
-from camelid.model import Transformer
+from camelid.checkpoint import from_pretrained
 from camelid.peft import load_adapter
-from camelid.tokenizer import Tokenizer
 from camelid.train.finetune import finetune, load_config
 
 STEPS = 6
@@ -71,22 +68,9 @@ def worker(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """A tiny random LLaMA with a byte-level BPE trained here, and 40 Alpaca records."""
+    """A tiny random LLaMA (root/base) and 40 Alpaca records (root/alpaca.json)."""
     root = tmp_path_factory.mktemp("ftdist")
-    corpus = root / "corpus.txt"
-    corpus.write_text("Below is an instruction that describes a task. Write a response that appropriately completes "
-                      "the request.\n\n### Instruction:\nWhat is 2+3?\n\n### Response:\n5\n\n" * 20)
-    tokenizer = Tokenizer.train([corpus], 300, show_progress=False)
-    config = PRESETS["tiny"].replace(vocab_size=320, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                                     pad_token_id=tokenizer.pad_id)
-    torch.manual_seed(0)
-    model = Transformer(config)
-    with torch.no_grad():  # sharper logits: the adapters then move the loss visibly within a few steps
-        model.lm_head.weight.mul_(10)
-    tokenizer.save(save_pretrained(model, root / "base"))
-    records = [{"instruction": f"What is {a}+{b}?", "input": "", "output": str(a + b)} for a in range(8)
-               for b in range(5)]
-    (root / "alpaca.json").write_text(json.dumps(records))
+    write_finetune_base(root)
     return root
 
 

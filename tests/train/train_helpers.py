@@ -74,3 +74,30 @@ def optimizer_steps(checkpoint: Path) -> int:
     """How many updates AdamW applied, from a checkpoint's optimizer state."""
     state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
     return int(next(iter(state.values()))["step"])
+
+
+def write_finetune_base(root: Path) -> tuple[Path, Path]:
+    """A tiny random LLaMA with a byte-level BPE trained here (root/base), and 40 Alpaca records (root/alpaca.json):
+    (model folder, data file)."""
+    from camelid.checkpoint import save_pretrained
+    from camelid.config import PRESETS
+    from camelid.model import Transformer
+    from camelid.tokenizer import Tokenizer
+
+    corpus = root / "corpus.txt"
+    corpus.write_text("Below is an instruction that describes a task. Write a response that appropriately completes "
+                      "the request.\n\n### Instruction:\nWhat is 2+3?\n\n### Response:\n5\n\n" * 20)
+    tokenizer = Tokenizer.train([corpus], 300, show_progress=False)
+    config = PRESETS["tiny"].replace(vocab_size=320, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                                     pad_token_id=tokenizer.pad_id)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    with torch.no_grad():  # at init, logits are too flat for adapters (lm_head is not one) to sharpen them quickly
+        model.lm_head.weight.mul_(10)
+    folder = save_pretrained(model, root / "base")
+    tokenizer.save(folder)
+    records = [{"instruction": f"What is {a}+{b}?", "input": "", "output": str(a + b)}
+               for a in range(8) for b in range(5)]
+    data = root / "alpaca.json"
+    data.write_text(json.dumps(records))
+    return folder, data
