@@ -51,11 +51,12 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def parser(doc: str, cpu_shape: str = "a tiny llama-shaped config") -> argparse.ArgumentParser:
+def parser(doc: str, cpu_shape: str = "a tiny llama-shaped config", cuda_preset: str = "tinyllama-1.1b"
+           ) -> argparse.ArgumentParser:
     """The arguments every model benchmark takes (--preset, --layers, --device), with the script's docstring as help."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0], epilog=doc.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", help=f"a camelid.config.PRESETS name (default: tinyllama-1.1b on CUDA, {cpu_shape} "
+    p.add_argument("--preset", help=f"a camelid.config.PRESETS name (default: {cuda_preset} on CUDA, {cpu_shape} "
                                     "otherwise)")
     p.add_argument("--layers", type=int, help="override num_hidden_layers (run a big shape on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present")
@@ -68,11 +69,11 @@ def start(device_name: str) -> tuple[torch.device, bool, float]:
     return device, device.type == "cpu" and keep_freed_memory(), os.getloadavg()[0]
 
 
-def model_shape(args: argparse.Namespace, positions: int, cuda: bool, cpu_default: ModelConfig = TINY
-                ) -> tuple[ModelConfig, str]:
-    """(config, preset name) from --preset (tinyllama-1.1b on CUDA, `cpu_default` otherwise) and --layers, with room
+def model_shape(args: argparse.Namespace, positions: int, cuda: bool, cpu_default: ModelConfig = TINY,
+                cuda_preset: str = "tinyllama-1.1b") -> tuple[ModelConfig, str]:
+    """(config, preset name) from --preset (`cuda_preset` on CUDA, `cpu_default` otherwise) and --layers, with room
     for `positions` positions."""
-    preset = args.preset or ("tinyllama-1.1b" if cuda else None)
+    preset = args.preset or (cuda_preset if cuda else None)
     config = get_preset(preset) if preset else cpu_default.replace()
     if args.layers:
         config = config.replace(num_hidden_layers=args.layers)
