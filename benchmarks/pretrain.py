@@ -2,7 +2,9 @@
 
 One step = forward + loss + backward + gradient clipping + AdamW step + zero_grad, on one micro-batch of B x seq
 tokens, with fp32 master weights and, for bf16, autocast: the way camelid's trainer and the Hugging Face Trainer
-both run mixed precision.
+both run mixed precision. --dtype bf16-true instead holds every model's weights (hence gradients and AdamW state)
+in bf16 with no autocast: camelid's `precision: bf16-true`, and a transformers model loaded in bf16 and trained
+as it is.
 
   camelid         camelid's training path: camelid.train.loss.loss_fn (fused linear cross-entropy, summed, divided
                   by the target count) and the AdamW of camelid.train.optim.build_optimizer (fused on CUDA,
@@ -28,6 +30,7 @@ columns share one process and glibc keeps freed pages.
   .venv/bin/python benchmarks/pretrain.py --dtype bf16            # CPU with bf16 autocast
   python benchmarks/pretrain.py                                   # CUDA: TinyLlama-1.1B shape, bf16, seq 2048, B 4
   python benchmarks/pretrain.py --compile
+  python benchmarks/pretrain.py --dtype bf16-true
 """
 
 from __future__ import annotations
@@ -90,8 +93,9 @@ def hf_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Op
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--dtype", choices=["bf16", "fp32"], help="bf16 = fp32 weights + bf16 autocast (default on CUDA); "
-                                                             "fp32 (default on CPU)")
+    p.add_argument("--dtype", choices=["bf16", "fp32", "bf16-true"],
+                   help="bf16 = fp32 weights + bf16 autocast (default on CUDA); fp32 (default on CPU); bf16-true = "
+                        "bf16 weights, gradients and optimizer state, no autocast")
     p.add_argument("--seq", type=int, help="tokens per row (default: 2048 on CUDA, 256 on CPU)")
     p.add_argument("--batch", type=int, help="micro-batch rows (default: 4)")
     p.add_argument("--repeats", type=int, default=10, help="timed steps of each model; the median is reported")
@@ -105,10 +109,11 @@ def main() -> None:
     device, malloc_tweak, load_start = start(args.device)
     cuda = device.type == "cuda"
     warmup = args.warmup if args.warmup is not None else 6 if args.compile else 3
-    bf16 = (args.dtype or ("bf16" if cuda else "fp32")) == "bf16"
+    precision = args.dtype or ("bf16" if cuda else "fp32")
+    bf16 = precision == "bf16"  # autocast over fp32 weights
     seq, batch = args.seq or (2048 if cuda else 256), args.batch or 4
     config, preset = model_shape(args, seq, cuda)
-    shape = f"{preset or 'tiny'}-L{config.num_hidden_layers}-{'bf16' if bf16 else 'fp32'}-s{seq}-b{batch}"
+    shape = f"{preset or 'tiny'}-L{config.num_hidden_layers}-{precision}-s{seq}-b{batch}"
 
     liger_apply, liger_note = (None, "--no-liger") if args.no_liger else liger_patch(cuda)
 
@@ -117,6 +122,9 @@ def main() -> None:
     ids = torch.randint(0, config.vocab_size, (batch, seq + 1), device=device)
     diff = check_same_logits(ours, theirs[0], ids[:, :64], low_precision=False)
     print(f"{shape} on {device_name(device)}: max |logits diff| = {diff:.3g} (fp32)")
+    if precision == "bf16-true":  # every model trains in bf16 itself: weights, then gradients and AdamW state
+        for model in (ours, *theirs):
+            model.to(torch.bfloat16)
     if liger_apply:
         liger_apply(model=theirs[1])  # patches that instance (and llama's module-level RoPE: see the phases below)
     for model in (ours, *theirs):
@@ -167,7 +175,7 @@ def main() -> None:
         ratios["camelid/transformers+liger"] = (results["camelid (phase 2)"]["tok_s"]
                                                 / results["transformers+liger"]["tok_s"])
 
-    print(f"{batch} x {seq} tokens a step, {'bf16 autocast' if bf16 else 'fp32'}, "
+    print(f"{batch} x {seq} tokens a step, {'bf16 autocast' if bf16 else precision}, "
           f"{flops / 1e9:.3f} GFLOP per token{'' if peak else ' (no MFU: peak FLOP/s unknown for this device)'}")
     print(f"{'':22}{'tok/s':>10}{'best tok/s':>12}{'MFU':>8}{'peak mem':>11}")
     for name, row in results.items():
@@ -182,7 +190,7 @@ def main() -> None:
         print("no memory column on CPU: every model shares this process, and glibc keeps freed memory")
 
     record = {
-        **record_header("pretrain", device), "precision": "bf16-autocast" if bf16 else "fp32",
+        **record_header("pretrain", device), "precision": "bf16-autocast" if bf16 else precision,
         "preset": preset or "tiny", "config": config.to_hf(), "batch": batch, "seq": seq, "tokens_per_step": tokens,
         "flops_per_token": flops, "peak_flops": peak, "repeats": args.repeats, "warmup": warmup,
         "compile": args.compile, "liger": liger_note or "applied", "glibc_keep_freed_memory": malloc_tweak,

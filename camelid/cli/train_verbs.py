@@ -10,7 +10,7 @@ from camelid.config import PRESETS
 from camelid.data.pretrain import prepare
 from camelid.train import TrainConfig, train
 from camelid.train.finetune import METHODS, finetune, load_config
-from camelid.train.config import OPTIMIZERS, STRATEGIES, parse_overrides
+from camelid.train.config import OPTIMIZERS, PRECISIONS, STRATEGIES, parse_overrides
 from camelid.train.plot import plot_run
 
 
@@ -132,8 +132,9 @@ def register(verbs, fmt) -> None:
     p.add_argument("--warmup-steps", type=int, default=None, help=f"(default {d.warmup_steps})")
     p.add_argument("--optimizer", default=None, choices=list(OPTIMIZERS),
                    help=f"(default {d.optimizer}; adamw8bit / paged_adamw8bit: 8-bit states, CUDA only)")
-    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
-                   help=f"(default {d.precision}: bf16 on a GPU that has it, else fp32)")
+    p.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                   help=f"bf16 / fp16: autocast over fp32 master weights; bf16-true: the weights, gradients and "
+                        f"optimizer state in bf16 (default {d.precision}: bf16 on a GPU that has it, else fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--strategy", default=None, choices=list(STRATEGIES),
                    help="under torchrun: ddp (a full copy per process), fsdp (FSDP2, ZeRO-3: weights, gradients "
@@ -212,7 +213,8 @@ def register(verbs, fmt) -> None:
                    help="adapter: houlsby = after attention and FFN, pfeiffer = after FFN (default houlsby)")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
                    help="pack short examples into each row (no attention across them)")
-    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                   help="bf16 / fp16: mixed precision over fp32 weights; bf16-true: bf16 weights (default auto)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--strategy", default=None, choices=list(STRATEGIES),
                    help="under torchrun: ddp, fsdp or zero2, as for `camelid pretrain` (default none)")

@@ -6,7 +6,8 @@ length, b bytes per activation element (2 for bf16/fp16, 4 for fp32).
 
 What the numbers assume (camelid's own training loop):
 - full fine-tuning / pretraining keeps fp32 master weights and runs the matmuls under autocast; the half-precision
-  weight copies autocast makes are saved for backward, so they are a term of their own;
+  weight copies autocast makes are saved for backward, so they are a term of their own; with precision bf16-true
+  the weights, gradients and optimizer states are bf16 themselves (2 bytes each, no copies);
 - PEFT methods keep the frozen base in the compute dtype (bf16/fp16; fp32 with --precision fp32) and their
   trainable parameters, gradients and optimizer states in fp32;
 - attention is SDPA with a flash / memory-efficient kernel: no (S x S) score matrix is stored;
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from camelid.config import ModelConfig, num_parameters
 
 METHODS = ("full", "lora", "qlora", "dora", "prefix", "prompt", "adapter", "bitfit", "ia3", "inference")
-PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4}
+PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4, "bf16-true": 2}  # bytes per activation element
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "sgd")
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 LORA_TARGETS = {"qv": ("q", "v"), "all": ("q", "k", "v", "o", "gate", "up", "down")}
@@ -147,6 +148,8 @@ def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: i
     c = config
     _check(c, method, seq, batch, precision, optimizer, checkpointing, gpus, strategy, kv_context, lora_r, lora_targets)
     b = PRECISIONS[precision]
+    pure = precision == "bf16-true"  # trainable weights, their gradients and optimizer states in bf16
+    m = 2 if pure and method != "qlora" else 4  # bytes per trainable element (QLoRA adapters stay fp32 over NF4)
     P, L, V, h = num_parameters(c), c.num_hidden_layers, c.vocab_size, c.hidden_size
     T = trainable_params(c, method, lora_r, lora_targets)
     train = method != "inference"
@@ -158,7 +161,9 @@ def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: i
         terms[name], formulas[name] = float(value), formula
 
     # ---- weights -------------------------------------------------------------------------------------------------
-    if method == "full":
+    if method == "full" and pure:
+        put("weights", 2 * P, "2 P (bf16 weights, bf16-true)")
+    elif method == "full":
         put("weights", 4 * P, "4 P (fp32 master weights; autocast runs the matmuls in half precision)")
     elif method == "qlora":
         Q = quantized_params(c)
@@ -169,17 +174,19 @@ def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: i
     elif method == "inference":
         put("weights", b * P, f"{b} P (weights in {precision})")
     else:
-        put("weights", b * P + 4 * T, f"{b} P frozen base in {precision} + 4 T fp32 trainable")
+        put("weights", b * P + m * T, f"{b} P frozen base in {precision} + {m} T {'bf16' if m == 2 else 'fp32'} "
+                                      "trainable")
     # ---- gradients and optimizer states (fp32, trainable parameters only) --------------------------------------
     if train:
-        put("gradients", 4 * T, "4 T (fp32, one per trainable parameter)")
-        per_param = {"adamw": 8, "adamw8bit": 2 + 8 / 2048, "lion": 4, "sgd": 4}[optimizer]
+        kind = "bf16" if m == 2 else "fp32"
+        put("gradients", m * T, f"{m} T ({kind}, one per trainable parameter)")
+        per_param = {"adamw": 2 * m, "adamw8bit": 2 + 8 / 2048, "lion": m, "sgd": m}[optimizer]
         steps = 4 * (num_param_tensors(c) if method == "full" else 0) if optimizer == "adamw" else 0
         put("optimizer", per_param * T + steps, {
-            "adamw": "8 T (exp_avg + exp_avg_sq, fp32)" + (" + 4 x parameter tensors (`step`)" if steps else ""),
+            "adamw": f"{2 * m} T (exp_avg + exp_avg_sq, {kind})" + (" + 4 x parameter tensors (`step`)" if steps else ""),
             "adamw8bit": "(2 + 8/2048) T (two 8-bit states + an fp32 absmax per 2048-value block, bitsandbytes)",
-            "lion": "4 T (one fp32 momentum)",
-            "sgd": "4 T (one fp32 momentum buffer; SGD without momentum keeps none)"}[optimizer])
+            "lion": f"{m} T (one {kind} momentum)",
+            "sgd": f"{m} T (one {kind} momentum buffer; SGD without momentum keeps none)"}[optimizer])
     # ---- distributed sharding (per GPU) -------------------------------------------------------------------------
     if train and gpus > 1:
         shard = {"ddp": (), "zero1": ("optimizer",), "zero2": ("optimizer", "gradients"),
@@ -197,7 +204,7 @@ def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: i
     S = seq + (NUM_VIRTUAL_TOKENS if method == "prompt" else 0)  # prompt tuning lengthens every sequence
     if train:
         per_tok, detail = activation_bytes_per_token_layer(c, method, b, lora_targets)
-        resid = 4 if method == "full" or precision == "fp32" else b  # the residual stream's dtype
+        resid = 4 if (method == "full" and not pure) or precision == "fp32" else b  # the residual stream's dtype
         if checkpointing:
             put("activations", batch * S * (L * resid * h + per_tok),
                 f"B S (L x {resid} h block inputs + one block recomputed: {per_tok:g})")
@@ -205,19 +212,21 @@ def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: i
             put("activations", batch * S * L * per_tok, f"B S L x [{detail}] per token per layer")
         if method == "full":
             # autocast's half copies of every matmul weight, saved for backward (the gradient of the input)
-            put("autocast_weight_copies", 2 * (P - V * h * (0 if c.tie_word_embeddings else 1)) if b == 2 else 0,
-                "2 x matmul weights (P less the embedding table) in half precision; 0 for fp32")
+            put("autocast_weight_copies",
+                2 * (P - V * h * (0 if c.tie_word_embeddings else 1)) if b == 2 and not pure else 0,
+                "2 x matmul weights (P less the embedding table) in half precision; 0 for fp32 and bf16-true")
         if gpus > 1 and strategy in ("fsdp", "zero2", "zero3"):  # sharded lm_head: the chunked loss
             chunk = min(batch * S, CE_CHUNK)
             put("logits", batch * S * V * 2 * b + chunk * V * 2 * 4,
                 f"B S V x 2 x {b} (logits kept for backward + their gradient) + {chunk} x V x 8 (fp32 CE chunk)")
         else:
             rows = min(batch * S, max(1, FUSED_CHUNK_BYTES // (4 * V)))
-            head = (V * h * b if b == 2 else 0) + V * h * (4 + b) if method == "full" else 0
+            copy = b == 2 and not pure  # autocast's half copy of an fp32 lm_head
+            head = (V * h * b if copy else 0) + V * h * (4 + b) if method == "full" else 0
             put("loss", batch * S * h * resid + rows * V * (4 + b) + head,
                 f"B S h x {resid} (gradient of the hidden states) + {rows} x V x {4 + b} (fp32 logits chunk, its "
-                f"gradient in {b} bytes)" + (f" + V h ({'2 + ' if b == 2 else ''}4 + {b}) (lm_head"
-                                            f"{' in half precision' if b == 2 else ''}, its fp32 gradient and a "
+                f"gradient in {b} bytes)" + (f" + V h ({'2 + ' if copy else ''}4 + {b}) (lm_head"
+                                            f"{' in half precision' if copy else ''}, its fp32 gradient and a "
                                             "chunk's product)" if method == "full" else ""))
         put("backward_buffers", batch * S * (2 * c.intermediate_size + h) * b,
             "B S (2 i + h) b (gradients in flight through one block)")

@@ -18,7 +18,7 @@ from camelid.config import ConfigError, ModelConfig
 from camelid.plan.fit import fit_training, parse_size
 
 OPTIMIZERS = ("adamw", "lion", "adamw8bit", "paged_adamw8bit")  # the 8-bit two: CUDA only (optim.py)
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-true")
 STRATEGIES = ("none", "ddp", "fsdp", "zero2")  # see camelid/train/distributed.py
 
 
@@ -45,7 +45,10 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
     # speed and memory
-    precision: str = "auto"  # auto = bf16 on a GPU that has it, else fp32
+    # bf16 / fp16: fp32 master weights, matmuls under autocast (mixed precision); bf16-true: the weights, gradients
+    # and optimizer states themselves in bf16 (half the memory of the static state, litgpt's "bf16-true");
+    # auto = bf16 on a GPU that has it, else fp32
+    precision: str = "auto"
     compile: bool = False
     activation_checkpointing: bool = False
     measure_gns: bool = False  # log the gradient noise scale (gns.py) and a critical batch; needs grad_accum >= 2

@@ -86,7 +86,7 @@ def mixed_precision(precision: str) -> MixedPrecisionPolicy:
     are the master copy the optimizer updates). fp32: no casts."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if precision == "bf16":
+    if precision in ("bf16", "bf16-true"):  # bf16-true: the shards are bf16 already; gradients still reduced in fp32
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if precision == "fp16":  # TrainConfig.validate refuses this earlier; here for a direct caller
         raise ValueError("fsdp / zero2 train in fp32 or bf16: fp16's GradScaler sees only this rank's gradient "

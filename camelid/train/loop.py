@@ -122,6 +122,8 @@ class Trainer:
             if prompt_len >= self.raw.config.max_position_embeddings:
                 raise ValueError(f"sample_prompt is {prompt_len} tokens, as long as the model's context: shorten it")
         if self.raw is model:  # ours to place and wrap; a model passed in already wrapped is used as it is
+            if self.precision == "bf16-true":  # before the optimizer exists: its states follow the weights' dtype
+                self.raw.to(torch.bfloat16)
             if cfg.activation_checkpointing:
                 self.raw.set_activation_checkpointing(True)
             model = distributed.wrap(self.raw, cfg.strategy, device, self.precision)  # moves it to the device
@@ -224,9 +226,11 @@ class Trainer:
                 profiler.step()
 
     def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16-true autocasts too: a no-op over bf16 weights, and it keeps fp32 leftovers (QLoRA adapters over NF4
+        weights keep their dtype) working."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _fetch(self, step: int) -> list[Batch]:

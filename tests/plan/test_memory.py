@@ -143,3 +143,21 @@ def test_loss_term_follows_the_training_loss():
     assert "loss" in single.terms and "logits" not in single.terms
     assert "logits" in sharded.terms and "loss" not in sharded.terms
     assert single.terms["loss"] < sharded.terms["logits"]  # no (B S, V) logits kept
+
+
+def test_bf16_true_terms_match_a_bf16_model_and_its_optimizer(tiny):
+    """precision bf16-true: the weights, gradients and AdamW state terms are the bf16 tensors' real sizes."""
+    config, model = tiny
+    half = Transformer(config).to(torch.bfloat16)
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    torch.nn.functional.cross_entropy(half(ids).flatten(0, 1).float(), ids.flatten()).backward()
+    opt = torch.optim.AdamW(half.parameters(), lr=1e-3)
+    opt.step()
+    est = estimate(config, "full", seq=16, batch=2, precision="bf16-true")
+    assert est.terms["weights"] == _bytes(half.parameters())
+    assert est.terms["gradients"] == _bytes(p.grad for p in half.parameters())
+    state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    assert est.terms["optimizer"] == _bytes(state)
+    assert est.terms["autocast_weight_copies"] == 0
+    mixed = estimate(config, "full", seq=16, batch=2, precision="bf16")
+    assert est.total < mixed.total

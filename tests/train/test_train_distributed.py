@@ -132,3 +132,18 @@ def test_safetensors_checkpoint_of_a_tied_moe_model_resumes_under_fsdp(prepared,
 def test_unwrap_plain_module():
     lin = torch.nn.Linear(2, 2)
     assert unwrap(lin) is lin
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_true_two_processes(prepared, tmp_path):
+    """bf16-true under FSDP2: bf16 shards, gradients reduced in fp32, a bf16 final folder; the losses follow one
+    bf16-true process (bf16 rounding, not bit for bit: the reduce order differs)."""
+    one = train(tiny_train_config(prepared, tmp_path / "one", max_steps=STEPS, eval_every=3, precision="bf16-true"))
+    out = tmp_path / "fsdp"
+    torchrun_pretrain(prepared, out, *TWO_RANKS, "--strategy", "fsdp", "--precision", "bf16-true")
+    rows = {r["step"]: r["loss"] for r in step_rows(out)}
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    for step in rows:
+        assert abs(rows[step] - one.losses[step]) < 0.02, step
+    final = load_file(out / "final" / "model.safetensors")
+    assert {t.dtype for t in final.values()} == {torch.bfloat16}
