@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu.sh wheels    # the packages the device image lacks, as wheels in .whl/ (git-ignored)
 # Then one device call per part, each carrying .whl (the device tool: carry [".whl"]):
 #   bash benchmarks/gpu.sh engine    # issue 5: CUDA tests of the Triton kernel and decode graphs, benchmarks/engine.py
-#   bash benchmarks/gpu.sh train     # issues 3, 4: pretrain.py (eager and --compile), finetune.py
+#   bash benchmarks/gpu.sh train     # issues 3, 4: pretrain.py (bf16, bf16-true, bf16-true --compile), finetune.py
 #   bash benchmarks/gpu.sh qlora     # issue 4: qlora.py (Llama-2-7B shape; writes a 13.5 GB bf16 folder to /tmp)
 #   bash benchmarks/gpu.sh check     # issues 6, 7: memory_check.py, serve_load.py on CUDA, forward.py
 # Each part prints its tables and copies the JSON it wrote (benchmarks/results/) and its log into $OUT, which the
@@ -45,28 +45,31 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__,
             "transformers", transformers.__version__)'
 
-run() {  # one benchmark: a failure is reported and the part goes on with the next
+run() {  # run SECONDS CMD...: one benchmark, stopped after SECONDS; a failure is reported and the part goes on
+    local seconds=$1
+    shift
     echo; echo "== $*"
-    "$@" || echo "!! failed ($?): $*"
+    timeout "$seconds" "$@" || echo "!! failed or timed out ($?): $*"
 }
 
 case $part in
 engine)
-    run python3 -m pytest -q -p no:cacheprovider tests/engine/test_triton_decode.py tests/engine/test_cuda_graphs.py
-    run python3 benchmarks/engine.py --device cuda
+    run 120 python3 -m pytest -q -p no:cacheprovider tests/engine/test_triton_decode.py tests/engine/test_cuda_graphs.py
+    run 420 python3 benchmarks/engine.py --device cuda
     ;;
 train)
-    run python3 benchmarks/pretrain.py --device cuda
-    run python3 benchmarks/pretrain.py --device cuda --compile --repeats 6
-    run python3 benchmarks/finetune.py --device cuda
+    run 120 python3 benchmarks/pretrain.py --device cuda
+    run 120 python3 benchmarks/pretrain.py --device cuda --dtype bf16-true
+    run 180 python3 benchmarks/pretrain.py --device cuda --dtype bf16-true --compile --repeats 6
+    run 120 python3 benchmarks/finetune.py --device cuda
     ;;
 qlora)
-    run python3 benchmarks/qlora.py --device cuda
+    run 540 python3 benchmarks/qlora.py --device cuda
     ;;
 check)
-    run python3 benchmarks/memory_check.py
-    run python3 benchmarks/serve_load.py --device cuda --dtype bfloat16
-    run python3 benchmarks/forward.py --device cuda
+    run 240 python3 benchmarks/memory_check.py
+    run 150 python3 benchmarks/serve_load.py --device cuda --dtype bfloat16
+    run 120 python3 benchmarks/forward.py --device cuda
     ;;
 *)
     echo "unknown part $part (wheels | engine | train | qlora | check)" >&2
