@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from camelid.config import ModelConfig
+from camelid.recompute import recomputed
 
 
 class RMSNorm(nn.Module):
@@ -32,11 +33,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return recomputed(self._norm, x, self.weight)  # backward keeps x alone (see camelid/recompute.py)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x32 = x.float()  # the variance in fp32 even for bf16 activations, as every reference does
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.plus_one:  # Gemma scales by (1 + w) in fp32, then casts
-            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * x32.to(x.dtype)  # LLaMA casts back first, then scales
+            return (x32 * (1.0 + weight.float())).to(x.dtype)
+        return weight * x32.to(x.dtype)  # LLaMA casts back first, then scales
 
 
 # ---- position encodings --------------------------------------------------------------------------------------
@@ -161,6 +165,11 @@ def _activation(name: str):
     return {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}[name]
 
 
+def gated(act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up, keeping only gate and up for backward (act(gate) is recomputed: camelid/recompute.py)."""
+    return recomputed(lambda g, u: act(g) * u, gate, up)
+
+
 class GatedMLP(nn.Module):
     """SwiGLU (LLaMA) or GeGLU-tanh (Gemma): down(act(gate(x)) * up(x))."""
 
@@ -172,7 +181,7 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gated(self.act, self.gate_proj(x), self.up_proj(x)))
 
 
 class Expert(nn.Module):
@@ -186,7 +195,7 @@ class Expert(nn.Module):
         self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.act(self.w1(x)) * self.w3(x))
+        return self.w2(gated(self.act, self.w1(x), self.w3(x)))
 
 
 class SparseMoE(nn.Module):

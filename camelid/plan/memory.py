@@ -110,12 +110,15 @@ def num_param_tensors(c: ModelConfig) -> int:
     return c.num_hidden_layers * per_layer + 1 + (not c.tie_word_embeddings) + 1 + (c.position_encoding == "learned")
 
 
-def activation_bytes_per_token_layer(c: ModelConfig, method: str, b: int,
-                                     lora_targets: str = "qv") -> tuple[float, str]:
+def activation_bytes_per_token_layer(c: ModelConfig, method: str, b: int, lora_targets: str = "qv",
+                                     resid: int | None = None) -> tuple[float, str]:
     """Bytes one block saves for backward, per token. A tensor is saved when backward needs it: a projection's
     input only when its weight trains or an adapter reads that input (a frozen weight's input gradient needs only
-    the weight), but SiLU, the gate product, SDPA and RMSNorm save theirs whenever any gradient flows through.
-    Checked tensor by tensor against autograd's saved tensors (tests/plan/test_memory.py)."""
+    the weight), but the gate product, SDPA and RMSNorm save theirs whenever any gradient flows through. RMSNorm
+    and the gate product keep only their inputs (camelid/recompute.py). `resid`: bytes per element of the residual
+    stream, the norms' input (default b). Checked tensor by tensor against autograd's saved tensors
+    (tests/plan/test_memory.py)."""
+    resid = b if resid is None else resid
     h, q, kv, i = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size
     k = c.num_experts_per_tok if c.num_local_experts else 1  # a MoE token runs through k experts
     reads = {"full": set(LORA_TARGETS["all"]), "lora": set(LORA_TARGETS[lora_targets])}
@@ -123,13 +126,12 @@ def activation_bytes_per_token_layer(c: ModelConfig, method: str, b: int,
     reads["ia3"] = {"down"}  # l_ff scales down's input, so that input is saved for l_ff's gradient
     inputs = reads.get(method, set())
     terms = [
-        ("2 RMSNorm fp32 inputs + rsqrt", 2 * (4 * h + 4)),
-        ("2 normalised x for the norm weights' grad", 2 * b * h if method == "full" else 0),
+        (f"2 RMSNorm inputs ({resid} bytes)", 2 * resid * h),
         ("attn norm output (q/k/v input)", b * h if inputs & {"q", "k", "v"} else 0),
         # flash returns the output in (B, T, nh, hd) memory, so o_proj's input is a view of it, not a copy
         ("SDPA q, k, v, output + fp32 logsumexp", b * (2 * q + 2 * kv) + 4 * c.num_attention_heads),
         ("mlp norm output (gate/up input)", b * h * k if inputs & {"gate", "up"} else 0),
-        ("gate out, act(gate), up out", 3 * b * i * k),
+        ("gate out, up out", 2 * b * i * k),
         ("down_proj input", b * i * k if "down" in inputs else 0),
         ("adapter inputs + bottleneck", 2 * b * (h + 2 * ADAPTER_SIZE) if method == "adapter" else 0),
     ]
@@ -203,8 +205,8 @@ def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: i
     # ---- activations -------------------------------------------------------------------------------------------
     S = seq + (NUM_VIRTUAL_TOKENS if method == "prompt" else 0)  # prompt tuning lengthens every sequence
     if train:
-        per_tok, detail = activation_bytes_per_token_layer(c, method, b, lora_targets)
         resid = 4 if (method == "full" and not pure) or precision == "fp32" else b  # the residual stream's dtype
+        per_tok, detail = activation_bytes_per_token_layer(c, method, b, lora_targets, resid)
         if checkpointing:
             put("activations", batch * S * (L * resid * h + per_tok),
                 f"B S (L x {resid} h block inputs + one block recomputed: {per_tok:g})")

@@ -100,12 +100,12 @@ def test_bad_input_is_one_clear_error(kw, needle):
         estimate(get_preset("llama-2-7b"), **kw)
 
 
-def _saved_bytes_per_layer(method: str) -> float:
-    """Bytes autograd saves for one block per token: a 2-layer minus a 1-layer tiny model (fp32, CPU)."""
+def _saved_bytes_per_layer(method: str, dtype: torch.dtype = torch.float32) -> float:
+    """Bytes autograd saves for one block per token: a 2-layer minus a 1-layer tiny model (CPU)."""
     totals = []
     for layers in (1, 2):
         torch.manual_seed(0)
-        model = Transformer(get_preset("tiny").replace(num_hidden_layers=layers))
+        model = Transformer(get_preset("tiny").replace(num_hidden_layers=layers)).to(dtype)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         seen: dict[int, int] = {}
 
@@ -115,7 +115,7 @@ def _saved_bytes_per_layer(method: str) -> float:
                 seen[ptr] = t.untyped_storage().nbytes()
             return t
 
-        embeds = torch.randn(2, 32, 64)
+        embeds = torch.randn(2, 32, 64, dtype=dtype)
         if method == "prompt":  # frozen model, gradient flows to the input embeddings
             model.requires_grad_(False)
             embeds.requires_grad_(True)
@@ -125,10 +125,13 @@ def _saved_bytes_per_layer(method: str) -> float:
     return (totals[1] - totals[0]) / (2 * 32)
 
 
-@pytest.mark.parametrize("method", ["full", "prompt"])
-def test_activation_formula_matches_autograd_saved_tensors(method):
-    per_token, _ = activation_bytes_per_token_layer(get_preset("tiny"), method, b=4)
-    assert per_token == _saved_bytes_per_layer(method)
+@pytest.mark.parametrize("method, dtype", [("full", torch.float32), ("prompt", torch.float32),
+                                           ("full", torch.bfloat16), ("prompt", torch.bfloat16)])
+def test_activation_formula_matches_autograd_saved_tensors(method, dtype):
+    """Exactly the bytes autograd keeps, fp32 and bf16 (bf16 weights: bf16-true training, or a frozen bf16 base)."""
+    b = torch.empty((), dtype=dtype).element_size()
+    per_token, _ = activation_bytes_per_token_layer(get_preset("tiny"), method, b=b)
+    assert per_token == _saved_bytes_per_layer(method, dtype)
 
 
 def test_loss_term_follows_the_training_loss():
