@@ -41,18 +41,19 @@ def cluster_token(args: argparse.Namespace) -> str | None:
 def cmd_controller(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from camelid.serve.controller import create_controller_app
+    from camelid.serve.controller import SERVER_KEEP_ALIVE_S, create_controller_app
 
     app = create_controller_app(heartbeat_timeout=args.heartbeat_timeout, cluster_token=cluster_token(args))
     print(f"camelid controller: http://{args.host}:{args.port} (drops a worker silent for {args.heartbeat_timeout:g} s)",
           file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=SERVER_KEEP_ALIVE_S)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
     import uvicorn
 
     from camelid.serve.backend import LocalBackend
+    from camelid.serve.controller import SERVER_KEEP_ALIVE_S
     from camelid.serve.worker import create_worker_app
 
     adapters = parse_adapters(args.adapter)
@@ -68,7 +69,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
     print(f"camelid worker {name}: serving {models} at {address} for the controller {args.controller}",
           file=sys.stderr)
     # a stream still open at shutdown is cut after 5 s (its client gets an error) rather than holding the exit
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                timeout_keep_alive=SERVER_KEEP_ALIVE_S)
 
 
 # ---- `camelid chat --server URL`: a terminal client of a running server ---------------------------------------------

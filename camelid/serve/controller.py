@@ -32,6 +32,7 @@ __all__ = ["CLUSTER_TOKEN_ENV", "CLUSTER_TOKEN_HEADER", "Controller", "WorkerInf
 
 CLUSTER_TOKEN_HEADER = "X-Camelid-Cluster-Token"
 CLUSTER_TOKEN_ENV = "CAMELID_CLUSTER_TOKEN"
+SERVER_KEEP_ALIVE_S = 30  # how long the controller and workers keep an idle connection open (uvicorn's default: 5 s)
 
 
 def cluster_headers(token: str | None) -> dict[str, str]:

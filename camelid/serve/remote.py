@@ -24,6 +24,9 @@ __all__ = ["RemoteBackend"]
 
 log = logging.getLogger(__name__)
 
+# < controller.SERVER_KEEP_ALIVE_S (and uvicorn's default 5 s): an idle pooled connection is closed by us first
+CLIENT_KEEP_ALIVE_S = 2.0
+
 # worker stats that add up over a cluster (a gauge of requests or blocks, a token counter); the others (block_size,
 # device_* temperatures, utilisation, memory totals) do not: device_* is reported as the largest over the workers
 ADDITIVE_STATS = ("num_waiting", "num_running", "num_blocks", "num_free_blocks", "prefix_cache_hit_tokens",
@@ -42,9 +45,12 @@ class RemoteBackend(Backend):
         # read = the longest silence allowed between two lines of a worker's stream (workers send keepalives)
         timeout = httpx.Timeout(connect=connect_timeout, read=chunk_timeout, write=chunk_timeout, pool=connect_timeout)
         headers = cluster_headers(cluster_token)  # to the controller and to the workers alike
-        self._client = httpx.AsyncClient(timeout=timeout, headers=headers)
+        # pooled connections expire well before the servers close idle ones (uvicorn: 5 s, ours: SERVER_KEEP_ALIVE_S):
+        # a request sent on a connection the server is closing at that moment fails unread with a ReadError
+        limits = httpx.Limits(keepalive_expiry=CLIENT_KEEP_ALIVE_S)
+        self._client = httpx.AsyncClient(timeout=timeout, headers=headers, limits=limits)
         # models() and stats() are synchronous in the interface
-        self._sync_client = httpx.Client(timeout=timeout, headers=headers)
+        self._sync_client = httpx.Client(timeout=timeout, headers=headers, limits=limits)
         self._counters = {"requests": 0, "worker_failures": 0}
 
     # ---- the controller ---------------------------------------------------------------------------------------------
