@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from camelid.quant import triton_nf4
 from camelid.quant.linear import QuantLinear
 
 BLOCK_SIZE = 64  # weights per absmax (QLoRA paper)
@@ -31,20 +32,22 @@ NF4_LEVELS = (-1.0000, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0
               0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0000)
 
 
-_LEVELS: dict[torch.device, torch.Tensor] = {}
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _byte_levels(device: torch.device) -> torch.Tensor:
-    """(256, 2) fp32: the two NF4 values every packed byte holds (high nibble first, torchao's packing), so one
-    lookup per byte dequantizes two weights. Made once per device: made per forward it would be a host-to-device
-    copy in every layer (a sync, and forbidden inside CUDA-graph capture)."""
-    table = _LEVELS.get(device)
-    if table is None:
-        with torch.inference_mode(False):  # a normal tensor, usable by training too
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The code book on `device`: the 16 levels (16,) fp32, and (256, 2) fp32 the two values every packed byte holds
+    (high nibble first, torchao's packing), so one lookup per byte dequantizes two weights. Made once per device:
+    made per forward it would be a host-to-device copy in every layer (a sync, and forbidden inside CUDA-graph
+    capture)."""
+    tables = _TABLES.get(device)
+    if tables is None:
+        with torch.inference_mode(False):  # normal tensors, usable by training too
             levels = torch.tensor(NF4_LEVELS, dtype=torch.float32)
             byte = torch.arange(256)
-            table = _LEVELS[device] = torch.stack([levels[byte >> 4], levels[byte & 0x0F]], dim=-1).to(device)
-    return table
+            pairs = torch.stack([levels[byte >> 4], levels[byte & 0x0F]], dim=-1)
+            tables = _TABLES[device] = (levels.to(device), pairs.to(device))
+    return tables
 
 
 def padded_numel(numel: int, block_size: int, scaler_block_size: int) -> int:
@@ -91,10 +94,15 @@ class NF4Linear(QuantLinear):
     @classmethod
     def dequantize_buffers(cls, holder: nn.Module, dtype: torch.dtype, options: dict) -> torch.Tensor:
         block_size, scaler_block_size = options["block_size"], options["scaler_block_size"]
+        numel = holder.out_features * holder.in_features
+        levels, pairs = _tables(holder.weight.device)
+        if holder.weight.is_cuda and triton_nf4.available():  # one pass over memory instead of five
+            w = triton_nf4.dequantize(holder.weight, holder.weight_absmax, holder.weight_absmax_factor,
+                                      holder.weight_absmax_mean, levels, numel, dtype, block_size, scaler_block_size)
+            return w.view(holder.out_features, holder.in_features)
         # byte i holds weights 2i (high nibble) and 2i + 1 (low): one lookup gives both
-        values = _byte_levels(holder.weight.device)[holder.weight.int()]  # (numel / 2, 2)
+        values = pairs[holder.weight.int()]  # (numel / 2, 2)
         q8 = holder.weight_absmax.view(-1, scaler_block_size)  # (n_scaler_blocks, 256)
         absmax = (q8 / holder.weight_absmax_factor[:, None]).flatten() + holder.weight_absmax_mean  # (n_blocks,)
         w = values.view(-1, block_size) * absmax[:, None]  # (n_blocks, 64)
-        numel = holder.out_features * holder.in_features
         return w.flatten()[:numel].view(holder.out_features, holder.in_features).to(dtype)
