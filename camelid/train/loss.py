@@ -7,8 +7,8 @@ Two paths, the same numbers:
   so the forward computes them right away, the gradient of the hidden states (N, H) and of the weight (V, H), and
   frees the logits; backward only scales them. Peak extra memory: one fp32 chunk of logits, not (N, V) logits kept
   for backward plus their gradient (the Liger / torchtune "fused linear cross-entropy" idea).
-- chunked: for anything else (LoRA or IA3 on lm_head, a quantized head, FSDP shards), the model's logits, then an
-  fp32 cross-entropy over chunks of tokens under activation checkpointing.
+- chunked: for anything else (LoRA or IA3 on lm_head, a quantized head, FSDP shards, fp16), the model's logits,
+  then an fp32 cross-entropy over chunks of tokens under activation checkpointing.
 Both run the lm_head matmul in the compute dtype (autocast's, else the weight's) and the log-softmax in fp32.
 """
 
@@ -96,11 +96,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
 def fusable_head(model: nn.Module) -> nn.Linear | None:
     """The model's lm_head when the fused loss may apply it itself: a plain bias-free nn.Linear with no hooks,
-    on a model that is not FSDP-sharded (a shard's weight is not the whole matrix outside the forward)."""
+    on a model that is not FSDP-sharded (a shard's weight is not the whole matrix outside the forward), computing
+    in bf16 or fp32. Not in fp16: the fused loss forms its gradients before the GradScaler's factor reaches them,
+    and probabilities near 1 / vocab are subnormal in fp16; the chunked path scales them first."""
     if is_sharded(model):
         return None
     head = getattr(unwrap(model), "lm_head", None)
     if type(head) is not nn.Linear or head.bias is not None or head._forward_hooks or head._forward_pre_hooks:
+        return None
+    device = head.weight.device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    if torch.float16 in (autocast, head.weight.dtype):
         return None
     return head
 

@@ -113,6 +113,11 @@ def test_heads_the_fused_loss_cannot_take_fall_back():
     batch = make_batch(model.config.vocab_size)
     assert_same(loss_and_grads(hooked, lambda m: loss_fn(m, batch)), loss_and_grads(hooked, lambda m: reference(m, batch)))
     assert fusable_head(torch.compile(model)) is model.lm_head  # wrappers are looked through
+    with torch.autocast("cpu", dtype=torch.float16):  # fp16: the GradScaler must scale the gradients first
+        assert fusable_head(model) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fusable_head(model) is model.lm_head
+    assert fusable_head(copy.deepcopy(model).half()) is None
 
 
 def test_prompt_tuning_drops_the_soft_tokens_from_the_hidden_states():
