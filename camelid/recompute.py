@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 class _KeepInputsOnly(torch.autograd.Function):
@@ -26,6 +27,7 @@ class _KeepInputsOnly(torch.autograd.Function):
         return fn(*inputs)  # a Function's forward records no graph: nothing but `inputs` is kept
 
     @staticmethod
+    @once_differentiable  # the recompute builds no graph of the gradients: say so rather than give wrong 2nd ones
     def backward(ctx, grad: torch.Tensor):
         wants = ctx.needs_input_grad[1:]
         inputs = [t.detach().requires_grad_(want) for t, want in zip(ctx.saved_tensors, wants)]

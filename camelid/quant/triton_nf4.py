@@ -15,6 +15,7 @@ Set TRITON_INTERPRET=1 to run it on CPU tensors through Triton's interpreter (wh
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -69,7 +70,10 @@ def dequantize(packed: torch.Tensor, absmax_q: torch.Tensor, factor: torch.Tenso
         raise ValueError(f"block_size must be even, got {block_size}")
     out = torch.empty(numel, dtype=dtype, device=packed.device)
     grid = (triton.cdiv(packed.numel(), BYTES_PER_PROGRAM),)
-    _compiled(os.environ.get("TRITON_INTERPRET") == "1")[grid](
-        packed, absmax_q, factor, mean, levels, out, packed.numel(), numel,
-        BLOCK_SIZE=block_size, SCALER_BLOCK_SIZE=scaler_block_size, BYTES=BYTES_PER_PROGRAM)
+    # Triton launches on the current CUDA device: make it the weights' (a model on cuda:1, say)
+    on_device = torch.cuda.device(packed.device) if packed.is_cuda else contextlib.nullcontext()
+    with on_device:
+        _compiled(os.environ.get("TRITON_INTERPRET") == "1")[grid](
+            packed, absmax_q, factor, mean, levels, out, packed.numel(), numel,
+            BLOCK_SIZE=block_size, SCALER_BLOCK_SIZE=scaler_block_size, BYTES=BYTES_PER_PROGRAM)
     return out

@@ -136,15 +136,23 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+def wrappers(model: nn.Module) -> Iterator[nn.Module]:
+    """The model and every module under its DDP (`.module`) and torch.compile (`._orig_mod`) wrappers, outermost
+    first; the last is the plain module."""
     while True:
+        yield model
         if isinstance(model, DDP):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
         else:
-            return model
+            return
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    *_, plain = wrappers(model)
+    return plain
 
 
 @contextlib.contextmanager

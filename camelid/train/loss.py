@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from camelid.train.distributed import is_sharded, unwrap
+from camelid.train.distributed import is_sharded, wrappers
 
 IGNORE_INDEX = -100  # labels with this value are not predicted (padding, prompt tokens in fine-tuning)
 CE_CHUNK = 4096  # tokens per fp32 cross-entropy chunk (the chunked path)
@@ -73,11 +74,16 @@ class LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None
-        return (grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None,
-                grad_weight * grad_output.to(grad_weight.dtype) if grad_weight is not None else None, None, None, None)
+
+        def scaled(grad: torch.Tensor | None) -> torch.Tensor | None:
+            # in fp32: the loop's world / n_targets factor would lose up to 0.4% rounded to bf16 first
+            return None if grad is None else (grad.float() * grad_output.float()).to(grad.dtype)
+
+        return scaled(grad_hidden), scaled(grad_weight), None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -89,6 +95,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    if not torch.is_grad_enabled():  # a Function still reports a parameter input as needing a gradient
+        hidden, weight = hidden.detach(), weight.detach()
     with torch.autocast(device_type, enabled=False):
         return LinearCrossEntropy.apply(hidden, weight, labels, compute_dtype,
                                         chunk or fused_chunk_rows(weight.shape[0]))
@@ -96,12 +104,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
 def fusable_head(model: nn.Module) -> nn.Linear | None:
     """The model's lm_head when the fused loss may apply it itself: a plain bias-free nn.Linear with no hooks,
-    on a model that is not FSDP-sharded (a shard's weight is not the whole matrix outside the forward), computing
+    on a model that is not FSDP-sharded (a shard's weight is not the whole matrix outside the forward) nor under a
+    DDP that finds unused parameters, computing
     in bf16 or fp32. Not in fp16: the fused loss forms its gradients before the GradScaler's factor reaches them,
     and probabilities near 1 / vocab are subnormal in fp16; the chunked path scales them first."""
-    if is_sharded(model):
+    *outer, plain = wrappers(model)
+    if is_sharded(plain):
         return None
-    head = getattr(unwrap(model), "lm_head", None)
+    # DDP that looks for unused parameters (MoE) would mark lm_head unused in its forward, then see its gradient
+    if any(getattr(m, "find_unused_parameters", False) for m in outer):
+        return None
+    head = getattr(plain, "lm_head", None)
     if type(head) is not nn.Linear or head.bias is not None or head._forward_hooks or head._forward_pre_hooks:
         return None
     device = head.weight.device.type

@@ -94,11 +94,20 @@ def test_bf16_autocast_matches_the_chunked_path():
         assert (fused[1][name] - grad).norm() <= 0.02 * grad.norm(), name
 
 
-def test_evaluation_needs_no_gradients():
+def test_evaluation_needs_no_gradients(monkeypatch):
+    """Under no_grad the Function forms no gradient: a parameter input would otherwise still say it needs one, and
+    every eval batch would build lm_head's (V, H) gradient for nothing."""
+    from camelid.train.loss import LinearCrossEntropy
+
     model = random_model(tiny_config())
     batch = make_batch(model.config.vocab_size)
+    seen = []
+    forward = LinearCrossEntropy.forward
+    monkeypatch.setattr(LinearCrossEntropy, "forward",
+                        staticmethod(lambda ctx, *args: seen.append(ctx.needs_input_grad[:2]) or forward(ctx, *args)))
     with torch.no_grad():
         fused, chunked = loss_fn(model, batch), loss_fn(model, batch, fused=False)
+    assert seen == [(False, False)]
     assert not fused.requires_grad
     torch.testing.assert_close(fused, chunked)
 

@@ -147,3 +147,18 @@ def test_fsdp_bf16_true_two_processes(prepared, tmp_path):
         assert abs(rows[step] - one.losses[step]) < 0.02, step
     final = load_file(out / "final" / "model.safetensors")
     assert {t.dtype for t in final.values()} == {torch.bfloat16}
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_untied_moe(prepared, tmp_path):
+    """DDP on an MoE model looks for unused parameters (an expert may get no token); lm_head is then applied inside
+    the forward (the chunked loss), or DDP would see the fused loss's lm_head gradient as a second one."""
+    shape = dict(num_local_experts=4, num_experts_per_tok=2)
+    one = train(tiny_train_config(prepared, tmp_path / "one", max_steps=STEPS, eval_every=3,
+                                  model_overrides={**TINY_MODEL, **shape}))
+    out = tmp_path / "ddp"
+    flags = [arg for key, value in shape.items() for arg in ("--set", f"model_overrides.{key}={value}")]
+    torchrun_pretrain(prepared, out, *TWO_RANKS, "--strategy", "ddp", *flags)
+    rows = {r["step"]: r["loss"] for r in step_rows(out)}
+    for step in range(1, STEPS + 1):
+        assert abs(rows[step] - one.losses[step]) < 1e-5, step
