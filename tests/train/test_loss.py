@@ -139,3 +139,20 @@ def test_prompt_tuning_drops_the_soft_tokens_from_the_hidden_states():
 
 def test_chunk_rows_follow_the_vocabulary():
     assert fused_chunk_rows(32_000) == 2097 and fused_chunk_rows(128_256) == 523 and fused_chunk_rows(10**12) == 1
+
+
+def test_fsdp_shards_take_the_chunked_path_even_compiled(tmp_path):
+    """A sharded lm_head is not the whole matrix outside the forward: the fused loss steps aside, also when the
+    sharded model sits under torch.compile's wrapper (one process, a gloo group of 1)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = random_model(tiny_config())
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        assert fusable_head(model) is None and fusable_head(torch.compile(model)) is None
+    finally:
+        dist.destroy_process_group()
