@@ -115,7 +115,8 @@ class DecodeGraphs:
         """Decode-only (one new token per sequence, its last), base model only, and no more rows than the graphs."""
         if not 0 < len(batch.seqs) <= self.max_batch:
             return False
-        return all(n == 1 and s.num_computed_tokens + 1 == len(s) and s.adapter is None
+        width = self.block_tables.shape[1]
+        return all(n == 1 and s.num_computed_tokens + 1 == len(s) and s.adapter is None and len(s.block_table) <= width
                    for s, n in zip(batch.seqs, batch.num_new_tokens))
 
     def _fill(self, batch: ScheduledBatch, b: int) -> None:
