@@ -4,7 +4,7 @@
 # Here (the CPU machine), once per session:
 #   bash benchmarks/gpu.sh wheels    # the packages the device image lacks, as wheels in .whl/ (git-ignored)
 # Then one device call per part, each carrying .whl (the device tool: carry [".whl"]):
-#   bash benchmarks/gpu.sh engine    # issue 5: CUDA tests of the Triton kernel and decode graphs, benchmarks/engine.py
+#   bash benchmarks/gpu.sh engine    # issue 5: CUDA tests of the Triton kernels and decode graphs, benchmarks/engine.py
 #   bash benchmarks/gpu.sh train     # issues 3, 4: pretrain.py (bf16, bf16-true, bf16-true --compile), finetune.py
 #   bash benchmarks/gpu.sh qlora     # issue 4: qlora.py (Llama-2-7B shape; writes a 13.5 GB bf16 folder to /tmp)
 #   bash benchmarks/gpu.sh check     # issues 6, 7: memory_check.py, serve_load.py on CUDA, forward.py
@@ -54,7 +54,8 @@ run() {  # run SECONDS CMD...: one benchmark, stopped after SECONDS; a failure i
 
 case $part in
 engine)
-    run 120 python3 -m pytest -q -p no:cacheprovider tests/engine/test_triton_decode.py tests/engine/test_cuda_graphs.py
+    run 150 python3 -m pytest -q -p no:cacheprovider tests/engine/test_triton_decode.py tests/engine/test_cuda_graphs.py \
+        tests/quant/test_triton_nf4.py
     run 420 python3 benchmarks/engine.py --device cuda
     ;;
 train)
