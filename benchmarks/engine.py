@@ -228,6 +228,8 @@ def main() -> None:
     p.add_argument("--prompt", type=int, nargs=2, metavar=("MIN", "MAX"), help="prompt lengths, uniform")
     p.add_argument("--output", type=int, nargs=2, metavar=("MIN", "MAX"), help="output lengths, uniform")
     p.add_argument("--hf-batch", type=int, help="transformers padded batch size")
+    p.add_argument("--reference-requests", type=int, help="the transformers offline columns run only the first N "
+                   "requests (a rate on a sample of the same workload; saves device time), default: all")
     p.add_argument("--decode-tokens", type=int, help="tokens decoded in the batch-1 benchmark")
     p.add_argument("--max-num-batched-tokens", type=int)
     p.add_argument("--max-num-seqs", type=int)
@@ -236,6 +238,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
                    help="decode steps replay CUDA graphs (auto: on CUDA; on for CPU runs their padded path eagerly)")
+    p.add_argument("--compile", choices=["on", "off"], default="off",
+                   help="torch.compile the decode forward the graphs replay (LLM(compile=True); on an H100 the "
+                        "compile and the 20 captures took 171 s)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default on CPU: 1; on a shared box, threads that "
                                               "spin-wait for a descheduled sibling swamp a small model)")
     p.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/engine-<device>-<shape>-<date>)")
@@ -266,34 +271,47 @@ def main() -> None:
     theirs.config.use_cache = True
     diff = check_same_logits(ours, theirs, torch.tensor([prompts[0][:16]], device=device),
                              low_precision=dtype != torch.float32)
+    build_start = time.perf_counter()
     llm = LLM(ours, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, device=device,
               max_num_seqs=opt["max_num_seqs"], max_num_batched_tokens=opt["max_num_batched_tokens"],
-              cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
+              cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
+              compile=args.compile == "on")
+    build_s = time.perf_counter() - build_start  # KV cache, graph captures (and the compile)
     graphs = llm.runner.graphs
     graph_note = ("none" if graphs is None else f"{len(graphs.graphs)} captured, up to batch {graphs.max_batch}"
                   if graphs.graphs else "padded path, not captured")
+    if graphs is not None and graphs.compiled:
+        graph_note += ", torch.compile'd forward"
     param_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in ours.parameters()}.values())
     print(f"{shape} on {device_name(device)}: {opt['requests']} requests, prompt {opt['prompt']}, output "
-          f"{opt['output']}, {llm.stats()['num_blocks']} KV blocks of {args.block_size}; CUDA graphs: {graph_note}; max |logits diff| "
+          f"{opt['output']}, {llm.stats()['num_blocks']} KV blocks of {args.block_size}; CUDA graphs: {graph_note} "
+          f"(engine built in {build_s:.1f} s); max |logits diff| "
           f"{diff:.3g}")
 
     # (a) decode at batch 1
     bandwidth = copy_bandwidth(device)
     roofline = bandwidth / param_bytes
     decode = decode_batch1(llm, theirs, prompts[0][:128], opt["decode_tokens"], device)
+    print(f"decode batch 1: camelid {decode['camelid_tok_s']:.1f} tok/s, transformers {decode['transformers_tok_s']:.1f}"
+          f" tok/s ({decode['camelid_tok_s'] / roofline:.1%} of the {roofline:.0f} tok/s roofline)", flush=True)
     decode.update(roofline_tok_s=roofline, copy_bandwidth_gb_s=bandwidth / 1e9, parameter_bytes=param_bytes,
                   camelid_roofline_fraction=decode["camelid_tok_s"] / roofline,
                   transformers_roofline_fraction=decode["transformers_tok_s"] / roofline)
 
     # (b) offline throughput
     engine = run_engine(llm, prompts, lengths, device)
+    print(f"offline: camelid {engine['output_tokens'] / engine['seconds']:.1f} output tok/s ({engine['seconds']:.1f} s,"
+          f" {engine['steps']} steps); the transformers columns next", flush=True)
     graph_replays = graphs.replays if graphs is not None else 0
     del llm, graphs  # its KV cache took most of the free GPU memory: give it to transformers' columns
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    hf = run_transformers(theirs, prompts, lengths, opt["hf_batch"], device)
-    cb = run_transformers_cb(theirs, prompts, lengths, device)  # last: it swaps the model's attention while it runs
-    same = identical_fraction(engine["outputs"], hf["outputs"], lengths)
+    n_ref = min(args.reference_requests or len(prompts), len(prompts))
+    ref_prompts, ref_lengths = prompts[:n_ref], lengths[:n_ref]
+    hf = run_transformers(theirs, ref_prompts, ref_lengths, opt["hf_batch"], device)
+    # last: it swaps the model's attention while it runs
+    cb = run_transformers_cb(theirs, ref_prompts, ref_lengths, device)
+    same = identical_fraction(engine["outputs"], hf["outputs"], ref_lengths)
     ours_tps = engine["output_tokens"] / engine["seconds"]
     theirs_tps = hf["useful_output_tokens"] / hf["seconds"]
     if "skipped" in cb:
@@ -304,7 +322,7 @@ def main() -> None:
                      "output_tokens": cb["output_tokens"], "attn_implementation": cb["attn_implementation"],
                      "settings": cb["settings"],
                      "ttft_s": cb["ttft_s"], "inter_token_s": cb["inter_token_s"],
-                     "greedy_tokens_identical": identical_fraction(engine["outputs"], cb["outputs"], lengths)}
+                     "greedy_tokens_identical": identical_fraction(engine["outputs"], cb["outputs"], ref_lengths)}
 
     print(f"{'':34}{'camelid':>12}{'transformers':>14}{'ratio':>8}")
     print(f"{'decode batch 1 (tok/s)':34}{decode['camelid_tok_s']:12.1f}{decode['transformers_tok_s']:14.1f}"
@@ -335,14 +353,14 @@ def main() -> None:
             "output_range": opt["output"], "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(lengths)},
         "engine_options": {"block_size": args.block_size, "num_blocks": engine["stats"]["num_blocks"],
                            "max_num_seqs": opt["max_num_seqs"],
-                           "max_num_batched_tokens": opt["max_num_batched_tokens"], "cuda_graphs": graph_note,
+                           "max_num_batched_tokens": opt["max_num_batched_tokens"], "cuda_graphs": graph_note, "build_s": build_s,
                            "graph_replays": graph_replays},
         "glibc_keep_freed_memory": malloc_tweak, "max_abs_logits_diff": diff,
         "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},  # other work on the box skews CPU runs
         "decode_batch1": decode,
         "offline": {"camelid_output_tok_s": ours_tps, "transformers_useful_tok_s": theirs_tps,
                     "ratio": ours_tps / theirs_tps, "camelid_s": engine["seconds"], "transformers_s": hf["seconds"],
-                    "transformers_batch": opt["hf_batch"], "kv_cache_waste": engine["kv_waste"],
+                    "transformers_batch": opt["hf_batch"], "transformers_requests": n_ref, "kv_cache_waste": engine["kv_waste"],
                     "ttft_s": engine["ttft_s"], "inter_token_s": engine["inter_token_s"], "steps": engine["steps"],
                     "engine_stats": engine["stats"], "greedy_tokens_identical": same,
                     "transformers_continuous_batching": cb_record},

@@ -147,6 +147,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (default: 5e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-liger", action="store_true", help="leave out the Liger column even when it is available")
+    p.add_argument("--compile", action="store_true", help="torch.compile camelid's model (`camelid finetune "
+                   "--compile`); the other columns run their usual recipe, eager")
     p.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/finetune-<device>-<shape>-<date>)")
     args = p.parse_args()
     transformers.logging.disable_progress_bar()
@@ -180,7 +182,9 @@ def main() -> None:
 
     # ---- the runs ---------------------------------------------------------------------------------------------
     data = batches(args.warmup + steps, batch, seq, config.vocab_size, args.seed)
-    columns = [Column("camelid", ours, camelid_loss, device, bf16, args.lr),
+    compiled = torch.compile(ours) if args.compile else None
+    ours_loss = (lambda _, ids: camelid_loss(compiled, ids)) if compiled is not None else camelid_loss
+    columns = [Column("camelid", ours, ours_loss, device, bf16, args.lr),
                Column("transformers+peft", theirs[0], hf_loss, device, bf16, args.lr)]
     if liger_apply:
         columns.append(Column("transformers+peft+liger", theirs[1], hf_loss, device, bf16, args.lr))
@@ -230,13 +234,13 @@ def main() -> None:
         "tokens_per_step": batch * seq, "lora": {"r": R, "alpha": ALPHA, "target_modules": "all-linear",
                                                  "trainable": trainable, "total": total},
         "lr": args.lr, "seed": args.seed, "warmup": args.warmup, "steps": steps, "liger": liger_note or "applied",
-        "glibc_keep_freed_memory": malloc_tweak,
+        "compile_camelid": args.compile, "glibc_keep_freed_memory": malloc_tweak,
         "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},  # other work on the box skews CPU runs
         "peft_version": importlib.metadata.version("peft"),
         "max_abs_logits_diff_base": diff, "max_abs_logits_diff_lora": lora_diff,
         "max_abs_loss_curve_diff": curve_diff, "results": results, "ratios": ratios,
     }
-    out = write_result(record, f"finetune-{device_slug(device)}-{shape}", args.out)
+    out = write_result(record, f"finetune-{device_slug(device)}-{shape}{'-compile' * args.compile}", args.out)
     print(f"wrote {out}")
 
 

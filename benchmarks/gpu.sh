@@ -4,15 +4,18 @@
 # Here (the CPU machine), once per session:
 #   bash benchmarks/gpu.sh wheels    # the packages the device image lacks, as wheels in .whl/ (git-ignored)
 # Then one device call per part, each carrying .whl (the device tool: carry [".whl"]):
+#   bash benchmarks/gpu.sh quick     # every path once, trimmed, in one call: run it first on a machine never tried
 #   bash benchmarks/gpu.sh engine    # issue 5: CUDA tests of the Triton kernels and decode graphs, benchmarks/engine.py
-#   bash benchmarks/gpu.sh train     # issues 3, 4: pretrain.py (bf16, bf16-true, bf16-true --compile), finetune.py
+#   bash benchmarks/gpu.sh train     # issues 3, 4: pretrain.py (bf16-true, eager and --compile-camelid), finetune.py
 #   bash benchmarks/gpu.sh qlora     # issue 4: qlora.py (Llama-2-7B shape; writes a 13.5 GB bf16 folder to /tmp)
 #   bash benchmarks/gpu.sh check     # issues 6, 7: memory_check.py, serve_load.py on CUDA, forward.py
 # Each part prints its tables and copies the JSON it wrote (benchmarks/results/) and its log into $OUT, which the
-# device tool brings back; commit the JSON and update docs/BENCHMARKS.md from it.
+# device tool brings back; commit the JSON and update docs/BENCHMARKS.md from it. A session gets ~30 device minutes
+# (each call's start included): engine, train and check fit in one, qlora wants most of another. $OUT brings back 8
+# files at most: the find below copies only this call's JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: bash benchmarks/gpu.sh wheels|engine|train|qlora|check}
+part=${1:?usage: bash benchmarks/gpu.sh wheels|quick|engine|train|qlora|check}
 
 if [[ $part == wheels ]]; then
     exclude=$(git rev-parse --git-path info/exclude)
@@ -53,16 +56,24 @@ run() {  # run SECONDS CMD...: one benchmark, stopped after SECONDS; a failure i
 }
 
 case $part in
-engine)
-    run 150 python3 -m pytest -q -p no:cacheprovider tests/engine/test_triton_decode.py tests/engine/test_cuda_graphs.py \
+quick)  # one call that touches every GPU path once (a first run on a new machine): fewer repeats, a sampled baseline
+    run 80 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_triton_decode.py tests/engine/test_cuda_graphs.py \
         tests/quant/test_triton_nf4.py
-    run 420 python3 benchmarks/engine.py --device cuda
+    run 220 python3 benchmarks/engine.py --device cuda --reference-requests 32
+    run 150 python3 benchmarks/pretrain.py --device cuda --dtype bf16-true --compile-camelid --repeats 5
+    run 130 python3 benchmarks/finetune.py --device cuda --compile --steps 5
+    ;;
+engine)
+    run 100 python3 -m pytest -q -p no:cacheprovider tests/engine/test_triton_decode.py tests/engine/test_cuda_graphs.py \
+        tests/quant/test_triton_nf4.py
+    # the transformers columns take most of the time (padded generate ~75 ms a step): a 128-request sample of the
+    # workload for them; every phase prints its numbers as it ends, so a timeout still leaves them in the log
+    run 480 python3 benchmarks/engine.py --device cuda --reference-requests 128
     ;;
 train)
-    run 120 python3 benchmarks/pretrain.py --device cuda
     run 120 python3 benchmarks/pretrain.py --device cuda --dtype bf16-true
-    run 180 python3 benchmarks/pretrain.py --device cuda --dtype bf16-true --compile --repeats 6
-    run 120 python3 benchmarks/finetune.py --device cuda
+    run 180 python3 benchmarks/pretrain.py --device cuda --dtype bf16-true --compile-camelid --repeats 8
+    run 150 python3 benchmarks/finetune.py --device cuda --compile
     ;;
 qlora)
     run 540 python3 benchmarks/qlora.py --device cuda
@@ -73,7 +84,7 @@ check)
     run 120 python3 benchmarks/forward.py --device cuda
     ;;
 *)
-    echo "unknown part $part (wheels | engine | train | qlora | check)" >&2
+    echo "unknown part $part (wheels | quick | engine | train | qlora | check)" >&2
     exit 2
     ;;
 esac

@@ -1,7 +1,7 @@
 """camelid.plan.memory's estimate vs the measured peak (torch.cuda.max_memory_allocated), run by run, on a GPU.
 
-Each configuration builds its model on the GPU after torch.cuda.reset_peak_memory_stats(), so the peak covers the
-weights, and then runs what the estimate models:
+Each configuration builds its model on the GPU, resets the peak statistics (so the peak covers the weights, which stay
+allocated, but not the transient of building or quantizing them) and then runs what the estimate models:
 
   full       camelid's training step: fp32 master weights, bf16 autocast, fused cross-entropy, backward,
              fused AdamW (camelid.train.optim.build_optimizer); 2 steps, so the second sees the optimizer states
@@ -82,15 +82,29 @@ def batch_of(config: ModelConfig, batch: int, seq: int) -> dict[str, torch.Tenso
     return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
 
 
+def build(config: ModelConfig, dtype: torch.dtype) -> Transformer:
+    """The model initialised on the GPU in `dtype` (seconds, not the CPU's minute; never an fp32 copy first)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(DEVICE):
+            return Transformer(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def train_run(config: ModelConfig, method: str, seq: int, batch: int, checkpointing: bool) -> None:
     """Build the model for `method` on the GPU and run two optimizer steps as camelid trains."""
     if method == "full":
-        model = Transformer(config).to(DEVICE)  # fp32 master weights
+        model = build(config, torch.float32)  # fp32 master weights
     else:
-        model = Transformer(config).to(DEVICE, torch.bfloat16)  # frozen base in the compute dtype
+        model = build(config, torch.bfloat16)  # frozen base in the compute dtype
         apply_method(model, method)
     model.set_activation_checkpointing(checkpointing)
     model.train()
+    # the peak of training from here: building a QLoRA base (bf16 first, then NF4) peaks higher than its training,
+    # and `camelid finetune` loads an already quantized base the same way (the estimate models the step)
+    torch.cuda.reset_peak_memory_stats(DEVICE)
     optimizer = build_optimizer(model, TrainConfig(), DEVICE)
     for _ in range(2):
         data = batch_of(config, batch, seq)
@@ -104,7 +118,7 @@ def train_run(config: ModelConfig, method: str, seq: int, batch: int, checkpoint
 
 
 def inference_run(config: ModelConfig, prompt: int, new: int, batch: int) -> None:
-    model = Transformer(config).to(DEVICE, torch.bfloat16).eval()
+    model = build(config, torch.bfloat16).eval()
     prompts = torch.randint(0, config.vocab_size, (batch, prompt)).tolist()
     generate_ids(model, prompts, max_new_tokens=new)
     if DEVICE.type == "cuda":

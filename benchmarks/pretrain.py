@@ -102,13 +102,17 @@ def main() -> None:
     p.add_argument("--warmup", type=int, help="untimed steps first (default: 3, or 6 with --compile)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
     p.add_argument("--no-liger", action="store_true", help="leave out the Liger column even when it is available")
+    p.add_argument("--compile-camelid", action="store_true",
+                   help="torch.compile camelid's model only (the trainer's `compile: true`); the other columns run "
+                        "their usual recipe, eager (transformers, Liger's Triton kernels)")
     p.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/pretrain-<device>-<shape>-<date>)")
     args = p.parse_args()
     transformers.logging.disable_progress_bar()
 
     device, malloc_tweak, load_start = start(args.device)
     cuda = device.type == "cuda"
-    warmup = args.warmup if args.warmup is not None else 6 if args.compile else 3
+    compiled = "all" if args.compile else "camelid" if args.compile_camelid else None
+    warmup = args.warmup if args.warmup is not None else 6 if compiled else 3
     precision = args.dtype or ("bf16" if cuda else "fp32")
     bf16 = precision == "bf16"  # autocast over fp32 weights
     seq, batch = args.seq or (2048 if cuda else 256), args.batch or 4
@@ -134,7 +138,7 @@ def main() -> None:
     batch_dict = {"input_ids": x, "labels": y}
     n_targets = count_targets(batch_dict)
     cfg = TrainConfig(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, grad_clip=CLIP)
-    model_ours = torch.compile(ours) if args.compile else ours
+    model_ours = torch.compile(ours) if compiled else ours
     steps = {"camelid": Step(ours, build_optimizer(ours, cfg, device),
                              lambda: loss_fn(model_ours, batch_dict) / n_targets, device, bf16)}
     names = ["transformers", "transformers+liger"][:len(theirs)]
@@ -193,11 +197,11 @@ def main() -> None:
         **record_header("pretrain", device), "precision": "bf16-autocast" if bf16 else precision,
         "preset": preset or "tiny", "config": config.to_hf(), "batch": batch, "seq": seq, "tokens_per_step": tokens,
         "flops_per_token": flops, "peak_flops": peak, "repeats": args.repeats, "warmup": warmup,
-        "compile": args.compile, "liger": liger_note or "applied", "glibc_keep_freed_memory": malloc_tweak,
+        "compile": compiled, "liger": liger_note or "applied", "glibc_keep_freed_memory": malloc_tweak,
         "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},  # other work on the box skews CPU runs
         "max_abs_logits_diff": diff, "results": results, "ratios": ratios,
     }
-    out = write_result(record, f"pretrain-{device_slug(device)}-{shape}{'-compile' * args.compile}", args.out)
+    out = write_result(record, f"pretrain-{device_slug(device)}-{shape}{f'-compile-{compiled}' if compiled else ''}", args.out)
     print(f"wrote {out}")
 
 

@@ -61,7 +61,7 @@ class DecodeGraphs:
     gives out: its last block is the padding rows' scratch block."""
 
     def __init__(self, model: Transformer, cache: PagedKVCache, max_batch: int, max_blocks_per_seq: int,
-                 capture: bool = True):
+                 capture: bool = True, compile: bool = False):
         self.model, self.cache = model, cache
         self.sizes = capture_sizes(min(max_batch, MAX_GRAPH_BATCH))
         self.max_batch = self.sizes[-1]
@@ -76,23 +76,37 @@ class DecodeGraphs:
         self.position_ids = buffer(1, n, fill=0)  # (1, n)
         self.slot_mapping = buffer(n, fill=self.scratch_block * cache.block_size)  # (n,)
         self.block_tables = buffer(n, max_blocks_per_seq, fill=self.scratch_block)  # (n, max_blocks)
+        # their host side: rows written through numpy (a nested list -> tensor took ~1 ms at batch 256 on the
+        # H100's host), pinned on CUDA so the upload is one asynchronous copy
+        self._host_tables = torch.full((n, max_blocks_per_seq), self.scratch_block, dtype=torch.long,
+                                       pin_memory=device.type == "cuda")
+        self._host_tables_np = self._host_tables.numpy()
         self.context_lens = buffer(n, fill=1)  # (n,)
-        rows = torch.arange(n, device=device)
-        self.metadata = {b: AttentionMetadata(
-            slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b], context_lens=self.context_lens[:b],
-            context_lens_host=[], query_start_loc=[], single_seqs=rows[:b], single_tokens=rows[:b],
-            single_width=max_blocks_per_seq, multi_seqs=[]) for b in self.sizes}
+        self.rows = torch.arange(n, device=device)  # (n,) decode row r is sequence r
+        # torch.compile: the whole padded forward becomes one graph whose elementwise work (norms, RoPE, SwiGLU,
+        # residuals) fuses into a few kernels; the paged attention stays one opaque operator (paged_attention.py).
+        # The batch size is symbolic (dynamic=True), so the sizes share a compilation (batch 1 gets its own).
+        self.compiled = compile
+        self._call = torch.compile(self._model_logits, dynamic=True) if compile else self._model_logits
         self.logits: torch.Tensor | None = None  # (n, V), allocated by the first forward
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.replays = 0  # decode steps served here (graph or, without CUDA, the same path eagerly)
         if capture:
             self._capture()
 
+    def _model_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, slot_mapping: torch.Tensor,
+                      block_tables: torch.Tensor, context_lens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Logits (b, V) of b decode rows: input_ids / position_ids (1, b), the rest (b,) or (b, max_blocks)."""
+        meta = AttentionMetadata(slot_mapping=slot_mapping, block_tables=block_tables, context_lens=context_lens,
+                                 context_lens_host=[], query_start_loc=[], single_seqs=rows, single_tokens=rows,
+                                 single_width=block_tables.shape[1], multi_seqs=[])
+        return self.model(input_ids, position_ids=position_ids, cache=PagedBatch(self.cache, meta))[0]
+
     @torch.inference_mode()
     def _forward(self, b: int) -> None:
         """The forward of padded size b over the static buffers, logits into self.logits[:b]."""
-        logits = self.model(self.input_ids[:, :b], position_ids=self.position_ids[:, :b],
-                            cache=PagedBatch(self.cache, self.metadata[b]))[0]  # (b, V)
+        logits = self._call(self.input_ids[:, :b], self.position_ids[:, :b], self.slot_mapping[:b],
+                            self.block_tables[:b], self.context_lens[:b], self.rows[:b])  # (b, V)
         if self.logits is None:
             self.logits = logits.new_empty(self.max_batch, logits.shape[-1])
         self.logits[:b].copy_(logits)
@@ -125,13 +139,17 @@ class DecodeGraphs:
         positions = [s.num_computed_tokens for s in batch.seqs]
         tokens = [s.token_ids[p] for s, p in zip(batch.seqs, positions)]
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(batch.seqs, positions)]
-        width = max(len(s.block_table) for s in batch.seqs)
-        tables = [s.block_table + [self.scratch_block] * (width - len(s.block_table)) for s in batch.seqs]
+        tables = self._host_tables_np
+        for row, seq in enumerate(batch.seqs):  # the rest of a row is the scratch block (never read: past ctx)
+            table = seq.block_table
+            tables[row, :len(table)] = table
+            tables[row, len(table):] = self.scratch_block
         host = torch.tensor([tokens, positions, slots, [p + 1 for p in positions]], dtype=torch.long)  # (4, D)
         device = self.input_ids.device
         host = host.to(device, non_blocking=True)
         self.input_ids[0, :D], self.position_ids[0, :D], self.slot_mapping[:D], self.context_lens[:D] = host
-        self.block_tables[:D, :width] = torch.tensor(tables, dtype=torch.long).to(device, non_blocking=True)
+        # whole rows: one contiguous copy; the host rows are not touched again before the step's tokens come back
+        self.block_tables[:D].copy_(self._host_tables[:D], non_blocking=True)
         if D < b:  # padding rows: token 0 at position 0, stored in and reading the scratch block
             self.input_ids[0, D:b] = 0
             self.position_ids[0, D:b] = 0

@@ -88,14 +88,17 @@ class LLM:
                  kv_cache_memory: int | str | None = None, num_blocks: int | None = None, block_size: int = 16,
                  dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
-                 tokenizer: Tokenizer | None = None, max_adapters: int = 8, cuda_graphs: bool | None = None):
+                 tokenizer: Tokenizer | None = None, max_adapters: int = 8, cuda_graphs: bool | None = None,
+                 compile: bool = False):
         """`model`: a HF-style folder (its tokenizer.json, when present, becomes `llm.tokenizer`), or a Transformer.
         The KV cache gets `num_blocks` blocks of `block_size` tokens, or as many as fit in `kv_cache_memory` bytes
         ("4GB" works); by default 90% of the free GPU memory, or on CPU 1 GiB at most (never more than max_num_seqs
         full-length sequences need). A sequence never outgrows `llm.max_model_len`: the model's context, or the
         whole cache when that is smaller. `max_num_batched_tokens` is the token budget of one step.
         `cuda_graphs`: decode steps replay CUDA graphs (camelid/engine/cuda_graphs.py); by default on CUDA. True on
-        CPU runs their padded static-buffer path without a graph (a check of that path, not a speed-up)."""
+        CPU runs their padded static-buffer path without a graph (a check of that path, not a speed-up).
+        `compile`: torch.compile the decode forward the graphs replay (fused elementwise kernels: fewer, faster
+        launches per step; costs about a minute at start). A compile or capture that fails leaves plain graphs."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(model, Transformer):
             self.model = model.to(device=device, dtype=parse_dtype(dtype)) if dtype else model.to(device)
@@ -117,7 +120,7 @@ class LLM:
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
         self.runner = Runner(self.model, num_blocks, block_size, graph_batch=max_num_seqs if cuda_graphs else 0,
-                             max_blocks_per_seq=math.ceil(self.max_model_len / block_size))
+                             max_blocks_per_seq=math.ceil(self.max_model_len / block_size), compile=compile)
         self.max_adapters = max_adapters
         self.lora: MultiLoRA | None = None
         self._adapter_keys: dict[str, str] = {}  # name -> prefix-cache root, new on every load

@@ -16,10 +16,26 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from camelid.config import ModelConfig
 from camelid.engine import triton_decode
 from camelid.model import alibi_slopes
+
+
+@torch.library.custom_op("camelid::paged_decode", mutates_args=())
+def paged_decode_op(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor, scale: float, sliding_window: int | None,
+                    alibi_slopes: torch.Tensor | None) -> torch.Tensor:
+    """triton_decode.paged_decode as one opaque operator, so that torch.compile keeps the Triton launch as it is
+    (a call in its graph) instead of tracing into the kernel or breaking the graph at every layer."""
+    return triton_decode.paged_decode(q, k_blocks, v_blocks, block_tables, context_lens, scale, sliding_window,
+                                      alibi_slopes)
+
+
+@paged_decode_op.register_fake
+def _(q, k_blocks, v_blocks, block_tables, context_lens, scale, sliding_window, alibi_slopes):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (D, nh, hd), contiguous like the kernel's output
 
 
 class PagedKVCache:
@@ -150,8 +166,9 @@ class PagedBatch:
         On CUDA with Triton, triton_decode's kernel reads the blocks in place instead of gathering them."""
         hd = q.shape[-1]
         if q.is_cuda and triton_decode.available() and triton_decode.supports(hd, k_blocks.shape[1], k_blocks.dtype):
-            out = triton_decode.paged_decode(q[0].transpose(0, 1), k_blocks, v_blocks, tables, context_lens,
-                                             hd**-0.5, self.cache.sliding_window, self.cache.alibi)  # (D, nh, hd)
+            decode = paged_decode_op if torch.compiler.is_compiling() else triton_decode.paged_decode
+            out = decode(q[0].transpose(0, 1), k_blocks, v_blocks, tables, context_lens, hd**-0.5,
+                         self.cache.sliding_window, self.cache.alibi)  # (D, nh, hd)
             return out.transpose(0, 1)[None]  # (1, nh, D, hd)
         k, v = self._gather(k_blocks, tables), self._gather(v_blocks, tables)  # (D, nkv, Tk, hd)
         D, nkv, Tk, hd = k.shape
@@ -175,7 +192,12 @@ class PagedBatch:
         T = q.shape[2]
         q_pos = torch.arange(ctx - T, ctx, device=q.device)[None, :, None]  # (1, T, 1)
         k_pos = torch.arange(ctx, device=q.device)[None, None]  # (1, 1, ctx)
-        if self.cache.sliding_window is None and self.cache.alibi is None and T == ctx:
-            # a whole prompt from scratch: the plain causal fast path (flash on GPU, GQA native)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+        if self.cache.sliding_window is None and self.cache.alibi is None:
+            if T == ctx:  # a whole prompt from scratch: the plain causal fast path (flash on GPU, GQA native)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+            # a later chunk: causal aligned to the last key (query i sees keys up to ctx - T + i); SDPA takes this
+            # without a dense mask (a fused kernel on GPU, where a (T, ctx) float mask made each chunk ~10x slower)
+            if k.shape[1] != q.shape[1]:
+                k, v = k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // k.shape[1], 1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, ctx))
         return self._sdpa(q, k, v, self._bias(q_pos, k_pos, torch.ones_like(k_pos, dtype=torch.bool), q.dtype))

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 class Runner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, lora: MultiLoRA | None = None,
-                 graph_batch: int = 0, max_blocks_per_seq: int = 0):
+                 graph_batch: int = 0, max_blocks_per_seq: int = 0, compile: bool = False):
         """`graph_batch` > 0: decode steps of up to that many sequences replay CUDA graphs (on CUDA, when the model
         allows; see cuda_graphs.py), or on CPU run the same padded static-buffer path eagerly. The cache then gets
         one scratch block beyond `num_blocks` for the padding rows."""
@@ -37,27 +37,30 @@ class Runner:
         self.block_size = block_size
         self.cache = PagedKVCache(model.config, num_blocks + (graph_batch > 0), block_size, self.dtype, self.device)
         with self.on_device():
-            self.graphs = self._decode_graphs(graph_batch, max_blocks_per_seq) if graph_batch > 0 else None
+            self.graphs = self._decode_graphs(graph_batch, max_blocks_per_seq, compile) if graph_batch > 0 else None
 
     def on_device(self) -> contextlib.AbstractContextManager:
         """Make the model's GPU the current one: Triton launches and graph captures use the current device (per
         thread), which is not the model's for LLM(device="cuda:1") or a server's engine thread."""
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
-    def _decode_graphs(self, graph_batch: int, max_blocks_per_seq: int) -> DecodeGraphs | None:
+    def _decode_graphs(self, graph_batch: int, max_blocks_per_seq: int, compile: bool) -> DecodeGraphs | None:
         if self.device.type != "cuda":
-            return DecodeGraphs(self.model, self.cache, graph_batch, max_blocks_per_seq, capture=False)
+            return DecodeGraphs(self.model, self.cache, graph_batch, max_blocks_per_seq, capture=False,
+                                compile=compile)
         reason = unsupported_reason(self.model, self.cache)
         if reason is not None:
             log.info("decode runs without CUDA graphs: %s", reason)
             return None
-        try:
-            return DecodeGraphs(self.model, self.cache, graph_batch, max_blocks_per_seq)
-        except Exception as error:  # noqa: BLE001 - a capture that fails costs speed, never the engine
-            # torch.cuda.graph leaves its capture stream current when the capture fails: back to the default one
-            torch.cuda.set_stream(torch.cuda.default_stream(self.device))
-            log.warning("CUDA graph capture failed, decode runs eagerly: %s", error)
-            return None
+        for compiled in dict.fromkeys((compile, False)):  # a compiled capture that fails: plain graphs next
+            try:
+                return DecodeGraphs(self.model, self.cache, graph_batch, max_blocks_per_seq, compile=compiled)
+            except Exception as error:  # noqa: BLE001 - a capture that fails costs speed, never the engine
+                # torch.cuda.graph leaves its capture stream current when the capture fails: back to the default one
+                torch.cuda.set_stream(torch.cuda.default_stream(self.device))
+                log.warning("CUDA graph capture%s failed: %s", " of the compiled forward" if compiled else "", error)
+        log.warning("decode runs eagerly")
+        return None
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """(input_ids (1, N), position_ids (1, N), metadata, logits_at (R,)): the packed inputs of one step."""

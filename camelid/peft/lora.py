@@ -118,7 +118,8 @@ class LoRALinear(nn.Module):
         if self.merged:
             return result
         dtype = result.dtype
-        x = x.to(self.lora_A.weight.dtype)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick the dtype: a cast here
+            x = x.to(self.lora_A.weight.dtype)  # would make (and save for backward) one more copy per adapter
         xd = self.dropout(x)
         lora = self.lora_B(self.lora_A(xd))  # (..., out)
         if not self.use_dora:

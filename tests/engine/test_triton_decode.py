@@ -198,3 +198,24 @@ def test_imports_without_triton(monkeypatch):
     with pytest.raises(ValueError, match="needs Triton"):
         module.paged_decode(torch.zeros(1, 1, 16), torch.zeros(1, 4, 1, 16), torch.zeros(1, 4, 1, 16),
                             torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long), 1.0)
+
+
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("window, alibi", [(None, False), (5, True)], ids=["plain", "window_alibi"])
+def test_operator_is_one_opaque_call_under_torch_compile(window, alibi):
+    """camelid::paged_decode, the form the compiled decode forward calls: torch.compile(fullgraph=True) takes it
+    without a graph break and gives the direct call's output, the kernel launched as it is."""
+    from camelid.engine.paged_attention import paged_decode_op
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(3)
+    k_blocks, v_blocks, tables, lens = make_cache([1, 6, 13], 2, 16, 4, torch.float32, gen)
+    q = torch.randn(3, 4, 16, generator=gen)
+    slopes = alibi_slopes(4) if alibi else None
+    direct = triton_decode.paged_decode(q, k_blocks, v_blocks, tables, lens, 0.25, window, slopes)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def compiled(q, k_blocks, v_blocks, tables, lens):
+        return paged_decode_op(q * 1.0, k_blocks, v_blocks, tables, lens, 0.25, window, slopes) + 0.0
+
+    torch.testing.assert_close(compiled(q, k_blocks, v_blocks, tables, lens), direct, atol=0, rtol=0)

@@ -1,0 +1,212 @@
+"""Where the time goes on a GPU: step-time ablations and profiler tables for training and the engine.
+
+A tool for a short device lease, not a comparison: it prints what to optimise next (its first H100 output is in
+benchmarks/results/logs/h100-2026-11-22-call2-*.log and call3-engine.log).
+  python benchmarks/diagnose.py train     # TinyLlama bf16-true step: plain, no recompute, loss variants, profile
+  python benchmarks/diagnose.py engine    # LLM setup, batch-1 decode, a small offline run, a profile of steps
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+
+import torch
+
+import camelid.model as model_module
+from camelid.config import get_preset
+from camelid.model import Transformer
+from camelid.train.loss import loss_fn
+
+DEV = torch.device("cuda")
+
+
+def step_time(fn, warmup=3, repeats=6) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def profile(fn, rows=30, steps=2) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+    fn()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+
+
+def train() -> None:
+    config = get_preset("tinyllama-1.1b")
+    torch.manual_seed(0)
+    model = Transformer(config).to(DEV, torch.bfloat16).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, config.vocab_size, (4, 2049), device=DEV)
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    tokens = 4 * 2048
+
+    def step(run=model, fused=True):
+        loss = loss_fn(run, batch, fused=fused) / tokens
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def fwd_bwd_only(run=model):
+        loss = loss_fn(run, batch) / tokens
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def report(name, secs):
+        print(f"{name:44} {secs * 1e3:8.1f} ms  {tokens / secs:9.0f} tok/s  "
+              f"peak {torch.cuda.max_memory_allocated() / 2**30:5.1f} GiB", flush=True)
+        torch.cuda.reset_peak_memory_stats()
+
+    report("bf16-true step (plain)", step_time(step))
+    report("  forward+backward only", step_time(fwd_bwd_only))
+    report("  chunked (unfused) loss", step_time(lambda: step(fused=False)))
+    with torch.no_grad():
+        report("  forward only, no grad", step_time(lambda: model(batch["input_ids"], return_hidden=True)))
+    original = model_module.recomputed
+    model_module.recomputed = lambda fn, *xs: fn(*xs)
+    try:
+        report("  no recompute (plain autograd)", step_time(step))
+    finally:
+        model_module.recomputed = original
+    print("\nprofile: plain step", flush=True)
+    profile(step)
+    compiled = torch.compile(model)
+    t0 = time.perf_counter()
+    step(compiled)
+    torch.cuda.synchronize()
+    print(f"compile: first step {time.perf_counter() - t0:.1f} s", flush=True)
+    report("bf16-true step, torch.compile(model)", step_time(lambda: step(compiled), warmup=3))
+    print("\nprofile: compiled step", flush=True)
+    profile(lambda: step(compiled), rows=25)
+
+
+def engine() -> None:
+    import collections
+    import random
+
+    import camelid.engine.runner as runner_module
+    from camelid.engine import LLM, SamplingParams
+    from camelid.engine.cuda_graphs import DecodeGraphs
+
+    config = get_preset("tinyllama-1.1b")
+    torch.manual_seed(0)
+    model = Transformer(config).to(DEV, torch.bfloat16).eval()
+    rng = random.Random(0)
+    timers: dict[str, float] = collections.defaultdict(float)
+    counts: dict[str, int] = collections.defaultdict(int)
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            torch.cuda.synchronize()
+            timers[name] += time.perf_counter() - t0
+            counts[name] += 1
+            return out
+        return wrapper
+
+    def batch1(llm, tokens=128) -> float:
+        prompt = [rng.randrange(3, config.vocab_size) for _ in range(128)]
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))
+        stamps = []
+        while llm.has_unfinished():
+            llm.step()
+            stamps.append(time.perf_counter())
+        return (len(stamps) - 2) / (stamps[-1] - stamps[1])
+
+    def offline(llm, n) -> None:
+        prompts = [[rng.randrange(3, config.vocab_size) for _ in range(rng.randint(32, 1024))] for _ in range(n)]
+        lens = [rng.randint(32, 512) for _ in range(n)]
+        for p, m in zip(prompts, lens):
+            llm.add_request(p, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
+        replays = llm.runner.graphs.replays if llm.runner.graphs else 0
+        t0, steps = time.perf_counter(), 0
+        while llm.has_unfinished():
+            llm.step()
+            steps += 1
+        secs = time.perf_counter() - t0
+        replays = (llm.runner.graphs.replays if llm.runner.graphs else 0) - replays
+        print(f"  offline {n} requests: {sum(lens) / secs:.0f} output tok/s, {steps} steps ({replays} graph "
+              f"replays), {secs / steps * 1e3:.1f} ms/step", flush=True)
+
+    llm = LLM(model, device=DEV, kv_cache_memory="20GB", max_num_seqs=256, max_num_batched_tokens=2048)
+    print(f"batch-1 decode, graphs: {batch1(llm):.1f} tok/s", flush=True)
+    offline(llm, 256)
+    # the same run with every phase timed (synchronised: slower in all, but it shows the split)
+    llm.scheduler.schedule = timed("schedule", llm.scheduler.schedule)
+    llm.scheduler.postprocess = timed("postprocess", llm.scheduler.postprocess)
+    llm.runner.prepare = timed("prepare (eager inputs)", llm.runner.prepare)
+    llm.runner.graphs.run = timed("graph run (fill + replay)", llm.runner.graphs.run)
+    llm.runner.graphs._fill = timed("  graph fill", llm.runner.graphs._fill)
+    model_forward = model.forward
+    model.forward = timed("model forward (eager + capture)", model.forward)
+    original_sample = runner_module.sample
+    runner_module.sample = timed("sample", original_sample)
+    step = llm.step
+    llm.step = timed("llm.step total", step)
+    offline(llm, 256)
+    for name, secs in timers.items():
+        print(f"    {name:36} {secs:7.2f} s  {counts[name]:6d} calls  {secs / counts[name] * 1e3:7.2f} ms/call")
+    llm.step, model.forward = step, model_forward
+    timers.clear()
+    print("profile: 6 decode steps at batch 256 (CUDA graphs)", flush=True)
+    for _ in range(256):
+        llm.add_request([rng.randrange(3, config.vocab_size) for _ in range(700)],
+                        SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    while any(s.num_uncomputed_tokens > 1 for s in llm.scheduler.running) or llm.scheduler.waiting:
+        llm.step()
+    profile(lambda: [llm.step() for _ in range(3)], rows=20)
+    while llm.has_unfinished():
+        llm.step()
+    runner_module.sample = original_sample
+
+    # batch 1 with the decode graph captured over torch.compile'd code (fused elementwise kernels)
+    graphs = DecodeGraphs.__new__(DecodeGraphs)
+    try:
+        t0 = time.perf_counter()
+        compiled = torch.compile(model)
+        graphs.__init__(compiled, llm.runner.cache, 1, llm.runner.graphs.block_tables.shape[1])
+        llm.runner.graphs = graphs
+        print(f"compiled graph (batch 1) built in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"batch-1 decode, compiled graph: {batch1(llm, 256):.1f} tok/s", flush=True)
+        profile(lambda: [llm.step() for _ in range(5)] if llm.add_request(
+            [5] * 100, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)) else None, rows=15)
+    except Exception as error:  # noqa: BLE001
+        import traceback
+        traceback.print_exc()
+        print(f"compiled graph failed: {error}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("part", choices=["train", "engine"])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("diagnose.py profiles CUDA kernels: it needs a CUDA GPU; nothing to do here")
+        return 0
+    {"train": train, "engine": engine}[args.part]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
