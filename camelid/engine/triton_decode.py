@@ -9,9 +9,11 @@ Work split: one program per (sequence, kv head). It loads the g = nh / nkv query
 scores them together against each key block, so under GQA every key and value is read from memory once, not g times.
 With block_size and head_dim >= 16 the two products are tl.dot on tensor cores, the query heads padded to 16 rows
 (tl.dot's minimum; decode is memory-bound, so the idle rows cost little); smaller tiles use broadcast products.
-It walks the sequence's blocks in order, keeping a running (flash-decoding style, single pass) softmax in fp32:
+It walks the sequence's keys in order, several blocks per iteration on the tl.dot path (64 keys: each key finds its
+block through the table, so more loads are in flight than with one 16-key block), keeping a running
+(flash-decoding style, single pass) softmax in fp32:
 
-    for each block of keys K_b and values V_b, scores s = q K_b^T * scale (+ ALiBi), masked to -inf where hidden:
+    for each tile of keys K_b and values V_b, scores s = q K_b^T * scale (+ ALiBi), masked to -inf where hidden:
         m'  = max(m, max(s))                  running maximum of the scores seen so far
         a   = exp(m - m')                     rescales what was accumulated under the old maximum
         p   = exp(s - m')
@@ -58,6 +60,18 @@ def supports(head_dim: int, block_size: int, dtype: torch.dtype = torch.bfloat16
     return _is_power_of_two(head_dim) and _is_power_of_two(block_size) and tile <= MAX_TILE_BYTES
 
 
+KEYS_PER_ITERATION = 64  # keys a program scores per loop iteration on the tl.dot path (several blocks of 16)
+
+
+def keys_per_iteration(block_size: int, head_dim: int, itemsize: int, use_dot: bool) -> int:
+    """Keys per loop iteration: whole blocks, up to KEYS_PER_ITERATION on the tl.dot path while a key tile stays
+    within MAX_TILE_BYTES / 2; one block on the broadcast path (its (G, K, hd) product lives in registers)."""
+    keys = block_size
+    while use_dot and keys * 2 <= KEYS_PER_ITERATION and keys * 2 * head_dim * itemsize <= MAX_TILE_BYTES // 2:
+        keys *= 2
+    return keys
+
+
 def _is_power_of_two(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
@@ -71,10 +85,12 @@ def _paged_decode_kernel(
     out_stride_seq, out_stride_head, out_stride_dim,
     table_stride_seq, table_stride_block,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, USE_DOT: tl.constexpr,
+    KEYS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     """Program (seq, kv_head): the GROUP query heads of kv_head for sequence seq. GROUP_PAD = GROUP rounded up to a
-    power of two (tile shapes must be), and to 16 with USE_DOT; padding rows compute on zeros and are never stored."""
+    power of two (tile shapes must be), and to 16 with USE_DOT; padding rows compute on zeros and are never stored.
+    Each iteration takes KEYS keys (a multiple of BLOCK_SIZE: several blocks, each key finding its own block through
+    the table), so a program keeps more loads in flight than one 16-key block at a time."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     ctx = tl.load(ctx_ptr + seq).to(tl.int32)  # keys of this sequence, the new token included
@@ -84,7 +100,7 @@ def _paged_decode_kernel(
     head_ok = group < GROUP
     heads = kv_head * GROUP + group  # (G,) query heads served by this kv head (GQA groups are contiguous)
     dims = tl.arange(0, HEAD_DIM)  # (hd,)
-    slots = tl.arange(0, BLOCK_SIZE)  # (bs,)
+    keys = tl.arange(0, KEYS)  # (K,) key offsets within one iteration
 
     q_offs = seq * q_stride_seq + heads[:, None] * q_stride_head + dims[None, :] * q_stride_dim
     q = tl.load(q_ptr + q_offs, mask=head_ok[:, None], other=0.0)  # (G, hd) in the input dtype
@@ -92,29 +108,31 @@ def _paged_decode_kernel(
         slopes = tl.load(slopes_ptr + heads, mask=head_ok, other=0.0).to(tl.float32)  # (G,)
 
     # Blocks wholly before the window hold no visible key: start at the block of the oldest visible one.
-    first_block = 0
+    first_key = 0
     if HAS_WINDOW:
-        first_block = tl.maximum(q_pos - window + 1, 0) // BLOCK_SIZE
-    num_blocks = tl.cdiv(ctx, BLOCK_SIZE)
+        first_key = (tl.maximum(q_pos - window + 1, 0) // BLOCK_SIZE) * BLOCK_SIZE
 
     # A finite start for the running max keeps exp(m - m') at 1, not NaN, should a block be fully masked.
     m = tl.full((GROUP_PAD,), -1.0e30, tl.float32)  # (G,) running max score
     l = tl.zeros((GROUP_PAD,), tl.float32)  # (G,) running softmax denominator
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)  # (G, hd) running numerator
-    for b in range(first_block, num_blocks):
-        block_id = tl.load(table_ptr + seq * table_stride_seq + b * table_stride_block).to(tl.int64)
-        k_pos = b * BLOCK_SIZE + slots  # (bs,) positions of this block's keys in the sequence
+    for start in range(first_key, ctx, KEYS):
+        k_pos = start + keys  # (K,) positions of this iteration's keys in the sequence
         visible = k_pos < ctx
         if HAS_WINDOW:
             visible = visible & (k_pos > q_pos - window)
+        # the block of each key (table entries past the sequence's last block are not read)
+        block_id = tl.load(table_ptr + seq * table_stride_seq + (k_pos // BLOCK_SIZE) * table_stride_block,
+                           mask=visible, other=0).to(tl.int64)  # (K,)
+        slot = k_pos % BLOCK_SIZE
         # Hidden slots are not loaded: the tail of the last block may hold stale (even non-finite) data, and
         # 0 * NaN would poison the sum below.
-        k_offs = block_id * k_stride_block + slots[:, None] * k_stride_slot + kv_head * k_stride_head
-        k = tl.load(k_ptr + k_offs + dims[None, :] * k_stride_dim, mask=visible[:, None], other=0.0)  # (bs, hd)
-        v_offs = block_id * v_stride_block + slots[:, None] * v_stride_slot + kv_head * v_stride_head
-        v = tl.load(v_ptr + v_offs + dims[None, :] * v_stride_dim, mask=visible[:, None], other=0.0)  # (bs, hd)
+        k_offs = block_id[:, None] * k_stride_block + slot[:, None] * k_stride_slot + kv_head * k_stride_head
+        k = tl.load(k_ptr + k_offs + dims[None, :] * k_stride_dim, mask=visible[:, None], other=0.0)  # (K, hd)
+        v_offs = block_id[:, None] * v_stride_block + slot[:, None] * v_stride_slot + kv_head * v_stride_head
+        v = tl.load(v_ptr + v_offs + dims[None, :] * v_stride_dim, mask=visible[:, None], other=0.0)  # (K, hd)
 
-        if USE_DOT:  # (G, bs) scores, accumulated in fp32; "ieee": fp32 inputs multiply in fp32, not tf32
+        if USE_DOT:  # (G, K) scores, accumulated in fp32; "ieee": fp32 inputs multiply in fp32, not tf32
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:  # tl.dot needs every tile dim >= 16: a broadcast product over (G, bs, hd) instead
             s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale
@@ -124,7 +142,7 @@ def _paged_decode_kernel(
 
         m_new = tl.maximum(m, tl.max(s, axis=1))  # (G,)
         alpha = tl.exp(m - m_new)  # (G,)
-        p = tl.exp(s - m_new[:, None])  # (G, bs)
+        p = tl.exp(s - m_new[:, None])  # (G, K)
         l = l * alpha + tl.sum(p, axis=1)
         if USE_DOT:  # probabilities in the values' dtype for the product, as the PyTorch path does
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")  # (G, hd)
@@ -195,6 +213,7 @@ def paged_decode(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
         float(scale), sliding_window or 0,
         *q.stride(), *k_blocks.stride(), *v_blocks.stride(), *out.stride(), *block_tables.stride(),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=hd, BLOCK_SIZE=block_size,
+        KEYS=keys_per_iteration(block_size, hd, q.element_size(), use_dot),
         HAS_WINDOW=sliding_window is not None, HAS_ALIBI=alibi_slopes is not None, USE_DOT=use_dot,
         num_warps=num_warps,
     )

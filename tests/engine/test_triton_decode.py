@@ -77,6 +77,9 @@ CASES = {  # name: (nh, nkv, hd, block_size, context_lens, sliding_window, alibi
     "window_dot_skips_blocks": (4, 2, 16, 16, [50, 33, 2], 18, False),
     "alibi_gqa": (8, 2, 16, 4, [1, 6, 13], None, True),
     "alibi_window_dot": (4, 1, 16, 16, [9, 40, 4], 20, True),
+    # several 64-key iterations of several blocks each, a window starting inside one, a context ending inside one
+    "long_dot_window": (8, 2, 32, 16, [200, 97, 1, 64], 70, False),
+    "long_alibi_dot": (4, 4, 16, 16, [130, 64, 65], None, True),
 }
 
 
@@ -156,7 +159,9 @@ def test_compiles_for_h100(monkeypatch, use_dot):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     kernel = triton.jit(triton_decode._paged_decode_kernel)
     dtype = "bf16" if use_dot else "fp32"
-    constants = dict(GROUP=4, GROUP_PAD=16 if use_dot else 4, HEAD_DIM=128, BLOCK_SIZE=16 if use_dot else 8,
+    block_size = 16 if use_dot else 8
+    constants = dict(GROUP=4, GROUP_PAD=16 if use_dot else 4, HEAD_DIM=128, BLOCK_SIZE=block_size,
+                     KEYS=triton_decode.keys_per_iteration(block_size, 128, 2 if use_dot else 4, use_dot),
                      HAS_WINDOW=True, HAS_ALIBI=True, USE_DOT=use_dot)
     signature = dict.fromkeys(kernel.arg_names, "i32") | dict.fromkeys(constants, "constexpr")
     signature |= dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", out_ptr=f"*{dtype}",
@@ -168,6 +173,10 @@ def test_compiles_for_h100(monkeypatch, use_dot):
 
 @pytest.mark.usefixtures("interpreter")
 def test_available_and_bad_shapes():
+    assert triton_decode.keys_per_iteration(16, 64, 2, use_dot=True) == 64  # four blocks a step
+    assert triton_decode.keys_per_iteration(16, 128, 4, use_dot=True) == 64  # a 32 KiB fp32 tile
+    assert triton_decode.keys_per_iteration(256, 128, 2, use_dot=True) == 256  # never less than a block
+    assert triton_decode.keys_per_iteration(8, 64, 4, use_dot=False) == 8  # the broadcast path: one block
     assert triton_decode.available()  # triton installed and TRITON_INTERPRET=1
     assert triton_decode.supports(128, 16) and not triton_decode.supports(96, 16) and not triton_decode.supports(64, 6)
     # shared memory: a 256-token block of fp32 keys at head_dim 128 (128 KiB) does not fit sm_90; bf16 does
