@@ -11,8 +11,8 @@
 #   bash benchmarks/gpu.sh check     # issues 6, 7: memory_check.py, serve_load.py on CUDA, forward.py
 # Each part prints its tables and copies the JSON it wrote (benchmarks/results/) and its log into $OUT, which the
 # device tool brings back; commit the JSON and update docs/BENCHMARKS.md from it. A session gets ~30 device minutes
-# (each call's start included): engine, train and check fit in one, qlora wants most of another. $OUT brings back 8
-# files at most: the find below copies only this call's JSON.
+# (each call's start included): engine, train and qlora fit in one (check instead of qlora: issue 7 is met, check
+# only guards against regressions). $OUT brings back 8 files at most: the find below copies only this call's JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part=${1:?usage: bash benchmarks/gpu.sh wheels|quick|engine|train|qlora|check}
