@@ -59,7 +59,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
     adapters = parse_adapters(args.adapter)
     token = cluster_token(args)  # before the model loads: a flag mistake costs nothing
     llm_kwargs = {k: v for k, v in dict(kv_cache_memory=args.kv_cache_memory, dtype=args.dtype, device=args.device,
-                                        max_num_seqs=args.max_num_seqs).items() if v is not None}
+                                        max_num_seqs=args.max_num_seqs, compile=args.compile or None).items()
+                  if v is not None}
     backend = LocalBackend.load(args.model, adapters, name=args.model_name, template=args.template, **llm_kwargs)
     address = args.address or f"http://{args.host}:{args.port}"
     name = args.name or f"{socket.gethostname()}:{args.port}"
@@ -238,6 +239,9 @@ def register(verbs, fmt) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as saved)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the engine's)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one batch (default: the engine's)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode forward the CUDA graphs replay (fewer, fused kernels a step; "
+                        "minutes more at start)")
     p.add_argument("--cluster-token", default=None, metavar="TOKEN", help="the cluster's shared secret (default: "
                    "$CAMELID_CLUSTER_TOKEN); required with a --host other than loopback")
     p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats (default 1)")

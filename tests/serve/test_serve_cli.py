@@ -14,6 +14,7 @@ from camelid.cli import main
     (["serve", "--model", "/no/such/model", "--db", "none"], "/no/such/model"),
     (["serve", "--model", "/no/such/model"], "/no/such/model"),  # the model loads before the database opens
     (["serve", "--model", "m", "--adapter", "a=x", "--adapter", "a=y"], "unique"),
+    (["serve", "--controller", "http://x", "--compile"], "--compile builds a local engine"),
 ])
 def test_bad_flags_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default sqlite file would land here
@@ -45,3 +46,16 @@ def test_api_keys_come_from_flags_a_file_and_the_environment(tmp_path, monkeypat
         api_keys(args)
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         api_keys(build_parser().parse_args(["serve", "--model", "m", "--api-key-file", str(tmp_path / "missing.txt")]))
+
+
+def test_compile_flag_reaches_the_engine(monkeypatch):
+    """`--compile` is LLM(compile=True): the decode graphs replay a torch.compile'd forward."""
+    from camelid.cli import build_parser
+    from camelid.cli.serve_verbs import build_backend
+    from camelid.serve.backend import LocalBackend
+
+    seen = {}
+    monkeypatch.setattr(LocalBackend, "load", classmethod(lambda cls, model, adapters, **kw: seen.update(kw)))
+    for flags, want in (([], False), (["--compile"], True)):
+        build_backend(build_parser().parse_args(["serve", "--model", "m", "--db", "none", *flags]))
+        assert seen["compile"] is want
