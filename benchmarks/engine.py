@@ -247,6 +247,8 @@ def main() -> None:
                                               "spin-wait for a descheduled sibling swamp a small model)")
     p.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/engine-<device>-<shape>-<date>)")
     args = p.parse_args()
+    if args.reference_requests is not None and args.reference_requests < 1:
+        p.error(f"--reference-requests must be >= 1, got {args.reference_requests}")
     transformers.logging.disable_progress_bar()
 
     device, malloc_tweak, load_start = start(args.device)

@@ -136,16 +136,21 @@ def hf_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
 
 
+def add_step_arguments(p, cuda_batch: int) -> None:
+    """The shape and schedule flags of the fine-tuning benchmarks (this one and qlora.py)."""
+    p.add_argument("--seq", type=int, help="tokens per row (default: 2048 on CUDA, 128 on CPU)")
+    p.add_argument("--batch", type=int, help=f"micro-batch rows (default: {cuda_batch} on CUDA, 2 on CPU)")
+    p.add_argument("--steps", type=int, help="timed steps per column (default: 10 on CUDA, 6 on CPU)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    p.add_argument("--lr", type=float, default=5e-3, help="learning rate of every column's optimizer (default: 5e-3)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="bf16 = bf16 frozen base + bf16 autocast (default on "
                                                              "CUDA); fp32 (default on CPU)")
-    p.add_argument("--seq", type=int, help="tokens per row (default: 2048 on CUDA, 128 on CPU)")
-    p.add_argument("--batch", type=int, help="micro-batch rows (default: 4 on CUDA, 2 on CPU)")
-    p.add_argument("--steps", type=int, help="timed steps per column (default: 10 on CUDA, 6 on CPU)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
-    p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (default: 5e-3)")
-    p.add_argument("--seed", type=int, default=0)
+    add_step_arguments(p, cuda_batch=4)
     p.add_argument("--no-liger", action="store_true", help="leave out the Liger column even when it is available")
     p.add_argument("--compile", action="store_true", help="torch.compile camelid's model (`camelid finetune "
                    "--compile`); the other columns run their usual recipe, eager")

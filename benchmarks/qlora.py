@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import transformers
 from common import device_name, device_slug, model_shape, parser, record_header, start, write_result
-from finetune import Column, batches, camelid_loss, hf_loss
+from finetune import Column, add_step_arguments, batches, camelid_loss, hf_loss
 
 from camelid.checkpoint import from_pretrained, save_pretrained
 from camelid.config import ModelConfig
@@ -146,12 +146,7 @@ def run_alone(column: Column, data: list[torch.Tensor]) -> dict[str, float]:
 
 def main() -> None:
     p = parser(__doc__, cuda_preset="llama-2-7b")
-    p.add_argument("--seq", type=int, help="tokens per row (default: 2048 on CUDA, 128 on CPU)")
-    p.add_argument("--batch", type=int, help="micro-batch rows (default: 1 on CUDA, 2 on CPU)")
-    p.add_argument("--steps", type=int, help="timed steps per column (default: 10 on CUDA, 6 on CPU)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
-    p.add_argument("--lr", type=float, default=5e-3, help="learning rate of both optimizers (default: 5e-3)")
-    p.add_argument("--seed", type=int, default=0)
+    add_step_arguments(p, cuda_batch=1)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/qlora-<device>-<shape>-<date>)")
     args = p.parse_args()
