@@ -25,6 +25,7 @@ import torch
 from camelid.checkpoint import save_pretrained
 from camelid.config import ModelConfig, get_preset
 from camelid.model import Transformer
+from camelid.train.compile import DEFAULT_ACTIVATION_MEMORY_BUDGET
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -61,6 +62,13 @@ def parser(doc: str, cpu_shape: str = "a tiny llama-shaped config", cuda_preset:
     p.add_argument("--layers", type=int, help="override num_hidden_layers (run a big shape on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present")
     return p
+
+
+def add_budget_argument(p: argparse.ArgumentParser) -> None:
+    """--activation-memory-budget: the partitioner budget of camelid's compiled model (camelid/train/compile.py)."""
+    p.add_argument("--activation-memory-budget", type=float, default=DEFAULT_ACTIVATION_MEMORY_BUDGET,
+                   help="camelid compiled: what the partitioner may recompute in backward (default "
+                        f"{DEFAULT_ACTIVATION_MEMORY_BUDGET}, as `camelid pretrain/finetune --compile`; 1 = torch's cut)")
 
 
 def start(device_name: str) -> tuple[torch.device, bool, float]:

@@ -40,9 +40,10 @@ from pathlib import Path
 import torch
 import transformers
 from common import check_same_logits, device_name, device_slug, record_header, same_weights
-from common import liger_patch, model_shape, parser, start, write_result
+from common import add_budget_argument, liger_patch, model_shape, parser, start, write_result
 
 from camelid.peft import apply_lora, count_parameters, lora_layers
+from camelid.train.compile import compile_for_training
 from camelid.train.loss import count_targets, loss_fn
 
 R, ALPHA, DATA_VOCAB = 16, 32, 512
@@ -154,6 +155,7 @@ def main() -> None:
     p.add_argument("--no-liger", action="store_true", help="leave out the Liger column even when it is available")
     p.add_argument("--compile", action="store_true", help="torch.compile camelid's model (`camelid finetune "
                    "--compile`); the other columns run their usual recipe, eager")
+    add_budget_argument(p)
     p.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/finetune-<device>-<shape>-<date>)")
     args = p.parse_args()
     transformers.logging.disable_progress_bar()
@@ -187,7 +189,7 @@ def main() -> None:
 
     # ---- the runs ---------------------------------------------------------------------------------------------
     data = batches(args.warmup + steps, batch, seq, config.vocab_size, args.seed)
-    compiled = torch.compile(ours) if args.compile else None
+    compiled = compile_for_training(ours, args.activation_memory_budget) if args.compile else None
     ours_loss = (lambda _, ids: camelid_loss(compiled, ids)) if compiled is not None else camelid_loss
     columns = [Column("camelid", ours, ours_loss, device, bf16, args.lr),
                Column("transformers+peft", theirs[0], hf_loss, device, bf16, args.lr)]
@@ -239,7 +241,8 @@ def main() -> None:
         "tokens_per_step": batch * seq, "lora": {"r": R, "alpha": ALPHA, "target_modules": "all-linear",
                                                  "trainable": trainable, "total": total},
         "lr": args.lr, "seed": args.seed, "warmup": args.warmup, "steps": steps, "liger": liger_note or "applied",
-        "compile_camelid": args.compile, "glibc_keep_freed_memory": malloc_tweak,
+        "compile_camelid": args.compile,
+        "activation_memory_budget": args.activation_memory_budget if args.compile else None, "glibc_keep_freed_memory": malloc_tweak,
         "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},  # other work on the box skews CPU runs
         "peft_version": importlib.metadata.version("peft"),
         "max_abs_logits_diff_base": diff, "max_abs_logits_diff_lora": lora_diff,

@@ -12,7 +12,8 @@ allocated, but not the transient of building or quantizing them) and then runs w
   prefix     prefix tuning with the estimate's 20 virtual tokens per layer (camelid.peft.prefix)
   inference  a bf16 model, generate_ids over B prompts of S tokens plus N new ones (KV cache of S + N tokens)
 
-each with and without activation checkpointing (training), at two sequence lengths. The target (issue 7) is every
+each with and without activation checkpointing (training), at two sequence lengths; full and lora also under
+torch.compile with camelid's activation memory budget (camelid/train/compile.py) at the longer one. The target (issue 7) is every
 estimate within 10% of the measured peak. The table prints both side by side with the relative error
 (estimate / measured - 1), and the rows go to benchmarks/results/memory_check-<gpu>-<model>-<date>.json.
 
@@ -43,6 +44,7 @@ from camelid.peft import apply_lora
 from camelid.peft.prefix import apply_prefix
 from camelid.plan.memory import NUM_VIRTUAL_TOKENS, estimate
 from camelid.quant import quantize_model
+from camelid.train.compile import compile_for_training
 from camelid.train.config import TrainConfig
 from camelid.train.loss import loss_fn
 from camelid.train.optim import build_optimizer
@@ -93,8 +95,10 @@ def build(config: ModelConfig, dtype: torch.dtype) -> Transformer:
         torch.set_default_dtype(previous)
 
 
-def train_run(config: ModelConfig, method: str, seq: int, batch: int, checkpointing: bool) -> None:
-    """Build the model for `method` on the GPU and run two optimizer steps as camelid trains."""
+def train_run(config: ModelConfig, method: str, seq: int, batch: int, checkpointing: bool,
+              compiled: bool = False) -> None:
+    """Build the model for `method` on the GPU and run two optimizer steps as camelid trains (`compile: true`
+    with `compiled`)."""
     if method == "full":
         model = build(config, torch.float32)  # fp32 master weights
     else:
@@ -106,10 +110,11 @@ def train_run(config: ModelConfig, method: str, seq: int, batch: int, checkpoint
     # and `camelid finetune` loads an already quantized base the same way (the estimate models the step)
     torch.cuda.reset_peak_memory_stats(DEVICE)
     optimizer = build_optimizer(model, TrainConfig(), DEVICE)
+    forward = compile_for_training(model) if compiled else model
     for _ in range(2):
         data = batch_of(config, batch, seq)
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-            loss = loss_fn(model, data) / data["labels"].numel()
+            loss = loss_fn(forward, data) / data["labels"].numel()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -141,6 +146,8 @@ def configurations(seqs: list[int], batch: int, new_tokens: int) -> list[dict]:
         for seq in seqs:
             for ckpt in (False, True):
                 rows.append(dict(method=method, seq=seq, batch=batch, checkpointing=ckpt))
+    for method in ("full", "lora"):
+        rows.append(dict(method=method, seq=seqs[-1], batch=batch, checkpointing=False, compiled=True))
     rows.append(dict(method="prefix", seq=seqs[0], batch=batch, checkpointing=False))
     for seq in seqs:
         rows.append(dict(method="inference", seq=seq, batch=batch, checkpointing=False, kv_context=seq + new_tokens))
@@ -161,12 +168,13 @@ def check(config: ModelConfig, row: dict) -> dict:
     reason = skip_reason(method)
     if reason:
         return {**row, "skipped": reason}
+    compiled = row.get("compiled", False)
     est = estimate(config, method, seq=seq, batch=batch, precision="bf16", checkpointing=row["checkpointing"],
-                   kv_context=row.get("kv_context"))
+                   kv_context=row.get("kv_context"), compiled=compiled)
     if method == "inference":
         measured = measure(lambda: inference_run(config, seq, row["kv_context"] - seq, batch))
     else:
-        measured = measure(lambda: train_run(config, method, seq, batch, row["checkpointing"]))
+        measured = measure(lambda: train_run(config, method, seq, batch, row["checkpointing"], compiled))
     return {**row, "estimate_bytes": est.total, "measured_bytes": measured, "rel_error": est.total / measured - 1,
             "terms": est.terms}
 
@@ -175,7 +183,7 @@ def label(row: dict) -> str:
     text = f"{row['method']:<9} seq {row['seq']:<5} batch {row['batch']:<3}"
     if row["method"] == "inference":
         return text + f" kv {row['kv_context']}"
-    return text + (" ckpt" if row["checkpointing"] else "")
+    return text + (" ckpt" if row["checkpointing"] else "") + (" compiled" if row.get("compiled") else "")
 
 
 def main(argv: list[str] | None = None) -> int:

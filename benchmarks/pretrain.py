@@ -43,8 +43,9 @@ from pathlib import Path
 import torch
 import transformers
 from common import check_same_logits, compare, device_name, device_slug, record_header
-from common import liger_patch, model_shape, parser, same_weights, start, write_result
+from common import add_budget_argument, liger_patch, model_shape, parser, same_weights, start, write_result
 
+from camelid.train.compile import compile_for_training
 from camelid.train.config import TrainConfig
 from camelid.train.loss import count_targets, loss_fn
 from camelid.train.metrics import flops_per_token, peak_flops
@@ -105,6 +106,7 @@ def main() -> None:
     p.add_argument("--compile-camelid", action="store_true",
                    help="torch.compile camelid's model only (the trainer's `compile: true`); the other columns run "
                         "their usual recipe, eager (transformers, Liger's Triton kernels)")
+    add_budget_argument(p)
     p.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/pretrain-<device>-<shape>-<date>)")
     args = p.parse_args()
     transformers.logging.disable_progress_bar()
@@ -138,7 +140,7 @@ def main() -> None:
     batch_dict = {"input_ids": x, "labels": y}
     n_targets = count_targets(batch_dict)
     cfg = TrainConfig(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, grad_clip=CLIP)
-    model_ours = torch.compile(ours) if compiled else ours
+    model_ours = compile_for_training(ours, args.activation_memory_budget) if compiled else ours
     steps = {"camelid": Step(ours, build_optimizer(ours, cfg, device),
                              lambda: loss_fn(model_ours, batch_dict) / n_targets, device, bf16)}
     names = ["transformers", "transformers+liger"][:len(theirs)]
@@ -197,7 +199,8 @@ def main() -> None:
         **record_header("pretrain", device), "precision": "bf16-autocast" if bf16 else precision,
         "preset": preset or "tiny", "config": config.to_hf(), "batch": batch, "seq": seq, "tokens_per_step": tokens,
         "flops_per_token": flops, "peak_flops": peak, "repeats": args.repeats, "warmup": warmup,
-        "compile": compiled, "liger": liger_note or "applied", "glibc_keep_freed_memory": malloc_tweak,
+        "compile": compiled, "activation_memory_budget": args.activation_memory_budget if compiled else None,
+        "liger": liger_note or "applied", "glibc_keep_freed_memory": malloc_tweak,
         "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},  # other work on the box skews CPU runs
         "max_abs_logits_diff": diff, "results": results, "ratios": ratios,
     }

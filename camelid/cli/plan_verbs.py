@@ -81,13 +81,14 @@ def cmd_plan_memory(args: argparse.Namespace) -> None:
     est = plan_memory.estimate(_config_of(args.model), args.method, seq=args.seq, batch=args.batch,
                                precision=args.precision, optimizer=args.optimizer, checkpointing=args.checkpointing,
                                gpus=args.gpus, strategy=args.strategy, kv_context=args.kv_context,
-                               lora_r=args.lora_r, lora_targets=args.lora_targets)
+                               lora_r=args.lora_r, lora_targets=args.lora_targets, compiled=args.compile)
     if args.json:
         print(json.dumps(est.to_dict(), indent=2))
         return
     setup = f"{args.model}, {args.method}, seq {args.seq}, batch {args.batch}, {args.precision}"
     if args.method != "inference":
         setup += f", {args.optimizer}" + (", checkpointing" if args.checkpointing else "")
+        setup += ", compiled" if args.compile else ""
         setup += f", {args.gpus} GPUs ({args.strategy})" if args.gpus > 1 else ""
     print(plan_memory.format_table(est, f"memory per GPU: {setup}"))
 
@@ -168,6 +169,9 @@ def register(verbs, fmt) -> None:
     p.add_argument("--precision", default="bf16", choices=list(plan_memory.PRECISIONS))
     p.add_argument("--optimizer", default="adamw", choices=plan_memory.OPTIMIZERS)
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
+    p.add_argument("--compile", action="store_true",
+                   help="training under torch.compile (`compile: true`): norm outputs and the gated product are "
+                        "recomputed in backward")
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--strategy", default="ddp", choices=plan_memory.STRATEGIES, help="with --gpus > 1 (default ddp)")
     p.add_argument("--kv-context", type=int, default=None, help="inference: KV-cache tokens (default --seq)")

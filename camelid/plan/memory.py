@@ -121,12 +121,15 @@ def num_param_tensors(c: ModelConfig) -> int:
 
 
 def activation_bytes_per_token_layer(c: ModelConfig, method: str, b: int, lora_targets: str = "qv",
-                                     resid: int | None = None) -> tuple[float, str]:
+                                     resid: int | None = None, compiled: bool = False, lora_r: int = 8
+                                     ) -> tuple[float, str]:
     """Bytes one block saves for backward, per token. A tensor is saved when backward needs it: a projection's
     input only when its weight trains or an adapter reads that input (a frozen weight's input gradient needs only
     the weight), but the gate product, SDPA and RMSNorm save theirs whenever any gradient flows through. RMSNorm
     and the gate product keep only their inputs (camelid/recompute.py). `resid`: bytes per element of the residual
-    stream, the norms' input (default b). Checked tensor by tensor against autograd's saved tensors
+    stream, the norms' input (default b). `compiled`: torch.compile with camelid's activation memory budget
+    (camelid/train/compile.py): the norm outputs and down_proj's input are recomputed in backward, each norm keeps
+    its fp32 inverse RMS. Checked tensor by tensor against the saved tensors of autograd and of the compiled graph
     (tests/plan/test_memory.py)."""
     resid = b if resid is None else resid
     h, q, kv, i = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size
@@ -144,7 +147,11 @@ def activation_bytes_per_token_layer(c: ModelConfig, method: str, b: int, lora_t
         ("gate out, up out", 2 * b * i * k),
         ("down_proj input", b * i * k if "down" in inputs else 0),
         ("adapter inputs + bottleneck", 2 * b * (h + 2 * ADAPTER_SIZE) if method == "adapter" else 0),
+        ("LoRA A outputs (B's input)", b * lora_r * len(inputs) if method in ("lora", "qlora") else 0),
     ]
+    if compiled:  # recomputed from the norm inputs and from gate / up, which are kept anyway
+        recomputed = ("attn norm output (q/k/v input)", "mlp norm output (gate/up input)", "down_proj input")
+        terms = [(name, n) for name, n in terms if name not in recomputed] + [("2 fp32 inverse RMS", 2 * 4)]
     formula = " + ".join(f"{name} {n:g}" for name, n in terms if n)
     return float(sum(n for _, n in terms)), formula
 
@@ -155,8 +162,10 @@ def _gb(n: float) -> str:
 
 def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: int = 1, precision: str = "bf16",
              optimizer: str = "adamw", checkpointing: bool = False, gpus: int = 1, strategy: str = "ddp",
-             kv_context: int | None = None, lora_r: int = 8, lora_targets: str = "qv") -> MemoryEstimate:
-    """Peak memory per GPU of one training step (forward + backward + optimizer) or of inference with a KV cache."""
+             kv_context: int | None = None, lora_r: int = 8, lora_targets: str = "qv",
+             compiled: bool = False) -> MemoryEstimate:
+    """Peak memory per GPU of one training step (forward + backward + optimizer) or of inference with a KV cache.
+    `compiled`: the model runs under torch.compile with camelid's activation memory budget (training `compile: true`)."""
     c = config
     _check(c, method, seq, batch, precision, optimizer, checkpointing, gpus, strategy, kv_context, lora_r, lora_targets)
     b = PRECISIONS[precision]
@@ -216,7 +225,7 @@ def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: i
     S = seq + (NUM_VIRTUAL_TOKENS if method == "prompt" else 0)  # prompt tuning lengthens every sequence
     if train:
         resid = 4 if (method == "full" and not pure) or precision == "fp32" else b  # the residual stream's dtype
-        per_tok, detail = activation_bytes_per_token_layer(c, method, b, lora_targets, resid)
+        per_tok, detail = activation_bytes_per_token_layer(c, method, b, lora_targets, resid, compiled, lora_r)
         if checkpointing:
             put("activations", batch * S * (L * resid * h + per_tok),
                 f"B S (L x {resid} h block inputs + one block recomputed: {per_tok:g})")

@@ -16,6 +16,7 @@ from typing import Any
 
 from camelid.config import ConfigError, ModelConfig
 from camelid.plan.fit import fit_training, parse_size
+from camelid.train.compile import DEFAULT_ACTIVATION_MEMORY_BUDGET, check_budget
 
 OPTIMIZERS = ("adamw", "lion", "adamw8bit", "paged_adamw8bit")  # the 8-bit two: CUDA only (optim.py)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-true")
@@ -50,6 +51,9 @@ class TrainConfig:
     # auto = bf16 on a GPU that has it, else fp32
     precision: str = "auto"
     compile: bool = False
+    # torch.compile only: how much of what the forward keeps for backward the partitioner may drop and recompute
+    # (camelid/train/compile.py); 0.9 recomputes norm outputs and the gated product, never a matmul; 1 = torch's cut
+    activation_memory_budget: float = DEFAULT_ACTIVATION_MEMORY_BUDGET
     activation_checkpointing: bool = False
     measure_gns: bool = False  # log the gradient noise scale (gns.py) and a critical batch; needs grad_accum >= 2
     profile_steps: int = 0  # > 0: a torch.profiler trace of this many steps (after 2) in out/profile/trace.json
@@ -111,6 +115,7 @@ class TrainConfig:
             parse_size(self.device_memory)
         need(self.spike_min_history <= self.spike_window,
              f"spike_min_history ({self.spike_min_history}) must be <= spike_window ({self.spike_window})")
+        check_budget(self.activation_memory_budget)
         need(0 < self.rollback_lr_factor <= 1, f"rollback_lr_factor must be in (0, 1], got {self.rollback_lr_factor}")
         need(isinstance(self.model_overrides, dict), "model_overrides must be a mapping of ModelConfig fields")
         check_keys(self.model_overrides, {f.name for f in dataclasses.fields(ModelConfig)}, "model_overrides key")

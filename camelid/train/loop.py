@@ -32,6 +32,7 @@ from camelid.generate import generate
 from camelid.monitor import Monitor, step_profiler
 from camelid.tokenizer import Tokenizer
 from camelid.train import distributed, pretrain
+from camelid.train.compile import compile_for_training
 from camelid.train.config import TrainConfig
 from camelid.train.gns import NoiseScale, grad_sq_norm
 from camelid.train.guard import SpikeGuard
@@ -136,7 +137,8 @@ class Trainer:
         if cfg.measure_gns and self.sharded:
             raise ValueError("measure_gns needs whole per-micro-batch gradients: use strategy ddp, not fsdp / zero2")
         self.gns = NoiseScale() if cfg.measure_gns else None
-        self.model = torch.compile(model) if cfg.compile else model  # what the training step calls
+        # what the training step calls
+        self.model = compile_for_training(model, cfg.activation_memory_budget) if cfg.compile else model
         self.optimizer = build_optimizer(self.raw, cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.guard = SpikeGuard(cfg.spike_sigma, cfg.spike_window, cfg.spike_min_history,

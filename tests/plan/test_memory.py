@@ -5,6 +5,8 @@ import torch
 
 from camelid.config import get_preset, num_parameters
 from camelid.model import Transformer
+from camelid.peft.lora import apply_lora
+from camelid.train.compile import compile_for_training
 from camelid.plan.memory import (NF4_BLOCK, activation_bytes_per_token_layer, estimate, num_param_tensors,
                                  quantized_params, trainable_params)
 
@@ -100,12 +102,17 @@ def test_bad_input_is_one_clear_error(kw, needle):
         estimate(get_preset("llama-2-7b"), **kw)
 
 
-def _saved_bytes_per_layer(method: str, dtype: torch.dtype = torch.float32) -> float:
-    """Bytes autograd saves for one block per token: a 2-layer minus a 1-layer tiny model (CPU)."""
+def _saved_bytes_per_layer(method: str, dtype: torch.dtype = torch.float32, compiled: bool = False) -> float:
+    """Bytes autograd saves for one block per token: a 2-layer minus a 1-layer tiny model (CPU). `compiled`: under
+    camelid's torch.compile for training, whose compiled graph saves through the same hooks."""
     totals = []
     for layers in (1, 2):
         torch.manual_seed(0)
         model = Transformer(get_preset("tiny").replace(num_hidden_layers=layers)).to(dtype)
+        if method == "lora":
+            apply_lora(model, r=4, target_modules="all-linear", compute_dtype=None)
+            model.to(dtype)
+        forward = compile_for_training(model) if compiled else model
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         seen: dict[int, int] = {}
 
@@ -119,19 +126,33 @@ def _saved_bytes_per_layer(method: str, dtype: torch.dtype = torch.float32) -> f
         if method == "prompt":  # frozen model, gradient flows to the input embeddings
             model.requires_grad_(False)
             embeds.requires_grad_(True)
+        if compiled:
+            forward(input_embeds=embeds)  # compiles; the measured call below reuses it
+            seen.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_embeds=embeds)
+            forward(input_embeds=embeds)
         totals.append(sum(seen.values()))
     return (totals[1] - totals[0]) / (2 * 32)
 
 
 @pytest.mark.parametrize("method, dtype", [("full", torch.float32), ("prompt", torch.float32),
-                                           ("full", torch.bfloat16), ("prompt", torch.bfloat16)])
+                                           ("full", torch.bfloat16), ("prompt", torch.bfloat16),
+                                           ("lora", torch.bfloat16)])
 def test_activation_formula_matches_autograd_saved_tensors(method, dtype):
     """Exactly the bytes autograd keeps, fp32 and bf16 (bf16 weights: bf16-true training, or a frozen bf16 base)."""
     b = torch.empty((), dtype=dtype).element_size()
-    per_token, _ = activation_bytes_per_token_layer(get_preset("tiny"), method, b=b)
+    per_token, _ = activation_bytes_per_token_layer(get_preset("tiny"), method, b=b, lora_targets="all", lora_r=4)
     assert per_token == _saved_bytes_per_layer(method, dtype)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_compiled_activation_formula_matches_the_compiled_graph(method):
+    """Under torch.compile with camelid's budget (bf16): the norm outputs and down_proj's input are no longer kept."""
+    tiny = get_preset("tiny")
+    per_token, _ = activation_bytes_per_token_layer(tiny, method, b=2, lora_targets="all", compiled=True, lora_r=4)
+    eager, _ = activation_bytes_per_token_layer(tiny, method, b=2, lora_targets="all", lora_r=4)
+    assert per_token < eager
+    assert per_token == _saved_bytes_per_layer(method, torch.bfloat16, compiled=True)
 
 
 def test_loss_term_follows_the_training_loss():
