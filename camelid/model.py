@@ -36,11 +36,13 @@ class RMSNorm(nn.Module):
         return recomputed(self._norm, x, self.weight)  # backward keeps x alone (see camelid/recompute.py)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()  # the variance in fp32 even for bf16 activations, as every reference does
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # F.rms_norm computes x * rsqrt(mean(x^2) + eps) in fp32 for half inputs and rounds once, as the references
+        # do by hand (bit for bit on CPU); on CUDA it is one fused kernel instead of six elementwise ones and a
+        # reduction (a decode step at batch 1 is mostly such small kernels). `.to` guards autocast, which may
+        # return fp32 here; it is free when the dtype already matches.
         if self.plus_one:  # Gemma scales by (1 + w) in fp32, then casts
-            return (x32 * (1.0 + weight.float())).to(x.dtype)
-        return weight * x32.to(x.dtype)  # LLaMA casts back first, then scales
+            return (F.rms_norm(x.float(), x.shape[-1:], eps=self.eps) * (1.0 + weight.float())).to(x.dtype)
+        return weight * F.rms_norm(x, x.shape[-1:], eps=self.eps).to(x.dtype)  # LLaMA casts back, then scales
 
 
 # ---- position encodings --------------------------------------------------------------------------------------
