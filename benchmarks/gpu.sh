@@ -6,16 +6,18 @@
 # Then one device call per part, each carrying .whl (the device tool: carry [".whl"]):
 #   bash benchmarks/gpu.sh quick     # every path once, trimmed, in one call: run it first on a machine never tried
 #   bash benchmarks/gpu.sh engine    # issue 5: CUDA tests of the Triton kernels and decode graphs, benchmarks/engine.py
-#   bash benchmarks/gpu.sh train     # issues 3, 4: pretrain.py (bf16-true, eager and --compile-camelid), finetune.py
+#   bash benchmarks/gpu.sh engine-compiled  # issue 5: engine.py with LLM(compile=True) (~3 min of compile first)
+#   bash benchmarks/gpu.sh train     # issues 3, 4: pretrain.py bf16-true --compile-camelid at activation memory
+#                                    # budgets 0.9 (camelid's default) and 1.0 (torch's), finetune.py --compile
 #   bash benchmarks/gpu.sh qlora     # issue 4: qlora.py (Llama-2-7B shape; writes a 13.5 GB bf16 folder to /tmp)
 #   bash benchmarks/gpu.sh check     # issues 6, 7: memory_check.py, serve_load.py on CUDA, forward.py
 # Each part prints its tables and copies the JSON it wrote (benchmarks/results/) and its log into $OUT, which the
 # device tool brings back; commit the JSON and update docs/BENCHMARKS.md from it. A session gets ~30 device minutes
-# (each call's start included): engine, train and qlora fit in one (check instead of qlora: issue 7 is met, check
-# only guards against regressions). $OUT brings back 8 files at most: the find below copies only this call's JSON.
+# (each call's start included): three parts fit in one. Still unmeasured after 2026-11-22: engine-compiled, train's
+# budget 0.9 rows, qlora, and engine after its mixed-step fix; check guards issue 7 (met) against regressions. $OUT brings back 8 files at most: the find below copies only this call's JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: bash benchmarks/gpu.sh wheels|quick|engine|train|qlora|check}
+part=${1:?usage: bash benchmarks/gpu.sh wheels|quick|engine|engine-compiled|train|qlora|check}
 
 if [[ $part == wheels ]]; then
     exclude=$(git rev-parse --git-path info/exclude)
@@ -70,9 +72,13 @@ engine)
     # workload for them; every phase prints its numbers as it ends, so a timeout still leaves them in the log
     run 480 python3 benchmarks/engine.py --device cuda --reference-requests 128
     ;;
-train)
-    run 120 python3 benchmarks/pretrain.py --device cuda --dtype bf16-true
+engine-compiled)  # the decode graphs over the torch.compile'd forward (LLM(compile=True)); a small reference sample
+    run 570 python3 benchmarks/engine.py --device cuda --compile on --reference-requests 16
+    ;;
+train)  # eager bf16-true was measured on 2026-11-22 (benchmarks/results/logs/): the compiled runs at two budgets
     run 180 python3 benchmarks/pretrain.py --device cuda --dtype bf16-true --compile-camelid --repeats 8
+    run 180 python3 benchmarks/pretrain.py --device cuda --dtype bf16-true --compile-camelid --repeats 8 \
+        --activation-memory-budget 1.0
     run 150 python3 benchmarks/finetune.py --device cuda --compile
     ;;
 qlora)
@@ -84,7 +90,7 @@ check)
     run 120 python3 benchmarks/forward.py --device cuda
     ;;
 *)
-    echo "unknown part $part (wheels | quick | engine | train | qlora | check)" >&2
+    echo "unknown part $part (wheels | quick | engine | engine-compiled | train | qlora | check)" >&2
     exit 2
     ;;
 esac

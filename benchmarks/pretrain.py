@@ -45,7 +45,7 @@ import transformers
 from common import check_same_logits, compare, device_name, device_slug, record_header
 from common import add_budget_argument, liger_patch, model_shape, parser, same_weights, start, write_result
 
-from camelid.train.compile import compile_for_training
+from camelid.train.compile import DEFAULT_ACTIVATION_MEMORY_BUDGET, compile_for_training
 from camelid.train.config import TrainConfig
 from camelid.train.loss import count_targets, loss_fn
 from camelid.train.metrics import flops_per_token, peak_flops
@@ -204,7 +204,9 @@ def main() -> None:
         "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},  # other work on the box skews CPU runs
         "max_abs_logits_diff": diff, "results": results, "ratios": ratios,
     }
-    out = write_result(record, f"pretrain-{device_slug(device)}-{shape}{f'-compile-{compiled}' if compiled else ''}", args.out)
+    budget = args.activation_memory_budget
+    suffix = f"-compile-{compiled}" + (f"-budget{budget:g}" if budget != DEFAULT_ACTIVATION_MEMORY_BUDGET else "")
+    out = write_result(record, f"pretrain-{device_slug(device)}-{shape}{suffix if compiled else ''}", args.out)
     print(f"wrote {out}")
 
 
