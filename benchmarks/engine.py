@@ -41,9 +41,9 @@ from camelid.engine import LLM, SamplingParams
 # max_num_batched_tokens on CUDA: 8192. The H100 run with 2048 spent 72 steps mixing decodes with prefill chunks, each
 # paying the eager forward's ~20 ms of launches; a budget 4x larger needs about 4x fewer such steps
 CUDA_DEFAULTS = dict(preset="tinyllama-1.1b", dtype="bfloat16", requests=512, prompt=(32, 1024), output=(32, 512),
-                     hf_batch=64, decode_tokens=256, max_num_batched_tokens=8192, max_num_seqs=256)
+                     hf_batch=64, decode_tokens=256, max_num_batched_tokens=8192, max_num_seqs=256, decode_steps=8)
 CPU_DEFAULTS = dict(preset=None, dtype="float32", requests=64, prompt=(16, 256), output=(16, 128), hf_batch=16,
-                    decode_tokens=64, max_num_batched_tokens=512, max_num_seqs=64)
+                    decode_tokens=64, max_num_batched_tokens=512, max_num_seqs=64, decode_steps=8)
 
 
 def sync(device: torch.device) -> None:
@@ -200,12 +200,13 @@ def decode_batch1(llm: LLM, hf, prompt: list[int], n: int, device: torch.device)
     """Decode tokens/s of one request, prefill excluded, for both."""
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm up
     request_id = llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-    stamps = []
+    stamps = []  # (time, tokens so far) at each step that brought new tokens: one, or decode_steps of them
     while llm.has_unfinished():
         for out in llm.step():
             if out.request_id == request_id:
-                stamps.append(time.perf_counter())  # one new token per step once the prefill is done
-    ours = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+                stamps.append((time.perf_counter(), len(out.outputs[0].token_ids)))
+    (t_first, n_first), (t_last, n_last) = stamps[0], stamps[-1]  # from the first token on: prefill excluded
+    ours = (n_last - n_first) / (t_last - t_first)
 
     ids = torch.tensor([prompt], device=device)
 
@@ -243,6 +244,8 @@ def main() -> None:
     p.add_argument("--compile", choices=["on", "off"], default="off",
                    help="torch.compile the decode forward the graphs replay (LLM(compile=True); on an H100 the "
                         "compile and the 20 captures took 171 s)")
+    p.add_argument("--decode-steps", type=int, help="LLM(decode_steps=K): decode-only steps on the graphs run K at a "
+                                                   "time, synced once (default 8; 1 = one sync per token)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default on CPU: 1; on a shared box, threads that "
                                               "spin-wait for a descheduled sibling swamp a small model)")
     p.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/engine-<device>-<shape>-<date>)")
@@ -279,7 +282,7 @@ def main() -> None:
     llm = LLM(ours, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, device=device,
               max_num_seqs=opt["max_num_seqs"], max_num_batched_tokens=opt["max_num_batched_tokens"],
               cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
-              compile=args.compile == "on")
+              compile=args.compile == "on", decode_steps=opt["decode_steps"])
     build_s = time.perf_counter() - build_start  # KV cache, graph captures (and the compile)
     graphs = llm.runner.graphs
     graph_note = ("none" if graphs is None else f"{len(graphs.graphs)} captured, up to batch {graphs.max_batch}"
@@ -358,6 +361,7 @@ def main() -> None:
         "engine_options": {"block_size": args.block_size, "num_blocks": engine["stats"]["num_blocks"],
                            "max_num_seqs": opt["max_num_seqs"],
                            "max_num_batched_tokens": opt["max_num_batched_tokens"], "cuda_graphs": graph_note, "build_s": build_s,
+                           "decode_steps": opt["decode_steps"],
                            "graph_replays": graph_replays},
         "glibc_keep_freed_memory": malloc_tweak, "max_abs_logits_diff": diff,
         "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},  # other work on the box skews CPU runs

@@ -23,6 +23,8 @@ Without CUDA (`capture=False`) the same padded static-buffer path runs eagerly: 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from camelid.engine import triton_decode
@@ -157,15 +159,51 @@ class DecodeGraphs:
             self.context_lens[D:b] = 1
             self.block_tables[D:b, 0] = self.scratch_block
 
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits (D, V) of the batch's D sequences (a view of the static buffer: use it before the next run)."""
-        D = len(batch.seqs)
-        b = next(size for size in self.sizes if size >= D)
-        self._fill(batch, b)
+    def _replay(self, b: int) -> None:
         graph = self.graphs.get(b)
         if graph is not None:
             graph.replay()
         else:
             self._forward(b)
         self.replays += 1
+
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits (D, V) of the batch's D sequences (a view of the static buffer: use it before the next run)."""
+        D = len(batch.seqs)
+        b = next(size for size in self.sizes if size >= D)
+        self._fill(batch, b)
+        self._replay(b)
         return self.logits[:D]
+
+    @torch.inference_mode()
+    def run_steps(self, batch: ScheduledBatch, steps: int, limits: list[int],
+                  sample: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`steps` decode steps in a row: each samples on the device (`sample`: logits (D, V) -> tokens (D,)) and
+        feeds its tokens to the next, with no host sync in between. Returns the tokens (steps, D), on the device.
+
+        Every step's positions, slots and context lengths are known now: uploaded at once, then copied into the
+        static buffers on the device between replays. Row i has blocks for its first limits[i] steps (what its
+        max_tokens and the context allow); after those it repeats its last position, writes to the scratch block and
+        reads no further, and the scheduler drops its extra tokens."""
+        D, bs = len(batch.seqs), self.cache.block_size
+        b = next(size for size in self.sizes if size >= D)
+        tokens = torch.empty(steps, D, dtype=torch.long, device=self.input_ids.device)
+        self._fill(batch, b)  # step 0, the block tables (reserved for every step), the padding rows
+        self._replay(b)
+        tokens[0] = sample(self.logits[:D])
+        # the later steps' inputs, written on the host while the GPU runs step 0
+        later = []  # per row (3, steps - 1): positions, slots, context lengths of steps 1..steps-1
+        for seq, limit in zip(batch.seqs, limits):
+            first = seq.num_computed_tokens
+            positions = [first + min(j, limit - 1) for j in range(1, steps)]
+            slots = [seq.block_table[p // bs] * bs + p % bs if j < limit else self.scratch_block * bs
+                     for j, p in zip(range(1, steps), positions)]
+            later.append((positions, slots, [p + 1 for p in positions]))
+        plan = torch.tensor(later, dtype=torch.long).permute(1, 2, 0).contiguous()  # (3, steps - 1, D)
+        plan = plan.to(self.input_ids.device, non_blocking=True)
+        for j in range(1, steps):
+            self.input_ids[0, :D] = tokens[j - 1]
+            self.position_ids[0, :D], self.slot_mapping[:D], self.context_lens[:D] = plan[:, j - 1]
+            self._replay(b)
+            tokens[j] = sample(self.logits[:D])
+        return tokens

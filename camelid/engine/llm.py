@@ -89,7 +89,7 @@ class LLM:
                  dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  tokenizer: Tokenizer | None = None, max_adapters: int = 8, cuda_graphs: bool | None = None,
-                 compile: bool = False):
+                 compile: bool = False, decode_steps: int = 1):
         """`model`: a HF-style folder (its tokenizer.json, when present, becomes `llm.tokenizer`), or a Transformer.
         The KV cache gets `num_blocks` blocks of `block_size` tokens, or as many as fit in `kv_cache_memory` bytes
         ("4GB" works); by default 90% of the free GPU memory, or on CPU 1 GiB at most (never more than max_num_seqs
@@ -99,7 +99,14 @@ class LLM:
         CPU runs their padded static-buffer path without a graph (a check of that path, not a speed-up).
         `compile`: torch.compile the decode forward the graphs replay (fused elementwise kernels: fewer, faster
         launches per step; costs minutes at start: 171 s with 20 captures on an H100). A compile or capture that
-        fails leaves plain graphs."""
+        fails leaves plain graphs.
+        `decode_steps` K > 1: a step whose batch is all decodes on the graphs runs K decode steps back to back,
+        sampling on the device and syncing once (the host's per-step work, scheduling and bookkeeping, no longer
+        sits between the GPU's forwards). Tokens are those of K single steps; outputs then arrive K tokens at a time
+        and new requests join every K tokens. Rows with penalties or logprobs, and LoRA rows, take single steps."""
+        if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 1:
+            raise ValueError(f"decode_steps must be an integer >= 1, got {decode_steps!r}")
+        self.decode_steps = decode_steps
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(model, Transformer):
             self.model = model.to(device=device, dtype=parse_dtype(dtype)) if dtype else model.to(device)
@@ -221,6 +228,14 @@ class LLM:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        if self.decode_steps > 1 and self.runner.can_run_steps(batch):
+            limits = self.scheduler.reserve_steps(batch, self.decode_steps)
+            if limits is not None:
+                start = time.perf_counter()
+                rows = self.runner.run_steps(batch, self.decode_steps, limits)
+                self._record_decode(batch, (time.perf_counter() - start) / self.decode_steps)
+                self.scheduler.postprocess_steps(batch, rows)
+                return list(batch.seqs)
         start = time.perf_counter()
         result = self.runner.run(batch)
         token_ids = result.token_ids.tolist()  # waits for the device: the step's time is complete here
@@ -272,6 +287,10 @@ class LLM:
             if c.stopper.stopped:
                 self.scheduler.finish(seq, "stop")
                 seq.finish_reason = "stop"  # also when the same token reached max_tokens
+                extra = len(outputs) - i - 1  # tokens of the same step after it (decode_steps > 1): never shown
+                if extra:
+                    del seq.token_ids[-extra:]
+                    self.scheduler.generated_tokens -= extra
                 break
         c.num_decoded = len(outputs)
         if seq.is_finished:

@@ -95,6 +95,26 @@ class Runner:
                             logits_at=logits_at)
         return logits[0]
 
+    def can_run_steps(self, batch: ScheduledBatch) -> bool:
+        """Whether several decode steps of this batch can run back to back on the device (run_steps): a batch the
+        decode graphs serve, whose rows sample without reading their tokens on the host (no penalties) and report
+        no logprobs."""
+        return (self.graphs is not None and self.graphs.can_run(batch)
+                and len(batch.samples) == len(batch.seqs)
+                and not any(s.params.uses_penalties or s.params.logprobs is not None for s in batch.seqs))
+
+    def run_steps(self, batch: ScheduledBatch, steps: int, limits: list[int]) -> list[list[int]]:
+        """`steps` decode steps of a batch that can_run_steps, synced once at the end: per sequence its `steps`
+        sampled tokens (those past its limits[i] are filler for the scheduler to drop)."""
+        params, generators = [s.params for s in batch.seqs], [s.generator for s in batch.seqs]
+        with self.on_device():
+            self.cache.copy_blocks(batch.copies)
+            if self.lora is not None:
+                self.lora.set_token_slots(None)  # as at capture: every layer is its base
+            tokens = self.graphs.run_steps(batch, steps, limits,
+                                           lambda logits: sample(logits, params, generators).token_ids)
+            return tokens.T.tolist()  # (D, steps)
+
     def run(self, batch: ScheduledBatch) -> SampleResult:
         """One step: the forward, then one token for each entry of batch.samples (in that order)."""
         with self.on_device():

@@ -146,13 +146,43 @@ class Scheduler:
         for (seq, _), token in zip(batch.samples, tokens):
             if seq.is_finished:  # aborted while the step ran
                 continue
-            seq.append(token)
-            self.generated_tokens += 1
-            params = seq.params
-            if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
-                self.finish(seq, "stop")
-            elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
-                self.finish(seq, "length")
+            self._append(seq, token)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.append(token)
+        self.generated_tokens += 1
+        params = seq.params
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            self.finish(seq, "stop")
+        elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+            self.finish(seq, "length")
+
+    # ---- several decode steps at once (LLM(decode_steps=K)) --------------------------------------------------
+
+    def reserve_steps(self, batch: ScheduledBatch, steps: int) -> list[int] | None:
+        """Blocks for up to `steps` tokens of each sequence of a decode-only batch (schedule reserved one): per
+        sequence the steps it may take before its max_tokens or the context ends it. None when free blocks run
+        short: the batch then takes its one scheduled step (blocks reserved here stay with their sequences)."""
+        limits = []
+        for seq in batch.seqs:
+            limit = min(steps, seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq))
+            copies = self.block_manager.reserve(seq, limit)
+            if copies is None:
+                return None
+            batch.copies.extend(copies)  # none in practice: schedule's reserve already made the block private
+            limits.append(limit)
+        return limits
+
+    def postprocess_steps(self, batch: ScheduledBatch, rows: list[list[int]]) -> None:
+        """postprocess for several decode steps: row i holds sequence i's tokens step by step; each is taken as a
+        one-token step would take it, and a sequence's tokens after the one that ended it are dropped."""
+        for seq, tokens in zip(batch.seqs, rows):
+            for token in tokens:
+                if seq.is_finished:
+                    break
+                seq.num_computed_tokens += 1
+                self.block_manager.register_full_blocks(seq)
+                self._append(seq, token)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a sequence now (stop, length, abort): its blocks are free at once."""

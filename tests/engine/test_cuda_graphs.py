@@ -81,6 +81,72 @@ def test_compiled_decode_forward_equals_eager(llama):
     assert compiled.runner.graphs.replays > 0 and compiled.stats()["num_preemptions"] > 0
 
 
+# ---- several decode steps per engine step (LLM(decode_steps=K)) ---------------------------------------------------
+
+def _count_multi_steps(llm: LLM) -> list[int]:
+    """Record the number of decode steps of every run_steps call the engine makes."""
+    calls, run_steps = [], llm.runner.run_steps
+
+    def spy(batch, steps, limits):
+        calls.append(steps)
+        return run_steps(batch, steps, limits)
+    llm.runner.run_steps = spy
+    return calls
+
+
+@pytest.mark.parametrize("steps", [3, 4])
+def test_decode_steps_equal_single_steps_under_preemption(llama, steps):
+    """K decode steps per engine step give the single-step tokens (and generate_ids'), with preemption, padding
+    rows, and rows that reach max_tokens inside a K-step run; every block is free again after."""
+    batch = prompts(24, seed=0)
+    params = [SamplingParams(temperature=0, max_tokens=5 + i % 9, ignore_eos=True) for i in range(24)]
+    single = LLM(llama, num_blocks=40, block_size=4, max_num_seqs=11, max_num_batched_tokens=48, cuda_graphs=True)
+    multi = LLM(llama, num_blocks=40, block_size=4, max_num_seqs=11, max_num_batched_tokens=48, cuda_graphs=True,
+                decode_steps=steps)
+    calls = _count_multi_steps(multi)
+    ours = [o.outputs[0].token_ids for o in multi.generate(batch, params)]
+    assert calls and set(calls) == {steps} and multi.stats()["num_preemptions"] > 0
+    assert ours == [o.outputs[0].token_ids for o in single.generate(batch, params)]
+    assert ours == [generate_ids(llama, [p], q.max_tokens)[0] for p, q in zip(batch, params)]
+    stats = multi.stats()
+    assert stats["num_free_blocks"] == stats["num_blocks"] and stats["generated_tokens"] == sum(map(len, ours))
+
+
+def test_decode_steps_keep_seeded_sampling_stop_tokens_and_the_prefix_cache(llama):
+    """Seeded sampling with n = 3 draws the same tokens; a stop token inside a K-step run ends the sequence there
+    (the tokens after it are dropped); a repeated request hits the prefix cache the multi-step run filled."""
+    batch = prompts(6, seed=3)
+    sampled = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=10, n=3, seed=7, ignore_eos=True)
+    free = generate_ids(llama, [batch[0]], 12)[0]
+    stopped = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[free[6]])
+    runs = []
+    for steps in (1, 5):
+        llm = LLM(llama, num_blocks=64, block_size=4, cuda_graphs=True, decode_steps=steps)
+        outs = llm.generate(batch, sampled) + llm.generate(batch[:1], stopped)
+        runs.append([[(c.token_ids, c.finish_reason) for c in o.outputs] for o in outs])
+        hits = llm.stats()["prefix_cache_hit_tokens"]
+        again = llm.generate(batch[:1], stopped)[0].outputs[0]
+        assert llm.stats()["prefix_cache_hit_tokens"] > hits and again.token_ids == outs[-1].outputs[0].token_ids
+    assert runs[0] == runs[1]
+    assert runs[1][-1] == [(free[:free.index(free[6]) + 1], "stop")]
+
+
+def test_rows_with_penalties_or_logprobs_take_single_steps(llama):
+    llm = LLM(llama, num_blocks=64, block_size=4, cuda_graphs=True, decode_steps=4)
+    calls = _count_multi_steps(llm)
+    for params in (SamplingParams(temperature=0, max_tokens=6, repetition_penalty=1.3),
+                   SamplingParams(temperature=0, max_tokens=6, logprobs=2)):
+        out = llm.generate(prompts(3, seed=4), params)
+        assert all(len(o.outputs[0].token_ids) == 6 for o in out)
+    assert calls == []
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_bad_decode_steps_is_one_clear_error(llama, bad):
+    with pytest.raises(ValueError, match="decode_steps must be an integer >= 1"):
+        LLM(llama, num_blocks=8, block_size=4, decode_steps=bad)
+
+
 @pytest.mark.parametrize("name", ["mistral", "alibi", "gemma", "learned"])
 def test_architectures_through_the_padded_path(name):
     model = random_model(tiny_config(**ARCH_CONFIGS[name]))

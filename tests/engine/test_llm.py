@@ -362,6 +362,12 @@ def test_stop_string_ends_the_request_early(text_folder):
     assert len(out.token_ids) < len(full.token_ids)  # it stopped decoding, not just trimmed the text
     assert "".join(llm.stream(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
                                                      stop=[stop]))) == out.text
+    # decode_steps > 1: the stop string falls inside a several-token step; the tokens after it are dropped
+    multi = LLM(text_folder, num_blocks=64, block_size=8, cuda_graphs=True, decode_steps=6)
+    cut_multi = multi.generate([prompt], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop]))
+    assert (cut_multi[0].outputs[0].text, cut_multi[0].outputs[0].token_ids) == (out.text, out.token_ids)
+    assert multi.stats()["generated_tokens"] == len(out.token_ids)
+    assert_all_blocks_free(multi)
 
 
 def test_closing_a_stream_aborts_it(text_folder):
