@@ -124,11 +124,12 @@ def engine() -> None:
         prompt = [rng.randrange(3, config.vocab_size) for _ in range(128)]
         llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
         llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))
-        stamps = []
+        stamps = []  # (time, tokens so far) after each step: one token a step, or decode_steps of them
         while llm.has_unfinished():
-            llm.step()
-            stamps.append(time.perf_counter())
-        return (len(stamps) - 2) / (stamps[-1] - stamps[1])
+            outs = llm.step()
+            stamps.append((time.perf_counter(), len(outs[0].outputs[0].token_ids) if outs else 0))
+        (t1, n1), (t2, n2) = stamps[1], stamps[-1]  # from the first decode step on
+        return (n2 - n1) / (t2 - t1)
 
     def offline(llm, n) -> None:
         prompts = [[rng.randrange(3, config.vocab_size) for _ in range(rng.randint(32, 1024))] for _ in range(n)]
@@ -148,6 +149,10 @@ def engine() -> None:
     llm = LLM(model, device=DEV, kv_cache_memory="20GB", max_num_seqs=256, max_num_batched_tokens=2048)
     print(f"batch-1 decode, graphs: {batch1(llm):.1f} tok/s", flush=True)
     offline(llm, 256)
+    llm.decode_steps = 8  # decode-only steps 8 at a time, one host sync (LLM(decode_steps=8))
+    print(f"batch-1 decode, graphs, decode_steps 8: {batch1(llm):.1f} tok/s", flush=True)
+    offline(llm, 256)
+    llm.decode_steps = 1
     # the same run with every phase timed (synchronised: slower in all, but it shows the split)
     llm.scheduler.schedule = timed("schedule", llm.scheduler.schedule)
     llm.scheduler.postprocess = timed("postprocess", llm.scheduler.postprocess)
@@ -185,6 +190,9 @@ def engine() -> None:
     print(f"LLM(compile=True, max_num_seqs=1) built in {time.perf_counter() - t0:.1f} s; compiled graphs: "
           f"{graphs is not None and graphs.compiled}", flush=True)
     print(f"batch-1 decode, compiled graph: {batch1(llm, 256):.1f} tok/s", flush=True)
+    llm.decode_steps = 8
+    print(f"batch-1 decode, compiled graph, decode_steps 8: {batch1(llm, 256):.1f} tok/s", flush=True)
+    llm.decode_steps = 1
     llm.add_request([5] * 100, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
     for _ in range(4):
         llm.step()  # the prefill and a few decodes first
