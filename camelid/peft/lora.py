@@ -121,9 +121,16 @@ class LoRALinear(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick the dtype: a cast here
             x = x.to(self.lora_A.weight.dtype)  # would make (and save for backward) one more copy per adapter
         xd = self.dropout(x)
-        lora = self.lora_B(self.lora_A(xd))  # (..., out)
         if not self.use_dora:
-            return (result + lora * self.scaling).to(dtype)
+            # result + s B A xd as one matmul that accumulates into `result` (addmm, s as the GEMM's alpha): no
+            # (..., out) update is written and then added, and backward scales only r-wide tensors, never the
+            # output gradient. Saved for backward: A's output and B, as lora_B would save them.
+            down = self.lora_A(xd)  # (..., r)
+            flat = result.reshape(-1, self.out_features).to(down.dtype)  # (N, out); a no-op under autocast
+            B = self.lora_B.weight.to(down.dtype)  # (out, r)
+            flat = torch.addmm(flat, down.reshape(-1, self.r), B.t(), alpha=self.scaling)
+            return flat.view(result.shape).to(dtype)
+        lora = self.lora_B(self.lora_A(xd))  # (..., out)
         # DoRA: rescale the base output and the update by m / ||W + s B A||; the norm is a constant for backprop
         norm = self._weight_norm(self.delta_weight().detach())
         scale = self.lora_magnitude_vector / norm  # (out,)
