@@ -131,6 +131,75 @@ class KVCache:
 
 # ---- blocks ------------------------------------------------------------------------------------------------------
 
+# ---- stacked projections (inference) ---------------------------------------------------------------------------
+
+class StackedLinears:
+    """Linears that read the same input (q/k/v, gate/up) with their weights stacked in one tensor, each Linear's
+    weight (and bias) a view into it: one matmul instead of several, in the same memory. Set up by
+    `stack_projections` for inference engines; a forward uses it only without autograd and while every member is
+    still a plain hook-free nn.Linear (an adapter wrapping one, a hook, training: the members run one by one)."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        self.linears = linears
+        self.sizes = [m.out_features for m in linears]
+        self.weight = torch.cat([m.weight.detach() for m in linears])  # (sum of outs, in)
+        has_bias = linears[0].bias is not None
+        self.bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
+        start = 0
+        for m, n in zip(linears, self.sizes):  # the members become views: the old weights are freed
+            m.weight = nn.Parameter(self.weight[start:start + n], requires_grad=m.weight.requires_grad)
+            if has_bias:
+                m.bias = nn.Parameter(self.bias[start:start + n], requires_grad=m.bias.requires_grad)
+            start += n
+
+    @staticmethod
+    def can_stack(linears: list[nn.Module]) -> bool:
+        if not all(_plain_linear(m) for m in linears):
+            return False
+        first = linears[0].weight
+        return all(m.weight.dtype == first.dtype and m.weight.device == first.device and
+                   m.in_features == linears[0].in_features and
+                   (m.bias is None) == (linears[0].bias is None) for m in linears)
+
+    def usable(self, members: list[nn.Module]) -> bool:
+        """No autograd, every member a plain Linear, and each member's weight still lives in the stack (a member
+        given a new weight since, by `load_state_dict(assign=True)` or `.to()`, makes the members run one by one).
+        That last check reads storage addresses, which torch.compile cannot trace: compiled, it is skipped (the
+        engine stacks before it compiles and never swaps weights afterwards)."""
+        if torch.is_grad_enabled() or not all(_plain_linear(m) for m in members):
+            return False
+        if torch.compiler.is_compiling():
+            return True
+        storage = self.weight.untyped_storage().data_ptr()
+        return all(m.weight.untyped_storage().data_ptr() == storage for m in members)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+
+
+def stack_projections(model: nn.Module) -> int:
+    """Stack every block's q/k/v and gate/up weights (StackedLinears) for inference; returns how many groups were
+    stacked. Projections that are quantized, wrapped or hooked are left alone. Values do not change; what changes
+    is where the weights live, so call it on a model that serves (camelid.LLM does), not on one that trains."""
+    stacked = 0
+    for module in model.modules():
+        if isinstance(module, Attention) and module.qkv is None:
+            group = [module.q_proj, module.k_proj, module.v_proj]
+            if StackedLinears.can_stack(group):
+                module.qkv, stacked = StackedLinears(group), stacked + 1
+        elif isinstance(module, GatedMLP) and module.gate_up is None:
+            group = [module.gate_proj, module.up_proj]
+            if StackedLinears.can_stack(group):
+                module.gate_up, stacked = StackedLinears(group), stacked + 1
+    return stacked
+
+
+# ---- blocks ------------------------------------------------------------------------------------------------------
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -140,13 +209,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
+        self.qkv: StackedLinears | None = None  # stack_projections: one matmul for q, k, v at inference
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
                 is_causal: bool, cache: KVCache | None, start: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        members = [self.q_proj, self.k_proj, self.v_proj]
+        if self.qkv is not None and self.qkv.usable(members):
+            q, k, v = self.qkv(x)
+        else:
+            q, k, v = (m(x) for m in members)
+        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         if rope is not None:  # rotate q and k only, after the projections
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None and hasattr(cache, "attend"):  # the engine's paged KV cache: it owns masking
@@ -181,9 +256,15 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up: StackedLinears | None = None  # stack_projections: one matmul for gate and up at inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gated(self.act, self.gate_proj(x), self.up_proj(x)))
+        members = [self.gate_proj, self.up_proj]
+        if self.gate_up is not None and self.gate_up.usable(members):
+            gate, up = self.gate_up(x)
+        else:
+            gate, up = (m(x) for m in members)
+        return self.down_proj(gated(self.act, gate, up))
 
 
 class Expert(nn.Module):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from camelid.checkpoint import from_pretrained
-from camelid.model import KVCache, SparseMoE, Transformer, alibi_slopes
+from camelid.model import KVCache, SparseMoE, Transformer, alibi_slopes, stack_projections
 from model_zoo import (ARCH_CONFIGS, COMMON, NATIVE_CONFIGS, SLIDING_WINDOW, VOCAB, perturb_, random_model,
                       tiny_config)
 
@@ -289,3 +289,61 @@ def test_tied_embeddings_share_one_tensor():
     model = Transformer(tiny_config(tie_word_embeddings=True))
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert Transformer(tiny_config()).lm_head.weight is not Transformer(tiny_config()).model.embed_tokens.weight
+
+
+# ---- stacked projections (inference) ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma", "mixtral"])
+def test_stacked_projections_give_the_same_logits_in_the_same_memory(name):
+    """q/k/v and gate/up as one matmul each (biases too, Qwen2); the members become views of the stack, so the
+    parameters take no more memory than before, and the logits are those of the separate matmuls."""
+    model = random_model(tiny_config(**ARCH_CONFIGS[name])).eval()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        before = model(ids)
+    storages = lambda: {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()  # noqa: E731
+                        for p in model.parameters()}
+    nbytes = sum(storages().values())
+    groups = stack_projections(model)
+    layers = model.config.num_hidden_layers
+    assert groups == (layers if name == "mixtral" else 2 * layers)  # Mixtral's experts are not a GatedMLP
+    assert sum(storages().values()) == nbytes
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.qkv.weight.untyped_storage().data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), before, rtol=0, atol=1e-6)
+    assert stack_projections(model) == 0  # once is enough
+
+
+def test_stacked_projections_step_aside_for_training_hooks_and_new_weights():
+    """With autograd on, the members run (their weights get gradients); a hook on a member, or a member given a
+    new weight, also makes them run one by one, so no effect is skipped and nothing stale is read."""
+    model = random_model(tiny_config()).eval()
+    reference = random_model(tiny_config()).eval()
+    reference.load_state_dict(model.state_dict())
+    stack_projections(model)
+    ids = torch.randint(0, VOCAB, (1, 7))
+    model(ids).sum().backward()
+    reference(ids).sum().backward()
+    attn, ref_attn = model.model.layers[0].self_attn, reference.model.layers[0].self_attn
+    torch.testing.assert_close(attn.k_proj.weight.grad, ref_attn.k_proj.weight.grad)
+
+    def halve(module, args, out):
+        return out * 0.5
+    for m in (attn, ref_attn):
+        m.v_proj.register_forward_hook(halve)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids))
+    mlp, ref_mlp = model.model.layers[1].mlp, reference.model.layers[1].mlp
+    new = torch.randn_like(mlp.up_proj.weight)
+    mlp.up_proj.weight, ref_mlp.up_proj.weight = torch.nn.Parameter(new), torch.nn.Parameter(new.clone())
+    assert not mlp.gate_up.usable([mlp.gate_proj, mlp.up_proj])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids))
+
+
+def test_quantized_or_wrapped_projections_are_not_stacked():
+    from camelid.peft.lora import apply_lora
+    model = random_model(tiny_config())
+    apply_lora(model, r=2, target_modules=["q_proj", "up_proj"])
+    assert stack_projections(model) == 0

@@ -31,7 +31,7 @@ from camelid.engine.sampling_params import SamplingParams
 from camelid.engine.scheduler import Scheduler
 from camelid.engine.sequence import Sequence
 from camelid.generate import StopStrings, activation_dtype
-from camelid.model import Transformer
+from camelid.model import Transformer, stack_projections
 from camelid.monitor import kv_cache_bytes, weight_bytes
 from camelid.tokenizer import StreamDecoder, Tokenizer
 
@@ -115,6 +115,7 @@ class LLM:
             if tokenizer is None and (Path(model) / "tokenizer.json").is_file():
                 tokenizer = Tokenizer(model)
         self.model.eval()
+        stack_projections(self.model)  # q/k/v and gate/up as one matmul each (views of one weight: no extra memory)
         self.tokenizer = tokenizer
         self.config: ModelConfig = self.model.config
         self.device = device
