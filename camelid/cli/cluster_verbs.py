@@ -58,8 +58,11 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
     adapters = parse_adapters(args.adapter)
     token = cluster_token(args)  # before the model loads: a flag mistake costs nothing
+    if args.decode_steps is not None and args.decode_steps < 1:
+        raise ValueError(f"--decode-steps must be >= 1, got {args.decode_steps}")
     llm_kwargs = {k: v for k, v in dict(kv_cache_memory=args.kv_cache_memory, dtype=args.dtype, device=args.device,
-                                        max_num_seqs=args.max_num_seqs, compile=args.compile or None).items()
+                                        max_num_seqs=args.max_num_seqs, compile=args.compile or None,
+                                        decode_steps=args.decode_steps).items()
                   if v is not None}
     backend = LocalBackend.load(args.model, adapters, name=args.model_name, template=args.template, **llm_kwargs)
     address = args.address or f"http://{args.host}:{args.port}"
@@ -242,6 +245,8 @@ def register(verbs, fmt) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode forward the CUDA graphs replay (fewer, fused kernels a step; "
                         "minutes more at start)")
+    p.add_argument("--decode-steps", type=int, default=None, metavar="K",
+                   help="run decode-only steps K at a time on the device, one sync each (default 1)")
     p.add_argument("--cluster-token", default=None, metavar="TOKEN", help="the cluster's shared secret (default: "
                    "$CAMELID_CLUSTER_TOKEN); required with a --host other than loopback")
     p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats (default 1)")

@@ -52,6 +52,10 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError("give --model DIR (or --controller URL)")
     if args.controller and args.compile:
         raise ValueError("--compile builds a local engine: give it with --model, not --controller")
+    if args.decode_steps < 1:
+        raise ValueError(f"--decode-steps must be >= 1, got {args.decode_steps}")
+    if args.controller and args.decode_steps != 1:
+        raise ValueError("--decode-steps sets a local engine: give it with --model (or to the workers)")
     parse_adapters(args.adapter or [])
     if args.db != "none":
         check_url(args.db)
@@ -69,7 +73,7 @@ def build_backend(args: argparse.Namespace):
 
     return LocalBackend.load(args.model, parse_adapters(args.adapter or []), name=args.name, template=args.template,
                              kv_cache_memory=args.kv_cache_memory, dtype=args.dtype, device=args.device,
-                             max_num_seqs=args.max_num_seqs, compile=args.compile)
+                             max_num_seqs=args.max_num_seqs, compile=args.compile, decode_steps=args.decode_steps)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -133,6 +137,9 @@ def register(verbs, fmt) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode forward the CUDA graphs replay (fewer, fused kernels a step; "
                         "minutes more at start)")
+    p.add_argument("--decode-steps", type=int, default=1, metavar="K",
+                   help="run decode-only steps K at a time on the device, one sync each (throughput; tokens then "
+                        "stream K at a time; default 1)")
     p.add_argument("--dtype", default=None, help="bfloat16 / float16 / float32 (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")

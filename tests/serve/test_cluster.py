@@ -426,8 +426,12 @@ def test_worker_flags_reach_the_engine(monkeypatch, capsys):
     from camelid.serve.backend import LocalBackend
 
     def load(model_dir, adapters, **kwargs):
-        raise ValueError(f"would load {model_dir} with {adapters} and max_num_seqs={kwargs.get('max_num_seqs')}")
+        raise ValueError(f"would load {model_dir} with {adapters} and max_num_seqs={kwargs.get('max_num_seqs')}, "
+                         f"decode_steps={kwargs.get('decode_steps')}")
     monkeypatch.setattr(LocalBackend, "load", load)
-    argv = ["worker", "--controller", "http://x", "--model", "m", "--adapter", "a=x", "--max-num-seqs", "4"]
+    argv = ["worker", "--controller", "http://x", "--model", "m", "--adapter", "a=x", "--max-num-seqs", "4",
+            "--decode-steps", "8"]
     assert main(argv) == 2
-    assert "would load m with {'a': 'x'} and max_num_seqs=4" in capsys.readouterr().err
+    assert "would load m with {'a': 'x'} and max_num_seqs=4, decode_steps=8" in capsys.readouterr().err
+    assert main([*argv[:-1], "0"]) == 2  # checked before anything loads
+    assert "--decode-steps must be >= 1" in capsys.readouterr().err

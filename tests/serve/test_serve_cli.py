@@ -15,6 +15,8 @@ from camelid.cli import main
     (["serve", "--model", "/no/such/model"], "/no/such/model"),  # the model loads before the database opens
     (["serve", "--model", "m", "--adapter", "a=x", "--adapter", "a=y"], "unique"),
     (["serve", "--controller", "http://x", "--compile"], "--compile builds a local engine"),
+    (["serve", "--model", "m", "--decode-steps", "0"], "--decode-steps must be >= 1"),
+    (["serve", "--controller", "http://x", "--decode-steps", "4"], "--decode-steps sets a local engine"),
 ])
 def test_bad_flags_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default sqlite file would land here
@@ -58,4 +60,6 @@ def test_compile_flag_reaches_the_engine(monkeypatch):
     monkeypatch.setattr(LocalBackend, "load", classmethod(lambda cls, model, adapters, **kw: seen.update(kw)))
     for flags, want in (([], False), (["--compile"], True)):
         build_backend(build_parser().parse_args(["serve", "--model", "m", "--db", "none", *flags]))
-        assert seen["compile"] is want
+        assert seen["compile"] is want and seen["decode_steps"] == 1
+    build_backend(build_parser().parse_args(["serve", "--model", "m", "--db", "none", "--decode-steps", "8"]))
+    assert seen["decode_steps"] == 8
