@@ -60,7 +60,7 @@ run() {  # run SECONDS CMD...: one benchmark, stopped after SECONDS; a failure i
 case $part in
 quick)  # one call that touches every GPU path once (a first run on a new machine): fewer repeats, a sampled baseline
     run 80 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_triton_decode.py tests/engine/test_cuda_graphs.py \
-        tests/quant/test_triton_nf4.py
+        tests/quant/test_triton_nf4.py tests/train/test_triton_ce.py
     run 220 python3 benchmarks/engine.py --device cuda --reference-requests 32
     run 150 python3 benchmarks/pretrain.py --device cuda --dtype bf16-true --compile-camelid --repeats 5
     run 130 python3 benchmarks/finetune.py --device cuda --compile --steps 5
@@ -76,6 +76,7 @@ engine-compiled)  # the decode graphs over the torch.compile'd forward (LLM(comp
     run 570 python3 benchmarks/engine.py --device cuda --compile on --reference-requests 16
     ;;
 train)  # eager bf16-true was measured on 2026-11-22 (benchmarks/results/logs/): the compiled runs at two budgets
+    run 60 python3 -m pytest -q -p no:cacheprovider tests/train/test_triton_ce.py
     run 180 python3 benchmarks/pretrain.py --device cuda --dtype bf16-true --compile-camelid --repeats 8
     run 180 python3 benchmarks/pretrain.py --device cuda --dtype bf16-true --compile-camelid --repeats 8 \
         --activation-memory-budget 1.0

@@ -6,7 +6,8 @@ Two paths, the same numbers:
   chunk. Once a chunk's logits exist, its gradients are known in closed form (d loss / d logits = softmax - one-hot),
   so the forward computes them right away, the gradient of the hidden states (N, H) and of the weight (V, H), and
   frees the logits; backward only scales them. Peak extra memory: one fp32 chunk of logits, not (N, V) logits kept
-  for backward plus their gradient (the Liger / torchtune "fused linear cross-entropy" idea).
+  for backward plus their gradient (the Liger / torchtune "fused linear cross-entropy" idea). On CUDA a chunk's loss
+  and gradient come from one Triton kernel, in place, in two passes over the logits (camelid/train/triton_ce.py).
 - chunked: for anything else (LoRA or IA3 on lm_head, a quantized head, FSDP shards, fp16), the model's logits,
   then an fp32 cross-entropy over chunks of tokens under activation checkpointing.
 Both run the lm_head matmul in the compute dtype (autocast's, else the weight's) and the log-softmax in fp32.
@@ -20,6 +21,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from camelid.train import triton_ce
 from camelid.train.distributed import is_sharded, wrappers
 
 IGNORE_INDEX = -100  # labels with this value are not predicted (padding, prompt tokens in fine-tuning)
@@ -53,6 +55,16 @@ class LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, hidden.shape[0], chunk):
             h = hidden[i:i + chunk].to(compute_dtype)  # (n, H)
             y = labels[i:i + chunk]  # (n,)
+            if triton_ce.usable(hidden):  # CUDA: loss and softmax - one-hot in two passes, in place (triton_ce.py)
+                logits = h @ w.T  # (n, V) in the compute dtype
+                losses = triton_ce.cross_entropy_grad_(logits, y, IGNORE_INDEX, want_hidden or want_weight)
+                if losses is not None:
+                    total += losses.sum()
+                    if want_hidden:
+                        grad_hidden[i:i + chunk] = logits @ w
+                    if want_weight:
+                        grad_weight += logits.T @ h
+                    continue
             valid = y != IGNORE_INDEX
             target = y.masked_fill(~valid, 0)
             logits = (h @ w.T).to(exact)  # (n, V)
