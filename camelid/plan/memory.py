@@ -244,9 +244,11 @@ def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: i
             rows = min(batch * S, max(1, FUSED_CHUNK_BYTES // (4 * V)))
             copy = b == 2 and not pure  # autocast's half copy of an fp32 lm_head
             head = (V * h * b if copy else 0) + V * h * (4 + b) if method == "full" else 0
-            put("loss", batch * S * h * resid + rows * V * (4 + b) + head,
-                f"B S h x {resid} (gradient of the hidden states) + {rows} x V x {4 + b} (fp32 logits chunk, its "
-                f"gradient in {b} bytes)" + (f" + V h ({'2 + ' if copy else ''}4 + {b}) (lm_head"
+            # CUDA: the chunk's logits in b bytes, overwritten in place by their gradient (camelid/train/triton_ce.py;
+            # without Triton, an fp32 copy and a b-byte gradient: 4 + b bytes)
+            put("loss", batch * S * h * resid + rows * V * b + head,
+                f"B S h x {resid} (gradient of the hidden states) + {rows} x V x {b} (a logits chunk, overwritten by "
+                "its gradient)" + (f" + V h ({'2 + ' if copy else ''}4 + {b}) (lm_head"
                                             f"{' in half precision' if copy else ''}, its fp32 gradient and a "
                                             "chunk's product)" if method == "full" else ""))
         put("backward_buffers", batch * S * (2 * c.intermediate_size + h) * b,
