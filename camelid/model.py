@@ -173,8 +173,12 @@ class StackedLinears:
         storage = self.weight.untyped_storage().data_ptr()
         return all(m.weight.untyped_storage().data_ptr() == storage for m in members)
 
+    def joined(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' outputs side by side: (..., sum of outs)."""
+        return F.linear(x, self.weight, self.bias)
+
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+        return list(self.joined(x).split(self.sizes, dim=-1))
 
 
 def _plain_linear(module: nn.Module) -> bool:
@@ -216,14 +220,19 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         members = [self.q_proj, self.k_proj, self.v_proj]
         if self.qkv is not None and self.qkv.usable(members):
-            q, k, v = self.qkv(x)
+            # one matmul, and q and k rotated together as nh + nkv heads (half the RoPE kernels of a decode step)
+            heads = self.qkv.joined(x).view(B, T, self.nh + 2 * self.nkv, self.hd).transpose(1, 2)
+            qk, v = heads.split([self.nh + self.nkv, self.nkv], dim=1)  # (B, nh + nkv, T, hd), (B, nkv, T, hd)
+            if rope is not None:
+                qk = apply_rope(qk, *rope)
+            q, k = qk.split([self.nh, self.nkv], dim=1)
         else:
             q, k, v = (m(x) for m in members)
-        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        if rope is not None:  # rotate q and k only, after the projections
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q = q.view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+            k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+            v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+            if rope is not None:  # rotate q and k only, after the projections
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None and hasattr(cache, "attend"):  # the engine's paged KV cache: it owns masking
             y = cache.attend(self.layer_idx, q, k, v)  # (B, nh, T, hd)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
