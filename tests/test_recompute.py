@@ -7,9 +7,24 @@ import pytest
 import torch
 
 import camelid.model as model_module
+from camelid import recompute
 from camelid.recompute import recomputed
 from camelid.train.loss import loss_fn
 from model_zoo import ARCH_CONFIGS, random_model, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def inputs_only_on_cpu(monkeypatch):
+    """These tests check the inputs-only path, which a CPU skips by default (see camelid/recompute.py)."""
+    monkeypatch.setattr(recompute, "KEEP_INPUTS_ON_CPU", True)
+
+
+def test_a_cpu_runs_plain_autograd_by_default(monkeypatch):
+    monkeypatch.setattr(recompute, "KEEP_INPUTS_ON_CPU", False)
+    x, w = torch.randn(3, 4, requires_grad=True), torch.randn(4)
+    assert type(recomputed(lambda a, b: a * b, x, w).grad_fn).__name__ == "MulBackward0"
+    monkeypatch.setattr(recompute, "KEEP_INPUTS_ON_CPU", True)
+    assert type(recomputed(lambda a, b: a * b, x, w).grad_fn).__name__ == "_KeepInputsOnlyBackward"
 
 
 def run(model, batch, plain: bool, monkeypatch, autocast: bool):

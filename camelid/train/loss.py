@@ -75,9 +75,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             norm = probs.sum(dim=-1, keepdim=True)  # (n, 1)
             total += ((peak.squeeze(1) + norm.squeeze(1).log() - picked) * valid).sum()
             if want_hidden or want_weight:
-                grad = probs.div_(norm)  # softmax
-                grad[torch.arange(len(y), device=y.device), target] -= 1.0
-                grad = grad.mul_(valid[:, None]).to(compute_dtype)  # rows without a target contribute nothing
+                # softmax - one-hot, zero on rows without a target: one pass (the mask rides on the normaliser)
+                keep = valid.to(probs.dtype)  # (n,)
+                grad = probs.mul_(keep[:, None] / norm)
+                grad[torch.arange(len(y), device=y.device), target] -= keep
+                grad = grad.to(compute_dtype)
                 if want_hidden:
                     grad_hidden[i:i + chunk] = grad @ w
                 if want_weight:

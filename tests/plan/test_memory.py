@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from camelid import recompute
 from camelid.config import get_preset, num_parameters
 from camelid.model import Transformer
 from camelid.peft.lora import apply_lora
@@ -13,6 +14,13 @@ from camelid.plan.memory import (NF4_BLOCK, activation_bytes_per_token_layer, es
 
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.fixture(autouse=True)
+def inputs_only_on_cpu(monkeypatch):
+    """The planner models the GPU, where RMSNorm and the gate product keep only their inputs (camelid/recompute.py):
+    these CPU tests measure that path."""
+    monkeypatch.setattr(recompute, "KEEP_INPUTS_ON_CPU", True)
 
 
 @pytest.fixture(scope="module")
