@@ -96,13 +96,13 @@ def cmd_plan_memory(args: argparse.Namespace) -> None:
 def cmd_plan_fit(args: argparse.Namespace) -> None:
     device = plan_fit.parse_size(args.device_memory)
     rows = plan_fit.fit(_config_of(args.model), device, seq=args.seq, global_batch=args.global_batch,
-                        precision=args.precision, optimizer=args.optimizer)
+                        precision=args.precision, optimizer=args.optimizer, compiled=args.compile)
     if args.json:
         print(json.dumps({"device_memory_bytes": device, "seq": args.seq, "global_batch": args.global_batch,
-                          "methods": plan_fit.to_dicts(rows)}, indent=2))
+                          "compiled": args.compile, "methods": plan_fit.to_dicts(rows)}, indent=2))
         return
     print(f"{args.model} on {device / 1e9:.1f} GB, seq {args.seq}, global batch {args.global_batch} "
-          f"({args.precision}, {args.optimizer})")
+          f"({args.precision}, {args.optimizer}{', compiled' if args.compile else ''})")
     for r in rows:
         if r.fits:
             ckpt = "on" if r.checkpointing else "off"
@@ -196,5 +196,6 @@ def register(verbs, fmt) -> None:
     p.add_argument("--global-batch", type=int, default=64, help="sequences per optimizer step (default 64)")
     p.add_argument("--precision", default="bf16", choices=list(plan_memory.PRECISIONS))
     p.add_argument("--optimizer", default="adamw", choices=plan_memory.OPTIMIZERS)
+    p.add_argument("--compile", action="store_true", help="training under torch.compile (`compile: true`)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan_fit)

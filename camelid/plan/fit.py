@@ -60,18 +60,20 @@ def _largest_micro_batch(config: ModelConfig, method: str, device_bytes: float, 
 
 
 def fit(config: ModelConfig, device_memory: float, seq: int = 512, global_batch: int = 64, precision: str = "bf16",
-        optimizer: str = "adamw", methods: tuple[str, ...] = METHODS) -> list[Fit]:
+        optimizer: str = "adamw", methods: tuple[str, ...] = METHODS, compiled: bool = False) -> list[Fit]:
     """One Fit per method. Training methods get the micro-batch (a power of two dividing `global_batch` when it is
-    one) and grad_accum = ceil(global_batch / micro_batch); inference gets the largest batch at a `seq` context."""
+    one) and grad_accum = ceil(global_batch / micro_batch); inference gets the largest batch at a `seq` context.
+    `compiled`: training runs under torch.compile with camelid's activation memory budget (estimate's `compiled`)."""
     if not (isinstance(global_batch, int) and global_batch > 0):
         raise ValueError(f"--global-batch must be a positive integer, got {global_batch!r}")
     if device_memory <= 0:
         raise ValueError(f"the device memory must be positive, got {device_memory!r}")
     rows = []
     for method in methods:
-        kw = dict(seq=seq, precision=precision, optimizer=optimizer)
+        kw = dict(seq=seq, precision=precision, optimizer=optimizer, compiled=compiled)
         if method == "inference":
             kw.pop("optimizer")
+            kw.pop("compiled")
         problem = method_problem(config, method, precision)
         if problem is not None:  # a method this model cannot use is a row saying why, not an error
             rows.append(Fit(method, False, reason=problem))
@@ -92,17 +94,17 @@ def fit(config: ModelConfig, device_memory: float, seq: int = 512, global_batch:
 
 
 def fit_training(config: ModelConfig, device_memory: float, seq: int, global_batch: int, precision: str = "bf16",
-                 optimizer: str = "adamw", method: str = "full") -> Fit:
+                 optimizer: str = "adamw", method: str = "full", compiled: bool = False) -> Fit:
     """What `--auto` trains with: `fit`'s row for one method, its micro-batch lowered to a power of two that divides
     global_batch (so the step keeps exactly global_batch sequences). Raises ValueError when nothing fits."""
     (row,) = fit(config, device_memory, seq=seq, global_batch=global_batch, precision=precision, optimizer=optimizer,
-                 methods=(method,))
+                 methods=(method,), compiled=compiled)
     if not row.fits:
         raise ValueError(f"{method} training at seq {seq} does not fit in {device_memory / 1e9:.1f} GB: {row.reason}")
     micro = min(row.micro_batch, global_batch & -global_batch)  # x & -x: the largest power of two dividing x
     if micro != row.micro_batch:
         row.bytes_needed = estimate(config, method, seq=seq, batch=micro, precision=precision, optimizer=optimizer,
-                                    checkpointing=row.checkpointing).total
+                                    checkpointing=row.checkpointing, compiled=compiled).total
     row.micro_batch, row.grad_accum = micro, global_batch // micro
     return row
 

@@ -178,7 +178,7 @@ def auto_fit(cfg: TrainConfig, config: ModelConfig, device_bytes: float, precisi
     per_step = cfg.micro_batch * cfg.grad_accum
     try:
         chosen = fit_training(config, device_bytes, seq=cfg.seq_len, global_batch=per_step, precision=precision,
-                              optimizer=cfg.optimizer, method=method)
+                              optimizer=cfg.optimizer, method=method, compiled=cfg.compile)
     except ValueError as e:
         raise ValueError(f"--auto: {e}; lower seq_len or choose a smaller model") from None
     new = dataclasses.replace(cfg, micro_batch=chosen.micro_batch, grad_accum=chosen.grad_accum,

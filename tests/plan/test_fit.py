@@ -70,3 +70,15 @@ def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
+
+
+def test_compiled_training_fits_a_larger_micro_batch():
+    """Under torch.compile the norm outputs and the gated product are recomputed: a larger micro-batch fits the
+    same device without checkpointing (the `compile: true` + `--auto` path plans with it)."""
+    config, device = get_preset("tinyllama-1.1b"), parse_size("24GB")
+    (eager,) = fit(config, device, seq=2048, global_batch=64, precision="bf16-true", methods=("full",))
+    (compiled,) = fit(config, device, seq=2048, global_batch=64, precision="bf16-true", methods=("full",),
+                      compiled=True)
+    assert compiled.fits and eager.fits and not compiled.checkpointing
+    assert compiled.micro_batch >= eager.micro_batch
+    assert compiled.bytes_needed / compiled.micro_batch < eager.bytes_needed / eager.micro_batch
