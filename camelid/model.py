@@ -1,5 +1,6 @@
 """The one LLaMA-family model: RMSNorm, RoPE (+ llama3 / linear / dynamic scaling), ALiBi, learned and sinusoidal
-positions, GQA attention over SDPA, SwiGLU / GeGLU MLP, Mixtral MoE, and a preallocated KV cache.
+positions, GQA attention over SDPA, SwiGLU / GeGLU MLP, Mixtral MoE, a preallocated KV cache, and for inference
+`stack_projections` (q/k/v and gate/up as one matmul each over one stacked weight).
 
 Module names are exactly the Hugging Face ones (`model.layers.0.self_attn.q_proj`, `lm_head`, ...), so a state dict
 is a HF checkpoint with no key map, and PEFT adapters address the same module names.
@@ -129,8 +130,6 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-# ---- blocks ------------------------------------------------------------------------------------------------------
-
 # ---- stacked projections (inference) ---------------------------------------------------------------------------
 
 class StackedLinears:
@@ -140,7 +139,6 @@ class StackedLinears:
     still a plain hook-free nn.Linear (an adapter wrapping one, a hook, training: the members run one by one)."""
 
     def __init__(self, linears: list[nn.Linear]):
-        self.linears = linears
         self.sizes = [m.out_features for m in linears]
         self.weight = torch.cat([m.weight.detach() for m in linears])  # (sum of outs, in)
         has_bias = linears[0].bias is not None
