@@ -196,8 +196,8 @@ def identical_fraction(ours: list[list[int]], theirs: list[list[int]], lengths: 
     return sum(x == y for a, b in zip(ours, theirs) for x, y in zip(a, b)) / sum(lengths)
 
 
-def decode_batch1(llm: LLM, hf, prompt: list[int], n: int, device: torch.device) -> dict:
-    """Decode tokens/s of one request, prefill excluded, for both."""
+def camelid_decode_tok_s(llm: LLM, prompt: list[int], n: int) -> float:
+    """Decode tokens/s of one request in the engine, prefill excluded."""
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm up
     request_id = llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
     stamps = []  # (time, tokens so far) at each step that brought new tokens: one, or decode_steps of them
@@ -206,7 +206,18 @@ def decode_batch1(llm: LLM, hf, prompt: list[int], n: int, device: torch.device)
             if out.request_id == request_id:
                 stamps.append((time.perf_counter(), len(out.outputs[0].token_ids)))
     (t_first, n_first), (t_last, n_last) = stamps[0], stamps[-1]  # from the first token on: prefill excluded
-    ours = (n_last - n_first) / (t_last - t_first)
+    return (n_last - n_first) / (t_last - t_first)
+
+
+def decode_batch1(llm: LLM, hf, prompt: list[int], n: int, device: torch.device) -> dict:
+    """Decode tokens/s of one request, prefill excluded, for both; with decode_steps > 1 camelid also one step at
+    a time (the same engine), to show what the steps taken together bring."""
+    ours = camelid_decode_tok_s(llm, prompt, n)
+    single = None
+    if llm.decode_steps > 1:
+        steps, llm.decode_steps = llm.decode_steps, 1
+        single = camelid_decode_tok_s(llm, prompt, n)
+        llm.decode_steps = steps
 
     ids = torch.tensor([prompt], device=device)
 
@@ -221,7 +232,8 @@ def decode_batch1(llm: LLM, hf, prompt: list[int], n: int, device: torch.device)
 
     hf_seconds(4)  # warm up
     theirs = (n - 1) / max(hf_seconds(n) - hf_seconds(1), 1e-9)
-    return {"camelid_tok_s": ours, "transformers_tok_s": theirs, "tokens": n, "prompt_tokens": len(prompt)}
+    return {"camelid_tok_s": ours, "camelid_single_step_tok_s": single, "transformers_tok_s": theirs, "tokens": n,
+            "prompt_tokens": len(prompt)}
 
 
 def main() -> None:
@@ -299,8 +311,11 @@ def main() -> None:
     bandwidth = copy_bandwidth(device)
     roofline = bandwidth / param_bytes
     decode = decode_batch1(llm, theirs, prompts[0][:128], opt["decode_tokens"], device)
-    print(f"decode batch 1: camelid {decode['camelid_tok_s']:.1f} tok/s, transformers {decode['transformers_tok_s']:.1f}"
-          f" tok/s ({decode['camelid_tok_s'] / roofline:.1%} of the {roofline:.0f} tok/s roofline)", flush=True)
+    single = decode["camelid_single_step_tok_s"]
+    print(f"decode batch 1: camelid {decode['camelid_tok_s']:.1f} tok/s"
+          + (f" ({single:.1f} one step at a time)" if single else "")
+          + f", transformers {decode['transformers_tok_s']:.1f} tok/s ({decode['camelid_tok_s'] / roofline:.1%} of the "
+          f"{roofline:.0f} tok/s roofline)", flush=True)
     decode.update(roofline_tok_s=roofline, copy_bandwidth_gb_s=bandwidth / 1e9, parameter_bytes=param_bytes,
                   camelid_roofline_fraction=decode["camelid_tok_s"] / roofline,
                   transformers_roofline_fraction=decode["transformers_tok_s"] / roofline)
