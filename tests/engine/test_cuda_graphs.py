@@ -215,6 +215,11 @@ def test_lora_rows_run_eagerly_and_equal_running_alone(llama, tmp_path):
     mixed = LLM(base_dir, adapters={"a": tmp_path / "adapter"}, num_blocks=64, block_size=4, cuda_graphs=True)
     together = [o.outputs[0].token_ids for o in mixed.generate(batch, params, adapter=adapters)]
     assert mixed.runner.graphs.replays > 0  # the base-only steps (after the adapter rows finish) replay
+    multi = LLM(base_dir, adapters={"a": tmp_path / "adapter"}, num_blocks=64, block_size=4, cuda_graphs=True,
+                decode_steps=3)
+    calls = _count_multi_steps(multi)
+    assert [o.outputs[0].token_ids for o in multi.generate(batch, params, adapter=adapters)] == together
+    assert calls  # the base rows, once alone, took several steps at a time over the adapters' loaded layers
     alone = LLM(base_dir, adapters={"a": tmp_path / "adapter"}, num_blocks=64, block_size=4, cuda_graphs=False)
     assert together == [alone.generate([p], q, adapter=a)[0].outputs[0].token_ids
                         for p, q, a in zip(batch, params, adapters)]
