@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from camelid.config import ModelConfig
-from camelid.recompute import recomputed
+from camelid.recompute import gated_linear, recomputed
 
 
 class RMSNorm(nn.Module):
@@ -249,11 +249,6 @@ def _activation(name: str):
     return {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}[name]
 
 
-def gated(act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """act(gate) * up, keeping only gate and up for backward (act(gate) is recomputed: camelid/recompute.py)."""
-    return recomputed(lambda g, u: act(g) * u, gate, up)
-
-
 class GatedMLP(nn.Module):
     """SwiGLU (LLaMA) or GeGLU-tanh (Gemma): down(act(gate(x)) * up(x))."""
 
@@ -271,7 +266,7 @@ class GatedMLP(nn.Module):
             gate, up = self.gate_up(x)
         else:
             gate, up = (m(x) for m in members)
-        return self.down_proj(gated(self.act, gate, up))
+        return gated_linear(self.act, gate, up, self.down_proj)  # keeps gate and up only (recompute.py)
 
 
 class Expert(nn.Module):
@@ -285,7 +280,7 @@ class Expert(nn.Module):
         self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(gated(self.act, self.w1(x), self.w3(x)))
+        return gated_linear(self.act, self.w1(x), self.w3(x), self.w2)
 
 
 class SparseMoE(nn.Module):

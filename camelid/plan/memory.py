@@ -127,7 +127,8 @@ def activation_bytes_per_token_layer(c: ModelConfig, method: str, b: int, lora_t
     input only when its weight trains or an adapter reads that input (a frozen weight's input gradient needs only
     the weight), but the gate product, SDPA and RMSNorm save theirs whenever any gradient flows through. RMSNorm
     and the gate product keep only their inputs (camelid/recompute.py). `resid`: bytes per element of the residual
-    stream, the norms' input (default b). `compiled`: torch.compile with camelid's activation memory budget
+    stream, the norms' input (default b). A trained plain down_proj keeps no input: it is rebuilt from gate and up
+    (camelid/recompute.py's gated_linear). `compiled`: torch.compile with camelid's activation memory budget
     (camelid/train/compile.py): the norm outputs and down_proj's input are recomputed in backward, each norm keeps
     its fp32 inverse RMS. Checked tensor by tensor against the saved tensors of autograd and of the compiled graph
     (tests/plan/test_memory.py)."""
@@ -145,7 +146,9 @@ def activation_bytes_per_token_layer(c: ModelConfig, method: str, b: int, lora_t
         ("SDPA q, k, v, output + fp32 logsumexp", b * (2 * q + 2 * kv) + 4 * c.num_attention_heads),
         ("mlp norm output (gate/up input)", b * h * k if inputs & {"gate", "up"} else 0),
         ("gate out, up out", 2 * b * i * k),
-        ("down_proj input", b * i * k if "down" in inputs else 0),
+        # full training's plain down_proj rebuilds its input from gate and up in backward (recompute.gated_linear);
+        # an adapter or IA3 on it keeps that input
+        ("down_proj input", b * i * k if "down" in inputs and method != "full" else 0),
         ("adapter inputs + bottleneck", 2 * b * (h + 2 * ADAPTER_SIZE) if method == "adapter" else 0),
         ("LoRA A outputs (B's input)", b * lora_r * len(inputs) if method in ("lora", "qlora") else 0),
     ]
@@ -233,9 +236,11 @@ def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: i
             put("activations", batch * S * L * per_tok, f"B S L x [{detail}] per token per layer")
         if method == "full":
             # autocast's half copies of every matmul weight, saved for backward (the gradient of the input)
+            down = L * h * c.intermediate_size * _experts(c)  # recompute.gated_linear casts these again in backward
             put("autocast_weight_copies",
-                2 * (P - V * h * (0 if c.tie_word_embeddings else 1)) if b == 2 and not pure else 0,
-                "2 x matmul weights (P less the embedding table) in half precision; 0 for fp32 and bf16-true")
+                2 * (P - V * h * (0 if c.tie_word_embeddings else 1) - down) if b == 2 and not pure else 0,
+                "2 x matmul weights (P less the embedding table and down_proj) in half precision; 0 for fp32 and "
+                "bf16-true")
         if gpus > 1 and strategy in ("fsdp", "zero2", "zero3"):  # sharded lm_head: the chunked loss
             chunk = min(batch * S, CE_CHUNK)
             put("logits", batch * S * V * 2 * b + chunk * V * 2 * 4,

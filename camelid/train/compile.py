@@ -6,8 +6,9 @@ of the cheap elementwise ops the matmuls read: each RMSNorm's output (the q/k/v 
 and layer, twice) and the gated product act(gate) * up (down_proj's input, i values). Below 1.0 the partitioner may
 recompute ops in backward instead, cheapest runtime first: elementwise ops cost it no FLOPs, so they go before any
 matmul. Measured on a LLaMA block (CPU, bf16; tests/train/test_compile.py): 0.9 recomputes exactly those three
-tensors and no matmul (the backward graph has as many matmuls as at 1.0); on the TinyLlama shape that is 19,456 of
-the 59,520 bytes a block keeps per token (camelid/plan/memory.py). Below ~0.7 matmuls start being recomputed.
+tensors and no matmul (the backward graph has as many matmuls as at 1.0); on the TinyLlama shape a block then keeps
+40,072 bytes a token, against 59,520 at 1.0 (48,256 eager, where recompute.py rebuilds down_proj's input;
+camelid/plan/memory.py). Below ~0.7 matmuls start being recomputed.
 
 The budget applies while our backend partitions the graph (when a shape is first compiled); torch's global
 setting is never changed, so other compiled code in the process keeps its own.
