@@ -4,7 +4,8 @@
     postgresql://user:pass@host:port/dbname
 
 Every write is its own committed transaction before the call returns, so what the server has acknowledged
-survives a kill -9 (SQLite: WAL + synchronous=FULL; PostgreSQL: its commit). A user only ever reaches their own
+survives a kill -9 (SQLite: WAL + synchronous=FULL; PostgreSQL: its commit). PostgreSQL text cannot hold U+0000
+(a model's answer can: byte-level tokenizers have a token for it), so both stores keep it as U+FFFD. A user only ever reaches their own
 sessions: every query filters on user_id, and another user's session id reads as "not found".
 
 The methods are blocking; the app calls them from a worker thread. One connection is shared under a lock: the
@@ -93,6 +94,7 @@ class SessionStore:
 
     def create(self, user: str, title: str | None = None, model: str | None = None,
                system_prompt: str | None = None) -> dict[str, Any]:
+        title, model, system_prompt = _text(title), _text(model), _text(system_prompt)
         now = time.time()
         sid = uuid.uuid4().hex
         self._execute(f"INSERT INTO sessions ({_SESSION_COLUMNS}, user_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -119,7 +121,7 @@ class SessionStore:
 
     def update(self, user: str, session_id: str, **fields: Any) -> dict[str, Any] | None:
         """Set title / model / system_prompt (the ones given, None values skipped); None when not found."""
-        fields = {k: v for k, v in fields.items() if v is not None}
+        fields = {k: _text(v) for k, v in fields.items() if v is not None}
         unknown = set(fields) - {"title", "model", "system_prompt"}
         if unknown:
             raise ValueError(f"cannot update session field(s) {sorted(unknown)}")
@@ -150,7 +152,8 @@ class SessionStore:
             seq = cur.fetchall()[0][0] + 1
             for k, m in enumerate(messages):
                 cur.execute(self._sql("INSERT INTO messages (session_id, seq, role, content, created_at) "
-                                      "VALUES (?, ?, ?, ?, ?)"), (session_id, seq + k, m["role"], m["content"], now))
+                                      "VALUES (?, ?, ?, ?, ?)"),
+                            (session_id, seq + k, _text(m["role"]), _text(m["content"]), now))
             return True
         with self._lock:
             return self._transaction(run)
@@ -164,6 +167,11 @@ def check_url(url: str) -> str:
     if scheme in ("postgresql", "postgres"):
         return "postgresql"
     raise ValueError(f"unknown session database URL {url!r}: use sqlite:///FILE or postgresql://...")
+
+
+def _text(value: Any) -> Any:
+    """A string as the store keeps it: U+0000, which PostgreSQL text refuses, becomes U+FFFD."""
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
 
 
 def _session(row: tuple) -> dict[str, Any]:
