@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from camelid.config import ModelConfig
-from camelid.recompute import gated_linear, recomputed
+from camelid.recompute import gated_linear, plain_linear, recomputed
 
 
 class RMSNorm(nn.Module):
@@ -152,7 +152,7 @@ class StackedLinears:
 
     @staticmethod
     def can_stack(linears: list[nn.Module]) -> bool:
-        if not all(_plain_linear(m) for m in linears):
+        if not all(plain_linear(m) for m in linears):
             return False
         first = linears[0].weight
         return all(m.weight.dtype == first.dtype and m.weight.device == first.device and
@@ -164,7 +164,7 @@ class StackedLinears:
         given a new weight since, by `load_state_dict(assign=True)` or `.to()`, makes the members run one by one).
         That last check reads storage addresses, which torch.compile cannot trace: compiled, it is skipped (the
         engine stacks before it compiles and never swaps weights afterwards)."""
-        if torch.is_grad_enabled() or not all(_plain_linear(m) for m in members):
+        if torch.is_grad_enabled() or not all(plain_linear(m) for m in members):
             return False
         if torch.compiler.is_compiling():
             return True
@@ -177,10 +177,6 @@ class StackedLinears:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.joined(x).split(self.sizes, dim=-1))
-
-
-def _plain_linear(module: nn.Module) -> bool:
-    return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
 
 
 def stack_projections(model: nn.Module) -> int:

@@ -102,11 +102,16 @@ def recomputed(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.
     return _KeepInputsOnly.apply(fn, *inputs)
 
 
+def plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear itself (no adapter subclass or wrapper) without forward hooks: code may apply F.linear with its
+    weight in its place (the fused loss's lm_head, gated_linear's down_proj, the model's stacked projections)."""
+    return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+
+
 def gated_linear(act: Callable, gate: torch.Tensor, up: torch.Tensor, linear: nn.Module) -> torch.Tensor:
     """linear(act(gate) * up): a gated MLP's down projection. When `linear` is a plain, hook-free nn.Linear whose
     weight trains, only gate and up are kept for backward (_GatedLinear); otherwise (a frozen weight keeps no input
     anyway; an adapter or a hook reads the product) the product is kept only by whoever needs it."""
-    plain = type(linear) is nn.Linear and not linear._forward_hooks and not linear._forward_pre_hooks
-    if plain and linear.weight.requires_grad and _inputs_only((gate, up, linear.weight)):
+    if plain_linear(linear) and linear.weight.requires_grad and _inputs_only((gate, up, linear.weight)):
         return _GatedLinear.apply(act, gate, up, linear.weight, linear.bias)
     return linear(recomputed(lambda g, u: act(g) * u, gate, up))

@@ -5,8 +5,8 @@
 
 Every write is its own committed transaction before the call returns, so what the server has acknowledged
 survives a kill -9 (SQLite: WAL + synchronous=FULL; PostgreSQL: its commit). PostgreSQL text cannot hold U+0000
-(a model's answer can: byte-level tokenizers have a token for it), so both stores keep it as U+FFFD. A user only ever reaches their own
-sessions: every query filters on user_id, and another user's session id reads as "not found".
+(a model's answer can: byte-level tokenizers have a token for it), so both stores keep it as U+FFFD. A user only
+ever reaches their own sessions: every query filters on user_id, and another user's session id reads as "not found".
 
 The methods are blocking; the app calls them from a worker thread. One connection is shared under a lock: the
 statements are tiny, and one connection keeps SQLite's single-writer rule trivially true.

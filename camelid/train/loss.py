@@ -21,6 +21,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from camelid.recompute import plain_linear
 from camelid.train import triton_ce
 from camelid.train.distributed import is_sharded, wrappers
 
@@ -129,7 +130,7 @@ def fusable_head(model: nn.Module) -> nn.Linear | None:
     if any(getattr(m, "find_unused_parameters", False) for m in outer):
         return None
     head = getattr(plain, "lm_head", None)
-    if type(head) is not nn.Linear or head.bias is not None or head._forward_hooks or head._forward_pre_hooks:
+    if not plain_linear(head) or head.bias is not None:
         return None
     device = head.weight.device.type
     autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
