@@ -8,6 +8,8 @@ One forward packs the new tokens of every scheduled sequence into a single row (
 the cache to that step's metadata (passed explicitly, never global) and is what the model receives as `cache`:
 Attention calls `attend(layer, q, k, v)`, which writes the new keys/values to their slots and attends each query to
 the keys of its own sequence only: causal by position, plus the sliding window and ALiBi bias when the model has them.
+On CUDA with Triton the attention reads the blocks in place (triton_decode for decodes, triton_prefill for prefill
+chunks); the PyTorch path here gathers each sequence's keys first.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from camelid.config import ModelConfig
-from camelid.engine import triton_decode
+from camelid.engine import triton_decode, triton_prefill
 from camelid.model import alibi_slopes
 
 
@@ -36,6 +38,13 @@ def paged_decode_op(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Ten
 @paged_decode_op.register_fake
 def _(q, k_blocks, v_blocks, block_tables, context_lens, scale, sliding_window, alibi_slopes):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (D, nh, hd), contiguous like the kernel's output
+
+
+def use_triton(q: torch.Tensor, k_blocks: torch.Tensor) -> bool:
+    """Whether attention over these blocks takes the Triton kernels (triton_decode, triton_prefill): on CUDA, with
+    Triton installed and head_dim / block_size the kernels take."""
+    return (q.is_cuda and triton_decode.available()
+            and triton_decode.supports(q.shape[-1], k_blocks.shape[1], k_blocks.dtype))
 
 
 class PagedKVCache:
@@ -72,9 +81,9 @@ class PagedKVCache:
 class AttentionMetadata:
     """Where the N packed tokens of one forward go, and which keys each sees. S = scheduled sequences.
 
-    Sequences with one new token (decodes) are attended in one batched call; the others (prefill chunks) one by one,
-    since each has its own query length. Host-side copies of the lengths keep the per-sequence loop free of device
-    syncs."""
+    Sequences with one new token (decodes) are attended in one batched call; the others (prefill chunks) in one
+    Triton launch on CUDA (triton_prefill), else one by one, since each has its own query length. Host-side copies of
+    the lengths keep that loop free of device syncs."""
 
     slot_mapping: torch.Tensor  # (N,) flat cache slot of each new token
     block_tables: torch.Tensor  # (S, max_blocks) block ids per sequence, padded with 0
@@ -112,6 +121,7 @@ class PagedBatch:
 
     def __init__(self, cache: PagedKVCache, meta: AttentionMetadata):
         self.cache, self.meta = cache, meta
+        self._plan: triton_prefill.PrefillPlan | None = None  # the prefill kernel's tiles, once per step
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, nh, N, hd), k / v (1, nkv, N, hd) for the N packed new tokens -> attention output (1, nh, N, hd)."""
@@ -127,11 +137,25 @@ class PagedBatch:
         if len(meta.single_seqs):
             rows, seqs = meta.single_tokens, meta.single_seqs
             out[:, :, rows] = self._decode(q[:, :, rows], k_blocks, v_blocks, tables[seqs], meta.context_lens[seqs])
+        if use_triton(q, k_blocks):  # every prefill chunk in one launch, reading the blocks in place
+            triton_prefill.paged_prefill(q[0].transpose(0, 1), k_blocks, v_blocks, meta.block_tables,
+                                         meta.context_lens, self._prefill_plan(q, k_blocks), q.shape[-1]**-0.5,
+                                         cache.sliding_window, cache.alibi, out=out[0].transpose(0, 1))
+            return out
         starts = meta.query_start_loc
         for s in meta.multi_seqs:  # prefill chunks have their own lengths: one call per sequence
             q_s = q[:, :, starts[s]:starts[s + 1]]  # (1, nh, T, hd)
             out[:, :, starts[s]:starts[s + 1]] = self._attend_one(q_s, k_blocks, v_blocks, s)
         return out
+
+    def _prefill_plan(self, q: torch.Tensor, k_blocks: torch.Tensor) -> triton_prefill.PrefillPlan:
+        """The prefill kernel's tiles for this step's chunks: listed at the first layer, reused by the others."""
+        if self._plan is None:
+            meta, starts = self.meta, self.meta.query_start_loc
+            self._plan = triton_prefill.plan(meta.multi_seqs, [starts[s] for s in meta.multi_seqs],
+                                             [starts[s + 1] - starts[s] for s in meta.multi_seqs], q.shape[1],
+                                             k_blocks.shape[2], q.shape[-1], k_blocks.shape[1], q.device)
+        return self._plan
 
     def _gather(self, blocks: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """(S, max_blocks) block ids -> (S, nkv, max_blocks * bs, hd): each sequence's keys (or values) in order."""
@@ -165,7 +189,7 @@ class PagedBatch:
         against their keys, so GQA keys are never expanded (that copy would be g times the batch's keys, per layer).
         On CUDA with Triton, triton_decode's kernel reads the blocks in place instead of gathering them."""
         hd = q.shape[-1]
-        if q.is_cuda and triton_decode.available() and triton_decode.supports(hd, k_blocks.shape[1], k_blocks.dtype):
+        if use_triton(q, k_blocks):
             decode = paged_decode_op if torch.compiler.is_compiling() else triton_decode.paged_decode
             out = decode(q[0].transpose(0, 1), k_blocks, v_blocks, tables, context_lens, hd**-0.5,
                          self.cache.sliding_window, self.cache.alibi)  # (D, nh, hd)

@@ -32,21 +32,15 @@ is compiled lazily, so that variable only needs to be set before the first call.
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
+
+from camelid.triton_support import available, jit  # noqa: F401 (available: this kernel's callers ask here)
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # Triton is an optional dependency: the module still imports, available() says False
     triton = tl = None
-
-
-def available() -> bool:
-    """Whether paged_decode can run here: Triton importable, and a CUDA device or Triton's CPU interpreter."""
-    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 MAX_TILE_BYTES = 64 * 1024  # one (block_size, head_dim) key tile; Triton stages K and V tiles in shared memory,
@@ -70,6 +64,39 @@ def keys_per_iteration(block_size: int, head_dim: int, itemsize: int, use_dot: b
     while use_dot and keys * 2 <= KEYS_PER_ITERATION and keys * 2 * head_dim * itemsize <= MAX_TILE_BYTES // 2:
         keys *= 2
     return keys
+
+
+def check_inputs(name: str, q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor, sliding_window: int | None,
+                 alibi_slopes: torch.Tensor | None) -> None:
+    """The checks a paged attention kernel (this one, triton_prefill's) makes before launching: q (tokens, nh, hd),
+    k/v blocks (num_blocks, block_size, nkv, hd) of one shape and q's dtype, sizes `supports` takes, a 2-d table, one
+    device. Raises ValueError naming the kernel."""
+    if triton is None:
+        raise ValueError(f"{name} needs Triton, which is not installed (check available() first)")
+    if q.dim() != 3 or k_blocks.dim() != 4 or v_blocks.shape != k_blocks.shape:
+        raise ValueError(f"expected q (tokens, nh, hd) and k/v blocks (num_blocks, block_size, nkv, hd) of one "
+                         f"shape, got q {tuple(q.shape)}, k {tuple(k_blocks.shape)}, v {tuple(v_blocks.shape)}")
+    _, nh, hd = q.shape
+    _, block_size, nkv, k_hd = k_blocks.shape
+    if k_hd != hd or nh % nkv:
+        raise ValueError(f"q {tuple(q.shape)} does not fit kv blocks {tuple(k_blocks.shape)}: head_dim must match "
+                         "and num_heads be a multiple of num_kv_heads")
+    if not q.dtype == k_blocks.dtype == v_blocks.dtype:
+        raise ValueError(f"q and the kv blocks must share a dtype, got {q.dtype}, {k_blocks.dtype}, {v_blocks.dtype}")
+    if not supports(hd, block_size, q.dtype):
+        raise ValueError(f"{name} needs power-of-two head_dim and block_size with a key tile of at most "
+                         f"{MAX_TILE_BYTES} bytes, got {hd}, {block_size} and {q.dtype}")
+    if block_tables.dim() != 2 or context_lens.dim() != 1:
+        raise ValueError(f"expected block_tables (sequences, max_blocks) and context_lens (sequences,), got "
+                         f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    if alibi_slopes is not None and tuple(alibi_slopes.shape) != (nh,):
+        raise ValueError(f"expected alibi_slopes ({nh},), got {tuple(alibi_slopes.shape)}")
+    tensors = [q, k_blocks, v_blocks, block_tables, context_lens] + ([alibi_slopes] if alibi_slopes is not None else [])
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"{name} inputs must share one device, got {sorted({str(t.device) for t in tensors})}")
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -155,14 +182,6 @@ def _paged_decode_kernel(
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
 
 
-@functools.cache
-def _compiled(interpret: bool):
-    """triton.jit picks the interpreter or the GPU compiler when it wraps the function, so wrap on first use (and
-    once per mode), not at import: importers need not set TRITON_INTERPRET before importing this module."""
-    del interpret  # only the cache key: triton.jit reads the variable itself
-    return triton.jit(_paged_decode_kernel)
-
-
 def paged_decode(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
                  alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,31 +191,12 @@ def paged_decode(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
     int32/int64 block ids (entries past a sequence's last block are never read); context_lens (D,) keys per sequence,
     the new token included, each >= 1; alibi_slopes (nh,) or None. Returns (D, nh, hd) in q's dtype.
     Raises ValueError for shapes the kernel does not handle (check `supports` first to fall back instead)."""
-    if triton is None:
-        raise ValueError("paged_decode needs Triton, which is not installed (check available() first)")
-    if q.dim() != 3 or k_blocks.dim() != 4 or v_blocks.shape != k_blocks.shape:
-        raise ValueError(f"expected q (D, nh, hd) and k/v blocks (num_blocks, block_size, nkv, hd) of one shape, got "
-                         f"q {tuple(q.shape)}, k {tuple(k_blocks.shape)}, v {tuple(v_blocks.shape)}")
+    check_inputs("paged_decode", q, k_blocks, v_blocks, block_tables, context_lens, sliding_window, alibi_slopes)
     D, nh, hd = q.shape
-    _, block_size, nkv, k_hd = k_blocks.shape
-    if k_hd != hd or nh % nkv:
-        raise ValueError(f"q {tuple(q.shape)} does not fit kv blocks {tuple(k_blocks.shape)}: head_dim must match "
-                         "and num_heads be a multiple of num_kv_heads")
-    if not q.dtype == k_blocks.dtype == v_blocks.dtype:
-        raise ValueError(f"q and the kv blocks must share a dtype, got {q.dtype}, {k_blocks.dtype}, {v_blocks.dtype}")
-    if not supports(hd, block_size, q.dtype):
-        raise ValueError(f"paged_decode needs power-of-two head_dim and block_size with a key tile of at most "
-                         f"{MAX_TILE_BYTES} bytes, got {hd}, {block_size} and {q.dtype}")
-    if block_tables.dim() != 2 or block_tables.shape[0] != D or tuple(context_lens.shape) != (D,):
+    _, block_size, nkv, _ = k_blocks.shape
+    if block_tables.shape[0] != D or tuple(context_lens.shape) != (D,):
         raise ValueError(f"expected block_tables ({D}, max_blocks) and context_lens ({D},), got "
                          f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
-    if alibi_slopes is not None and tuple(alibi_slopes.shape) != (nh,):
-        raise ValueError(f"expected alibi_slopes ({nh},), got {tuple(alibi_slopes.shape)}")
-    tensors = [q, k_blocks, v_blocks, block_tables, context_lens] + ([alibi_slopes] if alibi_slopes is not None else [])
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"paged_decode inputs must share one device, got {sorted({str(t.device) for t in tensors})}")
 
     out = torch.empty((D, nh, hd), dtype=q.dtype, device=q.device)
     if D == 0:
@@ -207,8 +207,7 @@ def paged_decode(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
     # The broadcast path holds a (G, bs, hd) fp32 product in registers: spread it so each thread keeps <= 64 values.
     num_warps = 4 if use_dot else max(4, min(16, group_pad * block_size * hd // 2048))
     slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else context_lens  # dummy, never read
-    kernel = _compiled(os.environ.get("TRITON_INTERPRET") == "1")
-    kernel[(D, nkv)](
+    jit(_paged_decode_kernel)[(D, nkv)](
         q, k_blocks, v_blocks, out, block_tables, context_lens, slopes,
         float(scale), sliding_window or 0,
         *q.stride(), *k_blocks.stride(), *v_blocks.stride(), *out.stride(), *block_tables.stride(),

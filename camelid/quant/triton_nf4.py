@@ -16,10 +16,10 @@ Set TRITON_INTERPRET=1 to run it on CPU tensors through Triton's interpreter (wh
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 
 import torch
+
+from camelid.triton_support import available, jit  # noqa: F401 (available: this kernel's callers ask here)
 
 try:
     import triton
@@ -28,11 +28,6 @@ except ImportError:  # optional: callers check available() and keep the PyTorch 
     triton = tl = None
 
 BYTES_PER_PROGRAM = 1024  # 2,048 weights per program
-
-
-def available() -> bool:
-    """Triton importable, and a CUDA device or Triton's CPU interpreter."""
-    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _dequantize_kernel(packed_ptr, absmax_ptr, factor_ptr, mean_ptr, levels_ptr, out_ptr, num_bytes, numel,
@@ -52,13 +47,6 @@ def _dequantize_kernel(packed_ptr, absmax_ptr, factor_ptr, mean_ptr, levels_ptr,
     tl.store(out_ptr + first + 1, (low * scale).to(out_ptr.dtype.element_ty), mask=in_range & (first + 1 < numel))
 
 
-@functools.cache
-def _compiled(interpret: bool):
-    """Wrapped on first use, once per mode: triton.jit reads TRITON_INTERPRET when it wraps."""
-    del interpret  # the cache key only
-    return triton.jit(_dequantize_kernel)
-
-
 def dequantize(packed: torch.Tensor, absmax_q: torch.Tensor, factor: torch.Tensor, mean: torch.Tensor,
                levels: torch.Tensor, numel: int, dtype: torch.dtype, block_size: int,
                scaler_block_size: int) -> torch.Tensor:
@@ -73,7 +61,7 @@ def dequantize(packed: torch.Tensor, absmax_q: torch.Tensor, factor: torch.Tenso
     # Triton launches on the current CUDA device: make it the weights' (a model on cuda:1, say)
     on_device = torch.cuda.device(packed.device) if packed.is_cuda else contextlib.nullcontext()
     with on_device:
-        _compiled(os.environ.get("TRITON_INTERPRET") == "1")[grid](
+        jit(_dequantize_kernel)[grid](
             packed, absmax_q, factor, mean, levels, out, packed.numel(), numel,
             BLOCK_SIZE=block_size, SCALER_BLOCK_SIZE=scaler_block_size, BYTES=BYTES_PER_PROGRAM)
     return out

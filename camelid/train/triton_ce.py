@@ -17,11 +17,11 @@ before it has written anything, and the caller keeps the PyTorch path.
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 
 import torch
+
+from camelid.triton_support import interpreting, jit
 
 try:
     import triton
@@ -38,7 +38,7 @@ def usable(tensor: torch.Tensor) -> bool:
     """Whether cross_entropy_grad_ can run on this tensor's device."""
     if triton is None or _failed:
         return False
-    return tensor.is_cuda or (tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return tensor.is_cuda or (tensor.device.type == "cpu" and interpreting())
 
 
 def cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
@@ -54,7 +54,7 @@ def cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     if n == 0:
         return losses
     block = min(MAX_BLOCK, triton.next_power_of_2(vocab))
-    kernel = _compiled(os.environ.get("TRITON_INTERPRET") == "1")
+    kernel = jit(_ce_grad_kernel)
     try:
         kernel[(n,)](logits, labels.contiguous(), losses, logits.stride(0), vocab, ignore_index,
                      BLOCK=block, WRITE_GRAD=write_grad, num_warps=8 if block >= 4096 else 4)
@@ -65,39 +65,32 @@ def cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     return losses
 
 
-@functools.lru_cache(maxsize=2)
-def _compiled(interpreted: bool):
-    """The kernel, jitted on first use (TRITON_INTERPRET is read then; the flag only keys the cache)."""
+def _ce_grad_kernel(logits_ptr, labels_ptr, loss_ptr, stride_row, vocab, ignore_index,
+                    BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = label != ignore_index
+    target = tl.where(valid, label, 0)
+    cols = tl.arange(0, BLOCK)
 
-    @triton.jit
-    def _ce_grad_kernel(logits_ptr, labels_ptr, loss_ptr, stride_row, vocab, ignore_index,
-                        BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride_row
-        label = tl.load(labels_ptr + row).to(tl.int64)
-        valid = label != ignore_index
-        target = tl.where(valid, label, 0)
-        cols = tl.arange(0, BLOCK)
+    m = -float("inf")  # running maximum
+    s = 0.0  # running sum of exp(x - m)
+    for start in range(0, vocab, BLOCK):
+        offsets = start + cols
+        x = tl.load(base + offsets, mask=offsets < vocab, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    picked = tl.load(base + target).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(valid, m + tl.log(s) - picked, 0.0))
 
-        m = -float("inf")  # running maximum
-        s = 0.0  # running sum of exp(x - m)
+    if WRITE_GRAD:
+        keep = tl.where(valid, 1.0, 0.0)
         for start in range(0, vocab, BLOCK):
             offsets = start + cols
-            x = tl.load(base + offsets, mask=offsets < vocab, other=-float("inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            m = m_new
-        picked = tl.load(base + target).to(tl.float32)
-        tl.store(loss_ptr + row, tl.where(valid, m + tl.log(s) - picked, 0.0))
-
-        if WRITE_GRAD:
-            keep = tl.where(valid, 1.0, 0.0)
-            for start in range(0, vocab, BLOCK):
-                offsets = start + cols
-                inside = offsets < vocab
-                x = tl.load(base + offsets, mask=inside, other=0.0).to(tl.float32)
-                grad = tl.exp(x - m) / s
-                grad = tl.where(offsets == target, grad - 1.0, grad) * keep
-                tl.store(base + offsets, grad.to(logits_ptr.dtype.element_ty), mask=inside)
-
-    return _ce_grad_kernel
+            inside = offsets < vocab
+            x = tl.load(base + offsets, mask=inside, other=0.0).to(tl.float32)
+            grad = tl.exp(x - m) / s
+            grad = tl.where(offsets == target, grad - 1.0, grad) * keep
+            tl.store(base + offsets, grad.to(logits_ptr.dtype.element_ty), mask=inside)
