@@ -59,14 +59,14 @@ run() {  # run SECONDS CMD...: one benchmark, stopped after SECONDS; a failure i
 
 case $part in
 quick)  # one call that touches every GPU path once (a first run on a new machine): fewer repeats, a sampled baseline
-    run 80 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_triton_decode.py tests/engine/test_cuda_graphs.py \
+    run 80 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_triton_decode.py tests/engine/test_triton_prefill.py tests/engine/test_cuda_graphs.py \
         tests/quant/test_triton_nf4.py tests/train/test_triton_ce.py
     run 220 python3 benchmarks/engine.py --device cuda --reference-requests 32
     run 150 python3 benchmarks/pretrain.py --device cuda --dtype bf16-true --compile-camelid --repeats 5
     run 130 python3 benchmarks/finetune.py --device cuda --compile --steps 5
     ;;
 engine)
-    run 100 python3 -m pytest -q -p no:cacheprovider tests/engine/test_triton_decode.py tests/engine/test_cuda_graphs.py \
+    run 100 python3 -m pytest -q -p no:cacheprovider tests/engine/test_triton_decode.py tests/engine/test_triton_prefill.py tests/engine/test_cuda_graphs.py \
         tests/quant/test_triton_nf4.py
     # the transformers columns take most of the time (padded generate ~75 ms a step): a 128-request sample of the
     # workload for them; every phase prints its numbers as it ends, so a timeout still leaves them in the log

@@ -56,10 +56,15 @@ CASES = {  # name: (nh, nkv, hd, block_size, [(context, new tokens)], sliding_wi
 }
 
 
-@pytest.mark.usefixtures("interpreter")
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_sdpa_reference(case, dtype):
+def test_matches_sdpa_reference(request, case, dtype, device):
+    if device == "cpu":
+        request.getfixturevalue("interpreter")
     nh, nkv, hd, bs, chunks, window, alibi = CASES[case]
     gen = torch.Generator().manual_seed(sum(map(ord, case)))
     context_lens, query_lens = [c for c, _ in chunks], [t for _, t in chunks]
@@ -67,11 +72,13 @@ def test_matches_sdpa_reference(case, dtype):
     N = sum(query_lens)
     q = torch.randn(N, nh, hd, generator=gen).to(dtype)
     starts = [sum(query_lens[:i]) for i in range(len(chunks))]
-    plan = triton_prefill.plan(list(range(len(chunks))), starts, query_lens, nh, nkv, hd, bs, q.device)
     slopes = alibi_slopes(nh) if alibi else None
-    out = triton_prefill.paged_prefill(q, k_blocks, v_blocks, tables, lens, plan, hd**-0.5, window, slopes)
-    assert out.shape == q.shape and out.dtype == dtype
     expected = reference(q, k_blocks, v_blocks, tables, lens, query_lens, hd**-0.5, window, slopes)
+    q, k_blocks, v_blocks, tables, lens = (t.to(device) for t in (q, k_blocks, v_blocks, tables, lens))
+    plan = triton_prefill.plan(list(range(len(chunks))), starts, query_lens, nh, nkv, hd, bs, q.device)
+    out = triton_prefill.paged_prefill(q, k_blocks, v_blocks, tables, lens, plan, hd**-0.5, window,
+                                       slopes.to(device) if alibi else None).cpu()
+    assert out.shape == q.shape and out.dtype == dtype
     # bf16: the kernel rounds its output and the probabilities to bf16 (the interpreter by truncation)
     tol = dict(atol=1e-5, rtol=0) if dtype == torch.float32 else dict(atol=1e-2, rtol=2**-7)
     torch.testing.assert_close(out.float(), expected, **tol)
@@ -95,16 +102,19 @@ def test_writes_only_its_rows_of_a_strided_out():
     torch.testing.assert_close(out[keep], expected[keep], atol=1e-5, rtol=0)
 
 
-@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("window, alibi, bs, nkv", [(None, False, 16, 2), (None, False, 4, 4), (9, True, 16, 1)],
                          ids=["gqa_dot", "mha_broadcast", "window_alibi_dot"])
-def test_mixed_step_equals_the_pytorch_path(monkeypatch, window, alibi, bs, nkv):
+def test_mixed_step_equals_the_pytorch_path(request, monkeypatch, device, window, alibi, bs, nkv):
     """A whole step as Attention hands it to the cache: decodes, a first chunk and later chunks, packed. The Triton
-    dispatch (decode and prefill kernels, through the interpreter) against the PyTorch path on the same inputs."""
+    dispatch (decode and prefill kernels; on the CPU through the interpreter) against the PyTorch path on the same
+    inputs, in fp32."""
+    if device == "cpu":
+        request.getfixturevalue("interpreter")
     config = ModelConfig(vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=nkv, head_dim=16, sliding_window=window,
                          position_encoding="alibi" if alibi else "rope")
-    cache = PagedKVCache(config, num_blocks=40, block_size=bs, dtype=torch.float32, device=torch.device("cpu"))
+    cache = PagedKVCache(config, num_blocks=40, block_size=bs, dtype=torch.float32, device=torch.device(device))
     gen = torch.Generator().manual_seed(4)
     computed, new = [5, 0, 30, 12, 40], [1, 21, 17, 1, 3]  # cached tokens and this step's tokens per sequence
     order = (torch.randperm(39, generator=gen) + 1).tolist()
@@ -112,12 +122,12 @@ def test_mixed_step_equals_the_pytorch_path(monkeypatch, window, alibi, bs, nkv)
     for c, n in zip(computed, new):
         block_tables.append(order[start:start + -(-(c + n) // bs)])
         start += len(block_tables[-1])
-    cache.k[0].normal_(generator=gen)  # stands for the earlier steps' keys
-    cache.v[0].normal_(generator=gen)
-    meta = AttentionMetadata.build(block_tables, computed, new, bs, torch.device("cpu"))
+    cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=gen))  # stands for the earlier steps' keys
+    cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=gen))
+    meta = AttentionMetadata.build(block_tables, computed, new, bs, torch.device(device))
     N = sum(new)
-    q = torch.randn(1, 4, N, 16, generator=gen)
-    k, v = torch.randn(1, nkv, N, 16, generator=gen), torch.randn(1, nkv, N, 16, generator=gen)
+    q, k, v = (torch.randn(1, n, N, 16, generator=gen).to(device) for n in (4, nkv, nkv))
+    monkeypatch.setattr(paged_attention, "use_triton", lambda q, k_blocks: False)
     expected = PagedBatch(cache, meta).attend(0, q, k, v)
     monkeypatch.setattr(paged_attention, "use_triton", lambda q, k_blocks: True)
     out = PagedBatch(cache, meta).attend(0, q, k, v)
