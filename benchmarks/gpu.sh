@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu.sh quick     # every path once, trimmed, in one call: run it first on a machine never tried
 #   bash benchmarks/gpu.sh engine    # issue 5: CUDA tests of the Triton kernels and decode graphs, benchmarks/engine.py
 #   bash benchmarks/gpu.sh engine-compiled  # issue 5: engine.py with LLM(compile=True) (~3 min of compile first)
+#   bash benchmarks/gpu.sh engine-sweep  # issue 5: camelid alone at max_num_seqs / max_num_batched_tokens settings
 #   bash benchmarks/gpu.sh train     # issues 3, 4: pretrain.py bf16-true --compile-camelid at activation memory
 #                                    # budgets 0.9 (camelid's default) and 1.0 (torch's), finetune.py --compile
 #   bash benchmarks/gpu.sh qlora     # issue 4: qlora.py (Llama-2-7B shape; writes a 13.5 GB bf16 folder to /tmp)
@@ -17,7 +18,7 @@
 # budget 0.9 rows, qlora, and engine after its mixed-step fix; check guards issue 7 (met) against regressions. $OUT brings back 8 files at most: the find below copies only this call's JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: bash benchmarks/gpu.sh wheels|quick|engine|engine-compiled|train|qlora|check}
+part=${1:?usage: bash benchmarks/gpu.sh wheels|quick|engine|engine-sweep|engine-compiled|train|qlora|check}
 
 if [[ $part == wheels ]]; then
     exclude=$(git rev-parse --git-path info/exclude)
@@ -72,6 +73,9 @@ engine)
     # workload for them; every phase prints its numbers as it ends, so a timeout still leaves them in the log
     run 480 python3 benchmarks/engine.py --device cuda --reference-requests 128
     ;;
+engine-sweep)  # camelid alone on engine.py's workload at several scheduler settings (no transformers columns)
+    run 420 python3 benchmarks/engine_sweep.py --device cuda --settings 256:8192 512:8192 512:16384 256:2048
+    ;;
 engine-compiled)  # the decode graphs over the torch.compile'd forward (LLM(compile=True)); a small reference sample
     run 570 python3 benchmarks/engine.py --device cuda --compile on --reference-requests 16
     ;;
@@ -91,7 +95,7 @@ check)
     run 120 python3 benchmarks/forward.py --device cuda
     ;;
 *)
-    echo "unknown part $part (wheels | quick | engine | engine-compiled | train | qlora | check)" >&2
+    echo "unknown part $part (wheels | quick | engine | engine-sweep | engine-compiled | train | qlora | check)" >&2
     exit 2
     ;;
 esac

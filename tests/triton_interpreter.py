@@ -1,6 +1,7 @@
 """The `interpreter` fixture: Triton kernels run on CPU tensors through Triton's interpreter, for the tests of
-camelid's kernels (tests/engine/test_triton_decode.py, test_triton_prefill.py, tests/quant/test_triton_nf4.py, tests/train/test_triton_ce.py). Import it into a test module
-with `from triton_interpreter import interpreter` (the module needs triton: importorskip it first)."""
+camelid's kernels (tests/engine/test_triton_decode.py and test_triton_prefill.py, tests/quant/test_triton_nf4.py,
+tests/train/test_triton_ce.py). Import it into a test module with `from triton_interpreter import interpreter` (the
+module needs triton: importorskip it first)."""
 
 import numpy as np
 import pytest
