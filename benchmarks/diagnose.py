@@ -4,6 +4,7 @@ A tool for a short device lease, not a comparison: it prints what to optimise ne
 benchmarks/results/logs/h100-2026-11-22-call2-*.log and call3-engine.log).
   python benchmarks/diagnose.py train     # TinyLlama bf16-true step: plain, no recompute, loss variants, profile
   python benchmarks/diagnose.py engine    # LLM setup, batch-1 decode, a small offline run, a profile of steps
+  python benchmarks/diagnose.py attention # one layer's attention of mixed steps: Triton kernels vs PyTorch path
 """
 
 from __future__ import annotations
@@ -199,17 +200,57 @@ def engine() -> None:
     profile(lambda: [llm.step() for _ in range(5)], rows=15)
 
 
+def attention() -> None:
+    """One layer's attention of a mixed step (PagedBatch.attend: cache write, decodes, prefill chunks), TinyLlama's
+    heads in bf16: the Triton kernels against the PyTorch path (per-chunk gather + SDPA), same inputs."""
+    import random
+
+    import camelid.engine.paged_attention as paged
+    from camelid.engine.paged_attention import AttentionMetadata, PagedBatch, PagedKVCache
+
+    config = get_preset("tinyllama-1.1b").replace(num_hidden_layers=1)
+    nh, nkv, hd, bs = config.num_attention_heads, config.num_key_value_heads, config.head_dim, 16
+    steps = {  # name: (tokens already cached, new tokens) per sequence
+        "8 prompts of 1024 from scratch": [(0, 1024)] * 8,
+        "4 later chunks of 512 after 1024": [(1024, 512)] * 4,
+        "256 decodes at ~800 + a 2048 chunk": [(800, 1)] * 256 + [(0, 2048)],
+        "256 decodes + 4 later chunks of 1536 after 512": [(800, 1)] * 256 + [(512, 1536)] * 4,
+    }
+    rng = random.Random(0)
+    for name, seqs in steps.items():
+        need = [-(-(c + n) // bs) for c, n in seqs]
+        cache = PagedKVCache(config, sum(need) + 1, bs, torch.bfloat16, DEV)
+        cache.k[0].normal_(), cache.v[0].normal_()
+        order = list(range(1, sum(need) + 1))
+        rng.shuffle(order)
+        tables, start = [], 0
+        for n in need:
+            tables.append(order[start:start + n])
+            start += n
+        meta = AttentionMetadata.build(tables, [c for c, _ in seqs], [n for _, n in seqs], bs, DEV)
+        N = sum(n for _, n in seqs)
+        q, k, v = (torch.randn(1, h, N, hd, device=DEV, dtype=torch.bfloat16) for h in (nh, nkv, nkv))
+        times = {}
+        for label, triton_on in (("pytorch", False), ("triton", True)):
+            paged.use_triton = (lambda q, k_blocks: True) if triton_on else (lambda q, k_blocks: False)
+            out = PagedBatch(cache, meta).attend(0, q, k, v)
+            times[label] = (step_time(lambda: PagedBatch(cache, meta).attend(0, q, k, v)), out.float())
+        (py_s, py_out), (tr_s, tr_out) = times["pytorch"], times["triton"]
+        print(f"  {name:48} pytorch {py_s * 1e3:7.2f} ms  triton {tr_s * 1e3:7.2f} ms  ({py_s / tr_s:.2f}x), "
+              f"max |diff| {(py_out - tr_out).abs().max().item():.3g}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("part", choices=["train", "engine"])
+    parser.add_argument("part", choices=["train", "engine", "attention"])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("diagnose.py profiles CUDA kernels: it needs a CUDA GPU; nothing to do here")
         return 0
-    {"train": train, "engine": engine}[args.part]()
+    {"train": train, "engine": engine, "attention": attention}[args.part]()
     return 0
 
 
