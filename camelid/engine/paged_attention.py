@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
@@ -98,22 +99,29 @@ class AttentionMetadata:
     @classmethod
     def build(cls, block_tables: list[list[int]], num_computed: list[int], num_new: list[int], block_size: int,
               device: torch.device) -> AttentionMetadata:
-        """From each sequence's block table, tokens already cached and new tokens this step."""
-        def tensor(values: list) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+        """From each sequence's block table, tokens already cached and new tokens this step. Vectorized over the
+        step's tokens (a mixed step packs thousands: a per-token Python loop took ~3 ms of host time for 8k)."""
+        def upload(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array).to(device, non_blocking=True)
 
-        slots, starts = [], [0]
-        for table, first, n in zip(block_tables, num_computed, num_new):
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(first, first + n))
-            starts.append(starts[-1] + n)
-        context = [first + n for first, n in zip(num_computed, num_new)]
-        single = [s for s, n in enumerate(num_new) if n == 1]
-        width = max(map(len, block_tables))
-        return cls(slot_mapping=tensor(slots), block_tables=tensor([t + [0] * (width - len(t)) for t in block_tables]),
-                   context_lens=tensor(context), context_lens_host=context, query_start_loc=starts,
-                   single_seqs=tensor(single), single_tokens=tensor([starts[s] for s in single]),
-                   single_width=-(-max((context[s] for s in single), default=0) // block_size),
-                   multi_seqs=[s for s, n in enumerate(num_new) if n > 1])
+        S, width = len(block_tables), max(map(len, block_tables))
+        tables = np.zeros((S, width), dtype=np.int64)  # padded with block 0, never read past a sequence's end
+        for row, table in zip(tables, block_tables):
+            row[:len(table)] = table
+        new = np.asarray(num_new, dtype=np.int64)
+        first = np.asarray(num_computed, dtype=np.int64)
+        starts = np.zeros(S + 1, dtype=np.int64)
+        np.cumsum(new, out=starts[1:])
+        owner = np.repeat(np.arange(S), new)  # (N,) the sequence of each packed token
+        positions = first[owner] + np.arange(starts[-1]) - starts[owner]  # (N,) its position in that sequence
+        slots = tables[owner, positions // block_size] * block_size + positions % block_size
+        context = first + new
+        single = np.flatnonzero(new == 1)
+        return cls(slot_mapping=upload(slots), block_tables=upload(tables), context_lens=upload(context),
+                   context_lens_host=context.tolist(), query_start_loc=starts.tolist(),
+                   single_seqs=upload(single), single_tokens=upload(starts[single]),
+                   single_width=-(-int(context[single].max(initial=0)) // block_size),
+                   multi_seqs=np.flatnonzero(new > 1).tolist())
 
 
 class PagedBatch:

@@ -1,0 +1,43 @@
+"""AttentionMetadata.build (camelid/engine/paged_attention.py) against the definition, token by token: token i of a
+sequence sits in slot table[i // block_size] * block_size + i % block_size; decodes are the sequences with exactly one
+new token. Random steps mixing decodes, first chunks and later chunks."""
+
+import random
+
+import pytest
+import torch
+
+from camelid.engine.paged_attention import AttentionMetadata
+
+
+def by_definition(block_tables, num_computed, num_new, block_size):
+    slots, starts = [], [0]
+    for table, first, n in zip(block_tables, num_computed, num_new):
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(first, first + n)]
+        starts.append(starts[-1] + n)
+    context = [f + n for f, n in zip(num_computed, num_new)]
+    single = [s for s, n in enumerate(num_new) if n == 1]
+    return slots, starts, context, single
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_build_equals_the_definition(seed):
+    rng = random.Random(seed)
+    block_size = rng.choice([1, 4, 16])
+    S = rng.randint(1, 12)
+    num_computed = [rng.choice([0, rng.randint(0, 60)]) for _ in range(S)]
+    num_new = [rng.choice([1, 1, rng.randint(1, 40)]) for _ in range(S)]
+    free = list(range(1, 500))
+    rng.shuffle(free)
+    block_tables = [[free.pop() for _ in range(-(-(c + n) // block_size))] for c, n in zip(num_computed, num_new)]
+    meta = AttentionMetadata.build(block_tables, num_computed, num_new, block_size, torch.device("cpu"))
+    slots, starts, context, single = by_definition(block_tables, num_computed, num_new, block_size)
+    assert meta.slot_mapping.tolist() == slots and meta.slot_mapping.dtype == torch.long
+    assert meta.query_start_loc == starts
+    assert meta.context_lens.tolist() == context == meta.context_lens_host
+    assert meta.single_seqs.tolist() == single
+    assert meta.single_tokens.tolist() == [starts[s] for s in single]
+    assert meta.multi_seqs == [s for s in range(S) if num_new[s] > 1]
+    assert meta.single_width == -(-max((context[s] for s in single), default=0) // block_size)
+    width = max(map(len, block_tables))
+    assert meta.block_tables.tolist() == [t + [0] * (width - len(t)) for t in block_tables]
