@@ -14,6 +14,7 @@ chunks); the PyTorch path here gathers each sequence's keys first.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,10 @@ def paged_decode_op(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Ten
 @paged_decode_op.register_fake
 def _(q, k_blocks, v_blocks, block_tables, context_lens, scale, sliding_window, alibi_slopes):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (D, nh, hd), contiguous like the kernel's output
+
+
+log = logging.getLogger(__name__)
+_prefill_kernel_failed: list[str] = []  # its first launch error, if it failed (e.g. out of shared memory): not retried
 
 
 def use_triton(q: torch.Tensor, k_blocks: torch.Tensor) -> bool:
@@ -145,11 +150,16 @@ class PagedBatch:
         if len(meta.single_seqs):
             rows, seqs = meta.single_tokens, meta.single_seqs
             out[:, :, rows] = self._decode(q[:, :, rows], k_blocks, v_blocks, tables[seqs], meta.context_lens[seqs])
-        if use_triton(q, k_blocks):  # every prefill chunk in one launch, reading the blocks in place
-            triton_prefill.paged_prefill(q[0].transpose(0, 1), k_blocks, v_blocks, meta.block_tables,
-                                         meta.context_lens, self._prefill_plan(q, k_blocks), q.shape[-1]**-0.5,
-                                         cache.sliding_window, cache.alibi, out=out[0].transpose(0, 1))
-            return out
+        if use_triton(q, k_blocks) and not _prefill_kernel_failed:  # every chunk in one launch, blocks read in place
+            try:
+                triton_prefill.paged_prefill(q[0].transpose(0, 1), k_blocks, v_blocks, meta.block_tables,
+                                             meta.context_lens, self._prefill_plan(q, k_blocks), q.shape[-1]**-0.5,
+                                             cache.sliding_window, cache.alibi, out=out[0].transpose(0, 1))
+                return out
+            except Exception as error:  # noqa: BLE001 - a kernel that does not compile costs speed, never the engine
+                _prefill_kernel_failed.append(f"{type(error).__name__}: {error}")
+                log.warning("the Triton prefill kernel failed (%s); prefill chunks take the PyTorch path",
+                            _prefill_kernel_failed[0])
         starts = meta.query_start_loc
         for s in meta.multi_seqs:  # prefill chunks have their own lengths: one call per sequence
             q_s = q[:, :, starts[s]:starts[s + 1]]  # (1, nh, T, hd)

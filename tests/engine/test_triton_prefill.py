@@ -199,3 +199,31 @@ def test_engine_on_the_triton_path_equals_generate_ids(monkeypatch, name, block_
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outputs] == expected
     assert llm.stats()["num_preemptions"] > 0
+
+
+def test_a_failing_prefill_kernel_falls_back_to_the_pytorch_path(monkeypatch, caplog):
+    """A kernel that cannot launch here (say, out of shared memory on some GPU) costs speed, never the step: the
+    PyTorch path answers, with one warning, and the kernel is not tried again."""
+    config = ModelConfig(vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    cache = PagedKVCache(config, num_blocks=8, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(6)
+    cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=gen))
+    cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=gen))
+    meta = AttentionMetadata.build([[1, 2], [3, 4, 5]], [2, 4], [5, 6], 4, torch.device("cpu"))
+    q, k, v = (torch.randn(1, n, 11, 16, generator=gen) for n in (4, 2, 2))
+    monkeypatch.setattr(paged_attention, "use_triton", lambda q, k_blocks: False)
+    expected = PagedBatch(cache, meta).attend(0, q, k, v)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setattr(paged_attention, "use_triton", lambda q, k_blocks: True)
+    monkeypatch.setattr(triton_prefill, "paged_prefill", broken)
+    monkeypatch.setattr(paged_attention, "_prefill_kernel_failed", [])
+    with caplog.at_level("WARNING", logger="camelid.engine.paged_attention"):
+        for _ in range(2):
+            torch.testing.assert_close(PagedBatch(cache, meta).attend(0, q, k, v), expected, atol=0, rtol=0)
+    assert len(calls) == 1 and "Triton prefill kernel failed" in caplog.text
