@@ -235,6 +235,9 @@ def attention() -> None:
             paged.use_triton = (lambda q, k_blocks: True) if triton_on else (lambda q, k_blocks: False)
             out = PagedBatch(cache, meta).attend(0, q, k, v)
             times[label] = (step_time(lambda: PagedBatch(cache, meta).attend(0, q, k, v)), out.float())
+        if paged._prefill_kernel_failed:  # the "triton" column would be the PyTorch path again
+            print(f"  the Triton prefill kernel failed: {paged._prefill_kernel_failed[0]}")
+            return
         (py_s, py_out), (tr_s, tr_out) = times["pytorch"], times["triton"]
         print(f"  {name:48} pytorch {py_s * 1e3:7.2f} ms  triton {tr_s * 1e3:7.2f} ms  ({py_s / tr_s:.2f}x), "
               f"max |diff| {(py_out - tr_out).abs().max().item():.3g}", flush=True)

@@ -111,15 +111,22 @@ class AttentionMetadata:
 
         S, width = len(block_tables), max(map(len, block_tables))
         tables = np.zeros((S, width), dtype=np.int64)  # padded with block 0, never read past a sequence's end
-        for row, table in zip(tables, block_tables):
-            row[:len(table)] = table
+        lengths = np.empty(S, dtype=np.int64)
+        for s, table in enumerate(block_tables):
+            tables[s, :len(table)] = table
+            lengths[s] = len(table)
         new = np.asarray(num_new, dtype=np.int64)
         first = np.asarray(num_computed, dtype=np.int64)
         starts = np.zeros(S + 1, dtype=np.int64)
         np.cumsum(new, out=starts[1:])
         owner = np.repeat(np.arange(S), new)  # (N,) the sequence of each packed token
         positions = first[owner] + np.arange(starts[-1]) - starts[owner]  # (N,) its position in that sequence
-        slots = tables[owner, positions // block_size] * block_size + positions % block_size
+        blocks = positions // block_size  # (N,) each token's index into its sequence's table
+        if (blocks >= lengths[owner]).any():  # the padding's block 0 would take another sequence's keys
+            s = int(owner[np.argmax(blocks >= lengths[owner])])
+            raise ValueError(f"sequence {s}'s block table ({lengths[s]} blocks of {block_size}) does not hold its "
+                             f"{num_computed[s] + num_new[s]} tokens")
+        slots = tables[owner, blocks] * block_size + positions % block_size
         context = first + new
         single = np.flatnonzero(new == 1)
         return cls(slot_mapping=upload(slots), block_tables=upload(tables), context_lens=upload(context),
@@ -156,6 +163,8 @@ class PagedBatch:
                                              meta.context_lens, self._prefill_plan(q, k_blocks), q.shape[-1]**-0.5,
                                              cache.sliding_window, cache.alibi, out=out[0].transpose(0, 1))
                 return out
+            except (ValueError, torch.OutOfMemoryError):  # bad inputs and a full GPU are not the kernel's fault
+                raise
             except Exception as error:  # noqa: BLE001 - a kernel that does not compile costs speed, never the engine
                 _prefill_kernel_failed.append(f"{type(error).__name__}: {error}")
                 log.warning("the Triton prefill kernel failed (%s); prefill chunks take the PyTorch path",
@@ -172,7 +181,8 @@ class PagedBatch:
             meta, starts = self.meta, self.meta.query_start_loc
             self._plan = triton_prefill.plan(meta.multi_seqs, [starts[s] for s in meta.multi_seqs],
                                              [starts[s + 1] - starts[s] for s in meta.multi_seqs], q.shape[1],
-                                             k_blocks.shape[2], q.shape[-1], k_blocks.shape[1], q.device)
+                                             k_blocks.shape[2], q.shape[-1], k_blocks.shape[1], q.element_size(),
+                                             q.device)
         return self._plan
 
     def _gather(self, blocks: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

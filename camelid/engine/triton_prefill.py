@@ -35,7 +35,8 @@ try:
 except ImportError:  # optional: triton_support.available() says False, callers keep the PyTorch path
     triton = tl = None
 
-ROWS_PER_TILE = 64  # query rows (queries x padded group) a program scores together on the tl.dot path
+TILE_ELEMENTS = 128 * 64  # rows x head_dim of a program's query tile on the tl.dot path, 16-bit inputs (half for
+# fp32): the most that compiled for sm_90 without register spills (ptxas -v); more rows share each key tile read
 
 
 @dataclass
@@ -49,20 +50,31 @@ class PrefillPlan:
     use_dot: bool
 
 
-def tile_shape(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> tuple[int, int, bool]:
-    """(queries per tile, padded group, use_dot) for these sizes. The group pads to a power of two (tile shapes must
-    be); tl.dot needs >= 16 rows, key tiles of >= 16 and head_dim >= 16, else broadcast products over a few rows."""
+def tile_shape(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+               itemsize: int) -> tuple[int, int, bool]:
+    """(queries per tile, padded group, use_dot) for these sizes and bytes per element. The group pads to a power of
+    two (tile shapes must be); tl.dot needs >= 16 rows, key tiles of >= 16 and head_dim >= 16, else broadcast
+    products over a few rows."""
     group_pad = 1 << (num_heads // num_kv_heads - 1).bit_length()
     use_dot = block_size >= 16 and head_dim >= 16
-    rows = ROWS_PER_TILE if use_dot else 4  # the broadcast path keeps a (rows, keys, hd) product in registers
+    if use_dot:
+        rows = max(16, TILE_ELEMENTS // head_dim // max(1, itemsize // 2))
+    else:
+        rows = 4  # the broadcast path keeps a (rows, keys, hd) product in registers
     return max(rows // group_pad, 1), group_pad, use_dot
 
 
+def num_warps(rows: int, head_dim: int) -> int:
+    """Warps per program: the (rows, hd) fp32 accumulator and the (rows, keys) scores live in registers; 8 warps
+    from 64 x 128 on (4 spilled there when compiled for sm_90, at 255 registers a thread)."""
+    return 8 if rows * head_dim >= 64 * 128 else 4
+
+
 def plan(seqs: list[int], query_starts: list[int], query_lens: list[int], num_heads: int, num_kv_heads: int,
-         head_dim: int, block_size: int, device: torch.device) -> PrefillPlan:
+         head_dim: int, block_size: int, itemsize: int, device: torch.device) -> PrefillPlan:
     """Tiles covering the T = query_lens[i] queries of sequence seqs[i] (a row of the block tables), which start at
-    query_starts[i] among the step's packed tokens."""
-    queries, group_pad, use_dot = tile_shape(num_heads, num_kv_heads, head_dim, block_size)
+    query_starts[i] among the step's packed tokens; itemsize: bytes per element of q and the cache."""
+    queries, group_pad, use_dot = tile_shape(num_heads, num_kv_heads, head_dim, block_size, itemsize)
     rows = [(s, start, n, first) for s, start, n in zip(seqs, query_starts, query_lens) for first in range(0, n, queries)]
     tiles = torch.tensor(rows, dtype=torch.int32).reshape(-1, 4).to(device, non_blocking=True)
     return PrefillPlan(tiles, queries, group_pad, use_dot)
@@ -72,8 +84,7 @@ def _paged_prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, ctx_ptr, tiles_ptr, slopes_ptr,
     scale, window,
     q_stride_tok, q_stride_head, q_stride_dim,
-    k_stride_block, k_stride_slot, k_stride_head, k_stride_dim,
-    v_stride_block, v_stride_slot, v_stride_head, v_stride_dim,
+    kv_stride_block, kv_stride_slot, kv_stride_head, kv_stride_dim,
     out_stride_tok, out_stride_head, out_stride_dim,
     table_stride_seq, table_stride_block,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, QUERIES: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -119,11 +130,11 @@ def _paged_prefill_kernel(
         present = k_pos < key_end  # slots past it are not loaded (stale, maybe non-finite)
         block_id = tl.load(table_ptr + seq * table_stride_seq + (k_pos // BLOCK_SIZE) * table_stride_block,
                            mask=present, other=0).to(tl.int64)
-        slot = k_pos % BLOCK_SIZE
-        k_offs = block_id[:, None] * k_stride_block + slot[:, None] * k_stride_slot + kv_head * k_stride_head
-        k = tl.load(k_ptr + k_offs + dims[None, :] * k_stride_dim, mask=present[:, None], other=0.0)  # (K, hd)
-        v_offs = block_id[:, None] * v_stride_block + slot[:, None] * v_stride_slot + kv_head * v_stride_head
-        v = tl.load(v_ptr + v_offs + dims[None, :] * v_stride_dim, mask=present[:, None], other=0.0)  # (K, hd)
+        # keys and values share one layout (checked by the wrapper): one (K, hd) offset grid serves both loads
+        kv_offs = (block_id * kv_stride_block + (k_pos % BLOCK_SIZE) * kv_stride_slot + kv_head * kv_stride_head
+                   )[:, None] + dims[None, :] * kv_stride_dim
+        k = tl.load(k_ptr + kv_offs, mask=present[:, None], other=0.0)  # (K, hd)
+        v = tl.load(v_ptr + kv_offs, mask=present[:, None], other=0.0)  # (K, hd)
 
         if USE_DOT:
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # (M, K)
@@ -164,12 +175,14 @@ def paged_prefill(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tenso
     check_inputs("paged_prefill", q, k_blocks, v_blocks, block_tables, context_lens, sliding_window, alibi_slopes)
     N, nh, hd = q.shape
     _, block_size, nkv, _ = k_blocks.shape
+    if k_blocks.stride() != v_blocks.stride():
+        raise ValueError(f"k and v blocks must share strides, got {k_blocks.stride()} and {v_blocks.stride()}")
     if block_tables.shape[0] != context_lens.shape[0]:
         raise ValueError(f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} "
                          "must have a row per sequence")
-    queries, group_pad, use_dot = tile_shape(nh, nkv, hd, block_size)
+    queries, group_pad, use_dot = tile_shape(nh, nkv, hd, block_size, q.element_size())
     if (tiles.queries_per_tile, tiles.group_pad, tiles.use_dot) != (queries, group_pad, use_dot):
-        raise ValueError("the tiles were planned for other head or block sizes")
+        raise ValueError("the tiles were planned for other head, block or element sizes")
     if out is None:
         out = torch.empty((N, nh, hd), dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.dtype != q.dtype:
@@ -181,10 +194,10 @@ def paged_prefill(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tenso
     jit(_paged_prefill_kernel)[(len(tiles.tiles), nkv)](
         q, k_blocks, v_blocks, out, block_tables, context_lens, tiles.tiles, slopes,
         float(scale), sliding_window or 0,
-        *q.stride(), *k_blocks.stride(), *v_blocks.stride(), *out.stride(), *block_tables.stride(),
+        *q.stride(), *k_blocks.stride(), *out.stride(), *block_tables.stride(),
         GROUP=nh // nkv, GROUP_PAD=group_pad, QUERIES=queries, HEAD_DIM=hd, BLOCK_SIZE=block_size,
         KEYS=keys_per_iteration(block_size, hd, q.element_size(), use_dot),
         HAS_WINDOW=sliding_window is not None, HAS_ALIBI=alibi_slopes is not None, USE_DOT=use_dot,
-        num_warps=4 if rows <= 64 else 8,
+        num_warps=num_warps(rows, hd),
     )
     return out

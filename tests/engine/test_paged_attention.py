@@ -41,3 +41,9 @@ def test_build_equals_the_definition(seed):
     assert meta.single_width == -(-max((context[s] for s in single), default=0) // block_size)
     width = max(map(len, block_tables))
     assert meta.block_tables.tolist() == [t + [0] * (width - len(t)) for t in block_tables]
+
+
+def test_a_table_too_short_for_the_tokens_is_an_error():
+    """Padding the tables with block 0 must not hide a missing block: its slots belong to another sequence."""
+    with pytest.raises(ValueError, match="sequence 0's block table"):
+        AttentionMetadata.build([[5], [6, 7, 8]], [0, 0], [8, 1], 4, torch.device("cpu"))
