@@ -82,6 +82,8 @@ def check_inputs(name: str, q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: t
     if k_hd != hd or nh % nkv:
         raise ValueError(f"q {tuple(q.shape)} does not fit kv blocks {tuple(k_blocks.shape)}: head_dim must match "
                          "and num_heads be a multiple of num_kv_heads")
+    if k_blocks.stride() != v_blocks.stride():
+        raise ValueError(f"k and v blocks must share strides, got {k_blocks.stride()} and {v_blocks.stride()}")
     if not q.dtype == k_blocks.dtype == v_blocks.dtype:
         raise ValueError(f"q and the kv blocks must share a dtype, got {q.dtype}, {k_blocks.dtype}, {v_blocks.dtype}")
     if not supports(hd, block_size, q.dtype):
@@ -107,8 +109,7 @@ def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, ctx_ptr, slopes_ptr,
     scale, window,
     q_stride_seq, q_stride_head, q_stride_dim,
-    k_stride_block, k_stride_slot, k_stride_head, k_stride_dim,
-    v_stride_block, v_stride_slot, v_stride_head, v_stride_dim,
+    kv_stride_block, kv_stride_slot, kv_stride_head, kv_stride_dim,
     out_stride_seq, out_stride_head, out_stride_dim,
     table_stride_seq, table_stride_block,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -154,10 +155,12 @@ def _paged_decode_kernel(
         slot = k_pos % BLOCK_SIZE
         # Hidden slots are not loaded: the tail of the last block may hold stale (even non-finite) data, and
         # 0 * NaN would poison the sum below.
-        k_offs = block_id[:, None] * k_stride_block + slot[:, None] * k_stride_slot + kv_head * k_stride_head
-        k = tl.load(k_ptr + k_offs + dims[None, :] * k_stride_dim, mask=visible[:, None], other=0.0)  # (K, hd)
-        v_offs = block_id[:, None] * v_stride_block + slot[:, None] * v_stride_slot + kv_head * v_stride_head
-        v = tl.load(v_ptr + v_offs + dims[None, :] * v_stride_dim, mask=visible[:, None], other=0.0)  # (K, hd)
+        # keys and values share one layout (checked by check_inputs): one (K, hd) offset grid serves both loads,
+        # which halves the registers holding 64-bit addresses (more programs fit on an SM)
+        kv_offs = (block_id * kv_stride_block + slot * kv_stride_slot + kv_head * kv_stride_head)[:, None] \
+            + dims[None, :] * kv_stride_dim
+        k = tl.load(k_ptr + kv_offs, mask=visible[:, None], other=0.0)  # (K, hd)
+        v = tl.load(v_ptr + kv_offs, mask=visible[:, None], other=0.0)  # (K, hd)
 
         if USE_DOT:  # (G, K) scores, accumulated in fp32; "ieee": fp32 inputs multiply in fp32, not tf32
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
@@ -210,7 +213,7 @@ def paged_decode(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
     jit(_paged_decode_kernel)[(D, nkv)](
         q, k_blocks, v_blocks, out, block_tables, context_lens, slopes,
         float(scale), sliding_window or 0,
-        *q.stride(), *k_blocks.stride(), *v_blocks.stride(), *out.stride(), *block_tables.stride(),
+        *q.stride(), *k_blocks.stride(), *out.stride(), *block_tables.stride(),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=hd, BLOCK_SIZE=block_size,
         KEYS=keys_per_iteration(block_size, hd, q.element_size(), use_dot),
         HAS_WINDOW=sliding_window is not None, HAS_ALIBI=alibi_slopes is not None, USE_DOT=use_dot,

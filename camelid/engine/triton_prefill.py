@@ -130,7 +130,7 @@ def _paged_prefill_kernel(
         present = k_pos < key_end  # slots past it are not loaded (stale, maybe non-finite)
         block_id = tl.load(table_ptr + seq * table_stride_seq + (k_pos // BLOCK_SIZE) * table_stride_block,
                            mask=present, other=0).to(tl.int64)
-        # keys and values share one layout (checked by the wrapper): one (K, hd) offset grid serves both loads
+        # keys and values share one layout (check_inputs): one (K, hd) offset grid serves both loads
         kv_offs = (block_id * kv_stride_block + (k_pos % BLOCK_SIZE) * kv_stride_slot + kv_head * kv_stride_head
                    )[:, None] + dims[None, :] * kv_stride_dim
         k = tl.load(k_ptr + kv_offs, mask=present[:, None], other=0.0)  # (K, hd)
@@ -175,8 +175,6 @@ def paged_prefill(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tenso
     check_inputs("paged_prefill", q, k_blocks, v_blocks, block_tables, context_lens, sliding_window, alibi_slopes)
     N, nh, hd = q.shape
     _, block_size, nkv, _ = k_blocks.shape
-    if k_blocks.stride() != v_blocks.stride():
-        raise ValueError(f"k and v blocks must share strides, got {k_blocks.stride()} and {v_blocks.stride()}")
     if block_tables.shape[0] != context_lens.shape[0]:
         raise ValueError(f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} "
                          "must have a row per sequence")
