@@ -47,3 +47,26 @@ def test_a_table_too_short_for_the_tokens_is_an_error():
     """Padding the tables with block 0 must not hide a missing block: its slots belong to another sequence."""
     with pytest.raises(ValueError, match="sequence 0's block table"):
         AttentionMetadata.build([[5], [6, 7, 8]], [0, 0], [8, 1], 4, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("nkv", [4, 2], ids=["mha", "gqa"])
+def test_one_sequence_decode_without_a_bias_equals_the_batched_path(nkv):
+    """Batch 1 takes SDPA over exactly its context, with no bias; the batched path pads and masks. Same output."""
+    from camelid.config import ModelConfig
+    from camelid.engine.paged_attention import PagedBatch, PagedKVCache
+
+    config = ModelConfig(vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=nkv, head_dim=16)
+    cache = PagedKVCache(config, num_blocks=16, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(7)
+    cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=gen))
+    cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=gen))
+    for context in (1, 4, 13):
+        table = [9, 3, 12, 5][:-(-context // 4)]
+        meta = AttentionMetadata.build([table], [context - 1], [1], 4, torch.device("cpu"))
+        q, k, v = (torch.randn(1, n, 1, 16, generator=gen) for n in (4, nkv, nkv))
+        batch = PagedBatch(cache, meta)
+        out = batch.attend(0, q, k, v)  # writes k / v, then the one-sequence path
+        tables = meta.block_tables[:, :meta.single_width]
+        expected = batch._decode(q, cache.k[0], cache.v[0], tables, meta.context_lens)
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
