@@ -62,7 +62,9 @@ def setup(device: str = "auto") -> tuple[int, int, torch.device]:
 
 def teardown() -> None:
     """Leave the process group, together: a rank that destroys its gloo group while another still talks to it can
-    take that one down at exit (seen once in CI: SIGABRT, "terminate called without an active exception")."""
+    take that one down at exit (seen in CI: SIGABRT, "terminate called without an active exception"; it was seen
+    again with this barrier in place, after a finished run, so camelid/__main__.py also skips interpreter
+    finalization in torchrun workers)."""
     if dist.is_initialized():
         if dist.get_world_size() > 1:
             dist.barrier()

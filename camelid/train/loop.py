@@ -16,6 +16,7 @@ of it, so resuming from a checkpoint continues bit for bit.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import random
 import time
@@ -84,6 +85,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, batches: BatchSource
         return Trainer(cfg, rank, world, device, model, batches, tokenizer, loss_hook).run()
     finally:
         if owns_group:
+            gc.collect()  # the trainer's FSDP / DDP state (held in reference cycles) goes while its group still lives
             distributed.teardown()
 
 
