@@ -36,7 +36,7 @@ except ImportError:  # optional: triton_support.available() says False, callers 
     triton = tl = None
 
 TILE_ELEMENTS = 128 * 64  # rows x head_dim of a program's query tile on the tl.dot path, 16-bit inputs (half for
-# fp32): the most that compiled for sm_90 without register spills (ptxas -v); more rows share each key tile read
+# fp32): compiles for sm_90 without register spills at 8 warps (ptxas -v); more rows share each key tile read
 
 
 @dataclass
