@@ -191,8 +191,9 @@ class PagedBatch:
     def _gather(self, blocks: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """(S, max_blocks) block ids -> (S, nkv, max_blocks * bs, hd): each sequence's keys (or values) in order."""
         S, nb = table.shape
-        gathered = blocks[table]  # (S, nb, bs, nkv, hd)
-        return gathered.reshape(S, nb * blocks.shape[1], blocks.shape[2], blocks.shape[3]).transpose(1, 2)
+        # index_select copies whole block rows (on the CPU ~3x faster than blocks[table]'s advanced indexing)
+        gathered = blocks.index_select(0, table.flatten())  # (S * nb, bs, nkv, hd)
+        return gathered.view(S, nb * blocks.shape[1], blocks.shape[2], blocks.shape[3]).transpose(1, 2)
 
     def _bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor,
               dtype: torch.dtype) -> torch.Tensor:
