@@ -50,8 +50,11 @@ def test_a_table_too_short_for_the_tokens_is_an_error():
 
 
 @pytest.mark.parametrize("nkv", [4, 2], ids=["mha", "gqa"])
-def test_one_sequence_decode_without_a_bias_equals_the_batched_path(nkv):
-    """Batch 1 takes SDPA over exactly its context, with no bias; the batched path pads and masks. Same output."""
+def test_one_sequence_decode_equals_sdpa_over_its_keys(nkv):
+    """The PyTorch decode path for a lone sequence (SDPA under a boolean mask over its padded blocks) against torch's
+    SDPA over that sequence's keys gathered token by token, GQA expanded, no mask."""
+    import torch.nn.functional as F
+
     from camelid.config import ModelConfig
     from camelid.engine.paged_attention import PagedBatch, PagedKVCache
 
@@ -65,8 +68,9 @@ def test_one_sequence_decode_without_a_bias_equals_the_batched_path(nkv):
         table = [9, 3, 12, 5][:-(-context // 4)]
         meta = AttentionMetadata.build([table], [context - 1], [1], 4, torch.device("cpu"))
         q, k, v = (torch.randn(1, n, 1, 16, generator=gen) for n in (4, nkv, nkv))
-        batch = PagedBatch(cache, meta)
-        out = batch.attend(0, q, k, v)  # writes k / v, then the one-sequence path
-        tables = meta.block_tables[:, :meta.single_width]
-        expected = batch._decode(q, cache.k[0], cache.v[0], tables, meta.context_lens)
-        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+        out = PagedBatch(cache, meta).attend(0, q, k, v)  # writes k / v into the last slot, then attends
+        pos = torch.arange(context)
+        blocks, offsets = torch.tensor(table)[pos // 4], pos % 4
+        keys = cache.k[0][blocks, offsets].transpose(0, 1).repeat_interleave(4 // nkv, 0)[None]  # (1, nh, ctx, hd)
+        values = cache.v[0][blocks, offsets].transpose(0, 1).repeat_interleave(4 // nkv, 0)[None]
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, keys, values), atol=1e-6, rtol=0)
