@@ -87,7 +87,9 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
 class StopStrings:
     """Holds back the tail of the text that could still become a stop string, and cuts at the first one found."""
 
-    def __init__(self, stops: Sequence[str]):
+    def __init__(self, stops: str | Sequence[str]):
+        if isinstance(stops, str):  # one stop string (as OpenAI and SamplingParams take it), not its characters
+            stops = [stops]
         self.stops = [s for s in stops if s]
         self.pending = ""
         self.stopped = False
@@ -112,7 +114,7 @@ class StopStrings:
 
 
 def _stream_rows(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int,
-                 stop: Sequence[str], sampling: Sampling, bos: bool,
+                 stop: str | Sequence[str], sampling: Sampling, bos: bool,
                  extra_stop_ids: Iterable[int] = ()) -> Iterator[tuple[int, str]]:
     """(row, text piece) events for a batch of text prompts."""
     ids = [tokenizer.encode(p, bos=bos) for p in prompts]
@@ -141,7 +143,7 @@ def _stream_rows(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str
 
 
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 128,
-           stop: Sequence[str] = (), bos: bool = True, stop_ids: Iterable[int] = (), **sampling) -> Iterator[str]:
+           stop: str | Sequence[str] = (), bos: bool = True, stop_ids: Iterable[int] = (), **sampling) -> Iterator[str]:
     """Yield the completion of `prompt` as text pieces, as soon as each is decoded (never broken UTF-8).
     `stop_ids`: token ids that end generation besides EOS (a chat template's end-of-turn tokens)."""
     for _, piece in _stream_rows(model, tokenizer, [prompt], max_new_tokens, stop, Sampling(**sampling), bos,
@@ -150,7 +152,7 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[str], max_new_tokens: int = 128,
-             stop: Sequence[str] = (), bos: bool = True, **sampling) -> str | list[str]:
+             stop: str | Sequence[str] = (), bos: bool = True, **sampling) -> str | list[str]:
     """The completion of one prompt, or of each prompt in a list (batched). Sampling keywords: temperature, top_k,
     top_p, min_p, repetition_penalty, seed. Generation ends at EOS (or another stop token), a stop string, or the
     limit."""

@@ -157,6 +157,11 @@ def test_stop_string_inside_one_piece_with_text_after():
     assert feed_all(["\n\n"], ["one\n", "\ntwo"]) == (["one", ""], "", True)
 
 
+def test_one_stop_string_is_not_split_into_characters():
+    # OpenAI and SamplingParams take `stop="STOP"` as one string; iterating it would stop at any "S", "T", ...
+    assert feed_all("STOP", ["Stay", " STOP"]) == (["Stay", " "], "", True)
+
+
 # ---- text API ----------------------------------------------------------------------------------------------------
 
 TEXT = """The quick brown fox jumps over the lazy dog. A camel walks across the desert, slowly, slowly.
@@ -234,6 +239,7 @@ def test_stop_string_ends_generation(text_model):
     assert "".join(stream(model, tok, prompt, max_new_tokens=30, stop=[stop])) == expected
     assert stopped_run.calls < free_run.calls  # it stopped decoding, not just trimmed the text
     assert generate(model, tok, prompt, max_new_tokens=30, stop=["\x00never"]) == full
+    assert generate(model, tok, prompt, max_new_tokens=30, stop="\x00never") == full
 
 
 @pytest.mark.parametrize("after", [0, 3])
