@@ -44,7 +44,7 @@ class Sampling:
         if self.seed is None:
             return None
         g = torch.Generator(device=device)
-        g.manual_seed(self.seed)
+        g.manual_seed(self.seed % 2**64)  # any int, as the engine takes it (torch overflows past 64 bits)
         return g
 
 

@@ -66,6 +66,7 @@ def test_seeded_sampling_is_reproducible():
 
     assert draws(1) == draws(1)
     assert draws(1) != draws(2)
+    assert draws(2**64 + 1) == draws(1)  # any int seed, taken mod 2**64 as the engine takes it (not an overflow)
     first = draws(1)
     assert first[0] != first[1]  # the generator advances between steps
     assert Sampling().generator(torch.device("cpu")) is None

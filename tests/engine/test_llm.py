@@ -226,11 +226,12 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(llama):
     assert a != run(1)
 
 
-def test_seeded_sample_equals_camelid_generate(llama):
+@pytest.mark.parametrize("seed", [3, 2**70])
+def test_seeded_sample_equals_camelid_generate(llama, seed):
     prompt = [7, 8, 9, 10]
     llm = LLM(llama, num_blocks=32, block_size=8)
-    ours = token_ids(llm.generate([prompt], SamplingParams(temperature=1.0, max_tokens=12, seed=3, ignore_eos=True)))
-    assert ours[0] == generate_ids(llama, [prompt], 12, temperature=1.0, seed=3)[0]
+    ours = token_ids(llm.generate([prompt], SamplingParams(temperature=1.0, max_tokens=12, seed=seed, ignore_eos=True)))
+    assert ours[0] == generate_ids(llama, [prompt], 12, temperature=1.0, seed=seed)[0]
 
 
 def test_logprobs_top_alternatives(llama):
