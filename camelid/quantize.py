@@ -76,6 +76,9 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, group_s
     tokenizer = Tokenizer(model_dir) if (eval_text or calibration) else None
     ids = eval_ids(tokenizer, eval_text, eval_tokens) if eval_text else None
     seq_len = min(eval_seq_len, model.config.max_position_embeddings)
+    if ids is not None and len(ids) < seq_len:  # perplexity reads whole windows: say so before any work
+        raise ValueError(f"--eval-text {eval_text} gives {len(ids)} tokens (--eval-tokens {eval_tokens}); "
+                         f"perplexity needs at least {seq_len} tokens")
     ppl_before = perplexity(model, ids, seq_len) if ids is not None else None
 
     quantizer = None

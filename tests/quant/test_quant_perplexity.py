@@ -75,3 +75,19 @@ def test_quantize_verb_bad_out_or_device_is_one_line_and_exit_2(args, message, t
     code = main(["quantize", "--method", "int8", "--quiet", *(x for kv in flags.items() for x in kv)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("args", [["--eval-tokens", "100"], ["--eval-text", "SHORT"]])
+def test_quantize_verb_too_little_eval_text_names_the_minimum(args, tmp_path, capsys):
+    """Perplexity reads whole windows of 256 tokens (the model's context when shorter): fewer is a plain error."""
+    assert main(["init", "--preset", "tiny", "--out", str(tmp_path / "model")]) == 0
+    (tmp_path / "long.txt").write_text("To be, or not to be, that is the question. " * 40)
+    (tmp_path / "SHORT").write_text("To be, or not to be.")
+    flags = {"--eval-text": str(tmp_path / "long.txt")}
+    flags.update({k: str(tmp_path / v) if v == "SHORT" else v for k, v in zip(args[::2], args[1::2])})
+    capsys.readouterr()
+    code = main(["quantize", "--model", str(tmp_path / "model"), "--method", "int8", "--out", str(tmp_path / "q"),
+                 "--quiet", *(x for kv in flags.items() for x in kv)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "at least 256 tokens" in err and "--eval-tokens" in err, err
