@@ -167,6 +167,8 @@ class LLM:
                 raise ValueError("a text prompt needs a tokenizer (the model folder has no tokenizer.json); "
                                  "pass token ids instead")
             ids = self.tokenizer.encode(prompt)
+        elif not isinstance(prompt, Seq):
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         else:
             ids = list(prompt)
             vocab = self.config.vocab_size

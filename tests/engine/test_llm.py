@@ -292,6 +292,9 @@ def test_bad_requests_fail_alone_while_others_run(llama):
         llm.add_request([], GREEDY)
     with pytest.raises(ValueError, match="token id"):
         llm.add_request([5, 1000], GREEDY)
+    for prompt in (None, 5):  # neither text nor token ids: a ValueError too, not a TypeError from inside
+        with pytest.raises(ValueError, match="prompt must be"):
+            llm.add_request(prompt, GREEDY)
     with pytest.raises(ValueError, match="tokenizer"):
         llm.add_request("text but no tokenizer", GREEDY)
     with pytest.raises(ValueError, match="already in use"):
