@@ -104,8 +104,9 @@ class LLM:
         sampling on the device and syncing once (the host's per-step work, scheduling and bookkeeping, no longer
         sits between the GPU's forwards). Tokens are those of K single steps; outputs then arrive K tokens at a time
         and new requests join every K tokens. Rows with penalties or logprobs, and LoRA rows, take single steps."""
-        if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 1:
-            raise ValueError(f"decode_steps must be an integer >= 1, got {decode_steps!r}")
+        for name, value in (("decode_steps", decode_steps), ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.decode_steps = decode_steps
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(model, Transformer):

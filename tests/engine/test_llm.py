@@ -318,6 +318,9 @@ def test_kv_budget_in_bytes(llama):
     assert LLM(llama, kv_cache_memory="1MB").stats()["num_blocks"] == 10**6 // per_block
     with pytest.raises(ValueError, match="kv_cache_memory"):
         LLM(llama, kv_cache_memory=100)
+    for block_size in (0, 2.5):  # checked before it divides the budget
+        with pytest.raises(ValueError, match="block_size must be"):
+            LLM(llama, block_size=block_size)
 
 
 # ---- text: tokenizer, stop strings, stream ------------------------------------------------------------------------
