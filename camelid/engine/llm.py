@@ -331,7 +331,9 @@ class LLM:
         wanted = set(ids)
         while len(done) < n:
             for out in self.step():
-                if out.finished and out.request_id in wanted:
+                if out.request_id not in wanted:
+                    self._keep_for_next_step(out)
+                elif out.finished:
                     done[out.request_id] = out
                     if bar is not None:
                         bar.update(1)
@@ -347,7 +349,9 @@ class LLM:
         try:
             while not finished:
                 for out in self.step():
-                    if out.request_id == request_id:
+                    if out.request_id != request_id:
+                        self._keep_for_next_step(out)
+                    else:
                         text, finished = out.outputs[0].text, out.finished
                         if len(text) > sent:
                             yield text[sent:]
@@ -356,6 +360,11 @@ class LLM:
             if not finished:
                 self.abort(request_id)
                 self._pending = [o for o in self._pending if o.request_id != request_id]
+
+    def _keep_for_next_step(self, out: RequestOutput) -> None:
+        """An output of a request queued with add_request that generate / stream stepped past: the caller's next
+        step() returns it (its latest only), so a request that finished meanwhile is not lost."""
+        self._pending = [o for o in self._pending if o.request_id != out.request_id] + [out]
 
     # ---- adapters and stats ---------------------------------------------------------------------------------
 

@@ -310,6 +310,24 @@ def test_bad_requests_fail_alone_while_others_run(llama):
     assert_all_blocks_free(llm)
 
 
+@pytest.mark.parametrize("run", ["generate", "stream"])
+def test_generate_and_stream_keep_other_requests_outputs_for_step(llama, run):
+    """A request queued with add_request that finishes while generate / stream drives the steps is not lost: the
+    next step returns its output."""
+    llm = LLM(llama, num_blocks=32, block_size=8)
+    other = llm.add_request([3, 4, 5], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    if run == "generate":
+        llm.generate([[6, 7]], GREEDY)
+    else:
+        list(llm.stream([6, 7], GREEDY))
+    seen = []
+    while llm.has_unfinished():
+        seen += llm.step()
+    assert [o.request_id for o in seen] == [other] and seen[0].finished
+    assert seen[0].outputs[0].token_ids == generate_ids(llama, [[3, 4, 5]], 2)[0]
+    assert_all_blocks_free(llm)
+
+
 def test_kv_budget_in_bytes(llama):
     c = llama.config
     per_block = 2 * c.num_hidden_layers * 16 * c.num_key_value_heads * c.head_dim * 4  # fp32
