@@ -147,3 +147,43 @@ def test_bad_device_is_one_line_exit_2(device, message, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "hi", "--device", device]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def _template_file(folder: Path, name: str) -> None:
+    (folder / "camelid_template.json").write_text(json.dumps({"template": name, "method": "full"}) + "\n")
+
+
+def test_chat_template_choice(tiny_dir, tmp_path):
+    """An explicit --template wins; else the template recorded in the adapter, else in the model folder (a full
+    fine-tune's final/ or a merged model); else the tokenizer's own."""
+    from argparse import Namespace
+
+    from camelid.cli.model_verbs import _chat_template
+
+    tokenizer = camelid.Tokenizer(tiny_dir)
+    adapter, full = tmp_path / "adapter", tmp_path / "full"
+    adapter.mkdir(), full.mkdir()
+    _template_file(adapter, "alpaca"), _template_file(full, "vicuna")
+
+    def name(model, adapter=None, template=None):
+        args = Namespace(model=str(model), adapter=adapter and str(adapter), template=template)
+        tpl = _chat_template(args, tokenizer)
+        return tpl and tpl.name
+
+    assert name(full) == "vicuna"
+    assert name(full, adapter) == "alpaca"
+    assert name(full, adapter, template="mistral") == "mistral"
+    assert name(tiny_dir) is None  # a byte tokenizer has no chat_template: the plain transcript
+
+
+def test_merge_keeps_the_recorded_template(tiny_dir, tmp_path):
+    from camelid.peft import apply_lora, save_adapter
+
+    model = camelid.from_pretrained(tiny_dir)
+    apply_lora(model, r=2, alpha=4, target_modules=("q_proj",))
+    save_adapter(model, tmp_path / "adapter")
+    _template_file(tmp_path / "adapter", "alpaca")
+    result = run("merge", "--base", str(tiny_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "m"))
+    assert result.returncode == 0, result.stderr
+    # `camelid chat --model m` prompts as the adapter was trained
+    assert camelid.templates.recorded_template(tmp_path / "m") == "alpaca"
