@@ -135,10 +135,19 @@ def read_records(path: str | os.PathLike[str]) -> list[Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
-    text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix.lower() == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM, as Windows tools write, is not a record
+    except UnicodeDecodeError as e:
+        raise SFTDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.suffix.lower() == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                records += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as e:  # e's own line is always 1: name the file's
+                raise SFTDataError(f"{path}: line {number} is not valid JSON ({e.msg}, column {e.colno})") from None
+        return records
+    try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
         raise SFTDataError(f"{path}: not valid JSON ({e})") from None

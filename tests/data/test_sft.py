@@ -121,6 +121,22 @@ def test_record_that_fits_no_format_is_named(tmp_path):
     assert load_conversations(jsonl)[0] == "messages"
 
 
+def test_unreadable_files_are_named(tmp_path):
+    record = json.dumps({"instruction": "a", "output": "b"})
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(f"{record}\n\n{record}\n{{bad\n{record}\n")
+    with pytest.raises(SFTDataError, match=r"broken.jsonl: line 4 is not valid JSON"):  # the file's line, not 1
+        load_conversations(broken)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(f'[{{"instruction": "caf\xe9", "output": "b"}}]'.encode("latin-1"))
+    with pytest.raises(SFTDataError, match=r"latin.json: not UTF-8 text"):
+        load_conversations(latin)
+    bom = tmp_path / "bom.json"  # as Windows tools write it
+    bom.write_bytes(b"\xef\xbb\xbf" + f"[{record}]".encode())
+    assert load_conversations(bom) == ("alpaca", [[{"role": "user", "content": "a"},
+                                                   {"role": "assistant", "content": "b"}]])
+
+
 # ---- masks and truncation -------------------------------------------------------------------------------------------
 
 def test_loss_only_on_answers_by_default(tok):
