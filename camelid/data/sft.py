@@ -240,8 +240,11 @@ def encode_conversation(template, tokenizer: Tokenizer, messages: list[Message],
 def encode_conversations(template, tokenizer: Tokenizer, conversations: Sequence[list[Message]], seq_len: int,
                          train_on_all: bool = False, truncation: str = "oldest") -> tuple[list[Example], Stats]:
     stats, out = Stats(records=len(conversations)), []
-    for messages in conversations:
-        example, what = encode_conversation(template, tokenizer, messages, seq_len, train_on_all, truncation)
+    for i, messages in enumerate(conversations):
+        try:
+            example, what = encode_conversation(template, tokenizer, messages, seq_len, train_on_all, truncation)
+        except TemplateError as e:  # a model's Jinja template may refuse one record (a system role, ...)
+            raise TemplateError(f"record {i}: {e}") from None
         if example is not None:
             out.append(example)
             stats.kept += 1

@@ -137,6 +137,17 @@ def test_unreadable_files_are_named(tmp_path):
                                                    {"role": "assistant", "content": "b"}]])
 
 
+def test_a_record_the_template_refuses_is_named(tmp_path, tok):
+    from camelid.templates import from_jinja
+
+    no_system = from_jinja("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                           "{% endif %}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}")
+    qa = {"instruction": "question", "output": "answer"}
+    path = _write(tmp_path / "sys.json", [qa, {**qa, "system": "be brief"}])
+    with pytest.raises(SFTDataError, match=r"sys.json: record 1: .*System role not supported"):
+        load_sft(str(path), tok, no_system, seq_len=64)
+
+
 # ---- masks and truncation -------------------------------------------------------------------------------------------
 
 def test_loss_only_on_answers_by_default(tok):
