@@ -271,6 +271,9 @@ def merge_adapter_folder(base: str | Path, adapter: str | Path, out: str | Path)
     """`camelid merge`: base HF folder + a LoRA / DoRA / IA3 adapter folder -> a merged HF folder (tokenizer files
     and the adapter's recorded chat template copied along). The merge is done in fp32 and saved in the base checkpoint's dtype."""
     base, out = Path(base), Path(out)
+    for folder, what in ((base, "the base model"), (Path(adapter), "the adapter")):
+        if out.resolve() == folder.resolve():  # writing there would replace the weights it reads (and mix folders)
+            raise ValueError(f"--out {out} is {what}'s folder: choose another --out")
     stored = parse_dtype(ModelConfig.from_hf(base / "config.json").dtype)
     model = from_pretrained(base, dtype=torch.float32)
     load_adapter(model, adapter)

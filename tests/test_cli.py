@@ -187,3 +187,18 @@ def test_merge_keeps_the_recorded_template(tiny_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     # `camelid chat --model m` prompts as the adapter was trained
     assert camelid.templates.recorded_template(tmp_path / "m") == "alpaca"
+
+
+def test_merge_refuses_to_write_over_its_inputs(tiny_dir, tmp_path):
+    from camelid.peft import apply_lora, save_adapter
+
+    model = camelid.from_pretrained(tiny_dir)
+    apply_lora(model, r=2, alpha=4, target_modules=("q_proj",))
+    save_adapter(model, tmp_path / "adapter")
+    weights = (tiny_dir / "model.safetensors").read_bytes()
+    for out in (tiny_dir, tmp_path / "adapter"):
+        result = run("merge", "--base", str(tiny_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(out))
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "choose another --out" in result.stderr
+    assert (tiny_dir / "model.safetensors").read_bytes() == weights  # the base is untouched
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()
