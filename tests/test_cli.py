@@ -55,6 +55,14 @@ def test_chat_keeps_history_and_exits(tiny_dir):
     assert result.stdout.count("bot> ") == 2
 
 
+def test_chat_survives_a_message_longer_than_the_context(tiny_dir):
+    """One message too long for the model is skipped with a note; the chat and its history go on."""
+    result = run("chat", "--model", str(tiny_dir), "--max-new-tokens", "4",
+                 stdin="hi there\n" + "x" * 600 + "\nand again\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("bot> ") == 2 and "prompt of 618 tokens" in result.stderr
+
+
 def test_info_preset_and_folder(tiny_dir):
     result = run("info", "--model", "llama-2-7b", "--json")
     assert result.returncode == 0, result.stderr

@@ -94,11 +94,18 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if user == "/reset":
             turns.clear()
             continue
+        history = list(turns)
         while True:
             prompt, add_bos = render()
-            if len(tokenizer.encode(prompt, bos=add_bos)) <= budget or not turns:
+            size = len(tokenizer.encode(prompt, bos=add_bos))
+            if size <= budget or not turns:
                 break
             turns.pop(0)
+        if size >= model.config.max_position_embeddings:  # too long even alone: skip it, keep the chat and history
+            turns[:] = history
+            print(f"camelid chat: that message makes a prompt of {size} tokens, more than the model's context of "
+                  f"{model.config.max_position_embeddings}: not sent", file=sys.stderr)
+            continue
         print("bot> ", end="", flush=True)
         answer = ""
         for piece in stream(model, tokenizer, prompt, args.max_new_tokens, stop=stop, bos=add_bos,
