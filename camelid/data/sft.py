@@ -139,7 +139,15 @@ def read_records(path: str | os.PathLike[str]) -> list[Any]:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM, as Windows tools write, is not a record
     except UnicodeDecodeError as e:
         raise SFTDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if path.suffix.lower() == ".jsonl":
+    json_lines = path.suffix.lower() == ".jsonl"
+    if not json_lines:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":
+                raise SFTDataError(f"{path}: not valid JSON ({e})") from None
+            json_lines = True  # one value per line under a .json name, which `datasets` reads too
+    if json_lines:
         records = []
         for number, line in enumerate(text.splitlines(), 1):
             try:
@@ -147,10 +155,6 @@ def read_records(path: str | os.PathLike[str]) -> list[Any]:
             except json.JSONDecodeError as e:  # e's own line is always 1: name the file's
                 raise SFTDataError(f"{path}: line {number} is not valid JSON ({e.msg}, column {e.colno})") from None
         return records
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SFTDataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(records, list):
         raise SFTDataError(f"{path}: expected a JSON list of records (or .jsonl), got {type(records).__name__}")
     return records

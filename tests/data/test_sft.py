@@ -131,6 +131,9 @@ def test_unreadable_files_are_named(tmp_path):
     latin.write_bytes(f'[{{"instruction": "caf\xe9", "output": "b"}}]'.encode("latin-1"))
     with pytest.raises(SFTDataError, match=r"latin.json: not UTF-8 text"):
         load_conversations(latin)
+    lines = tmp_path / "lines.json"  # JSON Lines under a .json name: `datasets` reads it, so do we
+    lines.write_text(f"{record}\n{record}\n")
+    assert load_conversations(lines)[0] == "alpaca" and len(load_conversations(lines)[1]) == 2
     bom = tmp_path / "bom.json"  # as Windows tools write it
     bom.write_bytes(b"\xef\xbb\xbf" + f"[{record}]".encode())
     assert load_conversations(bom) == ("alpaca", [[{"role": "user", "content": "a"},
