@@ -21,6 +21,7 @@ from camelid.config import ModelConfig
 from camelid.model import Transformer
 from camelid.peft import KINDS, applied_kinds, load_adapter, merge_adapter
 from camelid.quant import prepare_quantized, quant_tensor_keys, quantization_config
+from camelid.templates import TEMPLATE_FILE
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -268,8 +269,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def merge_adapter_folder(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     """`camelid merge`: base HF folder + a LoRA / DoRA / IA3 adapter folder -> a merged HF folder (tokenizer files
-    copied along). The merge is done in fp32 and saved in the base checkpoint's dtype."""
+    and the adapter's recorded chat template copied along). The merge is done in fp32 and saved in the base checkpoint's dtype."""
     base, out = Path(base), Path(out)
+    for folder, what in ((base, "the base model"), (Path(adapter), "the adapter")):
+        if out.resolve() == folder.resolve():  # writing there would replace the weights it reads (and mix folders)
+            raise ValueError(f"--out {out} is {what}'s folder: choose another --out")
     stored = parse_dtype(ModelConfig.from_hf(base / "config.json").dtype)
     model = from_pretrained(base, dtype=torch.float32)
     load_adapter(model, adapter)
@@ -278,4 +282,6 @@ def merge_adapter_folder(base: str | Path, adapter: str | Path, out: str | Path)
     for name in TOKENIZER_FILES:
         if (base / name).is_file():
             shutil.copyfile(base / name, out / name)
+    if (Path(adapter) / TEMPLATE_FILE).is_file():  # the chat template it was tuned with: `camelid chat` keeps using it
+        shutil.copyfile(Path(adapter) / TEMPLATE_FILE, out / TEMPLATE_FILE)
     return out

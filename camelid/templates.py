@@ -320,17 +320,28 @@ class JinjaTemplate(_Base):
 
     def __init__(self, template: str, bos_token: str | None = None, eos_token: str | None = None,
                  name: str = "jinja", **extra: Any) -> None:
+        env = _jinja_env()  # first: it says how to install jinja2 when it is missing
+        import jinja2
+
         self.name, self.source = name, template
         self.bos_token, self.eos_token, self.extra = bos_token or "", eos_token or "", extra
-        self._compiled = _jinja_env().from_string(template)
+        try:
+            self._compiled = env.from_string(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"{name}: the chat template is not valid Jinja ({e.message}, line {e.lineno})") from None
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False,
                bos_token: str | None = None, eos_token: str | None = None) -> str:
+        import jinja2  # imported by _jinja_env already
+
         bos = self.bos_token if bos_token is None else bos_token
         eos = self.eos_token if eos_token is None else eos_token
-        return self._compiled.render(messages=list(messages), tools=None, documents=None,
-                                     add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos,
-                                     **self.extra)
+        try:
+            return self._compiled.render(messages=list(messages), tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos,
+                                         **self.extra)
+        except jinja2.TemplateError as e:  # raise_exception in the template, an undefined value, a sandbox refusal
+            raise TemplateError(f"{self.name}: the chat template failed on this conversation: {e}") from None
 
     def check(self, tokenizer: _Tokenizer) -> None:
         missing = [m for m in self.stop_strings[1:] if tokenizer.token_to_id(m) is None]

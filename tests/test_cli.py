@@ -55,6 +55,14 @@ def test_chat_keeps_history_and_exits(tiny_dir):
     assert result.stdout.count("bot> ") == 2
 
 
+def test_chat_survives_a_message_longer_than_the_context(tiny_dir):
+    """One message too long for the model is skipped with a note; the chat and its history go on."""
+    result = run("chat", "--model", str(tiny_dir), "--max-new-tokens", "4",
+                 stdin="hi there\n" + "x" * 600 + "\nand again\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("bot> ") == 2 and "prompt of 618 tokens" in result.stderr
+
+
 def test_info_preset_and_folder(tiny_dir):
     result = run("info", "--model", "llama-2-7b", "--json")
     assert result.returncode == 0, result.stderr
@@ -147,3 +155,58 @@ def test_bad_device_is_one_line_exit_2(device, message, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "hi", "--device", device]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def _template_file(folder: Path, name: str) -> None:
+    (folder / "camelid_template.json").write_text(json.dumps({"template": name, "method": "full"}) + "\n")
+
+
+def test_chat_template_choice(tiny_dir, tmp_path):
+    """An explicit --template wins; else the template recorded in the adapter, else in the model folder (a full
+    fine-tune's final/ or a merged model); else the tokenizer's own."""
+    from argparse import Namespace
+
+    from camelid.cli.model_verbs import _chat_template
+
+    tokenizer = camelid.Tokenizer(tiny_dir)
+    adapter, full = tmp_path / "adapter", tmp_path / "full"
+    adapter.mkdir(), full.mkdir()
+    _template_file(adapter, "alpaca"), _template_file(full, "vicuna")
+
+    def name(model, adapter=None, template=None):
+        args = Namespace(model=str(model), adapter=adapter and str(adapter), template=template)
+        tpl = _chat_template(args, tokenizer)
+        return tpl and tpl.name
+
+    assert name(full) == "vicuna"
+    assert name(full, adapter) == "alpaca"
+    assert name(full, adapter, template="mistral") == "mistral"
+    assert name(tiny_dir) is None  # a byte tokenizer has no chat_template: the plain transcript
+
+
+def test_merge_keeps_the_recorded_template(tiny_dir, tmp_path):
+    from camelid.peft import apply_lora, save_adapter
+
+    model = camelid.from_pretrained(tiny_dir)
+    apply_lora(model, r=2, alpha=4, target_modules=("q_proj",))
+    save_adapter(model, tmp_path / "adapter")
+    _template_file(tmp_path / "adapter", "alpaca")
+    result = run("merge", "--base", str(tiny_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "m"))
+    assert result.returncode == 0, result.stderr
+    # `camelid chat --model m` prompts as the adapter was trained
+    assert camelid.templates.recorded_template(tmp_path / "m") == "alpaca"
+
+
+def test_merge_refuses_to_write_over_its_inputs(tiny_dir, tmp_path):
+    from camelid.peft import apply_lora, save_adapter
+
+    model = camelid.from_pretrained(tiny_dir)
+    apply_lora(model, r=2, alpha=4, target_modules=("q_proj",))
+    save_adapter(model, tmp_path / "adapter")
+    weights = (tiny_dir / "model.safetensors").read_bytes()
+    for out in (tiny_dir, tmp_path / "adapter"):
+        result = run("merge", "--base", str(tiny_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(out))
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "choose another --out" in result.stderr
+    assert (tiny_dir / "model.safetensors").read_bytes() == weights  # the base is untouched
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()

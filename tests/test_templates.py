@@ -227,15 +227,14 @@ def test_jinja_environment_matches_transformers():
             {"role": "user", "content": "never shown"}]
     assert from_jinja(template, "<s>", "</s>").render(msgs) == _hf_render(template, msgs, False, "<s>", "</s>")
     failing = "{{ raise_exception('roles must alternate') }}"
-    jinja2 = pytest.importorskip("jinja2")
-    with pytest.raises(jinja2.exceptions.TemplateError, match="roles must alternate"):
+    with pytest.raises(TemplateError, match="roles must alternate"):
         from_jinja(failing).render(msgs)
     # {% generation %} (transformers' assistant-mask marker) renders its body
     gen = "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}" \
           "{% else %}{{ m.content }}{% endif %}{% endfor %}"
     assert from_jinja(gen).render(msgs[:2]) == "<b>&</b> éok"
     # the sandbox holds
-    with pytest.raises(jinja2.exceptions.SecurityError):
+    with pytest.raises(TemplateError, match="unsafe"):
         from_jinja("{{ messages.__class__.__mro__ }}").render(msgs)
 
 
@@ -274,6 +273,20 @@ def test_errors(tmp_path):
         get_template("llama3").encode_prompt(tok, NO_SYSTEM[:1])
     with pytest.raises(TemplateError, match=r"<\|im_end\|>.*is it this model's tokenizer"):
         from_jinja(REFERENCE["chatml"]).encode_for_training(tok, NO_SYSTEM)
+
+
+def test_jinja_refusals_are_template_errors():
+    """A model's template that refuses a conversation (Gemma's raise_exception on a system role) or reads what is
+    not there is a TemplateError, which the CLI prints as one line and the server answers with a 400."""
+    refuses = from_jinja("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert refuses.render(NO_SYSTEM) == "".join(m["content"] for m in NO_SYSTEM)
+    with pytest.raises(TemplateError, match="System role not supported"):
+        refuses.render([{"role": "system", "content": "s"}, *NO_SYSTEM])
+    with pytest.raises(TemplateError, match="'dict object' has no attribute 'nope'"):
+        from_jinja("{{ messages[0].nope.deeper }}").render(NO_SYSTEM)
+    with pytest.raises(TemplateError, match="not valid Jinja"):
+        from_jinja("{% if %}")
 
 
 def test_jinja2_is_optional(monkeypatch):

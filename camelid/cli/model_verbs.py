@@ -47,10 +47,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _chat_template(args: argparse.Namespace, tokenizer: Tokenizer):
-    """The adapter folder's recorded template, else --template, else the tokenizer's chat_template; None = the
-    plain transcript fallback (a base model that was never tuned for chat)."""
-    name = recorded_template(args.adapter) if args.adapter else None
-    name = name or args.template
+    """--template, else the template `camelid finetune` recorded in the adapter folder, else in the model folder (a
+    full fine-tune's final/, a merged model), else the tokenizer's chat_template; None = the plain transcript
+    fallback (a base model that was never tuned for chat)."""
+    recorded = (recorded_template(args.adapter) if args.adapter else None) or recorded_template(args.model)
+    name = args.template or recorded
     if name == "model" or (name is None and tokenizer.chat_template):
         return for_tokenizer(tokenizer)
     return get_template(name) if name else None
@@ -93,11 +94,18 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if user == "/reset":
             turns.clear()
             continue
+        history = list(turns)
         while True:
             prompt, add_bos = render()
-            if len(tokenizer.encode(prompt, bos=add_bos)) <= budget or not turns:
+            size = len(tokenizer.encode(prompt, bos=add_bos))
+            if size <= budget or not turns:
                 break
             turns.pop(0)
+        if size >= model.config.max_position_embeddings:  # too long even alone: skip it, keep the chat and history
+            turns[:] = history
+            print(f"camelid chat: that message makes a prompt of {size} tokens, more than the model's context of "
+                  f"{model.config.max_position_embeddings}: not sent", file=sys.stderr)
+            continue
         print("bot> ", end="", flush=True)
         answer = ""
         for piece in stream(model, tokenizer, prompt, args.max_new_tokens, stop=stop, bos=add_bos,
@@ -262,8 +270,9 @@ def register(verbs, fmt) -> None:
     p.add_argument("--session", default=None, metavar="ID", help="continue this server chat session "
                    "(default: a new one; its id is printed)")
     p.add_argument("--adapter", default=None, help="an adapter folder (`camelid finetune` output of any method, or a PEFT folder)")
-    p.add_argument("--template", default=None, help="chat template name (default: the adapter's recorded one, "
-                   "else the tokenizer's chat_template, else a plain User:/Assistant: transcript)")
+    p.add_argument("--template", default=None, help="chat template name (default: the one `camelid finetune` recorded "
+                   "in the adapter or model folder, else the tokenizer's chat_template, else a plain User:/Assistant: "
+                   "transcript)")
     p.add_argument("--system", default="", help="a system prompt kept at the top of the history")
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)

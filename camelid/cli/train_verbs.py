@@ -9,7 +9,7 @@ from camelid.cli.model_verbs import human_count
 from camelid.config import PRESETS
 from camelid.data.pretrain import prepare
 from camelid.train import TrainConfig, train
-from camelid.train.finetune import METHODS, finetune, load_config
+from camelid.train.finetune import METHODS, finetune, load_config, split_config
 from camelid.train.config import OPTIMIZERS, PRECISIONS, STRATEGIES, parse_overrides
 from camelid.train.plot import plot_run
 
@@ -54,14 +54,15 @@ FINETUNE_TRAIN_FLAGS = ("out", "max_steps", "micro_batch", "grad_accum", "seq_le
 def cmd_finetune(args: argparse.Namespace) -> None:
     spec_flags = {n: getattr(args, n) for n in FINETUNE_SPEC_FLAGS if getattr(args, n) not in (None, [])}
     train_flags = {n: getattr(args, n) for n in FINETUNE_TRAIN_FLAGS if getattr(args, n) is not None}
-    spec, cfg = load_config(args.config, spec_flags, {**parse_overrides(args.set), **train_flags})
+    set_spec, set_train = split_config(parse_overrides(args.set))  # --set takes any key --config takes
+    spec, cfg = load_config(args.config, {**set_spec, **spec_flags}, {**set_train, **train_flags})
     result = finetune(cfg, spec)
     if result.final_dir is not None:
-        kind = "an adapter folder" if spec.method != "full" else "a model folder"
+        full = spec.method == "full"  # final/ is the tuned model itself, not an adapter over the base
+        chat = f"--model {result.final_dir}" if full else f"--model {spec.base} --adapter {result.final_dir}"
         last = result.losses.get(result.step)
         print(f"fine-tuned {result.step} steps ({spec.method})" + (f", last loss {last:.4f}" if last else "")
-              + f"; wrote {result.final_dir} ({kind}; chat: camelid chat --model {spec.base}"
-              + (f" --adapter {result.final_dir})" if spec.method != "full" else ")"))
+              + f"; wrote {result.final_dir} ({'a model' if full else 'an adapter'} folder; chat: camelid chat {chat})")
 
 
 
@@ -230,7 +231,8 @@ def register(verbs, fmt) -> None:
     p.add_argument("--save-every", type=int, default=None)
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="continue from the latest checkpoint in --out")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other TrainConfig key")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other key of --config (a fine-tuning or TrainConfig key), e.g. --set lora_dropout=0.1")
     p.set_defaults(func=cmd_finetune)
 
     p = verbs.add_parser("plot", help="PNG charts of a training run's metrics", formatter_class=fmt,

@@ -135,13 +135,26 @@ def read_records(path: str | os.PathLike[str]) -> list[Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
-    text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix.lower() == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SFTDataError(f"{path}: not valid JSON ({e})") from None
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM, as Windows tools write, is not a record
+    except UnicodeDecodeError as e:
+        raise SFTDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    json_lines = path.suffix.lower() == ".jsonl"
+    if not json_lines:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":
+                raise SFTDataError(f"{path}: not valid JSON ({e})") from None
+            json_lines = True  # one value per line under a .json name, which `datasets` reads too
+    if json_lines:
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                records += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as e:  # e's own line is always 1: name the file's
+                raise SFTDataError(f"{path}: line {number} is not valid JSON ({e.msg}, column {e.colno})") from None
+        return records
     if not isinstance(records, list):
         raise SFTDataError(f"{path}: expected a JSON list of records (or .jsonl), got {type(records).__name__}")
     return records
@@ -231,8 +244,11 @@ def encode_conversation(template, tokenizer: Tokenizer, messages: list[Message],
 def encode_conversations(template, tokenizer: Tokenizer, conversations: Sequence[list[Message]], seq_len: int,
                          train_on_all: bool = False, truncation: str = "oldest") -> tuple[list[Example], Stats]:
     stats, out = Stats(records=len(conversations)), []
-    for messages in conversations:
-        example, what = encode_conversation(template, tokenizer, messages, seq_len, train_on_all, truncation)
+    for i, messages in enumerate(conversations):
+        try:
+            example, what = encode_conversation(template, tokenizer, messages, seq_len, train_on_all, truncation)
+        except TemplateError as e:  # a model's Jinja template may refuse one record (a system role, ...)
+            raise TemplateError(f"record {i}: {e}") from None
         if example is not None:
             out.append(example)
             stats.kept += 1

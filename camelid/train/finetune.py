@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,7 +27,7 @@ from camelid.data.sft import SFTBatches, parse_data_spec
 from camelid.peft import adapters, apply_lora, bitfit, count_parameters, ia3, prefix, prompt
 from camelid.templates import TEMPLATE_FILE, JinjaTemplate, for_tokenizer
 from camelid.tokenizer import Tokenizer
-from camelid.train.config import TrainConfig, auto_fit, check_keys, read_yaml_mapping
+from camelid.train.config import TrainConfig, _coerce, auto_fit, check_keys, read_yaml_mapping
 from camelid.train.loop import LossHook, TrainResult, resolve_precision, train
 from camelid.train.pretrain import device_memory_bytes
 
@@ -71,6 +72,8 @@ class FinetuneSpec:
             path, _ = parse_data_spec(spec)
             if not Path(path).is_file():
                 raise FileNotFoundError(f"no data file at {path}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.method in LORA_FAMILY and (self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
             raise ValueError(f"LoRA needs r >= 1, alpha > 0, 0 <= dropout < 1; got r={self.lora_r}, "
                              f"alpha={self.lora_alpha}, dropout={self.lora_dropout}")
@@ -89,13 +92,23 @@ def load_config(path: str | Path | None, spec_flags: dict, train_flags: dict) ->
     """The YAML file's values, then the flags on top, split into a FinetuneSpec and a TrainConfig."""
     values = read_yaml_mapping(path, "a fine-tuning config") if path is not None else {}
     spec_values, train_values = split_config(values)
-    spec = FinetuneSpec(**{**spec_values, **spec_flags})
+    hints = typing.get_type_hints(FinetuneSpec)
+    # each value as its field's type, as TrainConfig does: YAML reads 3.2e1 as a string, and `lora_r: eight` is
+    # a one-line error, not a TypeError in validate (data and target_modules take a string or a list)
+    spec = FinetuneSpec(**{k: _strings(k, v) if k in ("data", "target_modules") else _coerce(k, v, hints[k])
+                           for k, v in {**spec_values, **spec_flags}.items()})
     if isinstance(spec.data, str):
         spec.data = [spec.data]
     train_values = {"sample_every": 0, "warmup_steps": 0, **train_values, **train_flags}
     # the base folder is the run's model: `resume` compares it, and the final adapter names it
     cfg = TrainConfig.from_dict({**train_values, "model": str(Path(spec.base).resolve()) if spec.base else "", "data": ",".join(spec.data)})
     return spec, cfg
+
+
+def _strings(name: str, value):
+    if value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
 
 
 def _targets(spec: FinetuneSpec, default):

@@ -121,6 +121,36 @@ def test_record_that_fits_no_format_is_named(tmp_path):
     assert load_conversations(jsonl)[0] == "messages"
 
 
+def test_unreadable_files_are_named(tmp_path):
+    record = json.dumps({"instruction": "a", "output": "b"})
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(f"{record}\n\n{record}\n{{bad\n{record}\n")
+    with pytest.raises(SFTDataError, match=r"broken.jsonl: line 4 is not valid JSON"):  # the file's line, not 1
+        load_conversations(broken)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(f'[{{"instruction": "caf\xe9", "output": "b"}}]'.encode("latin-1"))
+    with pytest.raises(SFTDataError, match=r"latin.json: not UTF-8 text"):
+        load_conversations(latin)
+    lines = tmp_path / "lines.json"  # JSON Lines under a .json name: `datasets` reads it, so do we
+    lines.write_text(f"{record}\n{record}\n")
+    assert load_conversations(lines)[0] == "alpaca" and len(load_conversations(lines)[1]) == 2
+    bom = tmp_path / "bom.json"  # as Windows tools write it
+    bom.write_bytes(b"\xef\xbb\xbf" + f"[{record}]".encode())
+    assert load_conversations(bom) == ("alpaca", [[{"role": "user", "content": "a"},
+                                                   {"role": "assistant", "content": "b"}]])
+
+
+def test_a_record_the_template_refuses_is_named(tmp_path, tok):
+    from camelid.templates import from_jinja
+
+    no_system = from_jinja("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                           "{% endif %}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}")
+    qa = {"instruction": "question", "output": "answer"}
+    path = _write(tmp_path / "sys.json", [qa, {**qa, "system": "be brief"}])
+    with pytest.raises(SFTDataError, match=r"sys.json: record 1: .*System role not supported"):
+        load_sft(str(path), tok, no_system, seq_len=64)
+
+
 # ---- masks and truncation -------------------------------------------------------------------------------------------
 
 def test_loss_only_on_answers_by_default(tok):

@@ -101,6 +101,28 @@ def test_spec_rejects_bad_input(base):
         FinetuneSpec(base=str(folder), data=[str(data)], method="magic").validate()
     with pytest.raises(FileNotFoundError, match="no data file"):
         FinetuneSpec(base=str(folder), data=["nope.json:0.5"]).validate()
+    for fraction in (-0.1, 1, 2):  # 2 held out all but one example, silently
+        with pytest.raises(ValueError, match=r"eval_fraction must be in \[0, 1\)"):
+            FinetuneSpec(base=str(folder), data=[str(data)], eval_fraction=fraction).validate()
+
+
+@pytest.mark.parametrize("line, message", [("lora_r: eight", "lora_r must be int"),
+                                           ("lora_dropout: [0.1]", "lora_dropout must be float"),
+                                           ("pack: maybe", "pack must be bool"),
+                                           ("target_modules: 5", "target_modules must be a string or a list of "
+                                                                 "strings, got 5"),
+                                           ("other_data: [[a.json]]", "data must be a string or a list")])
+def test_yaml_values_of_the_wrong_type_are_one_line_errors(tmp_path, line, message):
+    data = "" if line.startswith("other_data") else "data: [d.json]\n"
+    (tmp_path / "ft.yaml").write_text(f"base: b\n{data}{line.removeprefix('other_')}\n")
+    with pytest.raises(ValueError, match=message):
+        load_config(tmp_path / "ft.yaml", {}, {})
+
+
+def test_yaml_numbers_written_as_strings_are_read(tmp_path):
+    (tmp_path / "ft.yaml").write_text("base: b\ndata: d.json\nlora_r: '16'\nlora_alpha: 3.2e1\ntarget_modules: [q_proj]\n")
+    spec, _ = load_config(tmp_path / "ft.yaml", {}, {})
+    assert (spec.lora_r, spec.lora_alpha, spec.data, spec.target_modules) == (16, 32.0, ["d.json"], ["q_proj"])
 
 
 def _cli(*args, stdin=None):

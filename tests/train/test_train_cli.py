@@ -99,3 +99,33 @@ def test_finetune_takes_the_distributed_and_memory_flags(monkeypatch):
 
 class _NoResult:
     final_dir = None
+
+
+def _finetune_cli(monkeypatch, *argv, result=None):
+    """Run `camelid finetune ARGV` with the training replaced: (the FinetuneSpec and TrainConfig it got)."""
+    from camelid.cli import build_parser, train_verbs
+
+    seen = {}
+    fake = lambda cfg, spec: seen.update(cfg=cfg, spec=spec) or result or _NoResult()  # noqa: E731
+    monkeypatch.setattr(train_verbs, "finetune", fake)
+    args = build_parser().parse_args(["finetune", "--base", "b", "--data", "d.json", *argv])
+    args.func(args)
+    return seen["spec"], seen["cfg"]
+
+
+def test_finetune_set_takes_finetuning_keys(monkeypatch):
+    """--set reaches the fine-tuning keys as --config does (lora_r, pack, ...), not only the TrainConfig ones."""
+    spec, cfg = _finetune_cli(monkeypatch, "--set", "lora_r=4", "--set", "pack=true", "--set", "eval_every=3")
+    assert spec.lora_r == 4 and spec.pack and cfg.eval_every == 3
+    spec, _ = _finetune_cli(monkeypatch, "--set", "lora_r=4", "--lora-r", "2")  # the named flag wins
+    assert spec.lora_r == 2
+
+
+def test_finetune_full_points_chat_at_the_tuned_model(monkeypatch, capsys, tmp_path):
+    from camelid.train.loop import TrainResult
+
+    final = tmp_path / "run" / "final"
+    result = TrainResult(step=2, tokens_seen=10, lr_scale=1.0, best_val_loss=None, out=tmp_path / "run",
+                         final_dir=final, losses={2: 1.5})
+    _finetune_cli(monkeypatch, "--method", "full", result=result)
+    assert f"camelid chat --model {final})" in capsys.readouterr().out
