@@ -67,6 +67,27 @@ def test_bad_bodies_get_openai_errors(http, endpoint, body, status, param):
     check_error(http.post(endpoint, json=body), status, param)
 
 
+SURROGATE = "\ud800"  # a lone UTF-16 surrogate: valid JSON ("\\ud800"), not Unicode: no tokenizer or database takes it
+NOT_TEXT = [  # (endpoint, body, param)
+    ("/v1/completions", {"model": "tiny", "prompt": SURROGATE}, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["a" + SURROGATE]}, "prompt"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "a" + SURROGATE}]}, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "text",
+                                                                                  "text": SURROGATE}]}]}, "messages"),
+    ("/v1/chat/completions", {**CHAT, "session_id": SURROGATE}, "session_id"),
+    ("/v1/sessions", {"system_prompt": SURROGATE}, "system_prompt"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages"),
+]
+
+
+@pytest.mark.parametrize("endpoint,body,param", NOT_TEXT, ids=[f"{i}" for i in range(len(NOT_TEXT))])
+def test_text_that_is_not_a_string_of_unicode_is_a_400(http, endpoint, body, param):
+    # json.dumps escapes the surrogate as JSON allows (httpx's json= would refuse to encode it)
+    r = http.post(endpoint, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    check_error(r, 400, param)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_bad_input_when_streaming_is_still_a_status_code(http, stream):
     r = http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 10_000, "stream": stream})
