@@ -192,9 +192,12 @@ class CountRequests:
         try:
             await self.app(scope, receive, record)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or scope["path"]
-            endpoint = path if path.startswith(_ENDPOINTS) or path in ("/",) else "other"
+            template = getattr(scope.get("route"), "path", None)
+            # the raw path only when it is an endpoint's own (a 413 comes before routing): the client picks it, and
+            # every value is a new Prometheus series (with a quote or newline, lines of its own in /metrics)
+            path = template or scope["path"]
+            known = path.startswith(_ENDPOINTS) if template else path in _ENDPOINTS
+            endpoint = path if known or path == "/" else "other"
             self.metrics.requests[(endpoint, status)] += 1
 
 

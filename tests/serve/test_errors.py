@@ -121,6 +121,20 @@ def test_unknown_route_and_method(http):
     check_error(http.get("/v1/chat/completions"), 405)
 
 
+def test_paths_that_match_no_route_are_one_metrics_label(server, http):
+    """A client picks the path: one it made up must not become a label value of its own (a new Prometheus series
+    each, and a quote or newline in it would write lines of its own into /metrics)."""
+    for path in ("/v1/models/made-up", "/v1/completions-x", "/v1/models/a%22%7D%201%0Acamelid_injected%201%0A%23"):
+        check_error(http.get(path), 404)
+    check_error(http.post("/v1/completions", content=b"x" * 100_000), 413)  # refused before routing: still named
+    metrics = httpx.get(server.url + "/metrics").text
+    endpoints = {line.split('endpoint="')[1].split('"')[0] for line in metrics.splitlines()
+                 if line.startswith("camelid_requests_total")}
+    assert "/v1/completions" in endpoints and "other" in endpoints
+    assert not any("made-up" in e or "-x" in e or "/v1/models/" in e for e in endpoints), endpoints
+    assert "camelid_injected" not in metrics
+
+
 def test_api_keys(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY_A}):
         r = httpx.post(server.url + "/v1/chat/completions", json=CHAT, headers=headers)
