@@ -453,6 +453,8 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
     @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **errors})
     async def chat_completions(body: ChatCompletionRequest, request: Request, user_id: str = Depends(user)):
         ctx = await context_length(body.model)
+        if body.logprobs or body.top_logprobs:
+            raise BackendError(400, "logprobs are not supported by this server yet", param="logprobs")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         max_tokens = body.max_completion_tokens or body.max_tokens

@@ -59,6 +59,9 @@ BAD_BODIES = [  # (endpoint, body, status, param)
     ("/v1/completions", {"model": "tiny", "prompt": [5, 999999]}, 400, "prompt"),  # token id outside the vocab
     ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt"),
     ("/v1/chat/completions", {**CHAT, "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logprobs": 2}, 400, "logprobs"),  # not served yet: said,
+    ("/v1/chat/completions", {**CHAT, "logprobs": True}, 400, "logprobs"),  # not answered with "logprobs": null
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 2, "stream": True}, 400, "logprobs"),
 ]
 
 
