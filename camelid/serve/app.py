@@ -274,6 +274,9 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
 
     async def context_length(model: str) -> int:
         cards = await model_ids()
+        if not cards:  # a cluster whose workers are all gone (restarting): out of capacity, not an unknown model
+            raise BackendError(503, "this server has no live worker right now: retry shortly", type="server_error",
+                               code="no_live_worker")
         for card in cards:
             if card["id"] == model:
                 return int(card["context_length"])
