@@ -54,6 +54,7 @@ def cmd_controller(args: argparse.Namespace) -> None:
 def cmd_worker(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from camelid.checkpoint import parse_device
     from camelid.serve.backend import LocalBackend
     from camelid.serve.controller import SERVER_KEEP_ALIVE_S
     from camelid.serve.worker import create_worker_app
@@ -65,6 +66,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
     if args.heartbeat_interval <= 0:  # 0 would post heartbeats to the controller in a busy loop
         raise ValueError(f"--heartbeat-interval must be > 0, got {args.heartbeat_interval:g}")
     check_template(args.template)
+    if args.device:
+        parse_device(args.device)
     llm_kwargs = {k: v for k, v in dict(kv_cache_memory=args.kv_cache_memory, dtype=args.dtype, device=args.device,
                                         max_num_seqs=args.max_num_seqs, compile=args.compile or None,
                                         decode_steps=args.decode_steps).items()

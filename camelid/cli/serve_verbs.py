@@ -61,6 +61,7 @@ def api_keys(args: argparse.Namespace) -> list[str]:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Flag mistakes, found before anything is opened or loaded."""
+    from camelid.checkpoint import parse_device
     from camelid.serve.sessions import check_url
 
     if args.controller and (args.model or args.adapter):
@@ -75,6 +76,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError("--decode-steps sets a local engine: give it with --model (or to the workers)")
     parse_adapters(args.adapter or [])
     check_template(args.template)
+    if args.device:
+        parse_device(args.device)  # a name torch does not know, or CUDA on a machine without it
     if args.db != "none":
         check_url(args.db)
 

@@ -18,6 +18,7 @@ from camelid.cli import main
     (["serve", "--model", "m", "--decode-steps", "0"], "--decode-steps must be >= 1"),
     (["serve", "--controller", "http://x", "--decode-steps", "4"], "--decode-steps sets a local engine"),
     (["serve", "--model", "m", "--template", "chatmll"], "unknown chat template 'chatmll'"),  # not at the first chat
+    (["serve", "--model", "m", "--device", "tpu"], "device 'tpu' is not one torch knows"),  # not torch's traceback
 ])
 def test_bad_flags_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default sqlite file would land here
@@ -88,6 +89,7 @@ def test_bad_port_or_log_level_is_a_usage_error(argv, capsys, monkeypatch):
     (["worker", "--controller", "http://x", "--model", "m", "--heartbeat-interval", "-1"],
      "--heartbeat-interval must be > 0"),
     (["worker", "--controller", "http://x", "--model", "m", "--template", "nope"], "unknown chat template 'nope'"),
+    (["worker", "--controller", "http://x", "--model", "m", "--device", "gpu"], "device 'gpu' is not one torch knows"),
 ])
 def test_cluster_flag_mistakes_exit_2_before_anything_loads(argv, message, capsys, monkeypatch):
     import uvicorn
