@@ -12,7 +12,7 @@ import sys
 import textwrap
 
 from camelid.cli.model_verbs import user_lines
-from camelid.cli.serve_verbs import parse_adapters
+from camelid.cli.serve_verbs import LOG_LEVELS, check_template, parse_adapters, port_number
 
 __all__ = ["ChatClient", "chat_with_server", "cluster_token", "parse_adapters", "register"]
 
@@ -43,6 +43,8 @@ def cmd_controller(args: argparse.Namespace) -> None:
 
     from camelid.serve.controller import SERVER_KEEP_ALIVE_S, create_controller_app
 
+    if args.heartbeat_timeout <= 0:  # every worker would be dropped as soon as it registered
+        raise ValueError(f"--heartbeat-timeout must be > 0, got {args.heartbeat_timeout:g}")
     app = create_controller_app(heartbeat_timeout=args.heartbeat_timeout, cluster_token=cluster_token(args))
     print(f"camelid controller: http://{args.host}:{args.port} (drops a worker silent for {args.heartbeat_timeout:g} s)",
           file=sys.stderr)
@@ -52,6 +54,7 @@ def cmd_controller(args: argparse.Namespace) -> None:
 def cmd_worker(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from camelid.checkpoint import parse_device
     from camelid.serve.backend import LocalBackend
     from camelid.serve.controller import SERVER_KEEP_ALIVE_S
     from camelid.serve.worker import create_worker_app
@@ -60,6 +63,11 @@ def cmd_worker(args: argparse.Namespace) -> None:
     token = cluster_token(args)  # before the model loads: a flag mistake costs nothing
     if args.decode_steps is not None and args.decode_steps < 1:
         raise ValueError(f"--decode-steps must be >= 1, got {args.decode_steps}")
+    if args.heartbeat_interval <= 0:  # 0 would post heartbeats to the controller in a busy loop
+        raise ValueError(f"--heartbeat-interval must be > 0, got {args.heartbeat_interval:g}")
+    check_template(args.template)
+    if args.device:
+        parse_device(args.device)
     llm_kwargs = {k: v for k, v in dict(kv_cache_memory=args.kv_cache_memory, dtype=args.dtype, device=args.device,
                                         max_num_seqs=args.max_num_seqs, compile=args.compile or None,
                                         decode_steps=args.decode_steps).items()
@@ -212,12 +220,12 @@ def register(verbs, fmt) -> None:
           camelid serve --controller http://127.0.0.1:21001 --port 8000
         """))
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=21001)
+    p.add_argument("--port", type=port_number, default=21001)
     p.add_argument("--heartbeat-timeout", type=float, default=4.0,
                    help="drop a worker whose last heartbeat is older than this many seconds (default 4)")
     p.add_argument("--cluster-token", default=None, metavar="TOKEN", help="the cluster's shared secret, needed on "
                    "every call (default: $CAMELID_CLUSTER_TOKEN); required with a --host other than loopback")
-    p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="uvicorn log level (default warning)")
     p.set_defaults(func=cmd_controller)
 
     p = verbs.add_parser("worker", help="serve a model for a controller (registers, heartbeats its load)",
@@ -234,7 +242,7 @@ def register(verbs, fmt) -> None:
                    help="a PEFT LoRA adapter folder served as the model NAME (repeatable)")
     p.add_argument("--template", default=None, help="chat template name (default: the tokenizer's chat_template)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=21002)
+    p.add_argument("--port", type=port_number, default=21002)
     p.add_argument("--address", default=None,
                    help="the URL the server reaches this worker at (default: http://HOST:PORT)")
     p.add_argument("--name", default=None, help="the worker's name at the controller (default: HOSTNAME:PORT)")
@@ -250,5 +258,5 @@ def register(verbs, fmt) -> None:
     p.add_argument("--cluster-token", default=None, metavar="TOKEN", help="the cluster's shared secret (default: "
                    "$CAMELID_CLUSTER_TOKEN); required with a --host other than loopback")
     p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats (default 1)")
-    p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="uvicorn log level (default warning)")
     p.set_defaults(func=cmd_worker)

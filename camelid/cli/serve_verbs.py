@@ -10,6 +10,23 @@ from pathlib import Path
 
 DEFAULT_DB = "sqlite:///camelid-chats.db"
 API_KEYS_ENV = "CAMELID_API_KEYS"
+LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]  # uvicorn's
+
+
+def port_number(text: str) -> int:
+    """argparse type of --port: a TCP port, refused here rather than by uvicorn's bind after the model has loaded."""
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1-65535)")
+    return port
+
+
+def check_template(name: str | None) -> None:
+    """Refuse a --template that names no template before the model loads (else every chat request gets a 400)."""
+    from camelid.templates import get_template
+
+    if name not in (None, "model"):
+        get_template(name)
 
 
 def parse_adapters(items: list[str]) -> dict[str, str]:
@@ -44,6 +61,7 @@ def api_keys(args: argparse.Namespace) -> list[str]:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Flag mistakes, found before anything is opened or loaded."""
+    from camelid.checkpoint import parse_device
     from camelid.serve.sessions import check_url
 
     if args.controller and (args.model or args.adapter):
@@ -57,6 +75,9 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.controller and args.decode_steps != 1:
         raise ValueError("--decode-steps sets a local engine: give it with --model (or to the workers)")
     parse_adapters(args.adapter or [])
+    check_template(args.template)
+    if args.device:
+        parse_device(args.device)  # a name torch does not know, or CUDA on a machine without it
     if args.db != "none":
         check_url(args.db)
 
@@ -122,7 +143,7 @@ def register(verbs, fmt) -> None:
     p.add_argument("--controller", default=None, metavar="URL",
                    help="route requests to the workers registered with this controller instead of --model")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="accept this key (repeatable; visible in `ps`: prefer --api-key-file or $CAMELID_API_KEYS); "
                    "no key at all = open, one anonymous user")
@@ -143,5 +164,5 @@ def register(verbs, fmt) -> None:
     p.add_argument("--dtype", default=None, help="bfloat16 / float16 / float32 (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.set_defaults(func=cmd_serve)

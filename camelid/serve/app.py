@@ -192,9 +192,12 @@ class CountRequests:
         try:
             await self.app(scope, receive, record)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or scope["path"]
-            endpoint = path if path.startswith(_ENDPOINTS) or path in ("/",) else "other"
+            template = getattr(scope.get("route"), "path", None)
+            # the raw path only when it is an endpoint's own (a 413 comes before routing): the client picks it, and
+            # every value is a new Prometheus series (with a quote or newline, lines of its own in /metrics)
+            path = template or scope["path"]
+            known = path.startswith(_ENDPOINTS) if template else path in _ENDPOINTS
+            endpoint = path if known or path == "/" else "other"
             self.metrics.requests[(endpoint, status)] += 1
 
 
@@ -271,6 +274,9 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
 
     async def context_length(model: str) -> int:
         cards = await model_ids()
+        if not cards:  # a cluster whose workers are all gone (restarting): out of capacity, not an unknown model
+            raise BackendError(503, "this server has no live worker right now: retry shortly", type="server_error",
+                               code="no_live_worker")
         for card in cards:
             if card["id"] == model:
                 return int(card["context_length"])
@@ -450,6 +456,8 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
     @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **errors})
     async def chat_completions(body: ChatCompletionRequest, request: Request, user_id: str = Depends(user)):
         ctx = await context_length(body.model)
+        if body.logprobs or body.top_logprobs:
+            raise BackendError(400, "logprobs are not supported by this server yet", param="logprobs")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         max_tokens = body.max_completion_tokens or body.max_tokens

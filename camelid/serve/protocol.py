@@ -9,11 +9,31 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def _not_unicode(value: Any) -> bool:
+    """A string (or list of them) holding a lone UTF-16 surrogate: JSON allows "\\ud800", but no tokenizer or
+    database takes it."""
+    if isinstance(value, list):
+        return any(_not_unicode(v) for v in value)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+    return False
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*")
+    @classmethod
+    def _unicode_only(cls, value: Any) -> Any:
+        if _not_unicode(value):
+            raise ValueError("holds a lone UTF-16 surrogate, which is not valid Unicode text")
+        return value
 
 
 class StreamOptions(_Request):
@@ -49,15 +69,20 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=20)
 
 
+class ContentPart(_Request):
+    type: str
+    text: str | None = None  # a part of type "text"; the others (images, audio) are not read
+
+
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
         """The content as one string (content parts of type "text" joined)."""
         if isinstance(self.content, list):
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+            return "".join(p.text or "" for p in self.content if p.type == "text")
         return self.content or ""
 
 
@@ -65,6 +90,8 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)  # None: up to the context length
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False  # refused when true, as by completions: a client asking for them must not get null
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     session_id: str | None = None  # ours: run this turn inside a stored chat session
 
 

@@ -401,6 +401,27 @@ def test_a_failed_worker_is_skipped_and_leaves_the_controller():
             server.stop()
 
 
+def test_a_cluster_with_no_live_worker_answers_503_so_clients_retry():
+    """Every worker gone (restarting, say): the model is not unknown, the cluster is out of capacity for a moment. A
+    503 is what the openai client retries; a 404 model_not_found ("this server has: ") tells it to give up."""
+    from fastapi.testclient import TestClient
+
+    from camelid.serve.app import create_app
+
+    controller = ServerThread(create_controller_app(cluster_token=TOKEN))
+    try:
+        with TestClient(create_app(RemoteBackend(controller.url, cluster_token=TOKEN))) as client:
+            chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+            for path, body in (("/v1/completions", {"model": MODEL, "prompt": "hi"}), ("/v1/chat/completions", chat),
+                               ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream": True})):
+                r = client.post(path, json=body)
+                assert r.status_code == 503, r.text
+                assert "no live worker" in r.json()["error"]["message"]
+            assert client.get("/v1/models").json()["data"] == []
+    finally:
+        controller.stop()
+
+
 def test_remote_stats_add_counters_and_take_the_largest_device_gauge():
     controller = ServerThread(create_controller_app(cluster_token=TOKEN))
     try:

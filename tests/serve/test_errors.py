@@ -59,12 +59,36 @@ BAD_BODIES = [  # (endpoint, body, status, param)
     ("/v1/completions", {"model": "tiny", "prompt": [5, 999999]}, 400, "prompt"),  # token id outside the vocab
     ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt"),
     ("/v1/chat/completions", {**CHAT, "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logprobs": 2}, 400, "logprobs"),  # not served yet: said,
+    ("/v1/chat/completions", {**CHAT, "logprobs": True}, 400, "logprobs"),  # not answered with "logprobs": null
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 2, "stream": True}, 400, "logprobs"),
 ]
 
 
 @pytest.mark.parametrize("endpoint,body,status,param", BAD_BODIES, ids=[f"{i}" for i in range(len(BAD_BODIES))])
 def test_bad_bodies_get_openai_errors(http, endpoint, body, status, param):
     check_error(http.post(endpoint, json=body), status, param)
+
+
+SURROGATE = "\ud800"  # a lone UTF-16 surrogate: valid JSON ("\\ud800"), not Unicode: no tokenizer or database takes it
+NOT_TEXT = [  # (endpoint, body, param)
+    ("/v1/completions", {"model": "tiny", "prompt": SURROGATE}, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["a" + SURROGATE]}, "prompt"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "a" + SURROGATE}]}, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "text",
+                                                                                  "text": SURROGATE}]}]}, "messages"),
+    ("/v1/chat/completions", {**CHAT, "session_id": SURROGATE}, "session_id"),
+    ("/v1/sessions", {"system_prompt": SURROGATE}, "system_prompt"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages"),
+]
+
+
+@pytest.mark.parametrize("endpoint,body,param", NOT_TEXT, ids=[f"{i}" for i in range(len(NOT_TEXT))])
+def test_text_that_is_not_a_string_of_unicode_is_a_400(http, endpoint, body, param):
+    # json.dumps escapes the surrogate as JSON allows (httpx's json= would refuse to encode it)
+    r = http.post(endpoint, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    check_error(r, 400, param)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -98,6 +122,20 @@ def test_oversized_body_gets_413(http):
 def test_unknown_route_and_method(http):
     check_error(http.get("/v1/nothing-here"), 404)
     check_error(http.get("/v1/chat/completions"), 405)
+
+
+def test_paths_that_match_no_route_are_one_metrics_label(server, http):
+    """A client picks the path: one it made up must not become a label value of its own (a new Prometheus series
+    each, and a quote or newline in it would write lines of its own into /metrics)."""
+    for path in ("/v1/models/made-up", "/v1/completions-x", "/v1/models/a%22%7D%201%0Acamelid_injected%201%0A%23"):
+        check_error(http.get(path), 404)
+    check_error(http.post("/v1/completions", content=b"x" * 100_000), 413)  # refused before routing: still named
+    metrics = httpx.get(server.url + "/metrics").text
+    endpoints = {line.split('endpoint="')[1].split('"')[0] for line in metrics.splitlines()
+                 if line.startswith("camelid_requests_total")}
+    assert "/v1/completions" in endpoints and "other" in endpoints
+    assert not any("made-up" in e or "-x" in e or "/v1/models/" in e for e in endpoints), endpoints
+    assert "camelid_injected" not in metrics
 
 
 def test_api_keys(server):

@@ -17,6 +17,8 @@ from camelid.cli import main
     (["serve", "--controller", "http://x", "--compile"], "--compile builds a local engine"),
     (["serve", "--model", "m", "--decode-steps", "0"], "--decode-steps must be >= 1"),
     (["serve", "--controller", "http://x", "--decode-steps", "4"], "--decode-steps sets a local engine"),
+    (["serve", "--model", "m", "--template", "chatmll"], "unknown chat template 'chatmll'"),  # not at the first chat
+    (["serve", "--model", "m", "--device", "tpu"], "device 'tpu' is not one torch knows"),  # not torch's traceback
 ])
 def test_bad_flags_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default sqlite file would land here
@@ -63,3 +65,39 @@ def test_compile_flag_reaches_the_engine(monkeypatch):
         assert seen["compile"] is want and seen["decode_steps"] == 1
     build_backend(build_parser().parse_args(["serve", "--model", "m", "--db", "none", "--decode-steps", "8"]))
     assert seen["decode_steps"] == 8
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "--model", "m", "--port", "99999"], ["serve", "--model", "m", "--port", "-1"],
+    ["controller", "--port", "70000"], ["worker", "--controller", "http://x", "--model", "m", "--port", "65536"],
+    ["controller", "--log-level", "loud"], ["worker", "--controller", "http://x", "--model", "m", "--log-level", "x"],
+])
+def test_bad_port_or_log_level_is_a_usage_error(argv, capsys, monkeypatch):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: pytest.fail("the server started"))
+    # argparse's own exit 2 with the flag named, not uvicorn's traceback after the model has loaded
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("--port" in err or "--log-level" in err)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["controller", "--heartbeat-timeout", "0"], "--heartbeat-timeout must be > 0"),
+    (["worker", "--controller", "http://x", "--model", "m", "--heartbeat-interval", "-1"],
+     "--heartbeat-interval must be > 0"),
+    (["worker", "--controller", "http://x", "--model", "m", "--template", "nope"], "unknown chat template 'nope'"),
+    (["worker", "--controller", "http://x", "--model", "m", "--device", "gpu"], "device 'gpu' is not one torch knows"),
+])
+def test_cluster_flag_mistakes_exit_2_before_anything_loads(argv, message, capsys, monkeypatch):
+    import uvicorn
+
+    from camelid.serve.backend import LocalBackend
+
+    monkeypatch.setattr(LocalBackend, "load", classmethod(lambda cls, *a, **kw: pytest.fail("the model loaded")))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: pytest.fail("the server started"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
