@@ -26,6 +26,17 @@ _PAD_NAMES = ("<pad>", "<|pad|>")
 _END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>")
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table), inverted: character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]  # control bytes, space, ...: shifted past 255
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 class TokenizerError(ValueError):
     """A tokenizer file exists but cannot be used (corrupt JSON, unknown format)."""
 
@@ -156,6 +167,30 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(int(i))
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        """True for byte-level BPE (GPT-2, Llama 3): each character of a token stands for one byte."""
+        decoder = self._tok.decoder
+        return decoder is not None and '"ByteLevel"' in decoder.__getstate__().decode()
+
+    @cached_property
+    def _added_ids(self) -> frozenset[int]:
+        return frozenset(self._tok.get_added_tokens_decoder())
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token i stands for, on its own (OpenAI's logprobs `bytes`: a character may span tokens, so
+        a token's text alone can be invalid UTF-8). SentencePiece's "▁" is a space."""
+        token = self.id_to_token(i)
+        if token is None:
+            raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+        if i in self._added_ids:
+            return token.encode()
+        if i in self.byte_fallback_ids:  # "<0xE4>"
+            return bytes([int(token[3:5], 16)])
+        if self._byte_level:
+            return bytes(_BYTE_OF_CHAR[c] for c in token)
+        return token.replace("\u2581", " ").encode()
 
     # ---- encode / decode ------------------------------------------------------------------
 

@@ -102,6 +102,21 @@ def test_round_trip(real):
         assert tok.decode(tok.encode(text, bos=False, eos=True)) == text, name
 
 
+def test_token_bytes_spell_the_text(real):
+    """A token's bytes, joined over an encoding, are the text (SentencePiece adds its leading space), including
+    characters split over several byte tokens; every vocabulary entry has bytes."""
+    name, tok, reference = real
+    for text in MIXED + poems(3):
+        ids = tok.encode(text, bos=False)
+        spelled = b"".join(tok.token_bytes(i) for i in ids)
+        lead = b" " if name != "llama3" else b""  # the "▁" SentencePiece prepends
+        assert spelled == lead + text.encode(), (name, text)
+        assert spelled.decode() == lead.decode() + reference.decode(ids, skip_special_tokens=False), (name, text)
+    assert all(tok.token_bytes(i) for i in range(tok.vocab_size))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.token_bytes(tok.vocab_size)
+
+
 @needs_fixtures
 def test_gpt2_from_vocab_and_merges():
     tok, ref = Tokenizer(TOK_DIR / "gpt2"), gpt2_reference()

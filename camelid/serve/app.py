@@ -30,9 +30,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from camelid.engine.sampling_params import SamplingParams
-from camelid.serve.backend import BackendError, Chunk
+from camelid.serve.backend import BackendError, Chunk, unknown_model
 from camelid.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                    CompletionResponse, ErrorResponse, ModelList, Session, SessionCreate,
+                                    CompletionResponse, ErrorResponse, ModelCard, ModelList, Session, SessionCreate,
                                     SessionDeleted, SessionList, SessionUpdate, SessionWithMessages)
 from camelid.serve.sessions import DEFAULT_TITLE, SessionStore
 
@@ -201,6 +201,20 @@ class CountRequests:
             self.metrics.requests[(endpoint, status)] += 1
 
 
+def _completion_logprobs(entries: list[dict] | None, before: bytearray) -> dict | None:
+    """/v1/completions' (legacy) logprobs of some tokens; `before` holds the bytes of the choice's earlier tokens
+    and grows by these. A text_offset counts the characters before its token."""
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(len(before.decode("utf-8", errors="replace")))  # as the text shows bytes that are no UTF-8
+        before += bytes(e["bytes"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
+
+
 # ---- the app -------------------------------------------------------------------------------------------------------
 
 async def _call(fn, *args):
@@ -220,12 +234,12 @@ def _user_id(key: str) -> str:
     return "key-" + _digest(key)[:24]
 
 
-def _sampling(body, max_tokens: int) -> SamplingParams:
+def _sampling(body, max_tokens: int, logprobs: int | None = None) -> SamplingParams:
     try:
         return SamplingParams(n=body.n, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                              stop=body.stop_list(), seed=body.seed)
+                              stop=body.stop_list(), seed=body.seed, logprobs=logprobs)
     except ValueError as e:
         param = str(e).split(" ", 1)[0]
         raise BackendError(400, str(e), param=param if param.isidentifier() else None) from None
@@ -316,21 +330,25 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
             yield chunk
 
     async def gather(first, chunks, texts: list[str], reasons: list[str | None]
-                     ) -> tuple[list[str], list[str | None], int, int]:
-        """The whole answer, filled into texts/reasons as it comes (a caller that gives up still sees the part)."""
+                     ) -> tuple[list[str], list[str | None], int, int, list[list[dict] | None]]:
+        """The whole answer, filled into texts/reasons as it comes (a caller that gives up still sees the part);
+        then the prompt and completion token counts and each choice's logprobs (None unless asked for)."""
         tokens, prompt_tokens = [0] * len(texts), 0
+        logprobs: list[list[dict] | None] = [None] * len(texts)
         async with contextlib.aclosing(chunks):
             async for c in rest(first, chunks):
                 texts[c.index] += c.text
                 reasons[c.index] = c.finish_reason or reasons[c.index]
                 tokens[c.index] = c.completion_tokens
                 prompt_tokens = c.prompt_tokens
+                if c.logprobs is not None:
+                    logprobs[c.index] = (logprobs[c.index] or []) + c.logprobs
         metrics.prompt_tokens += prompt_tokens
         metrics.generation_tokens += sum(tokens)
-        return texts, reasons, prompt_tokens, sum(tokens)
+        return texts, reasons, prompt_tokens, sum(tokens), logprobs
 
     async def collect(request: Request, first, chunks, n: int, on_end=None
-                      ) -> tuple[list[str], list[str | None], int, int]:
+                      ) -> tuple[list[str], list[str | None], int, int, list[list[dict] | None]]:
         """The whole answer; a client that hangs up meanwhile (a timeout) aborts the request in the engine, as
         for a stream (nothing cancels a plain request's handler for us). on_end(texts, reasons) runs however it
         ends, as for a stream: reasons are "error" where the backend failed."""
@@ -417,6 +435,14 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
     async def list_models(user_id: str = Depends(user)) -> dict:
         return {"object": "list", "data": [{"object": "model", "created": 0, **c} for c in await model_ids()]}
 
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def retrieve_model(model_id: str, user_id: str = Depends(user)) -> dict:
+        cards = await model_ids()
+        card = next((c for c in cards if c["id"] == model_id), None)
+        if card is None:
+            raise unknown_model(model_id, [c["id"] for c in cards])
+        return {"object": "model", "created": 0, **card}
+
     # documented, not enforced: a stream answers text/event-stream instead
     errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413)}
 
@@ -425,8 +451,6 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
         ctx = await context_length(body.model)
         if body.echo:
             raise BackendError(400, "echo is not supported", param="echo")
-        if body.logprobs is not None:
-            raise BackendError(400, "logprobs are not supported by this server yet", param="logprobs")
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
@@ -438,26 +462,31 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
         if max_tokens >= ctx:
             raise BackendError(400, f"max_tokens is {max_tokens}, but the model's context is {ctx} tokens",
                                param="max_tokens")
-        params = _sampling(body, max_tokens)
+        params = _sampling(body, max_tokens, body.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
         first, chunks = await start(body.model, prompt, None, params, rid)
         envelope = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.model}
         if body.stream:
+            token_bytes = [bytearray() for _ in range(body.n)]  # per choice: its tokens so far (text_offset)
+
             def choice(c: Chunk | None):
-                if c is None or (not c.text and c.finish_reason is None):
+                if c is None or (not c.text and c.finish_reason is None and not c.logprobs):
                     return []
-                return [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}]
+                logprobs = _completion_logprobs(c.logprobs, token_bytes[c.index])
+                return [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": logprobs}]
             include = bool(body.stream_options and body.stream_options.include_usage)
             return _sse_response(stream_events(first, chunks, body.n, choice, envelope, include))
-        texts, reasons, p, c = await collect(request, first, chunks, body.n)
-        return {**envelope, "choices": [{"index": i, "text": t, "finish_reason": r, "logprobs": None}
-                                        for i, (t, r) in enumerate(zip(texts, reasons))], "usage": usage(p, c)}
+        texts, reasons, p, c, logprobs = await collect(request, first, chunks, body.n)
+        return {**envelope, "choices": [{"index": i, "text": t, "finish_reason": r,
+                                         "logprobs": _completion_logprobs(lp, bytearray())}
+                                        for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))],
+                "usage": usage(p, c)}
 
     @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **errors})
     async def chat_completions(body: ChatCompletionRequest, request: Request, user_id: str = Depends(user)):
         ctx = await context_length(body.model)
-        if body.logprobs or body.top_logprobs:
-            raise BackendError(400, "logprobs are not supported by this server yet", param="logprobs")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise BackendError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -473,7 +502,7 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
             if max_tokens < 1:
                 raise BackendError(400, f"the messages fill the model's whole context of {ctx} tokens",
                                    param="messages", code="context_length_exceeded")
-        params = _sampling(body, max_tokens)
+        params = _sampling(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         first, chunks = await start(body.model, None, messages, params, rid)
         envelope = {"id": rid, "object": "chat.completion.chunk" if body.stream else "chat.completion",
@@ -492,16 +521,18 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
                 if c is None:  # the opening delta of each choice names the role
                     return [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                              "logprobs": None} for i in range(body.n)]
-                if not c.text and c.finish_reason is None:  # tokens that are not text yet (a split UTF-8 char)
+                if not c.text and c.finish_reason is None and not c.logprobs:  # no text yet (a split character)
                     return []
                 delta = {"content": c.text} if c.text else {}
-                return [{"index": c.index, "delta": delta, "finish_reason": c.finish_reason, "logprobs": None}]
+                logprobs = None if c.logprobs is None else {"content": c.logprobs}
+                return [{"index": c.index, "delta": delta, "finish_reason": c.finish_reason, "logprobs": logprobs}]
             include = bool(body.stream_options and body.stream_options.include_usage)
             return _sse_response(stream_events(first, chunks, body.n, choice, envelope, include, save))
-        texts, reasons, p, c = await collect(request, first, chunks, body.n, save)
+        texts, reasons, p, c, logprobs = await collect(request, first, chunks, body.n, save)
         return {**envelope, "choices": [{"index": i, "message": {"role": "assistant", "content": t},
-                                         "finish_reason": r, "logprobs": None}
-                                        for i, (t, r) in enumerate(zip(texts, reasons))], "usage": usage(p, c)}
+                                         "finish_reason": r, "logprobs": None if lp is None else {"content": lp}}
+                                        for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))],
+                "usage": usage(p, c)}
 
     async def with_history(model: str, session: dict, new: list[dict], ctx: int, max_tokens: int | None) -> list[dict]:
         """System prompt + stored turns + the new messages, dropping whole turns from the oldest until the prompt

@@ -65,6 +65,9 @@ class Chunk:
     finish_reason: str | None  # None while running; "stop" | "length" | "abort" on the index's last chunk
     prompt_tokens: int
     completion_tokens: int  # cumulative for this index
+    # per new token, when the request asked for logprobs: OpenAI's chat form, {"token", "bytes", "logprob",
+    # "top_logprobs": [{"token", "bytes", "logprob"}, ...]} (built here: a controller has no tokenizer)
+    logprobs: list[dict] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,6 +166,8 @@ class LocalBackend(Backend):
         if name in adapters:
             raise ValueError(f"adapter name {name!r} is also the base model's name: pick another")
         llm = LLM(str(model_dir), adapters=adapters or None, **llm_kwargs)
+        # no --template: the one `camelid finetune` recorded in a full fine-tune's (or merged) model folder
+        template = template or recorded_template(model_dir)
         recorded = {a: recorded_template(folder) for a, folder in adapters.items()}
         return cls(llm, name, list(adapters), template, recorded)
 
@@ -225,8 +230,8 @@ class LocalBackend(Backend):
             raise BackendError(400, f"{param} is empty", param=param)
         limit = self.max_model_len
         if len(ids) >= limit:
-            raise BackendError(400, f"This model's maximum context length is {limit} tokens; the {param} has "
-                               f"{len(ids)} tokens, which leaves no room for an answer", param=param,
+            raise BackendError(400, f"This model's maximum context length is {limit} tokens; the {param} "
+                               f"{'have' if param == 'messages' else 'has'} {len(ids)} tokens, which leaves no room for an answer", param=param,
                                code="context_length_exceeded")
         if len(ids) + params.max_tokens > limit:
             raise BackendError(400, f"This model's maximum context length is {limit} tokens; you requested "
@@ -377,10 +382,13 @@ class LocalBackend(Backend):
             new_ids = list(c.token_ids[route.sent_tokens[i]:])
             if not new_text and not new_ids and c.finish_reason is None:
                 continue
+            logprobs = None if c.logprobs is None else [self._logprob_entry(e)
+                                                        for e in c.logprobs[route.sent_tokens[i]:len(c.token_ids)]]
             route.sent_text[i] += new_text
             route.sent_tokens[i] = len(c.token_ids)
             route.finished[i] = c.finish_reason is not None
-            chunk = Chunk(i, new_text, new_ids, c.finish_reason, len(output.prompt_token_ids), len(c.token_ids))
+            chunk = Chunk(i, new_text, new_ids, c.finish_reason, len(output.prompt_token_ids), len(c.token_ids),
+                          logprobs)
             if not _send(route, chunk):  # its event loop is gone (the abort is still on its way): free it now
                 self._routes.pop(output.request_id, None)
                 self.llm.abort(output.request_id)
@@ -388,6 +396,20 @@ class LocalBackend(Backend):
         if output.finished:
             self._routes.pop(output.request_id, None)
             _send(route, _DONE)
+
+    def _token(self, token_id: int, logprob: float) -> dict:
+        raw = self.tokenizer.token_bytes(token_id)
+        try:
+            token = raw.decode()
+        except UnicodeDecodeError:  # part of a character: OpenAI's spelling, distinct per byte sequence
+            token = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        # JSON has no -inf: OpenAI writes -9999.0 for a token the model rules out
+        return {"token": token, "bytes": list(raw), "logprob": max(logprob, -9999.0)}
+
+    def _logprob_entry(self, entry: dict) -> dict:
+        """The engine's {"token_id", "logprob", "top": {id: logprob}} as OpenAI's chat logprobs entry."""
+        return {**self._token(entry["token_id"], entry["logprob"]),
+                "top_logprobs": [self._token(t, lp) for t, lp in entry["top"].items()]}
 
     def _stop(self, error: BaseException) -> None:
         """End every request with error, and refuse every add not yet handled (taken in the last batch, or still
@@ -416,8 +438,9 @@ def _coalesce(items: list) -> list:
         last = merged[-1] if merged else None
         if isinstance(item, Chunk) and isinstance(last, Chunk) and last.index == item.index \
                 and last.finish_reason is None:
+            logprobs = None if item.logprobs is None else (last.logprobs or []) + item.logprobs
             merged[-1] = Chunk(item.index, last.text + item.text, last.token_ids + item.token_ids,
-                               item.finish_reason, item.prompt_tokens, item.completion_tokens)
+                               item.finish_reason, item.prompt_tokens, item.completion_tokens, logprobs)
         else:
             merged.append(item)
     return merged

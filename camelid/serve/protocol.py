@@ -90,8 +90,8 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)  # None: up to the context length
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
-    logprobs: bool = False  # refused when true, as by completions: a client asking for them must not get null
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per token; needs logprobs: true
     session_id: str | None = None  # ours: run this turn inside a stored chat session
 
 

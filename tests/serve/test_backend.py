@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import shutil
 import time
 
@@ -254,3 +255,18 @@ def test_prompts_are_tokenized_off_the_event_loop(backend, monkeypatch):
     monkeypatch.setattr(backend, "_prepare", recording)
     run(collect(backend, prompt="Hello", max_tokens=2))
     assert threads and threads[0] is not threading.main_thread()
+
+
+def test_a_model_folder_serves_with_the_template_it_was_tuned_with(chat_model_dir, tmp_path):
+    """A full fine-tune's final/ (or a merged model) records its chat template, as `camelid chat` reads it; an
+    explicit --template still wins."""
+    from camelid.templates import TEMPLATE_FILE
+
+    folder = shutil.copytree(chat_model_dir, tmp_path / "tuned")
+    (folder / TEMPLATE_FILE).write_text(json.dumps({"template": "vicuna"}))
+    for template, expected in ((None, "vicuna"), ("chatml", "chatml")):
+        backend = LocalBackend.load(folder, name="t", template=template, kv_cache_memory="4MB")
+        try:
+            assert backend._template("t").name == expected
+        finally:
+            run(backend.close())

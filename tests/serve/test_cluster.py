@@ -211,6 +211,12 @@ def test_openai_server_in_front_of_the_cluster(cluster):
                                                 stream=True)
         streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
         assert streamed == full.choices[0].message.content and full.usage.completion_tokens > 0
+        scored = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                                logprobs=True, top_logprobs=2)  # built by the worker's tokenizer
+        content = scored.choices[0].logprobs.content
+        assert len(content) == scored.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in content)
+        assert scored.choices[0].message.content == full.choices[0].message.content
+        assert client.models.retrieve(MODEL).id == MODEL
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="no-such-model", prompt="Hi", max_tokens=2)
         # /metrics sums the workers' engine counters (sent with their heartbeats)

@@ -37,6 +37,9 @@ def test_models_list(client):
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny"]
     assert models[0].model_extra["context_length"] == 256
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("no-such-model")
 
 
 def test_completion_matches_reference_generator(client, reference):
@@ -62,6 +65,70 @@ def test_chat_uses_the_template_and_matches_reference(client, reference):
     assert r.choices[0].message.content == tokenizer.decode(expected)
     assert r.usage.prompt_tokens == len(prompt)
     assert r.usage.completion_tokens == len(expected)
+
+
+def _reference_logprobs(model, ids: list[int], num_prompt: int, k: int) -> list[tuple[float, list[int]]]:
+    """Per generated token: its log-softmax under the reference model and the k most likely ids."""
+    import torch
+
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids]))[0].float().log_softmax(-1)  # (T, V)
+    rows = logprobs[num_prompt - 1:len(ids) - 1]
+    return [(row[t].item(), row.topk(k).indices.tolist()) for row, t in zip(rows, ids[num_prompt:])]
+
+
+def _ids_of(tokenizer, token_bytes: list[bytes]) -> list[int]:
+    """The ids of tokens given by their bytes (each token of this tokenizer is one byte or one special token)."""
+    by_bytes = {tokenizer.token_bytes(i): i for i in range(tokenizer.vocab_size)}
+    return [by_bytes[b] for b in token_bytes]
+
+
+def test_chat_logprobs_match_the_reference_model(client, reference):
+    model, tokenizer = reference
+    prompt = get_template(TEMPLATE).encode_prompt(tokenizer, HELLO)
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    ids = _ids_of(tokenizer, [bytes(e.bytes) for e in content])
+    assert len(content) == r.usage.completion_tokens
+    for entry, (logprob, top) in zip(content, _reference_logprobs(model, prompt + ids, len(prompt), 3)):
+        assert entry.logprob == pytest.approx(logprob, abs=1e-4)
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert [bytes(t.bytes) for t in entry.top_logprobs] == [tokenizer.token_bytes(i) for i in top]
+    text = b"".join(bytes(e.bytes) for e in content if not e.token.startswith("<|")).decode("utf-8", "replace")
+    assert text == r.choices[0].message.content
+    # streamed: the same entries, spread over the chunks
+    streamed = [e for chunk in client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8,
+                                                              temperature=0, logprobs=True, top_logprobs=3,
+                                                              stream=True)
+                for choice in chunk.choices if choice.logprobs for e in choice.logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]  # values within float noise: the second
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)  # reuses KV
+    plain = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4, top_logprobs=2)
+
+
+def test_completion_logprobs_match_the_reference_model(client, reference):
+    model, tokenizer = reference
+    prompt = tokenizer.encode("The camel walks")
+    r = client.completions.create(model="tiny", prompt="The camel walks", max_tokens=10, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    ids = generate_ids(model, [prompt], 10, stop_ids=tokenizer.stop_ids, temperature=0)[0]  # greedy, as served
+    spelled = [tokenizer.token_bytes(i) for i in ids]  # part of a character: "bytes:\\xe4", as OpenAI spells it
+    assert lp.tokens == [b.decode() if b.isascii() else "bytes:" + "".join(f"\\x{c:02x}" for c in b) for b in spelled]
+    assert lp.text_offset == [len(b"".join(spelled[:i]).decode("utf-8", "replace")) for i in range(len(ids))]
+    for logprob, top, (expected, expected_top) in zip(lp.token_logprobs, lp.top_logprobs,
+                                                      _reference_logprobs(model, prompt + ids, len(prompt), 2),
+                                                      strict=True):
+        assert logprob == pytest.approx(expected, abs=1e-4)
+        assert list(top.values()) == pytest.approx(sorted(top.values(), reverse=True)) and max(top.values()) == logprob
+        assert len(top) == 2
+    streamed = [t for c in client.completions.create(model="tiny", prompt="The camel walks", max_tokens=10,
+                                                      temperature=0, logprobs=2, stream=True)
+                for choice in c.choices if choice.logprobs for t in choice.logprobs.tokens]
+    assert streamed == lp.tokens
 
 
 def test_streamed_chat_equals_non_streamed(client):
