@@ -3,8 +3,8 @@ P-Tuning v2, prompt tuning, P-tuning, bottleneck adapters, BitFit, IA3, or full)
 
     finetune(cfg, FinetuneSpec(base="models/llama", data=["alpaca.json"], method="lora", template="llama3"))
 
-Everything that can be checked is checked before the base model is loaded: the method, the data files, the LoRA
-shape. The final folder is the method's adapter folder (camelid.peft.methods: PEFT format where PEFT has the method)
+The method, the data files and the LoRA shape are checked before the base model is loaded; the context length and
+the method's targets right after it, before the data is tokenized. The final folder is the method's adapter folder (camelid.peft.methods: PEFT format where PEFT has the method)
 or a plain model folder (full), with the tokenizer
 and TEMPLATE_FILE, which names the chat template so that `camelid chat --adapter` renders prompts as trained.
 """
@@ -170,17 +170,17 @@ def finetune(cfg: TrainConfig, spec: FinetuneSpec, log: Callable[[str], None] = 
     template.check(tokenizer)
     if cfg.auto_fit:  # sizes micro_batch, so it comes before the batches; the loop then takes cfg as it is
         cfg = fit_to_device(cfg, spec, log)
-    batches = SFTBatches.from_files(spec.data, tokenizer, template, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch,
-                                    pack=spec.pack, seed=cfg.seed, eval_fraction=spec.eval_fraction)
-    log(batches.report())
     model = from_pretrained(spec.base, device="cpu")  # the loop moves it to cfg.device
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"seq_len {cfg.seq_len} is longer than the model's context "
                          f"({model.config.max_position_embeddings})")
     torch.manual_seed(cfg.seed)  # the adapters' random init: the same run gives the same adapters
-    apply_method(model, spec, tokenizer)
+    apply_method(model, spec, tokenizer)  # before the data: a target that matches nothing fails in seconds
     trainable, total = count_parameters(model)
     log(f"{spec.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    batches = SFTBatches.from_files(spec.data, tokenizer, template, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch,
+                                    pack=spec.pack, seed=cfg.seed, eval_fraction=spec.eval_fraction)
+    log(batches.report())  # numpy's generator: the torch seed above still starts the loop as it did
     result = train(cfg, model=model, batches=batches, tokenizer=tokenizer, loss_hook=loss_hook)
     if result.final_dir is not None:  # rank 0
         name = "model" if isinstance(template, JinjaTemplate) else template.name

@@ -258,3 +258,19 @@ def test_full_keeps_fp32_master_weights_over_a_half_precision_base(base, tmp_pat
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     result = _run(root, half, data, "full-fp16", method="full", max_steps=3, precision="fp16")
     assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(v)) for v in result.losses.values())
+
+
+def test_options_the_model_refuses_fail_before_the_data_is_tokenized(base, monkeypatch):
+    """A target that matches nothing, or a seq_len past the context, is reported before the (possibly long)
+    tokenization of the data, which must not even start."""
+    from camelid.data import sft
+
+    root, folder, data = base
+    monkeypatch.setattr(sft.SFTBatches, "from_files", lambda *a, **k: pytest.fail("the data was tokenized first"))
+    cases = [(dict(target_modules=["no_such_proj"]), {}, "no_such_proj"), ({}, dict(seq_len=100_000), "context")]
+    for spec_values, train_values, message in cases:
+        spec, cfg = load_config(None, dict(base=str(folder), data=[str(data)], method="lora", template="alpaca",
+                                           **spec_values),
+                                dict(out=str(root / "early"), max_steps=1, device="cpu", **{"seq_len": 64, **train_values}))
+        with pytest.raises(ValueError, match=message):
+            finetune(cfg, spec, log=lambda line: None)
