@@ -118,6 +118,20 @@ def test_bad_input_is_one_line_and_exit_code_2(args, needle):
     assert needle in lines[-1] and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("verb", [("init", "--preset", "tiny"),
+                                  ("tokenizer", "train", "--input", "CORPUS", "--vocab-size", "300")])
+def test_out_that_is_a_file_is_one_line(verb, tmp_path, capsys):
+    from camelid.cli import main
+
+    (tmp_path / "corpus.txt").write_text("the llama eats grass\n" * 50)
+    taken = tmp_path / "notes.txt"
+    taken.write_text("keep me")
+    args = [str(tmp_path / "corpus.txt") if a == "CORPUS" else a for a in verb]
+    assert main([*args, "--out", str(taken)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "notes.txt" in err[-1] and taken.read_text() == "keep me"
+
+
 def test_corrupt_checkpoint_is_one_clear_line(tiny_dir, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
