@@ -25,6 +25,10 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and value > 0
+
+
 @dataclass
 class ModelConfig:
     model_type: str = "llama"
@@ -59,9 +63,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "default") == "default":
+        if self.head_dim is None and _positive_int(self.hidden_size) and _positive_int(self.num_attention_heads):
+            self.head_dim = self.hidden_size // self.num_attention_heads  # else validate() names the bad field
+        if isinstance(self.rope_scaling, dict) and self.rope_scaling.get("rope_type", "default") == "default":
             self.rope_scaling = None
         self.validate()
 
@@ -74,7 +78,10 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+            need(_positive_int(value), f"{name} must be a positive integer, got {value!r}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and value > 0, f"{name} must be a positive number, got {value!r}")
         need(self.num_attention_heads % self.num_key_value_heads == 0,
              f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
              f"({self.num_key_value_heads})")
@@ -83,6 +90,9 @@ class ModelConfig:
         need(self.position_encoding != "rope" or self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}")
         need(self.position_encoding != "sinusoidal" or self.hidden_size % 2 == 0, "sinusoidal positions need an even hidden_size")
         need(self.hidden_act in ACTIVATIONS, f"unknown hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        need(self.rope_scaling is None or isinstance(self.rope_scaling, dict),
+             f"rope_scaling must be a mapping such as {{'rope_type': 'linear', 'factor': 2.0}}, "
+             f"got {self.rope_scaling!r}")
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type")
             need(rope_type in ROPE_TYPES, f"unknown rope_scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")

@@ -229,9 +229,11 @@ class Tokenizer:
         special_tokens: Iterable[str] = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"),
         min_frequency: int = 2,
         show_progress: bool = True,
+        texts: Iterable[str] | None = None,
     ) -> Tokenizer:
         """Byte-level BPE like GPT-2 / Llama 3: any byte string encodes, no <unk> ever.
 
+        Trains on the files' raw text, or on `texts` when given (then `files` is ignored).
         special_tokens are (bos, eos, pad, extra...) in that order; they get the first ids.
         """
         special = list(special_tokens)
@@ -245,7 +247,10 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, even unseen ones
             show_progress=show_progress,
         )
-        tok.train([str(f) for f in files], trainer)
+        if texts is not None:
+            tok.train_from_iterator(texts, trainer)
+        else:
+            tok.train([str(f) for f in files], trainer)
         bos, eos, pad = (special + [None] * 3)[:3]
         if bos is not None:
             tok.post_processor = processors.TemplateProcessing(

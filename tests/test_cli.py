@@ -84,6 +84,35 @@ def test_tokenizer_train(tmp_path):
     assert tokenizer.decode(tokenizer.encode("the lazy fox")) == "the lazy fox"
 
 
+def test_tokenizer_train_reads_documents_as_data_prepare_does(tmp_path):
+    """The quick start trains the tokenizer and prepares the data from the same folder: a .jsonl line is its "text",
+    not its JSON syntax, and files data prepare skips are skipped here too."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "docs.jsonl").write_text("".join(json.dumps({"text": f"the llama {i} eats grass"}) + "\n"
+                                               for i in range(200)))
+    (corpus / "notes.bin").write_bytes(b"\xff\xfe not text")
+    result = run("tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "tok"))
+    assert result.returncode == 0, result.stderr
+    tokenizer = camelid.Tokenizer(tmp_path / "tok")
+    vocab = [tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)]
+    assert not [t for t in vocab if len(t) > 1 and '"' in t]  # no merges learned from {"text": "..."} syntax
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda d: None, "no .txt, .md, .jsonl, .parquet files"),  # an empty folder: no tokenizer from nothing
+    (lambda d: (d / "bad.txt").write_bytes(b"ok\n\xff\xfe\n"), "bad.txt:2: not UTF-8"),
+])
+def test_tokenizer_train_bad_corpus_is_one_line(make, needle, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    make(corpus)
+    result = run("tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "tok"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert needle in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "tok").exists()
+
+
 @pytest.mark.parametrize("args, needle", [
     (("generate", "--model", "/nonexistent/model", "--prompt", "x"), "/nonexistent/model"),
     (("info", "--model", "no-such-preset"), "no-such-preset"),
@@ -95,6 +124,20 @@ def test_bad_input_is_one_line_and_exit_code_2(args, needle):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert needle in lines[-1] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("verb", [("init", "--preset", "tiny"),
+                                  ("tokenizer", "train", "--input", "CORPUS", "--vocab-size", "300")])
+def test_out_that_is_a_file_is_one_line(verb, tmp_path, capsys):
+    from camelid.cli import main
+
+    (tmp_path / "corpus.txt").write_text("the llama eats grass\n" * 50)
+    taken = tmp_path / "notes.txt"
+    taken.write_text("keep me")
+    args = [str(tmp_path / "corpus.txt") if a == "CORPUS" else a for a in verb]
+    assert main([*args, "--out", str(taken)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "notes.txt" in err[-1] and taken.read_text() == "keep me"
 
 
 def test_corrupt_checkpoint_is_one_clear_line(tiny_dir, tmp_path):

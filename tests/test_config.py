@@ -125,6 +125,13 @@ def test_unsupported_variants_are_refused():
     dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
     dict(rope_scaling={"rope_type": "linear", "factor": 0}),
     dict(model_type="gpt2"),
+    # wrong types or zeros (a typo in --set model_overrides.NAME=VALUE): a ConfigError, not a TypeError or a
+    # ZeroDivisionError from computing head_dim
+    dict(num_attention_heads=0),
+    dict(hidden_size="abc"),
+    dict(rope_scaling=3),
+    dict(rope_theta="abc"),
+    dict(rms_norm_eps=0),
 ])
 def test_validation(bad):
     with pytest.raises(ConfigError):

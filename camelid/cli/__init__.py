@@ -17,7 +17,9 @@ from camelid.tokenizer import TokenizerError
 
 __all__ = ["BAD_INPUT", "build_byte_tokenizer", "build_parser", "main"]
 
-BAD_INPUT = (FileNotFoundError, NotADirectoryError, ConfigError, CheckpointError, TokenizerError, ValueError)
+# FileExistsError: an --out that is a file where a folder goes
+BAD_INPUT = (FileNotFoundError, NotADirectoryError, FileExistsError, ConfigError, CheckpointError, TokenizerError,
+             ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:

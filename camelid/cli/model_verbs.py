@@ -13,6 +13,7 @@ import torch
 
 from camelid.checkpoint import from_pretrained, merge_adapter_folder, parse_device, save_pretrained
 from camelid.config import PRESETS, ModelConfig, get_preset, num_parameters
+from camelid.data.pretrain import SUFFIXES, DataError, find_files, texts
 from camelid.generate import stream
 from camelid.model import Transformer
 from camelid.tokenizer import Tokenizer
@@ -215,18 +216,14 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    files = []
-    for name in args.input:
-        path = Path(name)
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file())
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"no such input file or folder: {path}")
+    # the files and documents `camelid data prepare` reads (a .jsonl line's "text", not its JSON), so the tokenizer
+    # learns the text it will encode
+    files = find_files(args.input)
+    if not files:
+        raise DataError(f"no {', '.join(SUFFIXES)} files in {', '.join(args.input)}")
     if args.vocab_size < 256 + 3:
         raise ValueError(f"--vocab-size must be at least 259 (256 bytes + 3 special tokens), got {args.vocab_size}")
-    tokenizer = Tokenizer.train(files, args.vocab_size, show_progress=True)
+    tokenizer = Tokenizer.train([], args.vocab_size, show_progress=True, texts=texts(files))
     tokenizer.save(args.out)
     print(f"wrote {args.out}: byte-level BPE with {tokenizer.vocab_size} tokens from {len(files)} file(s)")
 
@@ -305,7 +302,8 @@ def register(verbs, fmt) -> None:
     tverbs = p.add_subparsers(dest="tokenizer_verb", required=True, metavar="VERB")
     p = tverbs.add_parser("train", help="train a byte-level BPE tokenizer", formatter_class=fmt,
                           epilog="example:\n  camelid tokenizer train --input data/*.txt --vocab-size 8000 --out tok/\n")
-    p.add_argument("--input", nargs="+", required=True, help="text files or folders")
+    p.add_argument("--input", nargs="+", required=True, help="files or folders, read as `camelid data prepare` reads "
+                   "them: .txt/.md files, .jsonl (the \"text\" field), .parquet (the \"text\" column)")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_tokenizer_train)

@@ -141,6 +141,11 @@ def _pieces(files: list[Path]) -> Iterator[Piece]:
             doc += 1
 
 
+def texts(files: list[Path]) -> Iterator[str]:
+    """The text `prepare` tokenizes, piece by piece: what a tokenizer for this data should be trained on."""
+    return (text for _, text, _ in _pieces(files))
+
+
 def _chunks(pieces: Iterator[Piece]) -> Iterator[list[Piece]]:
     chunk: list[Piece] = []
     size = 0

@@ -162,6 +162,8 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
         raise FileNotFoundError(f"no config file at {path}")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(values, dict):

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from camelid.checkpoint import parse_device
 from camelid.model import SparseMoE
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ def setup(device: str = "auto") -> tuple[int, int, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = parse_device(device)  # a one-line error for an unknown name or a CUDA this machine lacks
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
     if dev.type == "cuda":

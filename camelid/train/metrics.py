@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,23 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}: not a training run folder")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for _, row in _rows(path)]
+
+
+def _rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) for every row of a metrics.jsonl. A last line that does not parse is the row a killed process was
+    writing: it is dropped, so a crashed run still resumes and plots; a bad line elsewhere is an error."""
+    lines = path.read_text(encoding="utf-8").split("\n")  # the last item is "" unless a row was cut off
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((line, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number}: not a JSON row ({e})") from None
+    return rows
 
 
 class RunLog:
@@ -186,9 +203,10 @@ class RunLog:
         if not self.enabled:
             return
         self._file.close()
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line, row in _rows(self.path) if row["step"] <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")  # a crash while rewriting must not lose the history
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8")
 
     # ---- progress bar -------------------------------------------------------------------------------------------

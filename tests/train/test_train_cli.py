@@ -53,6 +53,16 @@ def test_cli_bad_input_is_one_line(prepared, tmp_path, capsys):
     assert "no data folder" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("device, message", [("bogus", "device 'bogus' is not one torch knows"),
+                                             ("cuda", "CUDA is not available here")])
+def test_cli_bad_device_is_one_line(device, message, prepared, tmp_path, capsys):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code = main(["pretrain", "--data", str(prepared.data), "--out", str(tmp_path / "x"), "--device", device])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
 def test_plot_writes_pngs(prepared, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "run"

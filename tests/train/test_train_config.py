@@ -33,6 +33,13 @@ def test_yaml_typo_names_the_closest_key(tmp_path):
         TrainConfig(model_overrides={"hiden_size": 64})
 
 
+def test_yaml_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"max_steps: 10\nsample_prompt: caf\xe9\n")  # Latin-1, as some editors save
+    with pytest.raises(ConfigError, match=r"run\.yaml: not UTF-8 text"):
+        TrainConfig.from_yaml(path)
+
+
 def test_yaml_values_flags_and_set(tmp_path):
     path = tmp_path / "run.yaml"
     # YAML 1.1 reads 3e-4 (no dot) as a string: it must still become a float

@@ -52,6 +52,21 @@ def test_resume_is_bit_exact(prepared, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_after_a_crash_mid_metrics_row(prepared, tmp_path):
+    """A process killed while writing a metrics.jsonl row leaves half a line: --resume and `camelid plot` still work,
+    and the torn row is dropped."""
+    from camelid.train.metrics import read_metrics
+
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(tiny_train_config(prepared, out, max_steps=8, save_every=4), loss_hook=crash_at(6))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 3.1')  # no newline: the kill came mid-write
+    assert [r["step"] for r in read_metrics(out)][-1] == 5
+    train(tiny_train_config(prepared, out, max_steps=8, save_every=4, resume=True))
+    assert [r["step"] for r in step_rows(out)] == list(range(1, 9))
+
+
 def test_grad_accumulation_equivalence(prepared, tmp_path):
     """micro_batch 4 x grad_accum 1 and 1 x 4 draw the same global batch and compute the same gradient.
 
