@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from camelid.config import ModelConfig
+from camelid.files import atomic_write_text, make_usual
 from camelid.model import Transformer
 from camelid.peft import KINDS, applied_kinds, load_adapter, merge_adapter
 from camelid.quant import prepare_quantized, quant_tensor_keys, quantization_config
@@ -161,12 +162,6 @@ def parse_size(size: int | str) -> int:
     return int(number * scale)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def adapter_keys(model: Transformer) -> list[str]:
     """The state-dict keys of `model` that a plain model of its config (quantized as it is) lacks: the tensors of
     an applied PEFT method (`...lora_A.weight`, `...ia3_l`, `prompt_encoder...`, a bias BitFit added)."""
@@ -238,6 +233,7 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
     for name, shard in zip(names, shards):
         tmp = path / f".{name}.tmp"
         save_file({k: v.contiguous().cpu() for k, v in shard.items()}, tmp, metadata={"format": "pt"})
+        make_usual(tmp)  # safetensors writes 0600: a server under another account could not read it
         written.append((tmp, path / name))
     for tmp, final in written:
         os.replace(tmp, final)
@@ -246,7 +242,7 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
     if len(shards) > 1:
         weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
         total = sum(t.numel() * t.element_size() for t in state.values())
-        _atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     elif index.exists():
         index.unlink()
     for stale in path.glob("model*.safetensors"):  # our own earlier shards only, never e.g. adapter_model.safetensors
@@ -257,10 +253,10 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
     quantized = quantization_config(model)
     if quantized is not None:
         hf["quantization_config"] = quantized
-    _atomic_write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
+    atomic_write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                   "pad_token_id": config.pad_token_id}
-    _atomic_write_text(path / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+    atomic_write_text(path / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     return path
 
 

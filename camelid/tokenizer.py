@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from camelid.files import atomic_write_text
 
 # Used only when tokenizer_config.json does not name the token at all (an explicit null means "none").
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
@@ -53,18 +54,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _token_str(value: Any) -> str | None:
     # tokenizer_config.json stores special tokens either as "<s>" or as {"content": "<s>", ...}.
     return value.get("content") if isinstance(value, dict) else value
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    # A crash mid-save must never leave a truncated tokenizer.json next to good weights.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load_backend(path: Path) -> _HFTokenizer:
@@ -270,8 +259,8 @@ class Tokenizer:
             cfg["model_max_length"] = self.model_max_length
         if self.chat_template is not None:
             cfg["chat_template"] = self.chat_template
-        _atomic_write(out / "tokenizer.json", self._tok.to_str(pretty=True))
-        _atomic_write(out / "tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(out / "tokenizer.json", self._tok.to_str(pretty=True))
+        atomic_write_text(out / "tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"

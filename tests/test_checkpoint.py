@@ -377,3 +377,25 @@ def test_adapters_true_writes_a_step_folder_that_load_weights_restores(tmp_path)
     fresh = FOLDABLE["lora"](random_model(tiny_config(), seed=1))
     load_weights(fresh, tmp_path)
     torch.testing.assert_close(logits(fresh.eval()), logits(model), rtol=0, atol=0)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """safetensors and temporary files are private (0600); a saved model folder must be readable as any new file
+    is under the umask (a server under another account, a shared cluster folder)."""
+    import os
+    import stat
+
+    from camelid.files import _UMASK
+    from camelid.tokenizer import Tokenizer
+
+    model = Transformer(tiny_config())
+    save_pretrained(model, tmp_path / "m", max_shard_size="100KB")
+    Tokenizer.train([], 300, show_progress=False, texts=["hello there"] * 10).save(tmp_path / "m")
+    apply_lora(model, r=2, target_modules=["q_proj"])
+    save_adapter(model, tmp_path / "adapter")
+    expected = 0o666 & ~_UMASK
+    files = [p for p in (tmp_path / "m").iterdir()] + [p for p in (tmp_path / "adapter").iterdir()]
+    assert any(p.suffix == ".safetensors" for p in files) and any(p.name == "tokenizer.json" for p in files)
+    for path in files:
+        assert stat.S_IMODE(os.stat(path).st_mode) == expected, path
+    assert stat.S_IMODE(os.stat(tmp_path / "adapter").st_mode) == 0o777 & ~_UMASK

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from camelid.files import make_usual
 from camelid.quant import name_matches  # the one module-name rule, shared with quant (see lora.py on peft -> quant)
 
 CONFIG_FILE = "adapter_config.json"
@@ -75,12 +76,13 @@ def write_adapter_folder(folder: str | Path, config: dict, tensors: dict[str, to
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS_FILE,
                   metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        make_usual(tmp / WEIGHTS_FILE)  # safetensors writes 0600
         if folder.exists():
             (folder / CONFIG_FILE).unlink(missing_ok=True)  # never the old config over the new weights
             os.replace(tmp / WEIGHTS_FILE, folder / WEIGHTS_FILE)
             os.replace(tmp / CONFIG_FILE, folder / CONFIG_FILE)
         else:
-            tmp.chmod(0o755)  # mkdtemp makes it private
+            make_usual(tmp)  # mkdtemp makes it private
             os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from camelid.config import ModelConfig
+from camelid.files import atomic_write_text
 
 # dense (no sparsity) bf16 tensor-core peaks, FLOP/s; first match of the name wins, so specific names go first
 PEAK_FLOPS: list[tuple[str, float]] = [
@@ -204,9 +204,7 @@ class RunLog:
             return
         self._file.close()
         kept = [line for line, row in _rows(self.path) if row["step"] <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")  # a crash while rewriting must not lose the history
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))  # a crash must not lose the history
         self._file = open(self.path, "a", encoding="utf-8")
 
     # ---- progress bar -------------------------------------------------------------------------------------------

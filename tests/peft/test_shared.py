@@ -16,8 +16,9 @@ from camelid.quant import name_matches
 from camelid.quant import select_linears as quant_select_linears
 
 # camelid subpackages each package may import; peft -> quant is QLoRA's deliberate edge (see peft/lora.py);
-# triton_support is a leaf (it imports nothing of camelid) that the Triton kernels share
-ALLOWED = {"quant": {"config", "quant", "triton_support"}, "peft": {"config", "peft", "quant"}}
+# triton_support and files are leaves (they import nothing of camelid): the Triton kernels share one, atomic
+# writes with the usual permissions the other
+ALLOWED = {"quant": {"config", "quant", "triton_support"}, "peft": {"config", "files", "peft", "quant"}}
 
 
 def test_a_crash_while_overwriting_never_pairs_the_old_config_with_new_weights(tmp_path, monkeypatch):
