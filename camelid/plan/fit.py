@@ -44,26 +44,29 @@ class Fit:
     reason: str = ""
 
 
-def _needed(est_total: float) -> float:
-    return est_total * (1 + FRAGMENTATION) + CONTEXT_BYTES
+def _needed(est_total: float, context_bytes: float = CONTEXT_BYTES) -> float:
+    return est_total * (1 + FRAGMENTATION) + context_bytes
 
 
-def _largest_micro_batch(config: ModelConfig, method: str, device_bytes: float, cap: int, **kw) -> tuple[int, float]:
+def _largest_micro_batch(config: ModelConfig, method: str, device_bytes: float, cap: int, context_bytes: float,
+                         **kw) -> tuple[int, float]:
     """The largest power of two <= cap that fits (0 if even 1 does not), and its estimate."""
     best, best_total, b = 0, 0.0, 1
     while b <= cap:
         total = estimate(config, method, batch=b, **kw).total
-        if _needed(total) > device_bytes:
+        if _needed(total, context_bytes) > device_bytes:
             break
         best, best_total, b = b, total, b * 2
     return best, best_total
 
 
 def fit(config: ModelConfig, device_memory: float, seq: int = 512, global_batch: int = 64, precision: str = "bf16",
-        optimizer: str = "adamw", methods: tuple[str, ...] = METHODS, compiled: bool = False) -> list[Fit]:
+        optimizer: str = "adamw", methods: tuple[str, ...] = METHODS, compiled: bool = False,
+        context_bytes: float = CONTEXT_BYTES) -> list[Fit]:
     """One Fit per method. Training methods get the micro-batch (a power of two dividing `global_batch` when it is
     one) and grad_accum = ceil(global_batch / micro_batch); inference gets the largest batch at a `seq` context.
-    `compiled`: training runs under torch.compile with camelid's activation memory budget (estimate's `compiled`)."""
+    `compiled`: training runs under torch.compile with camelid's activation memory budget (estimate's `compiled`).
+    `context_bytes`: memory the device holds outside torch's tensors (the CUDA context; 0 for a CPU)."""
     if not (isinstance(global_batch, int) and global_batch > 0):
         raise ValueError(f"--global-batch must be a positive integer, got {global_batch!r}")
     if device_memory <= 0:
@@ -80,7 +83,8 @@ def fit(config: ModelConfig, device_memory: float, seq: int = 512, global_batch:
             continue
         cap = global_batch if method != "inference" else 1024
         for ckpt in ((False,) if method == "inference" else (False, True)):
-            micro, total = _largest_micro_batch(config, method, device_memory, cap, checkpointing=ckpt, **kw)
+            micro, total = _largest_micro_batch(config, method, device_memory, cap, context_bytes,
+                                                checkpointing=ckpt, **kw)
             if micro:
                 accum = 0 if method == "inference" else math.ceil(global_batch / micro)
                 rows.append(Fit(method, True, micro, accum, ckpt, total))
@@ -88,17 +92,18 @@ def fit(config: ModelConfig, device_memory: float, seq: int = 512, global_batch:
         else:
             need = estimate(config, method, batch=1, checkpointing=method != "inference", **kw).total
             rows.append(Fit(method, False, bytes_needed=need,
-                            reason=f"needs {_needed(need) / 1e9:.1f} GB at micro-batch 1"
+                            reason=f"needs {_needed(need, context_bytes) / 1e9:.1f} GB at micro-batch 1"
                                    + (" with checkpointing" if method != "inference" else "")))
     return rows
 
 
 def fit_training(config: ModelConfig, device_memory: float, seq: int, global_batch: int, precision: str = "bf16",
-                 optimizer: str = "adamw", method: str = "full", compiled: bool = False) -> Fit:
+                 optimizer: str = "adamw", method: str = "full", compiled: bool = False,
+                 context_bytes: float = CONTEXT_BYTES) -> Fit:
     """What `--auto` trains with: `fit`'s row for one method, its micro-batch lowered to a power of two that divides
     global_batch (so the step keeps exactly global_batch sequences). Raises ValueError when nothing fits."""
     (row,) = fit(config, device_memory, seq=seq, global_batch=global_batch, precision=precision, optimizer=optimizer,
-                 methods=(method,), compiled=compiled)
+                 methods=(method,), compiled=compiled, context_bytes=context_bytes)
     if not row.fits:
         raise ValueError(f"{method} training at seq {seq} does not fit in {device_memory / 1e9:.1f} GB: {row.reason}")
     micro = min(row.micro_batch, global_batch & -global_batch)  # x & -x: the largest power of two dividing x

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from camelid.config import ConfigError, ModelConfig
-from camelid.plan.fit import fit_training, parse_size
+from camelid.plan.fit import CONTEXT_BYTES, fit_training, parse_size
 from camelid.train.compile import DEFAULT_ACTIVATION_MEMORY_BUDGET, check_budget
 
 OPTIMIZERS = ("adamw", "lion", "adamw8bit", "paged_adamw8bit")  # the 8-bit two: CUDA only (optim.py)
@@ -172,15 +172,17 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
 
 
 def auto_fit(cfg: TrainConfig, config: ModelConfig, device_bytes: float, precision: str,
-             method: str = "full") -> tuple[TrainConfig, str]:
+             method: str = "full", cuda: bool = True) -> tuple[TrainConfig, str]:
     """cfg with micro_batch, grad_accum and activation_checkpointing chosen by camelid.plan.fit for training `config`
     with `method` (a camelid.plan.memory method) at cfg.seq_len on `device_bytes` per device, keeping
     micro_batch * grad_accum sequences per step; and a line saying what was chosen. `precision` is resolved (bf16,
-    fp16 or fp32). Raises when nothing fits."""
+    fp16 or fp32); `cuda`: the device keeps a CUDA context besides the tensors (a CPU does not). Raises when nothing
+    fits."""
     per_step = cfg.micro_batch * cfg.grad_accum
     try:
         chosen = fit_training(config, device_bytes, seq=cfg.seq_len, global_batch=per_step, precision=precision,
-                              optimizer=cfg.optimizer, method=method, compiled=cfg.compile)
+                              optimizer=cfg.optimizer, method=method, compiled=cfg.compile,
+                              context_bytes=CONTEXT_BYTES if cuda else 0)
     except ValueError as e:
         raise ValueError(f"--auto: {e}; lower seq_len or choose a smaller model") from None
     new = dataclasses.replace(cfg, micro_batch=chosen.micro_batch, grad_accum=chosen.grad_accum,

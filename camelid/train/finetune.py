@@ -195,6 +195,6 @@ def fit_to_device(cfg: TrainConfig, spec: FinetuneSpec, log: Callable[[str], Non
     device = torch.device(wanted)
     config = ModelConfig.from_hf(spec.base)
     cfg, note = auto_fit(cfg, config, device_memory_bytes(cfg, device), resolve_precision(cfg.precision, device),
-                         method=PLAN_METHOD.get(spec.method, spec.method))
+                         method=PLAN_METHOD.get(spec.method, spec.method), cuda=device.type == "cuda")
     log(note)
     return dataclasses.replace(cfg, auto_fit=False)

@@ -169,4 +169,4 @@ def auto_fit_config(cfg: TrainConfig, model: Transformer | None, device: torch.d
     else:
         train, _, _ = open_data(cfg)
         config, _ = model_config(cfg, train.vocab_size)
-    return auto_fit(cfg, config, device_bytes, precision)
+    return auto_fit(cfg, config, device_bytes, precision, cuda=device.type == "cuda")

@@ -19,9 +19,10 @@ CONFIG = get_preset("tiny").replace(**TINY_MODEL, vocab_size=320)
 SEQ = 1024  # long enough that activations, not the 1 GB context margin's rounding, decide what fits
 
 
-def device_for(total_bytes: float) -> float:
-    """The device memory at which an estimate of total_bytes just fits (fit's margin included)."""
-    return total_bytes * (1 + FRAGMENTATION) + CONTEXT_BYTES + 1
+def device_for(total_bytes: float, cuda: bool = True) -> float:
+    """The device memory at which an estimate of total_bytes just fits (fit's margin included; a CPU keeps no
+    CUDA context)."""
+    return total_bytes * (1 + FRAGMENTATION) + (CONTEXT_BYTES if cuda else 0) + 1
 
 
 def full(batch: int, checkpointing: bool, precision: str = "fp32") -> float:
@@ -52,11 +53,15 @@ def test_auto_fit_sets_the_config(tmp_path):
     assert "micro_batch 2 x grad_accum 8, activation checkpointing off" in note and "was micro_batch 8" in note
     with pytest.raises(ValueError, match="--auto: full training at seq 1024 does not fit in 0.5 GB"):
         auto_fit(cfg, CONFIG, 0.5e9, "fp32")
+    # on a CPU no CUDA context takes its gigabyte: the same run fits in much less
+    new, _ = auto_fit(cfg, CONFIG, device_for(full(2, False), cuda=False), "fp32", cuda=False)
+    assert (new.micro_batch, new.grad_accum, new.activation_checkpointing) == (2, 8, False)
+    assert device_for(full(2, False), cuda=False) < 0.5e9
 
 
 def test_pretrain_auto_and_profile(prepared, tmp_path, capsys):
     out = tmp_path / "run"
-    device = device_for(full(1, True, "fp32")) + 1e3  # fits only with checkpointing, at seq 1024
+    device = device_for(full(1, True, "fp32"), cuda=False) + 1e3  # fits only with checkpointing, at seq 1024
     cfg = tiny_train_config(prepared, out, max_steps=5, micro_batch=4, grad_accum=1, seq_len=SEQ,
                             auto_fit=True, device_memory=f"{device}B", profile_steps=2,
                             model_overrides={**TINY_MODEL, "max_position_embeddings": SEQ})
