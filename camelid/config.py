@@ -316,8 +316,15 @@ PRESETS: dict[str, ModelConfig] = {
 
 def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
+        if "/" in name or name.startswith("."):  # meant as a folder: say that, not "unknown preset"
+            raise FileNotFoundError(f"no model folder at {name}")
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name])
+
+
+def config_of(model: str | Path) -> ModelConfig:
+    """`--model` of the planning verbs: a model folder's config.json, else a preset's config."""
+    return ModelConfig.from_hf(model) if Path(model).is_dir() else get_preset(str(model))
 
 
 def num_parameters(config: ModelConfig) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from camelid.checkpoint import from_pretrained, merge_adapter_folder, parse_device, save_pretrained
-from camelid.config import PRESETS, ModelConfig, get_preset, num_parameters
+from camelid.config import PRESETS, ModelConfig, config_of, get_preset, num_parameters
 from camelid.data.pretrain import SUFFIXES, DataError, find_files, texts
 from camelid.generate import stream
 from camelid.model import Transformer
@@ -159,7 +159,7 @@ def model_info(config: ModelConfig) -> dict:
 
 def cmd_info(args: argparse.Namespace) -> None:
     source = Path(args.model)
-    config = ModelConfig.from_hf(source) if source.is_dir() else get_preset(args.model)
+    config = config_of(args.model)
     info = model_info(config)
     if args.json:
         print(json.dumps(info, indent=2))

@@ -7,10 +7,9 @@ import json
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 from camelid.cli.model_verbs import human_count
-from camelid.config import ModelConfig, get_preset
+from camelid.config import config_of
 from camelid.monitor import format_sample, monitors
 from camelid.plan import fit as plan_fit
 from camelid.plan import memory as plan_memory
@@ -40,11 +39,6 @@ def cmd_monitor(args: argparse.Namespace) -> None:
         pass
 
 
-
-
-def _config_of(model: str) -> ModelConfig:
-    """A model folder's config.json, else a preset."""
-    return ModelConfig.from_hf(model) if Path(model).is_dir() else get_preset(model)
 
 
 def _count(text: str) -> float:
@@ -78,7 +72,7 @@ def cmd_plan_scaling(args: argparse.Namespace) -> None:
 
 
 def cmd_plan_memory(args: argparse.Namespace) -> None:
-    est = plan_memory.estimate(_config_of(args.model), args.method, seq=args.seq, batch=args.batch,
+    est = plan_memory.estimate(config_of(args.model), args.method, seq=args.seq, batch=args.batch,
                                precision=args.precision, optimizer=args.optimizer, checkpointing=args.checkpointing,
                                gpus=args.gpus, strategy=args.strategy, kv_context=args.kv_context,
                                lora_r=args.lora_r, lora_targets=args.lora_targets, compiled=args.compile)
@@ -95,7 +89,7 @@ def cmd_plan_memory(args: argparse.Namespace) -> None:
 
 def cmd_plan_fit(args: argparse.Namespace) -> None:
     device = plan_fit.parse_size(args.device_memory)
-    rows = plan_fit.fit(_config_of(args.model), device, seq=args.seq, global_batch=args.global_batch,
+    rows = plan_fit.fit(config_of(args.model), device, seq=args.seq, global_batch=args.global_batch,
                         precision=args.precision, optimizer=args.optimizer, compiled=args.compile)
     if args.json:
         print(json.dumps({"device_memory_bytes": device, "seq": args.seq, "global_batch": args.global_batch,

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from camelid.checkpoint import from_pretrained
-from camelid.config import ConfigError, ModelConfig, get_preset
+from camelid.config import ModelConfig, get_preset
 from camelid.data.pretrain import TokenData, read_meta, window_starts
 from camelid.model import Transformer
 from camelid.plan.fit import parse_size
@@ -84,12 +84,7 @@ def model_config(cfg: TrainConfig, data_vocab: int) -> tuple[ModelConfig, list[s
                              f"the model at {source} only {config.vocab_size} embeddings")
         notes = [f"model: {source} ({config.model_type}, vocab {config.vocab_size})"]
     else:
-        try:
-            config = get_preset(cfg.model)
-        except ConfigError:
-            if "/" in cfg.model or cfg.model.startswith("."):
-                raise FileNotFoundError(f"no model folder at {source}") from None
-            raise
+        config = get_preset(cfg.model)
         vocab = -(-data_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         config = config.replace(**{**cfg.model_overrides, "vocab_size": vocab})  # head_dim follows new sizes
         notes = [f"model: preset {cfg.model}" + (f" with {cfg.model_overrides}" if cfg.model_overrides else "")

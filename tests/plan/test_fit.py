@@ -61,6 +61,8 @@ def test_cli_plot(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, needle", [
     (["plan", "memory", "--model", "nope", "--method", "lora"], "unknown preset"),
+    (["plan", "memory", "--model", "./models/typo", "--method", "lora"], "no model folder at ./models/typo"),
+    (["info", "--model", "./typo"], "no model folder at ./typo"),
     (["plan", "memory", "--model", "tiny", "--method", "full", "--seq", "0"], "--seq must be a positive"),
     (["plan", "memory", "--model", "tiny", "--method", "lora", "--kv-context", "64"], "--kv-context is for"),
     (["plan", "fit", "--device-memory=-3GB", "--model", "tiny"], "cannot read a memory size"),
