@@ -132,7 +132,7 @@ class TrainConfig:
             raise ConfigError(f"a training config is a mapping of keys to values, got {type(values).__name__}")
         hints = typing.get_type_hints(cls)
         check_keys(values, set(hints), "config key")
-        return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+        return cls(**{k: coerce_value(k, v, hints[k]) for k, v in values.items()})
 
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, **overrides: Any) -> TrainConfig:
@@ -225,7 +225,7 @@ def check_keys(values: dict[str, Any], valid: set[str], what: str) -> None:
             raise ConfigError(f"unknown {what} {key!r}{hint}")
 
 
-def _coerce(name: str, value: Any, kind: Any) -> Any:
+def coerce_value(name: str, value: Any, kind: Any) -> Any:
     """value as the field's type, or a ValueError that names the field."""
     def bad() -> ValueError:
         return ValueError(f"{name} must be {getattr(kind, '__name__', kind)}, got {value!r}")
@@ -265,7 +265,7 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
     if typing.get_origin(kind) is tuple:
         if not isinstance(value, (list, tuple)):
             raise bad()
-        return tuple(_coerce(name, v, float) for v in value)
+        return tuple(coerce_value(name, v, float) for v in value)
     if typing.get_origin(kind) is dict and not isinstance(value, dict):
         raise bad()
     return value

@@ -27,7 +27,7 @@ from camelid.data.sft import SFTBatches, parse_data_spec
 from camelid.peft import adapters, apply_lora, bitfit, count_parameters, ia3, prefix, prompt
 from camelid.templates import TEMPLATE_FILE, JinjaTemplate, for_tokenizer
 from camelid.tokenizer import Tokenizer
-from camelid.train.config import TrainConfig, _coerce, auto_fit, check_keys, read_yaml_mapping
+from camelid.train.config import TrainConfig, coerce_value, auto_fit, check_keys, read_yaml_mapping
 from camelid.train.loop import LossHook, TrainResult, resolve_precision, train
 from camelid.train.pretrain import device_memory_bytes
 
@@ -95,7 +95,7 @@ def load_config(path: str | Path | None, spec_flags: dict, train_flags: dict) ->
     hints = typing.get_type_hints(FinetuneSpec)
     # each value as its field's type, as TrainConfig does: YAML reads 3.2e1 as a string, and `lora_r: eight` is
     # a one-line error, not a TypeError in validate (data and target_modules take a string or a list)
-    spec = FinetuneSpec(**{k: _strings(k, v) if k in ("data", "target_modules") else _coerce(k, v, hints[k])
+    spec = FinetuneSpec(**{k: _strings(k, v) if k in ("data", "target_modules") else coerce_value(k, v, hints[k])
                            for k, v in {**spec_values, **spec_flags}.items()})
     if isinstance(spec.data, str):
         spec.data = [spec.data]
