@@ -345,6 +345,7 @@ def prepare(inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], t
 
     if workers is None:  # no more processes than ~chunks: each one loads the tokenizer
         workers = max(1, min(os.cpu_count() or 1, 8, sum(sizes) // CHUNK_BYTES + 1))
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     splits = {name: _SplitWriter(out, name, dtype, shard_tokens, tokenizer.eos_id) for name in ("train", "val")}
@@ -359,6 +360,8 @@ def prepare(inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], t
     except BaseException:
         for split in splits.values():
             split.discard()
+        if created and not any(out.iterdir()):  # a failed first run leaves no empty --out behind
+            out.rmdir()
         raise
 
     meta = dict(version=FORMAT_VERSION, dtype=dtype.name, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,

@@ -259,7 +259,11 @@ def test_bad_input(tmp_path, tok_dir, name, content, error, match):
         (src / name).write_bytes(content)
     with pytest.raises(error, match=match):
         prepare([src / name], tok_dir, tmp_path / "out", show_progress=False)
-    assert not (tmp_path / "out" / "meta.json").exists() and not list(tmp_path.glob("out/*.tmp"))
+    assert not (tmp_path / "out").exists()  # a failed first run leaves no empty folder behind
+    (tmp_path / "out").mkdir()  # one that was there before stays, empty
+    with pytest.raises(error, match=match):
+        prepare([src / name], tok_dir, tmp_path / "out", show_progress=False)
+    assert (tmp_path / "out").is_dir() and not list((tmp_path / "out").iterdir())
 
 
 def test_bad_settings(tmp_path, tok_dir):
