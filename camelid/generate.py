@@ -33,7 +33,9 @@ def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_new_to
     A row stops after emitting one of `stop_ids` (that token is still yielded), after `max_new_tokens`, or when it
     reaches the model's context length.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if not prompts:
+        raise ValueError("no prompts given")
+    if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -157,6 +159,8 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[st
     top_p, min_p, repetition_penalty, seed. Generation ends at EOS (or another stop token), a stop string, or the
     limit."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:  # as LLM.generate([]): nothing to do
+        return []
     texts = [""] * len(prompts)
     for row, piece in _stream_rows(model, tokenizer, prompts, max_new_tokens, stop, Sampling(**sampling), bos):
         texts[row] += piece

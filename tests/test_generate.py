@@ -107,6 +107,8 @@ def test_context_length_caps_generation(llama):
         generate_ids(llama, [[3] * context], 4)
     with pytest.raises(ValueError, match="at least one token"):
         generate_ids(llama, [[3], []], 4)
+    with pytest.raises(ValueError, match="no prompts"):
+        generate_ids(llama, [], 4)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_ids(llama, [[3]], 0)
 
@@ -203,6 +205,7 @@ def test_batched_generate_equals_one_by_one(text_model):
     prompts = ["Llamas and", "A camel walks across the", "1 2"]
     assert generate(model, tok, prompts, max_new_tokens=12) == [generate(model, tok, p, max_new_tokens=12)
                                                                  for p in prompts]
+    assert generate(model, tok, [], max_new_tokens=12) == []  # as LLM.generate([])
 
 
 class CountCalls:
