@@ -82,7 +82,7 @@ class BlockManager:
         tokens they cover (now counted as computed). The last token is always left to compute: its logits are
         needed, and that keeps every shared block read-only."""
         assert not seq.block_table, "prefix lookup is for a sequence that holds no blocks"
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.scores_prompt:  # scoring needs the logits of every prompt token
             return 0
         bs, parent = self.block_size, None
         for i in range((len(seq.token_ids) - 1) // bs):

@@ -53,6 +53,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    # per prompt token when asked for (SamplingParams.prompt_logprobs): None for the first, then entries as in
+    # CompletionOutput.logprobs; complete once the prompt has been computed
+    prompt_logprobs: list[dict | None] | None = None
 
 
 @dataclass
@@ -80,7 +83,9 @@ class _Request:
         outs = [CompletionOutput(c.seq.index, c.text, c.seq.output_token_ids, c.seq.finish_reason,
                                  list(c.seq.logprobs) if c.seq.logprobs is not None else None)
                 for c in self.completions]
-        return RequestOutput(self.request_id, self.prompt_token_ids, outs, self.finished)
+        scored = self.completions[0].seq.prompt_logprobs
+        return RequestOutput(self.request_id, self.prompt_token_ids, outs, self.finished,
+                             list(scored) if scored is not None else None)
 
 
 class LLM:

@@ -63,7 +63,9 @@ class Runner:
         return None
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """(input_ids (1, N), position_ids (1, N), metadata, logits_at (R,)): the packed inputs of one step."""
+        """(input_ids (1, N), position_ids (1, N), metadata, logits_at (R + Q,)): the packed inputs of one step.
+        logits_at: the last new token of each sequence that reaches its end (R), then the prompt positions whose
+        logits score the next prompt token (Q, see prompt_targets)."""
         ids, positions, logits_at, end = [], [], [], 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             first = seq.num_computed_tokens
@@ -72,6 +74,7 @@ class Runner:
             end += n
             if first + n == len(seq):  # its last token: the one whose logits give the next token
                 logits_at.append(end - 1)
+        logits_at += [row for _, row, _ in self.prompt_targets(batch)]
         meta = AttentionMetadata.build([s.block_table for s in batch.seqs], [s.num_computed_tokens for s in batch.seqs],
                                        batch.num_new_tokens, self.block_size, self.device)
 
@@ -79,6 +82,19 @@ class Runner:
             return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
         return tensor(ids)[None], tensor(positions)[None], meta, tensor(logits_at)
+
+    @staticmethod
+    def prompt_targets(batch: ScheduledBatch) -> list[tuple[object, int, int]]:
+        """(sequence, packed row, token id) for each prompt token after the first that this step's tokens predict
+        and whose logprob is still missing: row p of a sequence predicts its token p + 1."""
+        targets, start = [], 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.scores_prompt:
+                first = seq.num_computed_tokens
+                for p in range(max(first, len(seq.prompt_logprobs) - 1), min(first + n, seq.num_prompt_tokens - 1)):
+                    targets.append((seq, start + p - first, seq.token_ids[p + 1]))
+            start += n
+        return targets
 
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -121,7 +137,11 @@ class Runner:
             return self._run(batch)
 
     def _run(self, batch: ScheduledBatch) -> SampleResult:
-        logits = self.forward(batch)  # (R, V)
+        logits = self.forward(batch)  # (R + Q, V)
+        targets = self.prompt_targets(batch)
+        if targets:  # the last Q rows score prompt tokens
+            logits, scored = logits[:len(logits) - len(targets)], logits[len(logits) - len(targets):]
+            _record_prompt_logprobs(scored, targets)
         if not batch.samples:  # only prefill chunks that stop short of their last token
             return SampleResult(torch.empty(0, dtype=torch.long))
         # logits row r belongs to the r-th sequence of the batch that reached its last token; a sample entry names
@@ -137,3 +157,15 @@ class Runner:
         return sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
                       prompt_ids=[s.token_ids[:s.num_prompt_tokens] for s in seqs] if penalties else None,
                       output_ids=[s.output_token_ids for s in seqs] if penalties else None)
+
+
+def _record_prompt_logprobs(logits: torch.Tensor, targets: list[tuple[object, int, int]]) -> None:
+    """Append each target's entry ({"token_id", "logprob", "top"}, as for output tokens) to its sequence."""
+    logprobs = logits.float().log_softmax(-1)  # (Q, V)
+    ids = torch.tensor([token for _, _, token in targets], device=logits.device)
+    chosen = logprobs.gather(1, ids[:, None]).squeeze(1).tolist()
+    k = min(max(seq.params.prompt_logprobs for seq, _, _ in targets), logprobs.shape[-1])
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    for (seq, _, token), value, values, top in zip(targets, chosen, top_values.tolist(), top_ids.tolist()):
+        k = seq.params.prompt_logprobs
+        seq.prompt_logprobs.append({"token_id": token, "logprob": value, "top": dict(zip(top[:k], values[:k]))})

@@ -39,6 +39,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
     seed: int | None = None  # the request's own random stream, independent of the other requests in the batch
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the k most likely alternatives
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (scoring a text, echo)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # OpenAI accepts null, one string or a list
@@ -82,8 +83,10 @@ class SamplingParams:
             raise bad("ignore_eos", "true or false")
         if self.seed is not None and not _is_int(self.seed):
             raise bad("seed", "an integer or None")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
-            raise bad("logprobs", "None or an integer >= 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise bad(name, "None or an integer >= 0")
 
     @property
     def greedy(self) -> bool:

@@ -40,6 +40,10 @@ class Sequence:
         self.finish_reason: str | None = None
         self.forks: list[Sequence] = []  # n > 1: siblings that branch off once the prompt is computed
         self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
+        # per prompt token, as `logprobs` per output token; the first has none (nothing precedes it). Only the
+        # request's first sequence scores the prompt: the others share its prompt blocks
+        self.prompt_logprobs: list[dict | None] | None = [None] if params.prompt_logprobs is not None and index == 0 \
+            else None
         self.generator = make_generator(params.seed, index, device)  # its own random stream (None: unseeded)
 
     def __len__(self) -> int:
@@ -56,6 +60,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether some prompt token still needs its logprob: then every prompt position needs its logits."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -211,8 +212,20 @@ def _completion_logprobs(entries: list[dict] | None, before: bytearray) -> dict 
         offsets.append(len(before.decode("utf-8", errors="replace")))  # as the text shows bytes that are no UTF-8
         before += bytes(e["bytes"])
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "top_logprobs": [None if e["top_logprobs"] is None else {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                             for e in entries],
             "text_offset": offsets}
+
+
+@dataclasses.dataclass
+class Answer:
+    """A whole (not streamed) answer: per choice its text, finish reason and logprobs (None unless asked for)."""
+    texts: list[str]
+    reasons: list[str | None]
+    logprobs: list[list[dict] | None]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_logprobs: list[dict] | None = None  # with echo + logprobs
 
 
 # ---- the app -------------------------------------------------------------------------------------------------------
@@ -234,12 +247,14 @@ def _user_id(key: str) -> str:
     return "key-" + _digest(key)[:24]
 
 
-def _sampling(body, max_tokens: int, logprobs: int | None = None) -> SamplingParams:
+def _sampling(body, max_tokens: int, logprobs: int | None = None, prompt_logprobs: int | None = None
+              ) -> SamplingParams:
     try:
         return SamplingParams(n=body.n, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                              stop=body.stop_list(), seed=body.seed, logprobs=logprobs)
+                              stop=body.stop_list(), seed=body.seed, logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs)
     except ValueError as e:
         param = str(e).split(" ", 1)[0]
         raise BackendError(400, str(e), param=param if param.isidentifier() else None) from None
@@ -329,26 +344,25 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
         async for chunk in chunks:
             yield chunk
 
-    async def gather(first, chunks, texts: list[str], reasons: list[str | None]
-                     ) -> tuple[list[str], list[str | None], int, int, list[list[dict] | None]]:
-        """The whole answer, filled into texts/reasons as it comes (a caller that gives up still sees the part);
-        then the prompt and completion token counts and each choice's logprobs (None unless asked for)."""
-        tokens, prompt_tokens = [0] * len(texts), 0
-        logprobs: list[list[dict] | None] = [None] * len(texts)
+    async def gather(first, chunks, texts: list[str], reasons: list[str | None]) -> Answer:
+        """The whole answer, filled into texts/reasons as it comes (a caller that gives up still sees the part)."""
+        answer = Answer(texts, reasons, [None] * len(texts))
+        tokens = [0] * len(texts)
         async with contextlib.aclosing(chunks):
             async for c in rest(first, chunks):
                 texts[c.index] += c.text
                 reasons[c.index] = c.finish_reason or reasons[c.index]
                 tokens[c.index] = c.completion_tokens
-                prompt_tokens = c.prompt_tokens
+                answer.prompt_tokens = c.prompt_tokens
                 if c.logprobs is not None:
-                    logprobs[c.index] = (logprobs[c.index] or []) + c.logprobs
-        metrics.prompt_tokens += prompt_tokens
-        metrics.generation_tokens += sum(tokens)
-        return texts, reasons, prompt_tokens, sum(tokens), logprobs
+                    answer.logprobs[c.index] = (answer.logprobs[c.index] or []) + c.logprobs
+                answer.prompt_logprobs = answer.prompt_logprobs or c.prompt_logprobs
+        answer.completion_tokens = sum(tokens)
+        metrics.prompt_tokens += answer.prompt_tokens
+        metrics.generation_tokens += answer.completion_tokens
+        return answer
 
-    async def collect(request: Request, first, chunks, n: int, on_end=None
-                      ) -> tuple[list[str], list[str | None], int, int, list[list[dict] | None]]:
+    async def collect(request: Request, first, chunks, n: int, on_end=None) -> Answer:
         """The whole answer; a client that hangs up meanwhile (a timeout) aborts the request in the engine, as
         for a stream (nothing cancels a plain request's handler for us). on_end(texts, reasons) runs however it
         ends, as for a stream: reasons are "error" where the backend failed."""
@@ -449,8 +463,6 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
     @app.post("/v1/completions", responses={200: {"model": CompletionResponse}, **errors})
     async def completions(body: CompletionRequest, request: Request, user_id: str = Depends(user)):
         ctx = await context_length(body.model)
-        if body.echo:
-            raise BackendError(400, "echo is not supported", param="echo")
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
@@ -462,25 +474,49 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
         if max_tokens >= ctx:
             raise BackendError(400, f"max_tokens is {max_tokens}, but the model's context is {ctx} tokens",
                                param="max_tokens")
-        params = _sampling(body, max_tokens, body.logprobs)
+        # echo scores the prompt when logprobs are asked for (a text's likelihood, as lm-eval asks), and spells
+        # a prompt of token ids from its tokens (the server may have no tokenizer: a controller)
+        scores_prompt = body.echo and (body.logprobs is not None or not isinstance(prompt, str))
+        params = _sampling(body, max_tokens, body.logprobs, (body.logprobs or 0) if scores_prompt else None)
         rid = f"cmpl-{uuid.uuid4().hex}"
         first, chunks = await start(body.model, prompt, None, params, rid)
         envelope = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.model}
+
+        def echoed(prompt_entries: list[dict] | None) -> tuple[str, list[dict]]:
+            """The prompt's text and (when logprobs are asked for) its entries, to put before a choice's own."""
+            text = prompt if isinstance(prompt, str) else b"".join(
+                bytes(e["bytes"]) for e in prompt_entries or []).decode("utf-8", errors="replace")
+            return text, (prompt_entries or []) if body.logprobs is not None else []
+
         if body.stream:
             token_bytes = [bytearray() for _ in range(body.n)]  # per choice: its tokens so far (text_offset)
+            pending_echo = [body.echo] * body.n
+            prompt_entries: list[dict] | None = None
 
             def choice(c: Chunk | None):
-                if c is None or (not c.text and c.finish_reason is None and not c.logprobs):
+                nonlocal prompt_entries
+                if c is None:
                     return []
-                logprobs = _completion_logprobs(c.logprobs, token_bytes[c.index])
-                return [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": logprobs}]
+                prompt_entries = prompt_entries or c.prompt_logprobs  # on the request's first chunk
+                text, entries = c.text, c.logprobs
+                if pending_echo[c.index]:
+                    pending_echo[c.index] = False
+                    head, head_entries = echoed(prompt_entries)
+                    text, entries = head + text, None if entries is None else head_entries + entries
+                elif not text and c.finish_reason is None and not entries:
+                    return []
+                logprobs = _completion_logprobs(entries, token_bytes[c.index])
+                return [{"index": c.index, "text": text, "finish_reason": c.finish_reason, "logprobs": logprobs}]
             include = bool(body.stream_options and body.stream_options.include_usage)
             return _sse_response(stream_events(first, chunks, body.n, choice, envelope, include))
-        texts, reasons, p, c, logprobs = await collect(request, first, chunks, body.n)
-        return {**envelope, "choices": [{"index": i, "text": t, "finish_reason": r,
-                                         "logprobs": _completion_logprobs(lp, bytearray())}
-                                        for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))],
-                "usage": usage(p, c)}
+        answer = await collect(request, first, chunks, body.n)
+        head, head_entries = echoed(answer.prompt_logprobs) if body.echo else ("", [])
+        return {**envelope, "choices": [{"index": i, "text": head + t, "finish_reason": r,
+                                         "logprobs": _completion_logprobs(None if lp is None else head_entries + lp,
+                                                                          bytearray())}
+                                        for i, (t, r, lp) in enumerate(zip(answer.texts, answer.reasons,
+                                                                           answer.logprobs))],
+                "usage": usage(answer.prompt_tokens, answer.completion_tokens)}
 
     @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **errors})
     async def chat_completions(body: ChatCompletionRequest, request: Request, user_id: str = Depends(user)):
@@ -528,11 +564,12 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
                 return [{"index": c.index, "delta": delta, "finish_reason": c.finish_reason, "logprobs": logprobs}]
             include = bool(body.stream_options and body.stream_options.include_usage)
             return _sse_response(stream_events(first, chunks, body.n, choice, envelope, include, save))
-        texts, reasons, p, c, logprobs = await collect(request, first, chunks, body.n, save)
+        answer = await collect(request, first, chunks, body.n, save)
         return {**envelope, "choices": [{"index": i, "message": {"role": "assistant", "content": t},
                                          "finish_reason": r, "logprobs": None if lp is None else {"content": lp}}
-                                        for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))],
-                "usage": usage(p, c)}
+                                        for i, (t, r, lp) in enumerate(zip(answer.texts, answer.reasons,
+                                                                           answer.logprobs))],
+                "usage": usage(answer.prompt_tokens, answer.completion_tokens)}
 
     async def with_history(model: str, session: dict, new: list[dict], ctx: int, max_tokens: int | None) -> list[dict]:
         """System prompt + stored turns + the new messages, dropping whole turns from the oldest until the prompt

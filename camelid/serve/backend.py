@@ -68,6 +68,9 @@ class Chunk:
     # per new token, when the request asked for logprobs: OpenAI's chat form, {"token", "bytes", "logprob",
     # "top_logprobs": [{"token", "bytes", "logprob"}, ...]} (built here: a controller has no tokenizer)
     logprobs: list[dict] | None = None
+    # with params.prompt_logprobs, on the request's first chunk: per prompt token the same entry (the first token's
+    # logprob and alternatives are None: nothing precedes it)
+    prompt_logprobs: list[dict] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,6 +117,7 @@ class _Route:
     sent_text: list[str]
     sent_tokens: list[int]
     finished: list[bool]
+    prompt_sent: bool = False
 
 
 _DONE = object()  # the request is finished: the last item on its queue
@@ -389,6 +393,11 @@ class LocalBackend(Backend):
             route.finished[i] = c.finish_reason is not None
             chunk = Chunk(i, new_text, new_ids, c.finish_reason, len(output.prompt_token_ids), len(c.token_ids),
                           logprobs)
+            if output.prompt_logprobs is not None and not route.prompt_sent:  # complete once a token is out
+                route.prompt_sent = True
+                first = output.prompt_token_ids[0]
+                chunk.prompt_logprobs = [{**self._token(first, 0.0), "logprob": None, "top_logprobs": None}] + [
+                    self._logprob_entry(e) for e in output.prompt_logprobs[1:]]
             if not _send(route, chunk):  # its event loop is gone (the abort is still on its way): free it now
                 self._routes.pop(output.request_id, None)
                 self.llm.abort(output.request_id)
@@ -440,7 +449,8 @@ def _coalesce(items: list) -> list:
                 and last.finish_reason is None:
             logprobs = None if item.logprobs is None else (last.logprobs or []) + item.logprobs
             merged[-1] = Chunk(item.index, last.text + item.text, last.token_ids + item.token_ids,
-                               item.finish_reason, item.prompt_tokens, item.completion_tokens, logprobs)
+                               item.finish_reason, item.prompt_tokens, item.completion_tokens, logprobs,
+                               last.prompt_logprobs or item.prompt_logprobs)
         else:
             merged.append(item)
     return merged

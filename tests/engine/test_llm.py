@@ -243,6 +243,36 @@ def test_logprobs_top_alternatives(llama):
     assert llm.generate([[3]], SamplingParams(max_tokens=2))[0].outputs[0].logprobs is None
 
 
+def test_prompt_logprobs_equal_transformers_under_chunking_and_preemption(hf_checkpoint, transformers):
+    """Each prompt token's logprob (the model's log-softmax at the position before it) and its top alternatives,
+    against transformers' logits; with chunked prefills, a prefix already cached by another request (scoring
+    computes the prompt anyway), preemption, and n = 2."""
+    path = hf_checkpoint("llama")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = mixed_prompts(12, seed=3, low=20, high=60)
+    llm = LLM(path, num_blocks=40, block_size=4, max_num_batched_tokens=32, device="cpu")
+    llm.generate([prompts[0]], GREEDY)  # its blocks are now in the prefix cache
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=2, n=2)
+    outputs = llm.generate(prompts, params)
+    assert llm.scheduler.num_preemptions > 0
+    for prompt, out in zip(prompts, outputs):
+        with torch.no_grad():
+            expected = hf(torch.tensor([prompt])).logits[0].log_softmax(-1)  # (T, V)
+        scored = out.prompt_logprobs
+        assert len(scored) == len(prompt) and scored[0] is None
+        for p, entry in enumerate(scored[1:], start=1):
+            assert entry["token_id"] == prompt[p]
+            assert entry["logprob"] == pytest.approx(expected[p - 1, prompt[p]].item(), abs=1e-4)
+            top = expected[p - 1].topk(2)
+            assert list(entry["top"]) == top.indices.tolist()
+            assert list(entry["top"].values()) == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert [o.outputs[0].token_ids for o in outputs] == [generate_ids(llm.model, [p], 8)[0] for p in prompts]
+    assert llm.generate([[3, 4]], GREEDY)[0].prompt_logprobs is None
+    assert_all_blocks_free(llm)
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=-1)
+
+
 # ---- the request lifecycle ---------------------------------------------------------------------------------------
 
 def test_step_by_step_with_abort(llama):

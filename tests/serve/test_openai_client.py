@@ -131,6 +131,31 @@ def test_completion_logprobs_match_the_reference_model(client, reference):
     assert streamed == lp.tokens
 
 
+def test_echo_scores_the_prompt_as_lm_eval_asks(client, reference):
+    """lm-eval's loglikelihood request: token ids, echo, logprobs 1, one new token. The prompt's tokens come first,
+    the first without a logprob, each other with the reference model's log-softmax at the position before it."""
+    model, tokenizer = reference
+    prompt = tokenizer.encode("The camel walks far")
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(prompt) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = _reference_logprobs(model, prompt + [generate_ids(model, [prompt], 1)[0][0]], 1, 1)
+    assert lp.token_logprobs[1:] == pytest.approx([value for value, _ in expected], abs=1e-4)
+    assert all(len(top) == 1 for top in lp.top_logprobs[1:])
+    spelled = b"".join(tokenizer.token_bytes(i) for i in prompt).decode("utf-8", "replace")
+    assert r.choices[0].text.startswith(spelled) and r.usage.prompt_tokens == len(prompt)
+    assert lp.text_offset[:2] == [0, len(tokenizer.token_bytes(prompt[0]).decode("utf-8", "replace"))]
+    # streamed: the same tokens and values; a text prompt without logprobs is echoed as given
+    events = [c.choices[0] for c in client.completions.create(model="tiny", prompt=prompt, max_tokens=1,
+                                                               temperature=0, logprobs=1, echo=True, stream=True)
+              if c.choices]
+    assert [t for e in events if e.logprobs for t in e.logprobs.tokens] == lp.tokens
+    assert "".join(e.text for e in events) == r.choices[0].text
+    plain = client.completions.create(model="tiny", prompt="Camels", max_tokens=6, temperature=0)
+    echoed = client.completions.create(model="tiny", prompt="Camels", max_tokens=6, temperature=0, echo=True)
+    assert echoed.choices[0].text == "Camels" + plain.choices[0].text and echoed.choices[0].logprobs is None
+
+
 def test_streamed_chat_equals_non_streamed(client):
     kwargs = dict(model="tiny", messages=HELLO, max_tokens=24, temperature=0)
     whole = client.chat.completions.create(**kwargs)
