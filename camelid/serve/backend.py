@@ -203,6 +203,9 @@ class LocalBackend(Backend):
         self._check_model(model)
         if (prompt is None) == (messages is None):
             raise BackendError(400, "give exactly one of prompt and messages", param="prompt")
+        if params.logprobs is not None and self.tokenizer is None:  # it spells each token (_token)
+            raise BackendError(400, "logprobs need a tokenizer (the model folder has no tokenizer.json)",
+                               param="logprobs")
         param = "messages" if messages is not None else "prompt"
         if messages is not None:
             tpl = self._template(model)
@@ -398,7 +401,8 @@ class LocalBackend(Backend):
             _send(route, _DONE)
 
     def _token(self, token_id: int, logprob: float) -> dict:
-        raw = self.tokenizer.token_bytes(token_id)
+        # an id of the model's vocabulary padded past the tokenizer's: it decodes to nothing
+        raw = self.tokenizer.token_bytes(token_id) if token_id < self.tokenizer.vocab_size else b""
         try:
             token = raw.decode()
         except UnicodeDecodeError:  # part of a character: OpenAI's spelling, distinct per byte sequence
