@@ -201,15 +201,11 @@ class CountRequests:
             self.metrics.requests[(endpoint, status)] += 1
 
 
-def _completion_logprobs(entries: list[dict] | None, before: bytearray) -> dict | None:
-    """/v1/completions' (legacy) logprobs of some tokens; `before` holds the bytes of the choice's earlier tokens
-    and grows by these. A text_offset counts the characters before its token."""
+def _completion_logprobs(entries: list[dict] | None, offsets: list[int] | None) -> dict | None:
+    """/v1/completions' (legacy) logprobs of some tokens; a text_offset counts the characters before its token (the
+    backend counts them: it knows what its tokenizer's decoder does to the text)."""
     if entries is None:
         return None
-    offsets = []
-    for e in entries:
-        offsets.append(len(before.decode("utf-8", errors="replace")))  # as the text shows bytes that are no UTF-8
-        before += bytes(e["bytes"])
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
             "text_offset": offsets}
@@ -330,11 +326,12 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
             yield chunk
 
     async def gather(first, chunks, texts: list[str], reasons: list[str | None]
-                     ) -> tuple[list[str], list[str | None], int, int, list[list[dict] | None]]:
+                     ) -> tuple[list[str], list[str | None], int, int, list[tuple[list[dict], list[int]] | None]]:
         """The whole answer, filled into texts/reasons as it comes (a caller that gives up still sees the part);
-        then the prompt and completion token counts and each choice's logprobs (None unless asked for)."""
+        then the prompt and completion token counts and each choice's logprobs with their text offsets (None unless
+        asked for)."""
         tokens, prompt_tokens = [0] * len(texts), 0
-        logprobs: list[list[dict] | None] = [None] * len(texts)
+        logprobs: list[tuple[list[dict], list[int]] | None] = [None] * len(texts)
         async with contextlib.aclosing(chunks):
             async for c in rest(first, chunks):
                 texts[c.index] += c.text
@@ -342,13 +339,14 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
                 tokens[c.index] = c.completion_tokens
                 prompt_tokens = c.prompt_tokens
                 if c.logprobs is not None:
-                    logprobs[c.index] = (logprobs[c.index] or []) + c.logprobs
+                    entries, offsets = logprobs[c.index] or ([], [])
+                    logprobs[c.index] = (entries + c.logprobs, offsets + (c.text_offsets or []))
         metrics.prompt_tokens += prompt_tokens
         metrics.generation_tokens += sum(tokens)
         return texts, reasons, prompt_tokens, sum(tokens), logprobs
 
     async def collect(request: Request, first, chunks, n: int, on_end=None
-                      ) -> tuple[list[str], list[str | None], int, int, list[list[dict] | None]]:
+                      ) -> tuple[list[str], list[str | None], int, int, list[tuple[list[dict], list[int]] | None]]:
         """The whole answer; a client that hangs up meanwhile (a timeout) aborts the request in the engine, as
         for a stream (nothing cancels a plain request's handler for us). on_end(texts, reasons) runs however it
         ends, as for a stream: reasons are "error" where the backend failed."""
@@ -467,18 +465,16 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
         first, chunks = await start(body.model, prompt, None, params, rid)
         envelope = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.model}
         if body.stream:
-            token_bytes = [bytearray() for _ in range(body.n)]  # per choice: its tokens so far (text_offset)
-
             def choice(c: Chunk | None):
                 if c is None or (not c.text and c.finish_reason is None and not c.logprobs):
                     return []
-                logprobs = _completion_logprobs(c.logprobs, token_bytes[c.index])
+                logprobs = _completion_logprobs(c.logprobs, c.text_offsets)
                 return [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": logprobs}]
             include = bool(body.stream_options and body.stream_options.include_usage)
             return _sse_response(stream_events(first, chunks, body.n, choice, envelope, include))
         texts, reasons, p, c, logprobs = await collect(request, first, chunks, body.n)
         return {**envelope, "choices": [{"index": i, "text": t, "finish_reason": r,
-                                         "logprobs": _completion_logprobs(lp, bytearray())}
+                                         "logprobs": _completion_logprobs(*lp) if lp else None}
                                         for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))],
                 "usage": usage(p, c)}
 
@@ -530,7 +526,7 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
             return _sse_response(stream_events(first, chunks, body.n, choice, envelope, include, save))
         texts, reasons, p, c, logprobs = await collect(request, first, chunks, body.n, save)
         return {**envelope, "choices": [{"index": i, "message": {"role": "assistant", "content": t},
-                                         "finish_reason": r, "logprobs": None if lp is None else {"content": lp}}
+                                         "finish_reason": r, "logprobs": None if lp is None else {"content": lp[0]}}
                                         for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))],
                 "usage": usage(p, c)}
 

@@ -68,6 +68,7 @@ class Chunk:
     # per new token, when the request asked for logprobs: OpenAI's chat form, {"token", "bytes", "logprob",
     # "top_logprobs": [{"token", "bytes", "logprob"}, ...]} (built here: a controller has no tokenizer)
     logprobs: list[dict] | None = None
+    text_offsets: list[int] | None = None  # with logprobs: per token, the characters of the text before it
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,6 +115,7 @@ class _Route:
     sent_text: list[str]
     sent_tokens: list[int]
     finished: list[bool]
+    spelled: list[bytearray]  # with logprobs: the bytes of the tokens sent
 
 
 _DONE = object()  # the request is finished: the last item on its queue
@@ -251,7 +253,8 @@ class LocalBackend(Backend):
         accepted: asyncio.Future = loop.create_future()
         out: asyncio.Queue = asyncio.Queue()
         adapter = None if model == self.name else model
-        route = _Route(loop, out, [""] * params.n, [0] * params.n, [False] * params.n)
+        route = _Route(loop, out, [""] * params.n, [0] * params.n, [False] * params.n,
+                       [bytearray() for _ in range(params.n)])
         with self._accepting:
             self._check_running()
             self._commands.put(("add", request_id, ids, params, adapter, route, accepted))
@@ -385,13 +388,15 @@ class LocalBackend(Backend):
             new_ids = list(c.token_ids[route.sent_tokens[i]:])
             if not new_text and not new_ids and c.finish_reason is None:
                 continue
-            logprobs = None if c.logprobs is None else [self._logprob_entry(e)
-                                                        for e in c.logprobs[route.sent_tokens[i]:len(c.token_ids)]]
+            logprobs = offsets = None
+            if c.logprobs is not None:
+                logprobs = [self._logprob_entry(e) for e in c.logprobs[route.sent_tokens[i]:len(c.token_ids)]]
+                offsets = self._text_offsets(route.spelled[i], logprobs)
             route.sent_text[i] += new_text
             route.sent_tokens[i] = len(c.token_ids)
             route.finished[i] = c.finish_reason is not None
             chunk = Chunk(i, new_text, new_ids, c.finish_reason, len(output.prompt_token_ids), len(c.token_ids),
-                          logprobs)
+                          logprobs, offsets)
             if not _send(route, chunk):  # its event loop is gone (the abort is still on its way): free it now
                 self._routes.pop(output.request_id, None)
                 self.llm.abort(output.request_id)
@@ -414,6 +419,17 @@ class LocalBackend(Backend):
         """The engine's {"token_id", "logprob", "top": {id: logprob}} as OpenAI's chat logprobs entry."""
         return {**self._token(entry["token_id"], entry["logprob"]),
                 "top_logprobs": [self._token(t, lp) for t, lp in entry["top"].items()]}
+
+    def _text_offsets(self, spelled: bytearray, entries: list[dict]) -> list[int]:
+        """Per entry, the characters of the completion's text before its token (the legacy text_offset); `spelled`
+        holds the bytes of the earlier tokens and grows by these. The text lacks a leading space that the decoder
+        drops (SentencePiece: "▁Paris" alone is "Paris")."""
+        offsets = []
+        for e in entries:
+            before = spelled.decode("utf-8", errors="replace")  # as the text shows bytes that are no UTF-8
+            offsets.append(len(before) - (before.startswith(" ") and self.tokenizer.drops_leading_space))
+            spelled += bytes(e["bytes"])
+        return offsets
 
     def _stop(self, error: BaseException) -> None:
         """End every request with error, and refuse every add not yet handled (taken in the last batch, or still
@@ -443,8 +459,9 @@ def _coalesce(items: list) -> list:
         if isinstance(item, Chunk) and isinstance(last, Chunk) and last.index == item.index \
                 and last.finish_reason is None:
             logprobs = None if item.logprobs is None else (last.logprobs or []) + item.logprobs
+            offsets = None if item.text_offsets is None else (last.text_offsets or []) + item.text_offsets
             merged[-1] = Chunk(item.index, last.text + item.text, last.token_ids + item.token_ids,
-                               item.finish_reason, item.prompt_tokens, item.completion_tokens, logprobs)
+                               item.finish_reason, item.prompt_tokens, item.completion_tokens, logprobs, offsets)
         else:
             merged.append(item)
     return merged
