@@ -189,6 +189,19 @@ def test_errors_raise_the_clients_exceptions(client):
     assert e.value.body["param"] == "temperature"
 
 
+def test_a_parameter_given_as_none_means_its_default(client):
+    """The client sends an explicit None as null, and OpenAI's parameters are nullable (the client's types say
+    Optional): null is the default, not a 400."""
+    unset = dict(temperature=None, top_p=None, n=None, presence_penalty=None, frequency_penalty=None, seed=None,
+                 stop=None, stream=None)
+    chat = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4, logprobs=None,
+                                          top_logprobs=None, **unset)
+    assert len(chat.choices) == 1 and chat.choices[0].logprobs is None
+    legacy = client.completions.create(model="tiny", prompt="The camel walks", max_tokens=None, echo=None,
+                                       logprobs=None, **unset)
+    assert len(legacy.choices) == 1 and legacy.usage.completion_tokens <= 16  # OpenAI's default max_tokens
+
+
 def test_client_disconnect_aborts_and_frees_blocks(server, slow_engine):
     backend = server.backend
     before = backend.stats()
