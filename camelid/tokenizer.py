@@ -181,6 +181,13 @@ class Tokenizer:
             return bytes(_BYTE_OF_CHAR[c] for c in token)
         return token.replace("\u2581", " ").encode()
 
+    @cached_property
+    def drops_leading_space(self) -> bool:
+        """True when decode drops the leading space of its text, as SentencePiece decoders do ("▁Paris" alone is
+        "Paris": Llama 2, Mistral); byte-level BPE keeps it."""
+        last = self.encode("a b", bos=False)[-1]
+        return self.token_bytes(last).startswith(b" ") and not self.decode([last]).startswith(" ")
+
     # ---- encode / decode ------------------------------------------------------------------
 
     def _fix_specials(self, ids: list[int], bos: bool, eos: bool) -> list[int]:

@@ -113,6 +113,8 @@ def test_token_bytes_spell_the_text(real):
         assert spelled == lead + text.encode(), (name, text)
         assert spelled.decode() == lead.decode() + reference.decode(ids, skip_special_tokens=False), (name, text)
     assert all(tok.token_bytes(i) for i in range(tok.vocab_size))
+    # decoded alone, "▁Paris" is "Paris": the text a server returns has no leading space (its text_offset knows)
+    assert tok.drops_leading_space == (name != "llama3")
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.token_bytes(tok.vocab_size)
 

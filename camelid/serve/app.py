@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import inspect
 import json
@@ -202,30 +201,15 @@ class CountRequests:
             self.metrics.requests[(endpoint, status)] += 1
 
 
-def _completion_logprobs(entries: list[dict] | None, before: bytearray) -> dict | None:
-    """/v1/completions' (legacy) logprobs of some tokens; `before` holds the bytes of the choice's earlier tokens
-    and grows by these. A text_offset counts the characters before its token."""
+def _completion_logprobs(entries: list[dict] | None, offsets: list[int] | None) -> dict | None:
+    """/v1/completions' (legacy) logprobs of some tokens; a text_offset counts the characters before its token (the
+    backend counts them: it knows what its tokenizer's decoder does to the text)."""
     if entries is None:
         return None
-    offsets = []
-    for e in entries:
-        offsets.append(len(before.decode("utf-8", errors="replace")))  # as the text shows bytes that are no UTF-8
-        before += bytes(e["bytes"])
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [None if e["top_logprobs"] is None else {t["token"]: t["logprob"] for t in e["top_logprobs"]}
                              for e in entries],
             "text_offset": offsets}
-
-
-@dataclasses.dataclass
-class Answer:
-    """A whole (not streamed) answer: per choice its text, finish reason and logprobs (None unless asked for)."""
-    texts: list[str]
-    reasons: list[str | None]
-    logprobs: list[list[dict] | None]
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    prompt_logprobs: list[dict] | None = None  # with echo + logprobs
 
 
 # ---- the app -------------------------------------------------------------------------------------------------------
@@ -344,25 +328,29 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
         async for chunk in chunks:
             yield chunk
 
-    async def gather(first, chunks, texts: list[str], reasons: list[str | None]) -> Answer:
-        """The whole answer, filled into texts/reasons as it comes (a caller that gives up still sees the part)."""
-        answer = Answer(texts, reasons, [None] * len(texts))
-        tokens = [0] * len(texts)
+    async def gather(first, chunks, texts: list[str], reasons: list[str | None]) -> tuple:
+        """The whole answer, filled into texts/reasons as it comes (a caller that gives up still sees the part);
+        then the prompt and completion token counts, each choice's logprobs with their text offsets (None unless
+        asked for) and the prompt's (with echo)."""
+        tokens, prompt_tokens = [0] * len(texts), 0
+        logprobs: list[tuple[list[dict], list[int]] | None] = [None] * len(texts)
+        prompt_logprobs = None
         async with contextlib.aclosing(chunks):
             async for c in rest(first, chunks):
                 texts[c.index] += c.text
                 reasons[c.index] = c.finish_reason or reasons[c.index]
                 tokens[c.index] = c.completion_tokens
-                answer.prompt_tokens = c.prompt_tokens
+                prompt_tokens = c.prompt_tokens
                 if c.logprobs is not None:
-                    answer.logprobs[c.index] = (answer.logprobs[c.index] or []) + c.logprobs
-                answer.prompt_logprobs = answer.prompt_logprobs or c.prompt_logprobs
-        answer.completion_tokens = sum(tokens)
-        metrics.prompt_tokens += answer.prompt_tokens
-        metrics.generation_tokens += answer.completion_tokens
-        return answer
+                    entries, offsets = logprobs[c.index] or ([], [])
+                    logprobs[c.index] = (entries + c.logprobs, offsets + (c.text_offsets or []))
+                if c.prompt_logprobs is not None:
+                    prompt_logprobs = (c.prompt_logprobs, c.prompt_text_offsets)
+        metrics.prompt_tokens += prompt_tokens
+        metrics.generation_tokens += sum(tokens)
+        return texts, reasons, prompt_tokens, sum(tokens), logprobs, prompt_logprobs
 
-    async def collect(request: Request, first, chunks, n: int, on_end=None) -> Answer:
+    async def collect(request: Request, first, chunks, n: int, on_end=None) -> tuple:
         """The whole answer; a client that hangs up meanwhile (a timeout) aborts the request in the engine, as
         for a stream (nothing cancels a plain request's handler for us). on_end(texts, reasons) runs however it
         ends, as for a stream: reasons are "error" where the backend failed."""
@@ -482,41 +470,46 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
         first, chunks = await start(body.model, prompt, None, params, rid)
         envelope = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.model}
 
-        def echoed(prompt_entries: list[dict] | None) -> tuple[str, list[dict]]:
-            """The prompt's text and (when logprobs are asked for) its entries, to put before a choice's own."""
-            text = prompt if isinstance(prompt, str) else b"".join(
-                bytes(e["bytes"]) for e in prompt_entries or []).decode("utf-8", errors="replace")
-            return text, (prompt_entries or []) if body.logprobs is not None else []
+        def with_echo(text: str, entries: list[dict] | None, offsets: list[int] | None, scored) -> tuple:
+            """A choice's first text, logprobs and offsets, after the echoed prompt (scored: its entries and
+            offsets, or None). The prompt's offsets count its tokens spelled out."""
+            entries_before, offsets_before = scored or ([], [])
+            head = prompt if isinstance(prompt, str) else b"".join(
+                bytes(e["bytes"]) for e in entries_before).decode("utf-8", errors="replace")
+            if entries is None:
+                return head + text, None, None
+            return head + text, entries_before + entries, offsets_before + [len(head) + o for o in offsets or []]
 
         if body.stream:
-            token_bytes = [bytearray() for _ in range(body.n)]  # per choice: its tokens so far (text_offset)
-            pending_echo = [body.echo] * body.n
-            prompt_entries: list[dict] | None = None
+            echo_length = [None] * body.n  # per choice with echo: the echoed prompt's length, once sent
+            scored = None
 
             def choice(c: Chunk | None):
-                nonlocal prompt_entries
+                nonlocal scored
                 if c is None:
                     return []
-                prompt_entries = prompt_entries or c.prompt_logprobs  # on the request's first chunk
-                text, entries = c.text, c.logprobs
-                if pending_echo[c.index]:
-                    pending_echo[c.index] = False
-                    head, head_entries = echoed(prompt_entries)
-                    text, entries = head + text, None if entries is None else head_entries + entries
+                scored = scored or (c.prompt_logprobs and (c.prompt_logprobs, c.prompt_text_offsets))
+                text, entries, offsets = c.text, c.logprobs, c.text_offsets
+                if body.echo and echo_length[c.index] is None:
+                    text, entries, offsets = with_echo(text, entries, offsets, scored)
+                    echo_length[c.index] = len(text) - len(c.text)
                 elif not text and c.finish_reason is None and not entries:
                     return []
-                logprobs = _completion_logprobs(entries, token_bytes[c.index])
+                elif body.echo and offsets is not None:
+                    offsets = [echo_length[c.index] + o for o in offsets]
+                logprobs = _completion_logprobs(entries, offsets)
                 return [{"index": c.index, "text": text, "finish_reason": c.finish_reason, "logprobs": logprobs}]
             include = bool(body.stream_options and body.stream_options.include_usage)
             return _sse_response(stream_events(first, chunks, body.n, choice, envelope, include))
-        answer = await collect(request, first, chunks, body.n)
-        head, head_entries = echoed(answer.prompt_logprobs) if body.echo else ("", [])
-        return {**envelope, "choices": [{"index": i, "text": head + t, "finish_reason": r,
-                                         "logprobs": _completion_logprobs(None if lp is None else head_entries + lp,
-                                                                          bytearray())}
-                                        for i, (t, r, lp) in enumerate(zip(answer.texts, answer.reasons,
-                                                                           answer.logprobs))],
-                "usage": usage(answer.prompt_tokens, answer.completion_tokens)}
+        texts, reasons, p, c, logprobs, scored = await collect(request, first, chunks, body.n)
+        choices = []
+        for i, (text, reason, lp) in enumerate(zip(texts, reasons, logprobs)):
+            entries, offsets = lp or (None, None)
+            if body.echo:
+                text, entries, offsets = with_echo(text, entries, offsets, scored)
+            choices.append({"index": i, "text": text, "finish_reason": reason,
+                            "logprobs": _completion_logprobs(entries, offsets)})
+        return {**envelope, "choices": choices, "usage": usage(p, c)}
 
     @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **errors})
     async def chat_completions(body: ChatCompletionRequest, request: Request, user_id: str = Depends(user)):
@@ -564,12 +557,11 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
                 return [{"index": c.index, "delta": delta, "finish_reason": c.finish_reason, "logprobs": logprobs}]
             include = bool(body.stream_options and body.stream_options.include_usage)
             return _sse_response(stream_events(first, chunks, body.n, choice, envelope, include, save))
-        answer = await collect(request, first, chunks, body.n, save)
+        texts, reasons, p, c, logprobs, _ = await collect(request, first, chunks, body.n, save)
         return {**envelope, "choices": [{"index": i, "message": {"role": "assistant", "content": t},
-                                         "finish_reason": r, "logprobs": None if lp is None else {"content": lp}}
-                                        for i, (t, r, lp) in enumerate(zip(answer.texts, answer.reasons,
-                                                                           answer.logprobs))],
-                "usage": usage(answer.prompt_tokens, answer.completion_tokens)}
+                                         "finish_reason": r, "logprobs": None if lp is None else {"content": lp[0]}}
+                                        for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))],
+                "usage": usage(p, c)}
 
     async def with_history(model: str, session: dict, new: list[dict], ctx: int, max_tokens: int | None) -> list[dict]:
         """System prompt + stored turns + the new messages, dropping whole turns from the oldest until the prompt

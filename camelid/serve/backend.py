@@ -68,9 +68,11 @@ class Chunk:
     # per new token, when the request asked for logprobs: OpenAI's chat form, {"token", "bytes", "logprob",
     # "top_logprobs": [{"token", "bytes", "logprob"}, ...]} (built here: a controller has no tokenizer)
     logprobs: list[dict] | None = None
+    text_offsets: list[int] | None = None  # with logprobs: per token, the characters of the text before it
     # with params.prompt_logprobs, on the request's first chunk: per prompt token the same entry (the first token's
-    # logprob and alternatives are None: nothing precedes it)
+    # logprob and alternatives are None: nothing precedes it), and offsets into the prompt's tokens spelled out
     prompt_logprobs: list[dict] | None = None
+    prompt_text_offsets: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,6 +119,7 @@ class _Route:
     sent_text: list[str]
     sent_tokens: list[int]
     finished: list[bool]
+    spelled: list[bytearray]  # with logprobs: the bytes of the tokens sent
     prompt_sent: bool = False
 
 
@@ -207,6 +210,9 @@ class LocalBackend(Backend):
         self._check_model(model)
         if (prompt is None) == (messages is None):
             raise BackendError(400, "give exactly one of prompt and messages", param="prompt")
+        if params.logprobs is not None and self.tokenizer is None:  # it spells each token (_token)
+            raise BackendError(400, "logprobs need a tokenizer (the model folder has no tokenizer.json)",
+                               param="logprobs")
         param = "messages" if messages is not None else "prompt"
         if messages is not None:
             tpl = self._template(model)
@@ -252,7 +258,8 @@ class LocalBackend(Backend):
         accepted: asyncio.Future = loop.create_future()
         out: asyncio.Queue = asyncio.Queue()
         adapter = None if model == self.name else model
-        route = _Route(loop, out, [""] * params.n, [0] * params.n, [False] * params.n)
+        route = _Route(loop, out, [""] * params.n, [0] * params.n, [False] * params.n,
+                       [bytearray() for _ in range(params.n)])
         with self._accepting:
             self._check_running()
             self._commands.put(("add", request_id, ids, params, adapter, route, accepted))
@@ -386,18 +393,21 @@ class LocalBackend(Backend):
             new_ids = list(c.token_ids[route.sent_tokens[i]:])
             if not new_text and not new_ids and c.finish_reason is None:
                 continue
-            logprobs = None if c.logprobs is None else [self._logprob_entry(e)
-                                                        for e in c.logprobs[route.sent_tokens[i]:len(c.token_ids)]]
+            logprobs = offsets = None
+            if c.logprobs is not None:
+                logprobs = [self._logprob_entry(e) for e in c.logprobs[route.sent_tokens[i]:len(c.token_ids)]]
+                offsets = self._text_offsets(route.spelled[i], logprobs)
             route.sent_text[i] += new_text
             route.sent_tokens[i] = len(c.token_ids)
             route.finished[i] = c.finish_reason is not None
             chunk = Chunk(i, new_text, new_ids, c.finish_reason, len(output.prompt_token_ids), len(c.token_ids),
-                          logprobs)
+                          logprobs, offsets)
             if output.prompt_logprobs is not None and not route.prompt_sent:  # complete once a token is out
                 route.prompt_sent = True
                 first = output.prompt_token_ids[0]
                 chunk.prompt_logprobs = [{**self._token(first, 0.0), "logprob": None, "top_logprobs": None}] + [
                     self._logprob_entry(e) for e in output.prompt_logprobs[1:]]
+                chunk.prompt_text_offsets = self._text_offsets(bytearray(), chunk.prompt_logprobs)
             if not _send(route, chunk):  # its event loop is gone (the abort is still on its way): free it now
                 self._routes.pop(output.request_id, None)
                 self.llm.abort(output.request_id)
@@ -407,7 +417,8 @@ class LocalBackend(Backend):
             _send(route, _DONE)
 
     def _token(self, token_id: int, logprob: float) -> dict:
-        raw = self.tokenizer.token_bytes(token_id)
+        # an id of the model's vocabulary padded past the tokenizer's: it decodes to nothing
+        raw = self.tokenizer.token_bytes(token_id) if token_id < self.tokenizer.vocab_size else b""
         try:
             token = raw.decode()
         except UnicodeDecodeError:  # part of a character: OpenAI's spelling, distinct per byte sequence
@@ -419,6 +430,17 @@ class LocalBackend(Backend):
         """The engine's {"token_id", "logprob", "top": {id: logprob}} as OpenAI's chat logprobs entry."""
         return {**self._token(entry["token_id"], entry["logprob"]),
                 "top_logprobs": [self._token(t, lp) for t, lp in entry["top"].items()]}
+
+    def _text_offsets(self, spelled: bytearray, entries: list[dict]) -> list[int]:
+        """Per entry, the characters of the completion's text before its token (the legacy text_offset); `spelled`
+        holds the bytes of the earlier tokens and grows by these. The text lacks a leading space that the decoder
+        drops (SentencePiece: "▁Paris" alone is "Paris")."""
+        offsets = []
+        for e in entries:
+            before = spelled.decode("utf-8", errors="replace")  # as the text shows bytes that are no UTF-8
+            offsets.append(len(before) - (before.startswith(" ") and self.tokenizer.drops_leading_space))
+            spelled += bytes(e["bytes"])
+        return offsets
 
     def _stop(self, error: BaseException) -> None:
         """End every request with error, and refuse every add not yet handled (taken in the last batch, or still
@@ -448,9 +470,11 @@ def _coalesce(items: list) -> list:
         if isinstance(item, Chunk) and isinstance(last, Chunk) and last.index == item.index \
                 and last.finish_reason is None:
             logprobs = None if item.logprobs is None else (last.logprobs or []) + item.logprobs
+            offsets = None if item.text_offsets is None else (last.text_offsets or []) + item.text_offsets
             merged[-1] = Chunk(item.index, last.text + item.text, last.token_ids + item.token_ids,
-                               item.finish_reason, item.prompt_tokens, item.completion_tokens, logprobs,
-                               last.prompt_logprobs or item.prompt_logprobs)
+                               item.finish_reason, item.prompt_tokens, item.completion_tokens, logprobs, offsets,
+                               last.prompt_logprobs or item.prompt_logprobs,
+                               last.prompt_text_offsets or item.prompt_text_offsets)
         else:
             merged.append(item)
     return merged

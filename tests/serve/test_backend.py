@@ -270,3 +270,44 @@ def test_a_model_folder_serves_with_the_template_it_was_tuned_with(chat_model_di
             assert backend._template("t").name == expected
         finally:
             run(backend.close())
+
+
+def test_logprobs_of_ids_past_the_tokenizer_or_without_one_leave_the_engine_serving(chat_model_dir, tmp_path):
+    """A model's vocabulary padded past its tokenizer's (as `camelid init --preset tiny` makes, and many checkpoints
+    ship): a token the tokenizer cannot spell has no bytes. A folder without a tokenizer cannot spell any: 400. Either
+    used to kill the engine thread, and every later request got 503."""
+    from camelid.tokenizer import Tokenizer
+
+    folder = tmp_path / "padded"
+    folder.mkdir()
+    tokenizer = Tokenizer(chat_model_dir)
+    padding = tokenizer.vocab_size + 7  # an id the model has and the tokenizer lacks
+    config = tiny_config(vocab_size=tokenizer.vocab_size + 32, bos_token_id=tokenizer.bos_id,
+                         eos_token_id=tokenizer.eos_id)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    with torch.no_grad():  # the last hidden state is the token's embedding, and only `padding` reads it: greedy picks it
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        model.model.embed_tokens.weight[:, 0] = 10.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[padding, 0] = 1.0
+    save_pretrained(model, folder)
+    bare = LocalBackend.load(folder, name="bare", kv_cache_memory="4MB")  # no tokenizer.json yet
+    try:
+        with pytest.raises(BackendError) as e:
+            run(collect(bare, "bare", prompt=[3, 4], max_tokens=2, logprobs=1))
+        assert (e.value.status, e.value.param) == (400, "logprobs") and bare.healthy()
+    finally:
+        run(bare.close())
+    tokenizer.save(folder)
+    backend = LocalBackend.load(folder, name="padded", kv_cache_memory="4MB")
+    try:
+        _, chunks = run(collect(backend, "padded", prompt="Hi", max_tokens=2, temperature=0, logprobs=3))
+        entries = [e for c in chunks for e in c.logprobs]
+        assert len(entries) == 2 and entries[0]["bytes"] == [] and entries[0]["token"] == ""
+        assert entries[0]["top_logprobs"][0]["bytes"] == [] and len(entries[0]["top_logprobs"]) == 3
+        assert backend.healthy()
+    finally:
+        run(backend.close())

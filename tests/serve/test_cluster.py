@@ -216,6 +216,9 @@ def test_openai_server_in_front_of_the_cluster(cluster):
         content = scored.choices[0].logprobs.content
         assert len(content) == scored.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in content)
         assert scored.choices[0].message.content == full.choices[0].message.content
+        legacy = client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, temperature=0, logprobs=1)
+        lp = legacy.choices[0].logprobs  # text_offset counted by the worker, which knows its tokenizer
+        assert len(lp.text_offset) == len(lp.tokens) == legacy.usage.completion_tokens and lp.text_offset[0] == 0
         assert client.models.retrieve(MODEL).id == MODEL
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="no-such-model", prompt="Hi", max_tokens=2)

@@ -214,6 +214,19 @@ def test_errors_raise_the_clients_exceptions(client):
     assert e.value.body["param"] == "temperature"
 
 
+def test_a_parameter_given_as_none_means_its_default(client):
+    """The client sends an explicit None as null, and OpenAI's parameters are nullable (the client's types say
+    Optional): null is the default, not a 400."""
+    unset = dict(temperature=None, top_p=None, n=None, presence_penalty=None, frequency_penalty=None, seed=None,
+                 stop=None, stream=None)
+    chat = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4, logprobs=None,
+                                          top_logprobs=None, **unset)
+    assert len(chat.choices) == 1 and chat.choices[0].logprobs is None
+    legacy = client.completions.create(model="tiny", prompt="The camel walks", max_tokens=None, echo=None,
+                                       logprobs=None, **unset)
+    assert len(legacy.choices) == 1 and legacy.usage.completion_tokens <= 16  # OpenAI's default max_tokens
+
+
 def test_client_disconnect_aborts_and_frees_blocks(server, slow_engine):
     backend = server.backend
     before = backend.stats()
@@ -308,3 +321,47 @@ def test_a_lora_adapter_is_its_own_model(start_server, chat_model_dir, reference
     assert answers["camel-lora"] == expected
     assert answers["camel-lora"] != answers["tiny"]
     server.stop()
+
+
+def test_completion_text_offsets_count_the_text_of_a_sentencepiece_model(tmp_path):
+    """A SentencePiece decoder drops the leading space of the first token ("▁Paris" is "Paris" in the text, as
+    Hugging Face decodes it): text_offset counts the characters of the text the choice holds, not of the bytes."""
+    import torch
+
+    from camelid.checkpoint import save_pretrained
+    from camelid.model import Transformer
+    from camelid.serve.app import create_app
+    from camelid.serve.backend import LocalBackend
+    from model_zoo import FIXTURES, tiny_config
+    from server_zoo import ServerThread
+
+    if not (FIXTURES / "tokenizers" / "llama2" / "tokenizer.json").is_file():
+        pytest.skip("the Llama 2 tokenizer fixture is missing")
+    tokenizer = Tokenizer(FIXTURES / "tokenizers" / "llama2")
+    paris = tokenizer.token_to_id("\u2581Paris")
+    config = tiny_config(vocab_size=tokenizer.vocab_size, max_position_embeddings=64, hidden_size=32,
+                         intermediate_size=32, num_hidden_layers=1, bos_token_id=tokenizer.bos_id,
+                         eos_token_id=tokenizer.eos_id)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    with torch.no_grad():  # the last hidden state is the token's embedding, and only "▁Paris" reads it
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        model.model.embed_tokens.weight[:, 0] = 10.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[paris, 0] = 1.0
+    save_pretrained(model, tmp_path)
+    tokenizer.save(tmp_path)
+    server = ServerThread(create_app(LocalBackend.load(tmp_path, name="sp", kv_cache_memory="4MB")))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        kwargs = dict(model="sp", prompt="The capital of France is", max_tokens=3, temperature=0, logprobs=1)
+        choice = client.completions.create(**kwargs).choices[0]
+        assert choice.text == "Paris Paris Paris" and choice.logprobs.tokens == [" Paris"] * 3
+        assert choice.logprobs.text_offset == [0, 5, 11]  # "Paris", " Paris", " Paris"
+        streamed = [o for c in client.completions.create(**kwargs, stream=True)
+                    for ch in c.choices if ch.logprobs for o in ch.logprobs.text_offset]
+        assert streamed == [0, 5, 11]
+    finally:
+        server.stop()

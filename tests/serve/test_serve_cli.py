@@ -101,3 +101,13 @@ def test_cluster_flag_mistakes_exit_2_before_anything_loads(argv, message, capsy
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("verb", ["serve", "worker"])
+def test_template_help_names_every_default(verb, capsys):
+    """Without --template, the model folder's recorded template (a full fine-tune, a merge) comes before the
+    tokenizer's: --help says so (the worker's said only "the tokenizer's chat_template")."""
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "recorded in the model folder" in text and "an adapter's recorded" in text
