@@ -219,6 +219,10 @@ def test_openai_server_in_front_of_the_cluster(cluster):
         legacy = client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, temperature=0, logprobs=1)
         lp = legacy.choices[0].logprobs  # text_offset counted by the worker, which knows its tokenizer
         assert len(lp.text_offset) == len(lp.tokens) == legacy.usage.completion_tokens and lp.text_offset[0] == 0
+        echoed = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=1, temperature=0, logprobs=1,
+                                           echo=True)  # a token-id prompt scored and spelled by the worker
+        lp = echoed.choices[0].logprobs
+        assert len(lp.tokens) == 4 and lp.token_logprobs[0] is None and all(v < 0 for v in lp.token_logprobs[1:])
         assert client.models.retrieve(MODEL).id == MODEL
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="no-such-model", prompt="Hi", max_tokens=2)
