@@ -240,7 +240,8 @@ def register(verbs, fmt) -> None:
     p.add_argument("--model-name", default=None, help="the name clients use (default: the folder's name)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="a PEFT LoRA adapter folder served as the model NAME (repeatable)")
-    p.add_argument("--template", default=None, help="chat template name (default: the tokenizer's chat_template)")
+    p.add_argument("--template", default=None, help="chat template name (default: an adapter's recorded one, else "
+                   "the one `camelid finetune` recorded in the model folder, else the tokenizer's chat_template)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port_number, default=21002)
     p.add_argument("--address", default=None,

@@ -139,7 +139,7 @@ def register(verbs, fmt) -> None:
                    help="a PEFT LoRA folder served as model NAME (repeatable)")
     p.add_argument("--name", default=None, help="the base model's name in the API (default: the folder's name)")
     p.add_argument("--template", default=None, help="chat template name (default: an adapter's recorded one, else "
-                   "the tokenizer's chat_template)")
+                   "the one `camelid finetune` recorded in the model folder, else the tokenizer's chat_template)")
     p.add_argument("--controller", default=None, metavar="URL",
                    help="route requests to the workers registered with this controller instead of --model")
     p.add_argument("--host", default="127.0.0.1")
