@@ -218,7 +218,7 @@ def register(verbs, fmt) -> None:
                    help="bf16 / fp16: mixed precision over fp32 weights; bf16-true: bf16 weights (default auto)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--strategy", default=None, choices=list(STRATEGIES),
-                   help="under torchrun: ddp, fsdp or zero2, as for `camelid pretrain` (default none)")
+                   help=f"under torchrun: ddp, fsdp or zero2, as for `camelid pretrain` (default {d.strategy})")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute block activations in backward")

@@ -104,10 +104,9 @@ def trainable_params(c: ModelConfig, method: str, lora_r: int = 8, lora_targets:
         return NUM_VIRTUAL_TOKENS * c.hidden_size  # input embeddings of the virtual tokens
     if method == "adapter":
         return L * 2 * (2 * c.hidden_size * ADAPTER_SIZE + ADAPTER_SIZE + c.hidden_size)  # down + up, with biases
-    if method == "bitfit":
-        per_layer = (c.q_size + 2 * c.kv_size) * c.qkv_bias + c.hidden_size * c.o_bias
-        per_layer += (2 * c.intermediate_size + c.hidden_size) * c.mlp_bias * _experts(c)
-        return L * per_layer
+    if method == "bitfit":  # a bias on every Linear but lm_head, zeros added where there is none (peft/bitfit.py)
+        per_layer = c.q_size + 2 * c.kv_size + c.hidden_size + (2 * c.intermediate_size + c.hidden_size) * _experts(c)
+        return L * (per_layer + c.num_local_experts)  # + the MoE router's
     if method == "ia3":
         return L * (2 * c.kv_size + c.intermediate_size)  # l_k, l_v, l_ff (Liu et al. 2022)
     return 0  # inference
@@ -283,8 +282,6 @@ def method_problem(c: ModelConfig, method: str, precision: str) -> str | None:
     """Why `method` cannot run on this model at this precision, or None."""
     if method == "qlora" and precision == "fp32":
         return "qlora computes in bf16/fp16 (NF4 weights are dequantized to half precision)"
-    if method == "bitfit" and trainable_params(c, "bitfit") == 0:
-        return f"bitfit trains only biases and this {c.model_type} model has none (qkv_bias, o_bias, mlp_bias all off)"
     return None
 
 

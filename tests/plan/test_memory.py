@@ -6,6 +6,7 @@ import torch
 from camelid import recompute
 from camelid.config import get_preset, num_parameters
 from camelid.model import Transformer
+from camelid.peft.bitfit import apply_bitfit
 from camelid.peft.lora import apply_lora
 from camelid.train.compile import compile_for_training
 from camelid.plan.memory import (NF4_BLOCK, activation_bytes_per_token_layer, estimate, num_param_tensors,
@@ -66,6 +67,15 @@ def test_trainable_counts_by_hand():
     assert trainable_params(c, "ia3") == 32 * (2 * 4096 + 11008)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True}, {"num_local_experts": 4, "num_experts_per_tok": 2}])
+def test_bitfit_counts_the_biases_it_trains(overrides):
+    """BitFit adds zero biases where LLaMA has none (camelid/peft/bitfit.py), so it trains on every model."""
+    config = get_preset("tiny").replace(**overrides)
+    model = apply_bitfit(Transformer(config))
+    assert trainable_params(config, "bitfit") == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert estimate(config, "bitfit").terms["gradients"] == 4 * trainable_params(config, "bitfit")
+
+
 def test_qlora_weights_are_nf4_plus_double_quant_constants():
     c = get_preset("llama-2-7b")
     q = quantized_params(c)
@@ -101,7 +111,6 @@ def test_inference_kv_cache():
     ({"batch": -1}, "--batch must be a positive"),
     ({"method": "lora", "kv_context": 4096}, "--kv-context is for --method inference"),
     ({"method": "inference", "checkpointing": True}, "--checkpointing is for training"),
-    ({"method": "bitfit"}, "has none"),
     ({"method": "qlora", "precision": "fp32"}, "qlora computes in bf16"),
     ({"optimizer": "adam"}, "unknown optimizer"),
 ])
