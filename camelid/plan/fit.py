@@ -44,6 +44,11 @@ class Fit:
     reason: str = ""
 
 
+def size_text(nbytes: float) -> str:
+    """Bytes as GB, or MB below 0.1 GB (a tiny model's "0.0 GB" says nothing)."""
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
 def _needed(est_total: float, context_bytes: float = CONTEXT_BYTES) -> float:
     return est_total * (1 + FRAGMENTATION) + context_bytes
 
@@ -92,7 +97,7 @@ def fit(config: ModelConfig, device_memory: float, seq: int = 512, global_batch:
         else:
             need = estimate(config, method, batch=1, checkpointing=method != "inference", **kw).total
             rows.append(Fit(method, False, bytes_needed=need,
-                            reason=f"needs {_needed(need, context_bytes) / 1e9:.1f} GB at micro-batch 1"
+                            reason=f"needs {size_text(_needed(need, context_bytes))} at micro-batch 1"
                                    + (" with checkpointing" if method != "inference" else "")))
     return rows
 
@@ -105,7 +110,7 @@ def fit_training(config: ModelConfig, device_memory: float, seq: int, global_bat
     (row,) = fit(config, device_memory, seq=seq, global_batch=global_batch, precision=precision, optimizer=optimizer,
                  methods=(method,), compiled=compiled, context_bytes=context_bytes)
     if not row.fits:
-        raise ValueError(f"{method} training at seq {seq} does not fit in {device_memory / 1e9:.1f} GB: {row.reason}")
+        raise ValueError(f"{method} training at seq {seq} does not fit in {size_text(device_memory)}: {row.reason}")
     micro = min(row.micro_batch, global_batch & -global_batch)  # x & -x: the largest power of two dividing x
     if micro != row.micro_batch:
         row.bytes_needed = estimate(config, method, seq=seq, batch=micro, precision=precision, optimizer=optimizer,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from camelid.config import ConfigError, ModelConfig
-from camelid.plan.fit import CONTEXT_BYTES, fit_training, parse_size
+from camelid.plan.fit import CONTEXT_BYTES, fit_training, parse_size, size_text
 from camelid.train.compile import DEFAULT_ACTIVATION_MEMORY_BUDGET, check_budget
 
 OPTIMIZERS = ("adamw", "lion", "adamw8bit", "paged_adamw8bit")  # the 8-bit two: CUDA only (optim.py)
@@ -187,9 +187,9 @@ def auto_fit(cfg: TrainConfig, config: ModelConfig, device_bytes: float, precisi
         raise ValueError(f"--auto: {e}; lower seq_len or choose a smaller model") from None
     new = dataclasses.replace(cfg, micro_batch=chosen.micro_batch, grad_accum=chosen.grad_accum,
                               activation_checkpointing=chosen.checkpointing)
-    note = (f"auto-fit for {device_bytes / 1e9:.1f} GB ({method}, {precision}, {cfg.optimizer}, seq {cfg.seq_len}): "
+    note = (f"auto-fit for {size_text(device_bytes)} ({method}, {precision}, {cfg.optimizer}, seq {cfg.seq_len}): "
             f"micro_batch {chosen.micro_batch} x grad_accum {chosen.grad_accum}, activation checkpointing "
-            f"{'on' if chosen.checkpointing else 'off'} (estimated {chosen.bytes_needed / 1e9:.2f} GB + margin; "
+            f"{'on' if chosen.checkpointing else 'off'} (estimated {size_text(chosen.bytes_needed)} + margin; "
             f"was micro_batch {cfg.micro_batch} x grad_accum {cfg.grad_accum})")
     return new, note
 

@@ -85,3 +85,9 @@ def test_compiled_training_fits_a_larger_micro_batch():
     assert compiled.fits and eager.fits and not compiled.checkpointing
     assert compiled.micro_batch >= eager.micro_batch
     assert compiled.bytes_needed / compiled.micro_batch < eager.bytes_needed / eager.micro_batch
+
+
+def test_sizes_below_a_tenth_of_a_gigabyte_read_in_megabytes():
+    from camelid.plan.fit import size_text
+
+    assert (size_text(24e9), size_text(0.5e9), size_text(41e6)) == ("24.0 GB", "0.5 GB", "41.0 MB")
