@@ -360,7 +360,14 @@ class LocalBackend(Backend):
                 outputs = self.llm.step()
                 self._stats = dict(self.llm.stats())  # before the outputs go out: a client never sees older stats
                 for output in outputs:
-                    self._dispatch(output)
+                    try:
+                        self._dispatch(output)
+                    except Exception as e:  # noqa: BLE001 - turning one output into chunks failed: end that request
+                        log.exception("request %s failed while its output was sent", output.request_id)
+                        route = self._routes.pop(output.request_id, None)
+                        self.llm.abort(output.request_id)
+                        if route is not None:
+                            _send(route, e)
             else:
                 self._stats = dict(self.llm.stats())
 

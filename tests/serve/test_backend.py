@@ -171,17 +171,38 @@ def test_an_engine_failure_ends_requests_and_refuses_new_ones(chat_model_dir):
     run(backend.close())
 
 
-@pytest.mark.parametrize("where", ["dispatch", "stats"])
-def test_a_failure_outside_step_also_ends_requests_and_refuses_new_ones(chat_model_dir, where):
-    """Any error of the engine thread (not only in step()) marks the backend failed: no request waits forever."""
+def test_a_request_whose_output_cannot_be_sent_fails_alone(chat_model_dir):
+    """Turning one request's output into chunks fails (a formatting bug, a token the tokenizer lacks): that request
+    gets a 500 and its blocks back, the engine keeps serving the others."""
     backend = LocalBackend.load(chat_model_dir, name="tiny", template=TEMPLATE)
+    real = backend._dispatch
+
+    def dispatch(output):
+        if output.request_id == "doomed":
+            raise RuntimeError("simulated dispatch bug")
+        real(output)
+    backend._dispatch = dispatch
+    try:
+        with pytest.raises(BackendError) as e:
+            run(asyncio.wait_for(collect(backend, prompt="Hello", max_tokens=4, rid="doomed"), 10))
+        assert e.value.status == 500 and "simulated dispatch bug" in e.value.message
+        text, chunks = run(asyncio.wait_for(collect(backend, prompt="Hello", max_tokens=4, rid="fine"), 10))
+        assert chunks[-1].completion_tokens == 4 and backend.healthy()
+        stats = backend.llm.stats()
+        assert stats["num_free_blocks"] == stats["num_blocks"]
+    finally:
+        run(backend.close())
+
+
+def test_a_failure_outside_step_also_ends_requests_and_refuses_new_ones(chat_model_dir):
+    """Any other error of the engine thread (not only in step(): here its stats) marks the backend failed: no
+    request waits forever."""
+    backend = LocalBackend.load(chat_model_dir, name="tiny", template=TEMPLATE)
+    where = "stats"
 
     def broken(*args):
         raise RuntimeError(f"simulated {where} bug")
-    if where == "dispatch":
-        backend._dispatch = broken
-    else:
-        backend.llm.stats = broken
+    backend.llm.stats = broken
 
     async def within(coro):
         return await asyncio.wait_for(coro, 10)
