@@ -29,6 +29,31 @@ def make_chat_model(folder: Path, context: int = CONTEXT, seed: int = 0) -> Path
     return folder
 
 
+def save_parrot_model(folder: Path, tokenizer: Tokenizer, token: int, vocab_size: int | None = None,
+                      context: int = 128) -> Path:
+    """A one-layer tiny LLaMA that answers `token` again and again, saved to folder: every layer's output projection
+    is zero (the last hidden state is the token's embedding), every embedding has a large component 0, and only
+    `token`'s output row reads it. vocab_size defaults to the tokenizer's (larger: ids the tokenizer lacks)."""
+    import torch
+
+    from camelid.model import Transformer
+
+    config = tiny_config(vocab_size=vocab_size or tokenizer.vocab_size, max_position_embeddings=context,
+                         hidden_size=32, intermediate_size=32, num_hidden_layers=1, bos_token_id=tokenizer.bos_id,
+                         eos_token_id=tokenizer.eos_id)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        model.model.embed_tokens.weight[:, 0] = 10.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[token, 0] = 1.0
+    save_pretrained(model, folder)
+    return folder
+
+
 class ServerThread:
     """uvicorn serving `app` on 127.0.0.1 (a port the OS picks) in a daemon thread; stop() runs the app's shutdown."""
 

@@ -10,14 +10,11 @@ import shutil
 import time
 
 import pytest
-import torch
 
-from camelid.checkpoint import save_pretrained
 from camelid.engine import SamplingParams
-from camelid.model import Transformer
 from camelid.serve.backend import BackendError, LocalBackend
-from model_zoo import FIXTURES, tiny_config
-from server_zoo import TEMPLATE
+from model_zoo import FIXTURES
+from server_zoo import TEMPLATE, save_parrot_model
 
 LLAMA3 = FIXTURES / "tokenizers" / "llama3"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]
@@ -119,21 +116,7 @@ def llama3_dir(tmp_path_factory):
     from camelid.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(folder)
-    eot = tokenizer.token_to_id("<|eot_id|>")
-    config = tiny_config(vocab_size=tokenizer.vocab_size, max_position_embeddings=128, hidden_size=32,
-                         intermediate_size=32, num_hidden_layers=1, bos_token_id=tokenizer.bos_id,
-                         eos_token_id=tokenizer.eos_id)
-    torch.manual_seed(0)
-    model = Transformer(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.zero_()
-        model.model.embed_tokens.weight[:, 0] = 10.0
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[eot, 0] = 1.0
-    save_pretrained(model, folder)
-    return folder
+    return save_parrot_model(folder, tokenizer, tokenizer.token_to_id("<|eot_id|>"))
 
 
 def test_the_tokenizers_own_chat_template_is_used(llama3_dir, transformers):
@@ -302,19 +285,8 @@ def test_logprobs_of_ids_past_the_tokenizer_or_without_one_leave_the_engine_serv
     folder = tmp_path / "padded"
     folder.mkdir()
     tokenizer = Tokenizer(chat_model_dir)
-    padding = tokenizer.vocab_size + 7  # an id the model has and the tokenizer lacks
-    config = tiny_config(vocab_size=tokenizer.vocab_size + 32, bos_token_id=tokenizer.bos_id,
-                         eos_token_id=tokenizer.eos_id)
-    torch.manual_seed(0)
-    model = Transformer(config)
-    with torch.no_grad():  # the last hidden state is the token's embedding, and only `padding` reads it: greedy picks it
-        for name, p in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.zero_()
-        model.model.embed_tokens.weight[:, 0] = 10.0
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[padding, 0] = 1.0
-    save_pretrained(model, folder)
+    padding = tokenizer.vocab_size + 7  # an id the model has and the tokenizer lacks: greedy picks it
+    save_parrot_model(folder, tokenizer, padding, vocab_size=tokenizer.vocab_size + 32)
     bare = LocalBackend.load(folder, name="bare", kv_cache_memory="4MB")  # no tokenizer.json yet
     try:
         with pytest.raises(BackendError) as e:

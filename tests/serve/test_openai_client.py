@@ -326,32 +326,15 @@ def test_a_lora_adapter_is_its_own_model(start_server, chat_model_dir, reference
 def test_completion_text_offsets_count_the_text_of_a_sentencepiece_model(tmp_path):
     """A SentencePiece decoder drops the leading space of the first token ("▁Paris" is "Paris" in the text, as
     Hugging Face decodes it): text_offset counts the characters of the text the choice holds, not of the bytes."""
-    import torch
-
-    from camelid.checkpoint import save_pretrained
-    from camelid.model import Transformer
     from camelid.serve.app import create_app
     from camelid.serve.backend import LocalBackend
-    from model_zoo import FIXTURES, tiny_config
-    from server_zoo import ServerThread
+    from model_zoo import FIXTURES
+    from server_zoo import ServerThread, save_parrot_model
 
     if not (FIXTURES / "tokenizers" / "llama2" / "tokenizer.json").is_file():
         pytest.skip("the Llama 2 tokenizer fixture is missing")
     tokenizer = Tokenizer(FIXTURES / "tokenizers" / "llama2")
-    paris = tokenizer.token_to_id("\u2581Paris")
-    config = tiny_config(vocab_size=tokenizer.vocab_size, max_position_embeddings=64, hidden_size=32,
-                         intermediate_size=32, num_hidden_layers=1, bos_token_id=tokenizer.bos_id,
-                         eos_token_id=tokenizer.eos_id)
-    torch.manual_seed(0)
-    model = Transformer(config)
-    with torch.no_grad():  # the last hidden state is the token's embedding, and only "▁Paris" reads it
-        for name, p in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.zero_()
-        model.model.embed_tokens.weight[:, 0] = 10.0
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[paris, 0] = 1.0
-    save_pretrained(model, tmp_path)
+    save_parrot_model(tmp_path, tokenizer, tokenizer.token_to_id("\u2581Paris"), context=64)
     tokenizer.save(tmp_path)
     server = ServerThread(create_app(LocalBackend.load(tmp_path, name="sp", kv_cache_memory="4MB")))
     try:
