@@ -484,9 +484,11 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
 
     async def with_history(model: str, session: dict, new: list[dict], ctx: int, max_tokens: int | None) -> list[dict]:
         """System prompt + stored turns + the new messages, dropping whole turns from the oldest until the prompt
-        leaves room for the answer (max_tokens, or a quarter of the context when not given)."""
-        system = [] if any(m["role"] == "system" for m in new) or not session.get("system_prompt") else \
-            [{"role": "system", "content": session["system_prompt"]}]
+        leaves room for the answer (max_tokens, or a quarter of the context when not given). A system message sent
+        with the turn replaces the session's, and goes first: templates take a system message only there."""
+        system = [m for m in new if m["role"] == "system"] or (
+            [{"role": "system", "content": session["system_prompt"]}] if session.get("system_prompt") else [])
+        new = [m for m in new if m["role"] != "system"]
         history = [{"role": m["role"], "content": m["content"]} for m in session["messages"]]
         budget = ctx - (max_tokens if max_tokens is not None else max(1, ctx // 4))
         # where the kept history may start: everything, then after each dropped turn (a turn starts with its user

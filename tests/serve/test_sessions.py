@@ -240,6 +240,26 @@ def test_an_aborted_stream_stores_what_was_produced(start_server, tmp_path):
     server.stop()
 
 
+def test_a_system_message_in_a_follow_up_turn_replaces_the_session_prompt(start_server, tmp_path, chat_tools):
+    # OpenAI-style clients send their system message with every turn: it goes first, ahead of the stored history
+    server = start_server(db=f"sqlite:///{tmp_path}/chats.db")
+    http = httpx.Client(base_url=server.url, timeout=60)
+    sid = http.post("/v1/sessions", json={"system_prompt": SYSTEM}).json()["id"]
+    system = [{"role": "system", "content": "Answer in one word."}]
+    history: list[dict] = []
+    for question in ("Where do camels live?", "What do they eat?"):
+        turn = [{"role": "user", "content": question}]
+        r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": system + turn, "max_tokens": 4,
+                                                    "temperature": 0, "session_id": sid})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == chat_tools(system + history + turn)
+        history += [*turn, {"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]}]
+    stored = http.get(f"/v1/sessions/{sid}").json()
+    assert [m["role"] for m in stored["messages"]] == ["user", "assistant"] * 2 and stored["system_prompt"] == SYSTEM
+    http.close()
+    server.stop()
+
+
 # ---- kill -9 -----------------------------------------------------------------------------------------------------
 
 def _free_port() -> int:
