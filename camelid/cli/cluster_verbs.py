@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 import textwrap
+from urllib.parse import quote
 
 from camelid.cli.model_verbs import user_lines
 from camelid.cli.serve_verbs import LOG_LEVELS, check_template, parse_adapters, port_number
@@ -123,9 +124,12 @@ class ChatClient:
         """The session to chat in: the given one (its system prompt updated when --system is given), else a new one;
         None when the server has no sessions (then the history is kept here)."""
         if session_id:
-            session = self.request("GET", f"/v1/sessions/{session_id}")
+            path = f"/v1/sessions/{quote(session_id, safe='')}"  # one path segment, whatever the id holds
+            session = self.request("GET", path)
+            if session.get("id") != session_id:  # "." or ".." still walk the path: another endpoint answered
+                raise ValueError(f"GET {path}: no session {session_id!r}")
             if system:
-                self.request("PATCH", f"/v1/sessions/{session_id}", json={"system_prompt": system})
+                self.request("PATCH", path, json={"system_prompt": system})
             turns = sum(m["role"] == "user" for m in session.get("messages", []))
             print(f"camelid chat: session {session_id} ({session['title']!r}, {turns} earlier turns)", file=sys.stderr)
             return session_id

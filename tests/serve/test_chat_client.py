@@ -87,3 +87,13 @@ def test_local_only_flags_are_refused_with_a_server(monkeypatch, capsys):
     code, _, err = run_main(monkeypatch, capsys, [])
     assert code == 2 and "--model DIR" in err
 
+
+
+def test_a_session_id_that_is_not_one_is_a_one_line_error(start_server, tmp_path, monkeypatch, capsys):
+    # the id goes into the URL path: "../models" must not reach /v1/models, nor "a?b" /v1/sessions/a
+    server = start_server(db=f"sqlite:///{tmp_path}/chats.db")
+    for bad in ("../models", "..", ".", "a?b#c", "a/b"):
+        code, _, err = run_main(monkeypatch, capsys, ["--server", server.url, "--session", bad], "Hi\n")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "session" in err, (bad, err)
+    code, _, err = run_main(monkeypatch, capsys, ["--server", server.url, "--session", "a?b#c"], "Hi\n")
+    assert "no session 'a?b#c'" in err
