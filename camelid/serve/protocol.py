@@ -173,13 +173,17 @@ class ErrorResponse(BaseModel):
 
 # ---- chat sessions --------------------------------------------------------------------------------------------------
 
-class SessionCreate(_Request):
+class _SessionRequest(_Request):
+    model_config = ConfigDict(extra="forbid")  # our own API, no client sends extras: a misspelt field is refused
+
+
+class SessionCreate(_SessionRequest):
     title: str | None = Field(None, max_length=500)
     model: str | None = None
     system_prompt: str | None = None
 
 
-class SessionUpdate(_Request):
+class SessionUpdate(_SessionRequest):
     title: str | None = Field(None, max_length=500)
     model: str | None = None
     system_prompt: str | None = None

@@ -163,6 +163,14 @@ def test_another_users_session_is_not_found(server, http):
     check_error(http.post("/v1/sessions", json={"model": "gpt-17"}), 404, "model")
 
 
+def test_a_misspelt_session_field_is_refused_not_ignored(http):
+    # the sessions API is camelid's own (no client sends extra fields): a typo would silently change nothing
+    sid = http.post("/v1/sessions", json={"title": "typos"}).json()["id"]
+    check_error(http.post("/v1/sessions", json={"sytem_prompt": "Be brief."}), 400, "sytem_prompt")
+    check_error(http.patch(f"/v1/sessions/{sid}", json={"system_promt": "Be brief."}), 400, "system_promt")
+    assert http.get(f"/v1/sessions/{sid}").json()["system_prompt"] is None
+
+
 def test_no_500_was_ever_sent(server, http):
     # one request of each kind first, so the test stands alone (run by itself, or after any other selection)
     assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
