@@ -160,10 +160,12 @@ class ChatClient:
 
     def _stream_answer(self, body: dict, out) -> str:
         answer = ""
-        with self.http.stream("POST", "/v1/chat/completions", json=body) as r:
-            if r.status_code >= 400:
-                raise ValueError(error_message(r.status_code, r.read().decode(errors="replace")))
-            try:
+        # Ctrl-C also while waiting for the headers (the server sends them with the first token, after the prefill);
+        # leaving the `with` closes the connection: the server aborts the request
+        try:
+            with self.http.stream("POST", "/v1/chat/completions", json=body) as r:
+                if r.status_code >= 400:
+                    raise ValueError(error_message(r.status_code, r.read().decode(errors="replace")))
                 for line in r.iter_lines():
                     if not line.startswith("data:"):
                         continue
@@ -177,8 +179,8 @@ class ChatClient:
                         piece = (choice.get("delta") or {}).get("content") or ""
                         answer += piece
                         print(piece, end="", file=out, flush=True)
-            except KeyboardInterrupt:  # leaving the `with` closes the connection: the server aborts the request
-                print(" [stopped]", end="", file=out)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="", file=out)
         return answer
 
 

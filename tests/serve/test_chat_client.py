@@ -97,3 +97,17 @@ def test_a_session_id_that_is_not_one_is_a_one_line_error(start_server, tmp_path
         assert code == 2 and len(err.strip().splitlines()) == 1 and "session" in err, (bad, err)
     code, _, err = run_main(monkeypatch, capsys, ["--server", server.url, "--session", "a?b#c"], "Hi\n")
     assert "no session 'a?b#c'" in err
+
+
+def test_ctrl_c_before_the_first_token_stops_the_answer_not_the_chat(monkeypatch):
+    # the server sends its headers with the first token: a long prefill or a queue is a wait Ctrl-C must stop too
+    from camelid.cli.cluster_verbs import ChatClient
+
+    def interrupted(request: httpx.Request) -> httpx.Response:
+        raise KeyboardInterrupt
+
+    client = ChatClient("http://camelid.invalid")
+    client.http = httpx.Client(base_url="http://camelid.invalid", transport=httpx.MockTransport(interrupted))
+    out = io.StringIO()
+    assert client.turn("tiny", "sid", "Hi", {}, out=out) == ""
+    assert out.getvalue() == " [stopped]"
