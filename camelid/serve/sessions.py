@@ -190,11 +190,18 @@ def _open_sqlite(url: str) -> sqlite3.Connection:
         if not parent.is_dir():
             raise FileNotFoundError(f"the folder of the session database {path!r} does not exist")
     # with conn: commits each transaction; python opens it (BEGIN) before the first write
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level="DEFERRED")
-    conn.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer; one file plus its -wal
-    conn.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit: an acknowledged write survives a crash
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=5000")  # another process (a second server) holding the write lock: wait
+    try:
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level="DEFERRED")
+    except sqlite3.OperationalError as e:  # a folder, a place without write access: the user's --db, not a bug
+        raise ValueError(f"cannot open the session database {path!r}: {e}") from None
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer; one file plus its -wal
+        conn.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit: an acknowledged write survives
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=5000")  # another process (a second server) holding the write lock: wait
+    except sqlite3.OperationalError as e:
+        conn.close()
+        raise ValueError(f"cannot open the session database {path!r}: {e}") from None
     return conn
 
 

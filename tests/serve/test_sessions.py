@@ -85,6 +85,10 @@ def test_store_rejects_bad_urls(tmp_path):
         SessionStore("mysql://x")
     with pytest.raises(FileNotFoundError):
         SessionStore(f"sqlite:///{tmp_path}/missing/dir/chats.db")
+    # a folder, or a file SQLite cannot open: the one-line error of a bad --db (exit 2), not an sqlite3 traceback
+    for where in (tmp_path, "/proc/chats.db"):
+        with pytest.raises(ValueError, match="cannot open the session database"):
+            SessionStore(f"sqlite:///{where}")
 
 
 def test_a_closed_store_refuses_and_does_not_reconnect(db_url):
