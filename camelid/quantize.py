@@ -17,6 +17,7 @@ from camelid.checkpoint import TOKENIZER_FILES, from_pretrained, parse_device, s
 from camelid.quant import model_nbytes, options_for, quantization_config, quantize_model, select_linears
 from camelid.quant.gptq import gptq_quantizer
 from camelid.quant.perplexity import perplexity
+from camelid.templates import TEMPLATE_FILE
 from camelid.tokenizer import Tokenizer
 
 
@@ -87,7 +88,7 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, group_s
         quantizer = gptq_quantizer(model, calib, seq_len, group_size=options["group_size"])
     quantize_model(model, method, group_size=options.get("group_size"), quantizer=quantizer, progress=progress)
     save_pretrained(model, out, dtype=stored_dtype)
-    for name in TOKENIZER_FILES:
+    for name in (*TOKENIZER_FILES, TEMPLATE_FILE):  # the template a fine-tuned folder records: chat keeps using it
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, out / name)
     del model

@@ -11,6 +11,7 @@ from camelid.checkpoint import save_pretrained
 from camelid.cli import main
 from camelid.quant import quantize_model
 from camelid.quantize import quantize_folder
+from camelid.templates import TEMPLATE_FILE, recorded_template
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torchao import noise
 
@@ -91,3 +92,13 @@ def test_quantize_verb_too_little_eval_text_names_the_minimum(args, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "at least 256 tokens" in err and "--eval-tokens" in err, err
+
+
+def test_quantize_keeps_the_recorded_chat_template(tmp_path, capsys):
+    """A full fine-tune's final/ or a `camelid merge` output names its chat template; the quantized copy must keep
+    it, or `camelid chat --model QUANT` renders prompts with another template than the one the model learned."""
+    save_pretrained(random_model(tiny_config()), tmp_path / "model")
+    (tmp_path / "model" / TEMPLATE_FILE).write_text('{"template": "alpaca", "method": "full"}\n')
+    assert main(["quantize", "--model", str(tmp_path / "model"), "--method", "int8", "--out", str(tmp_path / "q"),
+                 "--quiet"]) == 0
+    assert recorded_template(tmp_path / "q") == "alpaca"
