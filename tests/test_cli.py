@@ -240,6 +240,28 @@ def test_merge_keeps_the_recorded_template(tiny_dir, tmp_path):
     assert camelid.templates.recorded_template(tmp_path / "m") == "alpaca"
 
 
+def test_merge_onto_a_quantized_base_says_the_output_is_dequantized(tiny_dir, tmp_path):
+    """The merge folds the adapter into the dequantized weights (the model the adapter ran on), so the output is
+    a float folder, about twice an int8 one: the verb says so rather than leave it to be found on disk."""
+    from camelid.peft import apply_lora, load_adapter, save_adapter
+    from camelid.quant import quantize_model
+
+    camelid.save_pretrained(quantize_model(camelid.from_pretrained(tiny_dir), "int8"), tmp_path / "q")
+    model = apply_lora(camelid.from_pretrained(tiny_dir), r=2, alpha=4, target_modules=("q_proj",))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.05)
+    save_adapter(model, tmp_path / "adapter")
+    result = run("merge", "--base", str(tmp_path / "q"), "--adapter", str(tmp_path / "adapter"), "--out",
+                 str(tmp_path / "m"))
+    assert result.returncode == 0, result.stderr
+    assert "dequantized" in result.stdout and "camelid quantize" in result.stdout, result.stdout
+    ids = torch.tensor([[1, 5, 9, 30]])
+    with torch.no_grad():
+        expected = load_adapter(camelid.from_pretrained(tmp_path / "q"), tmp_path / "adapter").eval()(ids)
+        torch.testing.assert_close(camelid.from_pretrained(tmp_path / "m")(ids), expected, atol=1e-5, rtol=0)
+
+
 def test_merge_refuses_to_write_over_its_inputs(tiny_dir, tmp_path):
     from camelid.peft import apply_lora, save_adapter
 

@@ -213,6 +213,10 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     out = merge_adapter_folder(args.base, args.adapter, args.out)
     print(f"wrote {out}: {args.base} with the adapter {args.adapter} folded into its weights")
+    quantized = json.loads((Path(args.base) / "config.json").read_text()).get("quantization_config")
+    if quantized:  # folded into the dequantized weights: the output is a float model, not a smaller one
+        print(f"the base was quantized ({quantized.get('method')}): {out} holds the merged weights dequantized, in "
+              f"float; run camelid quantize on it for a quantized copy")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
