@@ -73,6 +73,18 @@ def test_info_preset_and_folder(tiny_dir):
     assert result.returncode == 0 and "on disk" in result.stdout
 
 
+def test_info_says_a_folder_is_quantized(tiny_dir, tmp_path):
+    """A `camelid quantize` folder has the config of its original: info must say what its weights are."""
+    from camelid.quant import quantize_model
+
+    camelid.save_pretrained(quantize_model(camelid.from_pretrained(tiny_dir), "int8"), tmp_path / "q")
+    result = run("info", "--model", str(tmp_path / "q"))
+    assert result.returncode == 0 and "quantized       int8, 14 Linear layers" in result.stdout, result.stdout
+    result = run("info", "--model", str(tmp_path / "q"), "--json")
+    assert json.loads(result.stdout)["quantization"] == {"method": "int8", "layers": 14}
+    assert "quantized" not in run("info", "--model", str(tiny_dir)).stdout
+
+
 def test_tokenizer_train(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
