@@ -44,11 +44,15 @@ class QuantizeReport:
         return out
 
 
-def eval_ids(tokenizer: Tokenizer, text_file: str | Path, max_tokens: int) -> torch.Tensor:
+def eval_ids(tokenizer: Tokenizer, text_file: str | Path, max_tokens: int, what: str = "eval") -> torch.Tensor:
     path = Path(text_file)
     if not path.is_file():
-        raise FileNotFoundError(f"no eval text file at {path}")
-    ids = tokenizer.encode(path.read_text(encoding="utf-8"), bos=False)[:max_tokens]
+        raise FileNotFoundError(f"no {what} text file at {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # the bare codec error names no file
+        raise ValueError(f"{what} text {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    ids = tokenizer.encode(text, bos=False)[:max_tokens]
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -84,7 +88,7 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, group_s
 
     quantizer = None
     if calibration is not None:
-        calib = eval_ids(tokenizer, calibration, calibration_tokens)
+        calib = eval_ids(tokenizer, calibration, calibration_tokens, "calibration")
         quantizer = gptq_quantizer(model, calib, seq_len, group_size=options["group_size"])
     quantize_model(model, method, group_size=options.get("group_size"), quantizer=quantizer, progress=progress)
     save_pretrained(model, out, dtype=stored_dtype)

@@ -48,8 +48,13 @@ def test_quantize_verb_reports_bytes_and_perplexity(trained_model, tmp_path, cap
     (["--method", "int8", "--calibration", "x.txt"], "applies to int4 only"),
     (["--method", "nf4", "--group-size", "64"], "--group-size applies to int4 only"),
     (["--method", "int8", "--eval-text", "missing.txt"], "no eval text file at missing.txt"),
+    (["--method", "int4", "--calibration", "missing.txt"], "no calibration text file at missing.txt"),
+    (["--method", "int8", "--eval-text", "BINARY"], "BINARY is not UTF-8 text"),
+    (["--method", "int4", "--calibration", "BINARY"], "BINARY is not UTF-8 text"),
 ])
 def test_quantize_verb_bad_input_is_one_line_and_exit_2(args, message, trained_model, tmp_path, capsys):
+    (tmp_path / "BINARY").write_bytes(b"\xff\xfe not text")
+    args = [str(tmp_path / a) if a == "BINARY" else a for a in args]
     code = main(["quantize", "--model", str(trained_model.folder), "--out", str(tmp_path / "q"), "--quiet", *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
