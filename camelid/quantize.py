@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from camelid.checkpoint import TOKENIZER_FILES, from_pretrained, parse_device, save_pretrained
-from camelid.quant import model_nbytes, options_for, quantization_config, quantize_model, select_linears
+from camelid.quant import checked_linears, model_nbytes, options_for, quantization_config, quantize_model
 from camelid.quant.gptq import gptq_quantizer
 from camelid.quant.perplexity import perplexity
 from camelid.templates import TEMPLATE_FILE
@@ -77,18 +77,21 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, group_s
         raise ValueError(f"{model_dir} is already quantized ({done['method']}); quantize the original folder")
     bytes_before, stored_dtype = model_nbytes(model), model.lm_head.weight.dtype
     model.float()  # quantize from fp32 (a bf16 -> fp32 cast is exact)
-    layers = len(select_linears(model))  # a model with nothing to quantize fails here, before any work
+    # nothing to quantize, or a layer the format does not fit: fails here, before any work
+    layers = len(checked_linears(model, method, options.get("group_size")))
     tokenizer = Tokenizer(model_dir) if (eval_text or calibration) else None
     ids = eval_ids(tokenizer, eval_text, eval_tokens) if eval_text else None
     seq_len = min(eval_seq_len, model.config.max_position_embeddings)
     if ids is not None and len(ids) < seq_len:  # perplexity reads whole windows: say so before any work
         raise ValueError(f"--eval-text {eval_text} gives {len(ids)} tokens (--eval-tokens {eval_tokens}); "
                          f"perplexity needs at least {seq_len} tokens")
+    calib = eval_ids(tokenizer, calibration, calibration_tokens, "calibration") if calibration else None
+    if calib is not None and len(calib) < seq_len:  # GPTQ reads whole windows too
+        raise ValueError(f"--calibration {calibration} gives {len(calib)} tokens; GPTQ needs at least {seq_len}")
     ppl_before = perplexity(model, ids, seq_len) if ids is not None else None
 
     quantizer = None
-    if calibration is not None:
-        calib = eval_ids(tokenizer, calibration, calibration_tokens, "calibration")
+    if calib is not None:
         quantizer = gptq_quantizer(model, calib, seq_len, group_size=options["group_size"])
     quantize_model(model, method, group_size=options.get("group_size"), quantizer=quantizer, progress=progress)
     save_pretrained(model, out, dtype=stored_dtype)

@@ -12,6 +12,7 @@ from camelid.cli import main
 from camelid.quant import quantize_model
 from camelid.quantize import quantize_folder
 from camelid.templates import TEMPLATE_FILE, recorded_template
+from camelid.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torchao import noise
 
@@ -107,3 +108,22 @@ def test_quantize_keeps_the_recorded_chat_template(tmp_path, capsys):
     assert main(["quantize", "--model", str(tmp_path / "model"), "--method", "int8", "--out", str(tmp_path / "q"),
                  "--quiet"]) == 0
     assert recorded_template(tmp_path / "q") == "alpaca"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (dict(group_size=128), "group_size 128 must be an even number dividing"),  # tiny's layers have 64 inputs
+    (dict(group_size=16, calibration="SHORT"), "GPTQ needs at least 64"),  # tiny_config: context 64
+])
+def test_quantize_refuses_bad_options_before_measuring_perplexity(extra, message, tmp_path, monkeypatch):
+    """The perplexity pass before quantizing is the slow part on a big model: an int4 group that does not divide
+    a layer, or too little calibration text, must fail before it, as too little eval text does."""
+    import camelid.quantize
+
+    save_pretrained(random_model(tiny_config()), tmp_path / "model")
+    Tokenizer.train([], 256 + 3, show_progress=False).save(tmp_path / "model")
+    (tmp_path / "long.txt").write_text("To be, or not to be, that is the question. " * 40)
+    (tmp_path / "SHORT").write_text("To be, or not to be.")
+    monkeypatch.setattr(camelid.quantize, "perplexity", lambda *a: pytest.fail("perplexity ran before the check"))
+    extra = {k: str(tmp_path / v) if v == "SHORT" else v for k, v in extra.items()}
+    with pytest.raises(ValueError, match=message):
+        quantize_folder(tmp_path / "model", tmp_path / "q", "int4", eval_text=tmp_path / "long.txt", **extra)
