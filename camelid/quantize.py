@@ -59,10 +59,12 @@ def eval_ids(tokenizer: Tokenizer, text_file: str | Path, max_tokens: int, what:
 def quantize_folder(model_dir: str | Path, out: str | Path, method: str, group_size: int = 128,
                     eval_text: str | Path | None = None, eval_tokens: int = 16384, eval_seq_len: int = 256,
                     calibration: str | Path | None = None, calibration_tokens: int = 8192,
-                    progress: Callable[[str, int, int], None] | None = None, device: str = "cpu") -> QuantizeReport:
+                    progress: Callable[[str, int, int], None] | None = None, device: str = "cpu",
+                    eval_progress: Callable[[str, int, int], None] | None = None) -> QuantizeReport:
     """Load `model_dir` in fp32, quantize its Linear layers (lm_head and embeddings stay), save to `out` (with the
     tokenizer files), and measure bytes and, given `eval_text`, perplexity before and after. `calibration` (a text
-    file) selects GPTQ for int4."""
+    file) selects GPTQ for int4. `progress(layer, done, total)` follows the layers, `eval_progress(stage, done,
+    total)` the windows of each perplexity pass (stage "before" / "after")."""
     model_dir, out = Path(model_dir), Path(out)
     options = options_for(method, group_size)
     if calibration is not None and method != "int4":
@@ -88,7 +90,11 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, group_s
     calib = eval_ids(tokenizer, calibration, calibration_tokens, "calibration") if calibration else None
     if calib is not None and len(calib) < seq_len:  # GPTQ reads whole windows too
         raise ValueError(f"--calibration {calibration} gives {len(calib)} tokens; GPTQ needs at least {seq_len}")
-    ppl_before = perplexity(model, ids, seq_len) if ids is not None else None
+    def measure(m, stage: str) -> float | None:
+        report = (lambda done, total: eval_progress(stage, done, total)) if eval_progress else None
+        return perplexity(m, ids, seq_len, progress=report) if ids is not None else None
+
+    ppl_before = measure(model, "before")
 
     quantizer = None
     if calib is not None:
@@ -101,5 +107,5 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, group_s
     del model
     saved = from_pretrained(out, device=device)  # measured as the engine will load it
     bytes_after = model_nbytes(saved)
-    ppl_after = perplexity(saved.float(), ids, seq_len) if ids is not None else None
+    ppl_after = measure(saved.float(), "after")
     return QuantizeReport(out, method, options, layers, bytes_before, bytes_after, ppl_before, ppl_after)

@@ -127,3 +127,16 @@ def test_quantize_refuses_bad_options_before_measuring_perplexity(extra, message
     extra = {k: str(tmp_path / v) if v == "SHORT" else v for k, v in extra.items()}
     with pytest.raises(ValueError, match=message):
         quantize_folder(tmp_path / "model", tmp_path / "q", "int4", eval_text=tmp_path / "long.txt", **extra)
+
+
+def test_quantize_verb_shows_progress_while_measuring_perplexity(tmp_path, capsys):
+    """The perplexity passes before and after are the long part on a big model (minutes on a CPU): each has its
+    bar, as the layers have theirs."""
+    assert main(["init", "--preset", "tiny", "--out", str(tmp_path / "model")]) == 0
+    (tmp_path / "long.txt").write_text("To be, or not to be, that is the question. " * 120)
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(tmp_path / "model"), "--method", "int8", "--out", str(tmp_path / "q"),
+                 "--eval-text", str(tmp_path / "long.txt")]) == 0
+    err = capsys.readouterr().err
+    for bar in ("perplexity before", "quantizing to int8", "perplexity after"):
+        assert bar in err, err
