@@ -90,7 +90,8 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, group_s
     calib = eval_ids(tokenizer, calibration, calibration_tokens, "calibration") if calibration else None
     if calib is not None and len(calib) < seq_len:  # GPTQ reads whole windows too
         raise ValueError(f"--calibration {calibration} gives {len(calib)} tokens; GPTQ needs at least {seq_len}")
-    def measure(m, stage: str) -> float | None:
+
+    def measure(m: torch.nn.Module, stage: str) -> float | None:
         report = (lambda done, total: eval_progress(stage, done, total)) if eval_progress else None
         return perplexity(m, ids, seq_len, progress=report) if ids is not None else None
 
