@@ -73,6 +73,18 @@ def test_info_preset_and_folder(tiny_dir):
     assert result.returncode == 0 and "on disk" in result.stdout
 
 
+def test_info_says_a_folder_is_quantized(tiny_dir, tmp_path):
+    """A `camelid quantize` folder has the config of its original: info must say what its weights are."""
+    from camelid.quant import quantize_model
+
+    camelid.save_pretrained(quantize_model(camelid.from_pretrained(tiny_dir), "int8"), tmp_path / "q")
+    result = run("info", "--model", str(tmp_path / "q"))
+    assert result.returncode == 0 and "quantized       int8, 14 Linear layers" in result.stdout, result.stdout
+    result = run("info", "--model", str(tmp_path / "q"), "--json")
+    assert json.loads(result.stdout)["quantization"] == {"method": "int8", "layers": 14}
+    assert "quantized" not in run("info", "--model", str(tiny_dir)).stdout
+
+
 def test_tokenizer_train(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
@@ -238,6 +250,28 @@ def test_merge_keeps_the_recorded_template(tiny_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     # `camelid chat --model m` prompts as the adapter was trained
     assert camelid.templates.recorded_template(tmp_path / "m") == "alpaca"
+
+
+def test_merge_onto_a_quantized_base_says_the_output_is_dequantized(tiny_dir, tmp_path):
+    """The merge folds the adapter into the dequantized weights (the model the adapter ran on), so the output is
+    a float folder, about twice an int8 one: the verb says so rather than leave it to be found on disk."""
+    from camelid.peft import apply_lora, load_adapter, save_adapter
+    from camelid.quant import quantize_model
+
+    camelid.save_pretrained(quantize_model(camelid.from_pretrained(tiny_dir), "int8"), tmp_path / "q")
+    model = apply_lora(camelid.from_pretrained(tiny_dir), r=2, alpha=4, target_modules=("q_proj",))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.05)
+    save_adapter(model, tmp_path / "adapter")
+    result = run("merge", "--base", str(tmp_path / "q"), "--adapter", str(tmp_path / "adapter"), "--out",
+                 str(tmp_path / "m"))
+    assert result.returncode == 0, result.stderr
+    assert "dequantized" in result.stdout and "camelid quantize" in result.stdout, result.stdout
+    ids = torch.tensor([[1, 5, 9, 30]])
+    with torch.no_grad():
+        expected = load_adapter(camelid.from_pretrained(tmp_path / "q"), tmp_path / "adapter").eval()(ids)
+        torch.testing.assert_close(camelid.from_pretrained(tmp_path / "m")(ids), expected, atol=1e-5, rtol=0)
 
 
 def test_merge_refuses_to_write_over_its_inputs(tiny_dir, tmp_path):

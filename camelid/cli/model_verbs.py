@@ -161,6 +161,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     source = Path(args.model)
     config = config_of(args.model)
     info = model_info(config)
+    quantized = json.loads((source / "config.json").read_text()).get("quantization_config") \
+        if (source / "config.json").is_file() else None
+    if quantized:  # a `camelid quantize` folder keeps its original's config: only this says what its weights are
+        info["quantization"] = {**{k: v for k, v in quantized.items() if k not in ("quant_method", "modules")},
+                                "layers": len(quantized.get("modules") or [])}
     if args.json:
         print(json.dumps(info, indent=2))
         return
@@ -183,6 +188,10 @@ def cmd_info(args: argparse.Namespace) -> None:
     rows = [("layers", c.num_hidden_layers), ("hidden", c.hidden_size), ("attention", attention), ("mlp", mlp),
             ("positions", positions), ("context", c.max_position_embeddings), ("vocab", c.vocab_size),
             ("tied embeddings", c.tie_word_embeddings)]
+    if quantized:
+        q = info["quantization"]
+        options = "".join(f", {k}={v}" for k, v in q.items() if k not in ("method", "layers"))
+        rows.append(("quantized", f"{q['method']}{options}, {q['layers']} Linear layers"))
     for name, value in rows:
         print(f"  {name:<16}{value}")
     if source.is_dir():
@@ -213,6 +222,10 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     out = merge_adapter_folder(args.base, args.adapter, args.out)
     print(f"wrote {out}: {args.base} with the adapter {args.adapter} folded into its weights")
+    quantized = json.loads((Path(args.base) / "config.json").read_text()).get("quantization_config")
+    if quantized:  # folded into the dequantized weights: the output is a float model, not a smaller one
+        print(f"the base was quantized ({quantized.get('method')}): {out} holds the merged weights dequantized, in "
+              f"float; run camelid quantize on it for a quantized copy")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:

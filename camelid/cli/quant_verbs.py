@@ -19,20 +19,30 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise ValueError(f"--group-size must be positive, got {group_size}")
     if args.eval_tokens < 2:
         raise ValueError(f"--eval-tokens must be at least 2, got {args.eval_tokens}")
-    bars: list[tqdm] = []  # opened at the first layer: loading and checking print nothing, errors stay one line
+    # one bar per stage, each opened at its first step: loading and checking print nothing, errors stay one line
+    bars: dict[str, tqdm] = {}
+
+    def advance(desc: str, unit: str, done: int, total: int, postfix: str = "") -> None:
+        if desc not in bars:
+            bars[desc] = tqdm(total=total, desc=desc, unit=unit, disable=args.quiet)
+        bars[desc].set_postfix_str(postfix, refresh=False)
+        bars[desc].update(done - bars[desc].n)
+        if done >= total:  # the next stage's bar then starts on a line of its own
+            bars[desc].close()
 
     def progress(name: str, done: int, total: int) -> None:
-        if not bars:
-            bars.append(tqdm(total=total, desc=f"quantizing to {args.method}", unit="layer", disable=args.quiet))
-        bars[0].set_postfix_str(name, refresh=False)
-        bars[0].update(1)
+        advance(f"quantizing to {args.method}", "layer", done, total, postfix=name)
+
+    def eval_progress(stage: str, done: int, total: int) -> None:
+        advance(f"perplexity {stage}", "window", done, total)
 
     try:
         report = quantize_folder(args.model, args.out, args.method, group_size=group_size,
                                  eval_text=args.eval_text, eval_tokens=args.eval_tokens,
-                                 calibration=args.calibration, progress=progress, device=args.device or "cpu")
+                                 calibration=args.calibration, progress=progress, device=args.device or "cpu",
+                                 eval_progress=eval_progress)
     finally:
-        for bar in bars:
+        for bar in bars.values():
             bar.close()
     for line in report.lines():
         print(line)

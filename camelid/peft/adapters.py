@@ -102,12 +102,12 @@ def apply_bottleneck(model: nn.Module, bottleneck_size: int = 64, placement: str
     layers = _checked_blocks(model, bottleneck_size, placement, nonlinearity)
     freeze(model)
     hidden = model.config.hidden_size
+    dtype = adapter_dtype(model.model.embed_tokens.weight)  # not o_proj's: quantized, its `weight` holds int codes
     for block in layers:
-        weight = block.self_attn.o_proj.weight
+        device = block.self_attn.o_proj.weight.device
         for where in PLACEMENTS[placement]:
             sublayer = block.self_attn if where == "attn" else getattr(block, _ffn_name(block))
-            adapter = Bottleneck(hidden, bottleneck_size, nonlinearity, init_std, weight.device,
-                                 adapter_dtype(weight))
+            adapter = Bottleneck(hidden, bottleneck_size, nonlinearity, init_std, device, dtype)
             block.add_module(f"{where}_adapter", adapter)
             sublayer.bottleneck_adapter = _Ref(adapter, sublayer.register_forward_hook(_run_adapter))
     model.bottleneck_config = {"bottleneck_size": bottleneck_size, "placement": placement,

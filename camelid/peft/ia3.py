@@ -25,6 +25,7 @@ from torch import nn
 
 from camelid.peft.shared import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, adapter_dtype, freeze, name_matches,
                                  read_adapter_folder, select_linears, short_or_regex, write_adapter_folder)
+from camelid.quant import QuantLinear
 
 PREFIX = "base_model.model."
 DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")
@@ -164,6 +165,9 @@ def load_ia3(model: nn.Module, folder: str | Path) -> nn.Module:
     feedforward = [n for n in names if _is_feedforward(n, feedforward_modules)]
     for name in names:
         linear = modules.get(name)
+        if isinstance(linear, QuantLinear):  # to the user it is a Linear: say why it is refused
+            raise AdapterError(f"{weights_file}: IA3 vector for module {name!r}, which is quantized "
+                               f"({linear.method}) in this model; load the adapter onto the unquantized model")
         if not isinstance(linear, nn.Linear):
             raise AdapterError(f"{weights_file}: IA3 vector for module {name!r}, which is not an nn.Linear of this "
                                "model")

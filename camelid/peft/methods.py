@@ -74,8 +74,11 @@ def folder_kind(folder: str | Path) -> str:
 
 def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     """Apply any adapter folder camelid or `peft` wrote (LoRA, DoRA, prefix, prompt, P-tuning, IA3, BitFit,
-    bottleneck) to `model`, in place."""
-    return KINDS[folder_kind(folder)].load(model, folder)
+    bottleneck) to `model`, in place; the model keeps its train / eval mode (new layers come in training mode, and
+    an inference model would run their dropout)."""
+    training = model.training
+    KINDS[folder_kind(folder)].load(model, folder)
+    return model.train(training)
 
 
 def merge_adapter(model: nn.Module) -> nn.Module:

@@ -26,7 +26,8 @@ from camelid.quant.int8 import Int8Linear
 from camelid.quant.linear import QuantLinear, dequant_linear
 from camelid.quant.nf4 import NF4Linear
 
-__all__ = ["FORMATS", "Int4Linear", "Int8Linear", "NF4Linear", "QuantLinear", "dequant_linear", "dequantize_model",
+__all__ = ["FORMATS", "Int4Linear", "Int8Linear", "NF4Linear", "QuantLinear", "checked_linears", "dequant_linear",
+           "dequantize_model",
            "float_dtype", "model_nbytes", "name_matches", "options_for", "prepare_quantized", "quantization_config",
            "quantize_model", "quantized_layers", "quant_tensor_keys", "select_linears"]
 
@@ -74,6 +75,20 @@ def select_linears(model: nn.Module, modules: str | Iterable[str] | None = None)
     return found
 
 
+def checked_linears(model: nn.Module, method: str, group_size: int | None = 128,
+                    modules: str | Iterable[str] | None = None) -> dict[str, nn.Linear]:
+    """`select_linears`, each layer's shape checked against the format's options: quantize_model's layers, or a
+    one-line error naming the first layer that does not fit."""
+    options = options_for(method, group_size)
+    layers = select_linears(model, modules)
+    for name, linear in layers.items():
+        try:
+            FORMATS[method].check_options(linear.in_features, linear.out_features, **options)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return layers
+
+
 def quantize_model(model: nn.Module, method: str, group_size: int | None = 128,
                    modules: str | Iterable[str] | None = None, compute_dtype: torch.dtype | None = None,
                    quantizer: Callable[[str, nn.Linear], QuantLinear] | None = None,
@@ -83,12 +98,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int | None = 128,
     given, builds each layer instead (GPTQ passes its calibrated one). `progress(name, done, total)` is called
     after each layer."""
     options = options_for(method, group_size)
-    layers = select_linears(model, modules)
-    for name, linear in layers.items():  # check every shape before changing anything
-        try:
-            FORMATS[method].check_options(linear.in_features, linear.out_features, **options)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+    layers = checked_linears(model, method, group_size, modules)  # every shape checked before changing anything
     for done, (name, linear) in enumerate(layers.items(), 1):
         if quantizer is not None:
             layer = quantizer(name, linear)

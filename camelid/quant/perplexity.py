@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -10,9 +11,11 @@ from torch import nn
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, ids: torch.Tensor | list[int], seq_len: int, batch_size: int = 8) -> float:
+def perplexity(model: nn.Module, ids: torch.Tensor | list[int], seq_len: int, batch_size: int = 8,
+               progress: Callable[[int, int], None] | None = None) -> float:
     """exp(mean next-token NLL) over `ids` cut into non-overlapping windows of `seq_len` tokens (a trailing
-    partial window is dropped so that every window sees the same context lengths, whichever model is measured)."""
+    partial window is dropped so that every window sees the same context lengths, whichever model is measured).
+    `progress(windows_done, windows)` is called after each batch."""
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
     n_windows = ids.numel() // seq_len
     if n_windows == 0 or seq_len < 2:
@@ -27,4 +30,6 @@ def perplexity(model: nn.Module, ids: torch.Tensor | list[int], seq_len: int, ba
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
         total += nll.item()
         count += batch[:, 1:].numel()
+        if progress is not None:
+            progress(start + len(batch), n_windows)
     return math.exp(total / count)

@@ -25,6 +25,7 @@ from camelid.checkpoint import from_pretrained
 from camelid.config import ModelConfig
 from camelid.data.sft import SFTBatches, parse_data_spec
 from camelid.peft import adapters, apply_lora, bitfit, count_parameters, ia3, prefix, prompt
+from camelid.quant import quantization_config
 from camelid.templates import TEMPLATE_FILE, JinjaTemplate, for_tokenizer
 from camelid.tokenizer import Tokenizer
 from camelid.train.config import TrainConfig, coerce_value, auto_fit, check_keys, read_yaml_mapping
@@ -122,6 +123,10 @@ def apply_method(model, spec: FinetuneSpec, tokenizer: Tokenizer | None = None):
     """Freeze the base and add spec.method's trainable parameters (camelid.peft, one file per family); `full`
     trains every parameter. Bad options (a target that matches nothing, ...) raise ValueError here, before training."""
     m = spec.method
+    if m == "full" and quantization_config(model) is not None:  # frozen codes: only embeddings, norms, lm_head train
+        raise ValueError(f"full fine-tuning needs float weights, but {spec.base} is quantized "
+                         f"({quantization_config(model)['method']}): fine-tune the original folder, or use "
+                         "--method lora / qlora")
     if m == "full":  # fp32 master weights whatever the checkpoint's dtype: the loop autocasts the matmuls, and
         model.float()  # AdamW on bf16 weights loses small updates (fp16 ones even stop the gradient scaler)
         for p in model.parameters():

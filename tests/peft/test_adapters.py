@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from method_helpers import (TOKENS, assert_cached_generation_matches_full_forward, logits, perturb_trainable_,
                             train_briefly)
 
-from camelid.checkpoint import from_pretrained
+from camelid.checkpoint import from_pretrained, save_pretrained
 from camelid.model import rope_cos_sin
 from camelid.peft import count_parameters
+from camelid.quant import quantize_model
 from camelid.peft.adapters import (apply_bottleneck, bottleneck_adapters, bottleneck_state_dict, has_bottleneck,
                                    load_bottleneck, save_bottleneck)
 
@@ -88,6 +89,19 @@ def test_save_load_round_trip(placement, hf_checkpoint, tmp_path):
     assert count_parameters(again) == count_parameters(model)
     save_bottleneck(again, tmp_path / "adapter")  # over an existing folder: files replaced, nothing left behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_adapters_over_a_quantized_base_are_float_and_round_trip(hf_checkpoint, tmp_path):
+    """A quantized o_proj's `weight` holds integer codes: the adapters take the model's float dtype, not theirs
+    (it raised "Only Tensors of floating point ... can require gradients" from `camelid finetune --method adapter`)."""
+    quantized = tmp_path / "int8"
+    save_pretrained(quantize_model(from_pretrained(hf_checkpoint("llama")), "int8"), quantized)
+    model = apply_bottleneck(from_pretrained(quantized), bottleneck_size=4)
+    assert {p.dtype for p in bottleneck_state_dict(model).values()} == {torch.float32}
+    perturb_trainable_(model, 0.2, seed=4)
+    save_bottleneck(model, tmp_path / "adapter")
+    torch.testing.assert_close(logits(load_bottleneck(from_pretrained(quantized), tmp_path / "adapter")),
+                               logits(model), rtol=0, atol=0)
 
 
 def test_mixtral_adapter_follows_the_moe_layer(tmp_path):

@@ -12,6 +12,7 @@ from method_helpers import (TOKENS, assert_cached_generation_matches_full_forwar
 
 from camelid.checkpoint import from_pretrained, save_pretrained
 from camelid.peft import count_parameters
+from camelid.quant import quantize_model
 from camelid.peft.ia3 import apply_ia3, has_ia3, ia3_layers, ia3_state_dict, load_ia3, merge_ia3, save_ia3, unmerge_ia3
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -177,6 +178,15 @@ def test_bad_options_and_folders(hf_checkpoint, tmp_path):
         load_ia3(from_pretrained(path), tmp_path)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_ia3(from_pretrained(path), tmp_path / "nowhere")
+
+
+def test_loading_onto_a_quantized_base_names_the_quantization(hf_checkpoint, tmp_path):
+    """IA3 scales nn.Linear layers only; a quantized one is a Linear to the user, so the error says what it is."""
+    path = hf_checkpoint("llama")
+    save_ia3(apply_ia3(from_pretrained(path)), tmp_path / "ia3")
+    save_pretrained(quantize_model(from_pretrained(path), "int8"), tmp_path / "int8")
+    with pytest.raises(ValueError, match="quantized .*int8.*load the adapter onto the unquantized model"):
+        load_ia3(from_pretrained(tmp_path / "int8"), tmp_path / "ia3")
 
 
 def test_train_loop_trains_only_the_vectors(hf_checkpoint, tmp_path):

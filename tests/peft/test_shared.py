@@ -12,7 +12,7 @@ from model_zoo import random_model, tiny_config
 
 import camelid
 from camelid.peft import apply_lora, load_adapter, lora_layers, save_adapter, shared
-from camelid.quant import name_matches
+from camelid.quant import name_matches, quantize_model
 from camelid.quant import select_linears as quant_select_linears
 
 # camelid subpackages each package may import; peft -> quant is QLoRA's deliberate edge (see peft/lora.py);
@@ -48,6 +48,17 @@ def test_a_crash_while_overwriting_never_pairs_the_old_config_with_new_weights(t
     assert {p.name for p in folder.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"}
     loaded = load_adapter(random_model(tiny_config()), folder)
     assert {layer.alpha for layer in lora_layers(loaded).values()} == {8}
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_load_adapter_keeps_an_eval_model_in_eval(quantized, tmp_path):
+    """The new LoRA layers came in training mode: their dropout stayed on in a model loaded for inference, so
+    `from_pretrained` + `load_adapter` + `generate_ids` (examples/demo.py) gave other logits than `camelid chat`,
+    and other ones on each call, as PEFT's PeftModel.from_pretrained (eval by default) never does."""
+    save_adapter(apply_lora(random_model(tiny_config()), r=2, alpha=4, dropout=0.5), tmp_path / "a")
+    base = random_model(tiny_config()).eval()
+    model = load_adapter(quantize_model(base, "int8") if quantized else base, tmp_path / "a")
+    assert not any(m.training for m in model.modules())
 
 
 def test_peft_and_quant_select_modules_by_one_rule():

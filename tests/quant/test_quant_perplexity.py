@@ -11,6 +11,8 @@ from camelid.checkpoint import save_pretrained
 from camelid.cli import main
 from camelid.quant import quantize_model
 from camelid.quantize import quantize_folder
+from camelid.templates import TEMPLATE_FILE, recorded_template
+from camelid.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torchao import noise
 
@@ -47,8 +49,13 @@ def test_quantize_verb_reports_bytes_and_perplexity(trained_model, tmp_path, cap
     (["--method", "int8", "--calibration", "x.txt"], "applies to int4 only"),
     (["--method", "nf4", "--group-size", "64"], "--group-size applies to int4 only"),
     (["--method", "int8", "--eval-text", "missing.txt"], "no eval text file at missing.txt"),
+    (["--method", "int4", "--calibration", "missing.txt"], "no calibration text file at missing.txt"),
+    (["--method", "int8", "--eval-text", "BINARY"], "BINARY is not UTF-8 text"),
+    (["--method", "int4", "--calibration", "BINARY"], "BINARY is not UTF-8 text"),
 ])
 def test_quantize_verb_bad_input_is_one_line_and_exit_2(args, message, trained_model, tmp_path, capsys):
+    (tmp_path / "BINARY").write_bytes(b"\xff\xfe not text")
+    args = [str(tmp_path / a) if a == "BINARY" else a for a in args]
     code = main(["quantize", "--model", str(trained_model.folder), "--out", str(tmp_path / "q"), "--quiet", *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
@@ -91,3 +98,45 @@ def test_quantize_verb_too_little_eval_text_names_the_minimum(args, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "at least 256 tokens" in err and "--eval-tokens" in err, err
+
+
+def test_quantize_keeps_the_recorded_chat_template(tmp_path, capsys):
+    """A full fine-tune's final/ or a `camelid merge` output names its chat template; the quantized copy must keep
+    it, or `camelid chat --model QUANT` renders prompts with another template than the one the model learned."""
+    save_pretrained(random_model(tiny_config()), tmp_path / "model")
+    (tmp_path / "model" / TEMPLATE_FILE).write_text('{"template": "alpaca", "method": "full"}\n')
+    assert main(["quantize", "--model", str(tmp_path / "model"), "--method", "int8", "--out", str(tmp_path / "q"),
+                 "--quiet"]) == 0
+    assert recorded_template(tmp_path / "q") == "alpaca"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (dict(group_size=128), "group_size 128 must be an even number dividing"),  # tiny's layers have 64 inputs
+    (dict(group_size=16, calibration="SHORT"), "GPTQ needs at least 64"),  # tiny_config: context 64
+])
+def test_quantize_refuses_bad_options_before_measuring_perplexity(extra, message, tmp_path, monkeypatch):
+    """The perplexity pass before quantizing is the slow part on a big model: an int4 group that does not divide
+    a layer, or too little calibration text, must fail before it, as too little eval text does."""
+    import camelid.quantize
+
+    save_pretrained(random_model(tiny_config()), tmp_path / "model")
+    Tokenizer.train([], 256 + 3, show_progress=False).save(tmp_path / "model")
+    (tmp_path / "long.txt").write_text("To be, or not to be, that is the question. " * 40)
+    (tmp_path / "SHORT").write_text("To be, or not to be.")
+    monkeypatch.setattr(camelid.quantize, "perplexity", lambda *a: pytest.fail("perplexity ran before the check"))
+    extra = {k: str(tmp_path / v) if v == "SHORT" else v for k, v in extra.items()}
+    with pytest.raises(ValueError, match=message):
+        quantize_folder(tmp_path / "model", tmp_path / "q", "int4", eval_text=tmp_path / "long.txt", **extra)
+
+
+def test_quantize_verb_shows_progress_while_measuring_perplexity(tmp_path, capsys):
+    """The perplexity passes before and after are the long part on a big model (minutes on a CPU): each has its
+    bar, as the layers have theirs."""
+    assert main(["init", "--preset", "tiny", "--out", str(tmp_path / "model")]) == 0
+    (tmp_path / "long.txt").write_text("To be, or not to be, that is the question. " * 120)
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(tmp_path / "model"), "--method", "int8", "--out", str(tmp_path / "q"),
+                 "--eval-text", str(tmp_path / "long.txt")]) == 0
+    err = capsys.readouterr().err
+    for bar in ("perplexity before", "quantizing to int8", "perplexity after"):
+        assert bar in err, err

@@ -13,6 +13,7 @@ from train_helpers import write_finetune_base
 
 from camelid.checkpoint import from_pretrained, save_pretrained
 from camelid.peft import load_adapter
+from camelid.quant import quantize_model
 from camelid.tokenizer import Tokenizer
 from camelid.templates import recorded_template
 from camelid.train.finetune import FinetuneSpec, apply_method, finetune, load_config
@@ -258,6 +259,16 @@ def test_full_keeps_fp32_master_weights_over_a_half_precision_base(base, tmp_pat
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     result = _run(root, half, data, "full-fp16", method="full", max_steps=3, precision="fp16")
     assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(v)) for v in result.losses.values())
+
+
+def test_full_over_a_quantized_base_is_refused(base, tmp_path):
+    """A quantized folder's Linear layers are frozen codes: `full` would train only the embeddings, norms and
+    lm_head (42% of the tiny model) while saying it trains every weight."""
+    root, folder, data = base
+    quantized = tmp_path / "int8"
+    save_pretrained(quantize_model(from_pretrained(folder), "int8"), quantized)
+    with pytest.raises(ValueError, match="quantized"):
+        apply_method(from_pretrained(quantized), FinetuneSpec(base=str(quantized), data=[str(data)], method="full"))
 
 
 def test_options_the_model_refuses_fail_before_the_data_is_tokenized(base, monkeypatch):
