@@ -287,3 +287,14 @@ def test_merge_refuses_to_write_over_its_inputs(tiny_dir, tmp_path):
         assert "choose another --out" in result.stderr
     assert (tiny_dir / "model.safetensors").read_bytes() == weights  # the base is untouched
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Ctrl-C in any verb: a line saying so and the shell's 128 + SIGINT, not a traceback."""
+    from camelid.cli import main, model_verbs
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(model_verbs, "cmd_info", interrupted)
+    assert main(["info", "--model", "tiny"]) == 130
+    assert capsys.readouterr().err.strip() == "camelid info: interrupted"

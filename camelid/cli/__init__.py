@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # `camelid generate ... | head` closed the pipe: not an error
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: the user's choice, not a crash (a run resumes from its last checkpoint)
+        print(f"camelid {args.verb}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
