@@ -18,7 +18,7 @@ import torch
 from camelid.engine.cuda_graphs import DecodeGraphs, unsupported_reason
 from camelid.engine.multi_lora import MultiLoRA
 from camelid.engine.paged_attention import AttentionMetadata, PagedBatch, PagedKVCache
-from camelid.engine.sampler import SampleResult, sample
+from camelid.engine.sampler import SampleResult, sample, with_logprobs
 from camelid.engine.scheduler import ScheduledBatch
 from camelid.generate import activation_dtype
 from camelid.model import Transformer
@@ -62,10 +62,11 @@ class Runner:
         log.warning("decode runs eagerly")
         return None
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    def prepare(self, batch: ScheduledBatch, targets: list[tuple[object, int, int]] = ()
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """(input_ids (1, N), position_ids (1, N), metadata, logits_at (R + Q,)): the packed inputs of one step.
         logits_at: the last new token of each sequence that reaches its end (R), then the prompt positions whose
-        logits score the next prompt token (Q, see prompt_targets)."""
+        logits score the next prompt token (Q: `targets`, from prompt_targets)."""
         ids, positions, logits_at, end = [], [], [], 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             first = seq.num_computed_tokens
@@ -74,7 +75,7 @@ class Runner:
             end += n
             if first + n == len(seq):  # its last token: the one whose logits give the next token
                 logits_at.append(end - 1)
-        logits_at += [row for _, row, _ in self.prompt_targets(batch)]
+        logits_at += [row for _, row, _ in targets]
         meta = AttentionMetadata.build([s.block_table for s in batch.seqs], [s.num_computed_tokens for s in batch.seqs],
                                        batch.num_new_tokens, self.block_size, self.device)
 
@@ -97,14 +98,15 @@ class Runner:
         return targets
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits (R, V) at the last new token of every sequence of the batch that reached its end."""
+    def forward(self, batch: ScheduledBatch, targets: list[tuple[object, int, int]] = ()) -> torch.Tensor:
+        """Logits (R + Q, V) at the last new token of every sequence of the batch that reached its end, then at the
+        Q prompt positions of `targets` (prompt_targets)."""
         self.cache.copy_blocks(batch.copies)
         if self.graphs is not None and self.graphs.can_run(batch):
             if self.lora is not None:
                 self.lora.set_token_slots(None)  # as at capture: every layer is its base
             return self.graphs.run(batch)
-        input_ids, position_ids, meta, logits_at = self.prepare(batch)
+        input_ids, position_ids, meta, logits_at = self.prepare(batch, targets)
         if self.lora is not None:
             self.lora.set_token_slots(self.lora.token_slots_for([s.adapter for s in batch.seqs], batch.num_new_tokens))
         logits = self.model(input_ids, position_ids=position_ids, cache=PagedBatch(self.cache, meta),
@@ -137,11 +139,14 @@ class Runner:
             return self._run(batch)
 
     def _run(self, batch: ScheduledBatch) -> SampleResult:
-        logits = self.forward(batch)  # (R + Q, V)
         targets = self.prompt_targets(batch)
+        logits = self.forward(batch, targets)  # (R + Q, V)
         if targets:  # the last Q rows score prompt tokens
             logits, scored = logits[:len(logits) - len(targets)], logits[len(logits) - len(targets):]
-            _record_prompt_logprobs(scored, targets)
+            ids = torch.tensor([token for _, _, token in targets], device=scored.device)
+            entries = with_logprobs(scored.float(), ids, [s.params.prompt_logprobs for s, _, _ in targets])
+            for (seq, _, _), entry in zip(targets, entries.logprob_entries()):
+                seq.prompt_logprobs.append(entry)
         if not batch.samples:  # only prefill chunks that stop short of their last token
             return SampleResult(torch.empty(0, dtype=torch.long))
         # logits row r belongs to the r-th sequence of the batch that reached its last token; a sample entry names
@@ -157,15 +162,3 @@ class Runner:
         return sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
                       prompt_ids=[s.token_ids[:s.num_prompt_tokens] for s in seqs] if penalties else None,
                       output_ids=[s.output_token_ids for s in seqs] if penalties else None)
-
-
-def _record_prompt_logprobs(logits: torch.Tensor, targets: list[tuple[object, int, int]]) -> None:
-    """Append each target's entry ({"token_id", "logprob", "top"}, as for output tokens) to its sequence."""
-    logprobs = logits.float().log_softmax(-1)  # (Q, V)
-    ids = torch.tensor([token for _, _, token in targets], device=logits.device)
-    chosen = logprobs.gather(1, ids[:, None]).squeeze(1).tolist()
-    k = min(max(seq.params.prompt_logprobs for seq, _, _ in targets), logprobs.shape[-1])
-    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
-    for (seq, _, token), value, values, top in zip(targets, chosen, top_values.tolist(), top_ids.tolist()):
-        k = seq.params.prompt_logprobs
-        seq.prompt_logprobs.append({"token_id": token, "logprob": value, "top": dict(zip(top[:k], values[:k]))})

@@ -163,7 +163,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         token_ids[greedy] = logits[greedy].argmax(-1)
         token_ids[torch.tensor(groups.random, device=logits.device)] = _draw(logits, params, generators, groups,
                                                                               generator)
-    return _with_logprobs(SampleResult(token_ids), raw, params)
+    return with_logprobs(raw, token_ids, [p.logprobs for p in params])
 
 
 def _draw(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
@@ -186,8 +186,11 @@ def _draw(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Se
     return drawn
 
 
-def _with_logprobs(result: SampleResult, raw: torch.Tensor, params: Sequence[SamplingParams]) -> SampleResult:
-    num_top = [p.logprobs for p in params]
+def with_logprobs(raw: torch.Tensor, token_ids: torch.Tensor, num_top: list[int | None]) -> SampleResult:
+    """token_ids (N,) with their logprobs under raw (N, V) fp32 logits, and each row's num_top[i] most likely
+    tokens (None: the row asked for no logprobs). Sampled tokens use it, and so do the prompt tokens a request
+    scores (SamplingParams.prompt_logprobs)."""
+    result = SampleResult(token_ids)
     if all(k is None for k in num_top):
         return result
     logprobs = raw.log_softmax(-1)  # (N, V) the model's distribution, before any penalty or filter
