@@ -204,16 +204,18 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
     async def model_ids() -> list[dict]:
         return await _call(backend.models)
 
-    async def context_length(model: str) -> int:
+    async def model_card(model: str) -> dict:
         cards = await model_ids()
         if not cards:  # a cluster whose workers are all gone (restarting): out of capacity, not an unknown model
             raise BackendError(503, "this server has no live worker right now: retry shortly", type="server_error",
                                code="no_live_worker")
-        for card in cards:
-            if card["id"] == model:
-                return int(card["context_length"])
-        raise BackendError(404, f"The model {model!r} does not exist; this server has: "
-                           f"{', '.join(c['id'] for c in cards)}", param="model", code="model_not_found")
+        card = next((c for c in cards if c["id"] == model), None)
+        if card is None:
+            raise unknown_model(model, [c["id"] for c in cards])
+        return card
+
+    async def context_length(model: str) -> int:
+        return int((await model_card(model))["context_length"])
 
     def store() -> SessionStore:
         if sessions is None:
@@ -358,11 +360,7 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
     async def retrieve_model(model_id: str, user_id: str = Depends(user)) -> dict:
-        cards = await model_ids()
-        card = next((c for c in cards if c["id"] == model_id), None)
-        if card is None:
-            raise unknown_model(model_id, [c["id"] for c in cards])
-        return {"object": "model", "created": 0, **card}
+        return {"object": "model", "created": 0, **await model_card(model_id)}
 
     # documented, not enforced: a stream answers text/event-stream instead
     errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413)}
