@@ -5,11 +5,11 @@ benchmarks/results/logs/h100-2026-11-22-call2-*.log and call3-engine.log).
   python benchmarks/diagnose.py train     # TinyLlama bf16-true step: plain, no recompute, loss variants, profile
   python benchmarks/diagnose.py engine    # LLM setup, batch-1 decode, a small offline run, a profile of steps
   python benchmarks/diagnose.py attention # one layer's attention of mixed steps: Triton kernels vs PyTorch path
+  python benchmarks/diagnose.py decode    # the paged-decode kernel: keys split over programs or not, by batch/context
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 
@@ -243,17 +243,53 @@ def attention() -> None:
               f"max |diff| {(py_out - tr_out).abs().max().item():.3g}", flush=True)
 
 
+def decode() -> None:
+    """The Triton paged-decode kernel on one layer of TinyLlama's heads (bf16, block 16): one program per sequence and
+    kv head against the split count splits_for picks (flash-decoding), by batch size and context length. Bandwidth
+    counts the keys and values read once."""
+    from camelid.engine import triton_decode
+
+    config = get_preset("tinyllama-1.1b")
+    nh, nkv, hd, bs = config.num_attention_heads, config.num_key_value_heads, config.head_dim, 16
+    for batch, context in [(1, 256), (1, 1024), (1, 4096), (8, 1024), (32, 1024), (64, 2048), (256, 800)]:
+        blocks = -(-context // bs)
+        k_blocks, v_blocks = (torch.randn(batch * blocks + 1, bs, nkv, hd, device=DEV, dtype=torch.bfloat16)
+                              for _ in range(2))
+        tables = (torch.randperm(batch * blocks, device=DEV) + 1).view(batch, blocks).int()
+        lens = torch.full((batch,), context, device=DEV, dtype=torch.int32)
+        q = torch.randn(batch, nh, hd, device=DEV, dtype=torch.bfloat16)
+        kv_bytes = 2 * batch * context * nkv * hd * 2
+        auto = triton_decode.splits_for(batch * nkv, -(-context // 64), DEV)
+        row = []
+        for splits in sorted({1, auto}):
+            def call():
+                return triton_decode.paged_decode(q, k_blocks, v_blocks, tables, lens, hd**-0.5, num_splits=splits)
+
+            out = call()  # compiles; then 20 calls in a CUDA graph, as the engine replays them (the host's launch
+            graph = torch.cuda.CUDAGraph()  # overhead would otherwise exceed a batch-1 kernel's time)
+            with torch.cuda.graph(graph):
+                for _ in range(20):
+                    call()
+            seconds = step_time(graph.replay, warmup=3, repeats=20) / 20
+            row.append(f"{splits:3} split(s) {seconds * 1e6:8.1f} us {kv_bytes / seconds / 1e9:7.0f} GB/s")
+            if splits == 1:
+                one_pass = out.float()
+            else:
+                row.append(f"max |diff| {(out.float() - one_pass).abs().max().item():.3g}")
+        print(f"  batch {batch:4} context {context:5}: " + "   ".join(row), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("part", choices=["train", "engine", "attention"])
+    parser.add_argument("part", choices=["train", "engine", "attention", "decode"])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("diagnose.py profiles CUDA kernels: it needs a CUDA GPU; nothing to do here")
         return 0
-    {"train": train, "engine": engine, "attention": attention}[args.part]()
+    {"train": train, "engine": engine, "attention": attention, "decode": decode}[args.part]()
     return 0
 
 

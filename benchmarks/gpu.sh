@@ -70,6 +70,7 @@ engine)
     run 100 python3 -m pytest -q -p no:cacheprovider tests/engine/test_triton_decode.py tests/engine/test_triton_prefill.py tests/engine/test_cuda_graphs.py \
         tests/quant/test_triton_nf4.py
     run 60 python3 benchmarks/diagnose.py attention  # mixed-step attention: Triton prefill kernel vs per-chunk SDPA
+    run 60 python3 benchmarks/diagnose.py decode  # the decode kernel, keys split over programs (flash-decoding) or not
     # the transformers columns take most of the time (padded generate ~75 ms a step): a 128-request sample of the
     # workload for them; every phase prints its numbers as it ends, so a timeout still leaves them in the log
     run 480 python3 benchmarks/engine.py --device cuda --reference-requests 128

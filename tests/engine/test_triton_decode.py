@@ -144,8 +144,9 @@ def test_matches_paged_batch_decode(window, alibi, bs, context_lens):
     torch.testing.assert_close(out.transpose(0, 1)[None], expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("use_dot", [True, False], ids=["dot", "broadcast"])
-def test_compiles_for_h100(monkeypatch, use_dot):
+@pytest.mark.parametrize("use_dot, num_splits", [(True, 1), (False, 1), (True, 8)],
+                         ids=["dot", "broadcast", "dot_split"])
+def test_compiles_for_h100(monkeypatch, use_dot, num_splits):
     """The interpreter runs the kernel as Python, which is lenient where the GPU compiler is not (types of loop-carried
     values, names defined under a constexpr if): compile it for sm_90 through Triton's real pipeline down to PTX and
     ptxas (bundled with the wheel; no GPU needed)."""
@@ -162,13 +163,20 @@ def test_compiles_for_h100(monkeypatch, use_dot):
     block_size = 16 if use_dot else 8
     constants = dict(GROUP=4, GROUP_PAD=16 if use_dot else 4, HEAD_DIM=128, BLOCK_SIZE=block_size,
                      KEYS=triton_decode.keys_per_iteration(block_size, 128, 2 if use_dot else 4, use_dot),
-                     HAS_WINDOW=True, HAS_ALIBI=True, USE_DOT=use_dot)
-    signature = dict.fromkeys(kernel.arg_names, "i32") | dict.fromkeys(constants, "constexpr")
+                     HAS_WINDOW=True, HAS_ALIBI=True, USE_DOT=use_dot, NUM_SPLITS=num_splits)
+    partials = dict(m_part_ptr="*fp32", l_part_ptr="*fp32", acc_part_ptr="*fp32")
+    signature = dict.fromkeys(kernel.arg_names, "i32") | dict.fromkeys(constants, "constexpr") | partials
     signature |= dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", out_ptr=f"*{dtype}",
                       table_ptr="*i32", ctx_ptr="*i64", slopes_ptr="*fp32", scale="fp32")
     compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32))
     assert "cubin" in compiled.asm
     assert ("mma" in compiled.asm["ptx"]) == use_dot  # the dot path runs on tensor cores
+    if num_splits > 1:
+        merge = triton.jit(triton_decode._merge_splits_kernel)
+        constants = {name: constants[name] for name in merge.arg_names if name in constants} | {"SPLITS_PAD": 8}
+        signature = dict.fromkeys(merge.arg_names, "i32") | dict.fromkeys(constants, "constexpr") | partials
+        signature |= dict(out_ptr=f"*{dtype}", ctx_ptr="*i64")
+        assert "cubin" in triton.compile(ASTSource(merge, signature, constants), target=GPUTarget("cuda", 90, 32)).asm
 
 
 @pytest.mark.usefixtures("interpreter")
@@ -228,3 +236,30 @@ def test_operator_is_one_opaque_call_under_torch_compile(window, alibi):
         return paged_decode_op(q * 1.0, k_blocks, v_blocks, tables, lens, 0.25, window, slopes) + 0.0
 
     torch.testing.assert_close(compiled(q, k_blocks, v_blocks, tables, lens), direct, atol=0, rtol=0)
+
+
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("num_splits", [2, 3, 7, None])
+@pytest.mark.parametrize("case", ["mha_dot", "gqa_6_2_padded_group", "long_dot_window", "long_alibi_dot",
+                                  "window_dot_skips_blocks"])
+def test_split_keys_match_one_pass(case, num_splits):
+    """Flash-decoding: a sequence's keys shared out over several programs and merged give the one-pass result.
+    Splits that get no keys (short contexts, keys before a window) write nothing and are left out of the merge;
+    None lets splits_for pick (a small count under the interpreter)."""
+    nh, nkv, hd, bs, context_lens, window, alibi = CASES[case]
+    gen = torch.Generator().manual_seed(3)
+    k_blocks, v_blocks, tables, lens = make_cache(context_lens, nkv, hd, bs, torch.float32, gen, width_pad=4)
+    q = torch.randn(len(context_lens), nh, hd, generator=gen)
+    slopes = alibi_slopes(nh) if alibi else None
+    out = triton_decode.paged_decode(q, k_blocks, v_blocks, tables, lens, hd**-0.5, window, slopes,
+                                     num_splits=num_splits)
+    expected = reference(q, k_blocks, v_blocks, tables, lens, hd**-0.5, window, slopes)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_splits_fill_the_device_only_when_sequences_do_not():
+    cuda_like = torch.device("meta")  # any non-CUDA device: the interpreter's nominal 2 multiprocessors
+    assert triton_decode.splits_for(programs=1, iterations=100, device=cuda_like) == 4  # 2 programs an SM
+    assert triton_decode.splits_for(programs=1, iterations=3, device=cuda_like) == 3  # no more than the keys
+    assert triton_decode.splits_for(programs=4, iterations=100, device=cuda_like) == 1  # sequences fill it
+    assert triton_decode.splits_for(programs=1024, iterations=100, device=cuda_like) == 1
