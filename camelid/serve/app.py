@@ -157,7 +157,7 @@ def _sampling(body, max_tokens: int, logprobs: int | None = None, prompt_logprob
                               top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                               stop=body.stop_list(), seed=body.seed, logprobs=logprobs,
-                              prompt_logprobs=prompt_logprobs)
+                              prompt_logprobs=prompt_logprobs, logit_bias=body.logit_bias)
     except ValueError as e:
         param = str(e).split(" ", 1)[0]
         raise BackendError(400, str(e), param=param if param.isidentifier() else None) from None

@@ -57,6 +57,18 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key: a string) -> bias in [-100, 100]
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        bad = next((k for k in value or {} if not k.isdigit()), None)
+        if bad is not None:
+            raise ValueError(f"keys must be token ids (integers >= 0), got {bad!r}")
+        bad = next((v for v in (value or {}).values() if not -100 <= v <= 100), None)
+        if bad is not None:
+            raise ValueError(f"biases must be in [-100, 100], got {bad!r}")
+        return value
 
     @model_validator(mode="before")
     @classmethod

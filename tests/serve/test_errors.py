@@ -62,6 +62,10 @@ BAD_BODIES = [  # (endpoint, body, status, param)
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),  # OpenAI's limit: 20
     ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2, "stream": True}, 400, "top_logprobs"),  # without logprobs
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"5": 101}}, 400, "logit_bias"),  # OpenAI's range: [-100, 100]
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"a": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"-1": 1}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"99999": 1}, "stream": True}, 400, "logit_bias"),  # vocab
 ]
 
 

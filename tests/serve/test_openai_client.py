@@ -348,3 +348,21 @@ def test_completion_text_offsets_count_the_text_of_a_sentencepiece_model(tmp_pat
         assert streamed == [0, 5, 11]
     finally:
         server.stop()
+
+
+def test_logit_bias_forces_and_bans_tokens(client, reference):
+    _, tokenizer = reference
+    camel = tokenizer.encode("Z", bos=False)[0]
+    kwargs = dict(model="tiny", max_tokens=6, temperature=1.0, logit_bias={str(camel): 100})
+    assert client.completions.create(prompt="The camel walks", **kwargs).choices[0].text == "Z" * 6
+    assert client.chat.completions.create(messages=HELLO, **kwargs).choices[0].message.content == "Z" * 6
+    # -100 bans the greedy first token; the logprobs stay the model's own
+    kwargs = dict(model="tiny", messages=HELLO, max_tokens=1, temperature=0, logprobs=True, top_logprobs=1)
+    greedy = client.chat.completions.create(**kwargs).choices[0].logprobs.content[0]
+    first = _ids_of(tokenizer, [bytes(greedy.bytes)])[0]
+    banned = client.chat.completions.create(**kwargs, logit_bias={str(first): -100}).choices[0].logprobs.content[0]
+    assert banned.token != greedy.token and banned.top_logprobs[0].token == greedy.token
+    assert banned.logprob < greedy.logprob
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", logit_bias={"100000": 1})  # past the vocabulary
+    assert e.value.body["param"] == "logit_bias"
