@@ -150,10 +150,10 @@ def _user_id(key: str) -> str:
     return "key-" + _digest(key)[:24]
 
 
-def _sampling(body, max_tokens: int, logprobs: int | None = None, prompt_logprobs: int | None = None
-              ) -> SamplingParams:
+def _sampling(body, max_tokens: int, logprobs: int | None = None, prompt_logprobs: int | None = None,
+              n: int | None = None) -> SamplingParams:
     try:
-        return SamplingParams(n=body.n, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+        return SamplingParams(n=n or body.n, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                               stop=body.stop_list(), seed=body.seed, logprobs=logprobs,
@@ -382,7 +382,16 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
         # echo scores the prompt when logprobs are asked for (a text's likelihood, as lm-eval asks), and spells
         # a prompt of token ids from its tokens (the server may have no tokenizer: a controller)
         scores_prompt = body.echo and (body.logprobs is not None or not isinstance(prompt, str))
-        params = _sampling(body, max_tokens, body.logprobs, (body.logprobs or 0) if scores_prompt else None)
+        # best_of: generate that many candidates and return the n with the highest cumulative logprob (OpenAI's
+        # and vLLM's rule), so every candidate's token logprobs are needed, asked for or not
+        best_of = body.best_of or body.n
+        if best_of < body.n:
+            raise BackendError(400, f"best_of ({best_of}) must be at least n ({body.n})", param="best_of")
+        if best_of > body.n and body.stream:
+            raise BackendError(400, "best_of cannot be used with stream: the best candidates are known only at "
+                               "the end", param="best_of")
+        logprobs = body.logprobs if best_of == body.n else body.logprobs or 0
+        params = _sampling(body, max_tokens, logprobs, (body.logprobs or 0) if scores_prompt else None, best_of)
         rid = f"cmpl-{uuid.uuid4().hex}"
         first, chunks = await start(body.model, prompt, None, params, rid)
         envelope = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.model}
@@ -418,9 +427,12 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
                 return [{"index": c.index, "text": text, "finish_reason": c.finish_reason, "logprobs": logprobs}]
             include = bool(body.stream_options and body.stream_options.include_usage)
             return _sse_response(stream_events(first, chunks, body.n, choice, envelope, include))
-        texts, reasons, p, c, logprobs, scored = await collect(request, first, chunks, body.n)
+        texts, reasons, p, c, logprobs, scored = await collect(request, first, chunks, best_of)
+        best = sorted(range(best_of), key=lambda i: -sum(e["logprob"] for e in (logprobs[i] or ([], []))[0])) \
+            if best_of > body.n else range(body.n)
         choices = []
-        for i, (text, reason, lp) in enumerate(zip(texts, reasons, logprobs)):
+        for i, j in enumerate(best[:body.n]):  # usage still counts the tokens of every candidate
+            text, reason, lp = texts[j], reasons[j], logprobs[j] if body.logprobs is not None else None
             entries, offsets = lp or (None, None)
             if body.echo:
                 text, entries, offsets = with_echo(text, entries, offsets, scored)

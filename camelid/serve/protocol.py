@@ -85,6 +85,7 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+    best_of: int | None = Field(None, ge=1, le=32)  # candidates to generate; the n most likely are returned
 
 
 class ContentPart(_Request):

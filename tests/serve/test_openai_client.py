@@ -366,3 +366,22 @@ def test_logit_bias_forces_and_bans_tokens(client, reference):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="x", logit_bias={"100000": 1})  # past the vocabulary
     assert e.value.body["param"] == "logit_bias"
+
+
+def test_best_of_returns_the_candidates_with_the_highest_cumulative_logprob(client):
+    kwargs = dict(model="tiny", prompt="The camel walks", max_tokens=6, temperature=1.0, seed=11)
+    # the same seed draws the same 5 candidates (sample i uses the request's stream i): score them by hand
+    candidates = client.completions.create(**kwargs, n=5, logprobs=0).choices
+    ranked = sorted(candidates, key=lambda c: -sum(c.logprobs.token_logprobs))
+    assert len({c.text for c in candidates}) > 1
+    r = client.completions.create(**kwargs, n=2, best_of=5)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert [c.text for c in r.choices] == [c.text for c in ranked[:2]]
+    assert all(c.logprobs is None for c in r.choices)  # not asked for: used for the choice only
+    assert r.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in candidates)  # every candidate's
+    with_logprobs = client.completions.create(**kwargs, best_of=5, logprobs=1).choices
+    assert len(with_logprobs) == 1 and with_logprobs[0].logprobs.tokens == ranked[0].logprobs.tokens
+    for bad in (dict(n=3, best_of=2), dict(best_of=2, stream=True), dict(best_of=0)):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**{**kwargs, **bad})
+        assert e.value.body["param"] == "best_of"
