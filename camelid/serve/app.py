@@ -163,6 +163,14 @@ def _sampling(body, max_tokens: int, logprobs: int | None = None, prompt_logprob
         raise BackendError(400, str(e), param=param if param.isidentifier() else None) from None
 
 
+def _refuse_unsupported(body) -> None:
+    found = body.unsupported()
+    if found is not None:
+        name, feature = found
+        raise BackendError(400, f"{name}: this server does not support {feature}", param=name,
+                           code="unsupported_parameter")
+
+
 def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStore | None = None,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app over backend (LocalBackend or RemoteBackend). api_keys: None or [] = open, one anonymous
@@ -367,6 +375,7 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
 
     @app.post("/v1/completions", responses={200: {"model": CompletionResponse}, **errors})
     async def completions(body: CompletionRequest, request: Request, user_id: str = Depends(user)):
+        _refuse_unsupported(body)
         ctx = await context_length(body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
@@ -442,6 +451,7 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
 
     @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **errors})
     async def chat_completions(body: ChatCompletionRequest, request: Request, user_id: str = Depends(user)):
+        _refuse_unsupported(body)
         ctx = await context_length(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise BackendError(400, "top_logprobs needs logprobs: true", param="top_logprobs")

@@ -385,3 +385,42 @@ def test_best_of_returns_the_candidates_with_the_highest_cumulative_logprob(clie
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(**{**kwargs, **bad})
         assert e.value.body["param"] == "best_of"
+
+
+UNSUPPORTED = [  # (endpoint, kwargs, the parameter the 400 names): features this server lacks are refused, not ignored
+    ("chat", dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+    ("chat", dict(tool_choice="required"), "tool_choice"),
+    ("chat", dict(functions=[{"name": "f", "parameters": {}}]), "functions"),
+    ("chat", dict(function_call={"name": "f"}), "function_call"),
+    ("chat", dict(response_format={"type": "json_object"}), "response_format"),
+    ("chat", dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+     "response_format"),
+    ("chat", dict(modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}), "audio"),
+    ("chat", dict(web_search_options={}), "web_search_options"),
+    ("chat", dict(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), "messages"),
+    ("completions", dict(suffix="the end."), "suffix"),
+    ("chat", dict(stop=["a", "b", "c", "d", "e"]), "stop"),  # OpenAI's limit: 4
+    ("completions", dict(stop=["a", "b", "c", "d", "e"]), "stop"),
+]
+
+
+@pytest.mark.parametrize("endpoint,kwargs,param", UNSUPPORTED, ids=[p for _, _, p in UNSUPPORTED])
+def test_unsupported_features_are_refused_naming_the_parameter(client, endpoint, kwargs, param):
+    create = client.chat.completions.create if endpoint == "chat" else client.completions.create
+    base = dict(messages=HELLO) if endpoint == "chat" else dict(prompt="The camel walks")
+    with pytest.raises(openai.BadRequestError) as e:
+        create(model="tiny", max_tokens=4, **{**base, **kwargs})
+    assert e.value.body["param"] == param
+
+
+def test_parameters_that_ask_for_nothing_are_accepted(client):
+    """What a client sends by default or harmlessly: no tools, tool_choice none, plain-text format, four stops,
+    and the bookkeeping fields (user, metadata, store, service_tier)."""
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4, tools=[], tool_choice="none",
+                                       response_format={"type": "text"}, modalities=["text"],
+                                       stop=["a", "b", "c", "d"], user="u", metadata={"k": "v"}, store=False,
+                                       service_tier="auto")
+    assert len(r.choices) == 1
+    assert client.completions.create(model="tiny", prompt="The camel", max_tokens=4, suffix="").choices
