@@ -459,8 +459,8 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
                     for m in body.messages]
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is not None and max_tokens >= ctx:
-            raise BackendError(400, f"max_tokens is {max_tokens}, but the model's context is {ctx} tokens",
-                               param="max_tokens")
+            name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"  # the one the client sent
+            raise BackendError(400, f"{name} is {max_tokens}, but the model's context is {ctx} tokens", param=name)
         session, new_turns = None, messages
         if body.session_id is not None:
             session = await find_session(user_id, body.session_id)

@@ -51,7 +51,7 @@ BAD_BODIES = [  # (endpoint, body, status, param)
     ("/v1/chat/completions", {**CHAT, "max_tokens": -3}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/chat/completions", {**CHAT, "max_tokens": 10_000}, 400, "max_tokens"),  # over the context
-    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 256}, 400, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 256}, 400, "max_completion_tokens"),
     ("/v1/chat/completions", {**CHAT, "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": -0.1}, 400, "temperature"),
     ("/v1/chat/completions", {**CHAT, "top_p": 0}, 400, "top_p"),
