@@ -58,7 +58,8 @@ class SamplingParams:
         if not isinstance(bias, dict):
             raise ValueError(f"logit_bias must be a dict of token id -> bias, got {bias!r}")
         # JSON (the OpenAI body, a worker's params) spells the token ids as strings
-        self.logit_bias = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in bias.items()}
+        self.logit_bias = {int(k) if isinstance(k, str) and k.isascii() and k.isdigit() else k: v
+                           for k, v in bias.items()}
         self._validate()
 
     def _validate(self) -> None:

@@ -69,7 +69,7 @@ class _Sampling(_Request):
     @field_validator("logit_bias")
     @classmethod
     def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        bad = next((k for k in value or {} if not k.isdigit()), None)
+        bad = next((k for k in value or {} if not (k.isascii() and k.isdigit())), None)
         if bad is not None:
             raise ValueError(f"keys must be token ids (integers >= 0), got {bad!r}")
         bad = next((v for v in (value or {}).values() if not -100 <= v <= 100), None)

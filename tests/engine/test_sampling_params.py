@@ -88,7 +88,7 @@ def test_bad_values_name_the_field(bad):
 def test_logit_bias_takes_json_token_ids_and_checks_its_range():
     assert SamplingParams(logit_bias={"5": 100, 7: -100.0}).logit_bias == {5: 100, 7: -100.0}  # JSON spells keys
     assert SamplingParams(logit_bias=None).logit_bias == {}
-    for bad in ({5: 100.5}, {5: -101}, {"x": 1}, {"-3": 1}, {5: "1"}, {5: math.nan}, [5]):
+    for bad in ({5: 100.5}, {5: -101}, {"x": 1}, {"-3": 1}, {"\u00b2": 1}, {5: "1"}, {5: math.nan}, [5]):
         with pytest.raises(ValueError, match=r"^logit_bias must be "):
             SamplingParams(logit_bias=bad)
 

@@ -65,6 +65,8 @@ BAD_BODIES = [  # (endpoint, body, status, param)
     ("/v1/chat/completions", {**CHAT, "logit_bias": {"5": 101}}, 400, "logit_bias"),  # OpenAI's range: [-100, 100]
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"a": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"-1": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"\u00b2": 1}}, 400, "logit_bias"),  # a digit
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"\u0663": 1}}, 400, "logit_bias"),  # too
     ("/v1/chat/completions", {**CHAT, "logit_bias": {"99999": 1}, "stream": True}, 400, "logit_bias"),  # vocab
 ]
 
