@@ -198,6 +198,9 @@ class LLM:
         if adapter is not None and adapter not in self._adapter_keys:
             loaded = ", ".join(self._adapter_keys) or "none"
             raise ValueError(f"unknown adapter {adapter!r} (loaded: {loaded})")
+        vocab = self.config.vocab_size
+        if any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias token id {max(params.logit_bias)} is outside the vocabulary [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (the model folder has no tokenizer.json)")
         request_id = str(next(self._ids)) if request_id is None else str(request_id)

@@ -5,9 +5,10 @@ Per row, in this order (transformers' order, so each stage can be checked agains
      the penalty when positive and multiplied by it when negative, once however often it was seen;
   2. presence_penalty and frequency_penalty (OpenAI) over the output tokens only:
      logit -= presence * (count > 0) + frequency * count;
-  3. temperature 0 (anything below camelid.sampling.GREEDY_TEMPERATURE): argmax of the penalized logits, and no
-     filter matters;
-  4. otherwise logits / temperature, then top-k, top-p and min-p (keep prob >= min_p * max prob), then one draw
+  3. logit_bias (OpenAI): each listed token's bias is added to its logit;
+  4. temperature 0 (anything below camelid.sampling.GREEDY_TEMPERATURE): argmax of the penalized, biased logits, and
+     no filter matters;
+  5. otherwise logits / temperature, then top-k, top-p and min-p (keep prob >= min_p * max prob), then one draw
      (camelid.sampling.filter_logits: the same chain as camelid.generate's sampler).
 
 Logprobs are the model's own distribution: log_softmax of the raw logits in float32, before penalties, temperature
@@ -123,6 +124,17 @@ def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams], prom
     return logits.index_copy(0, index, sub)
 
 
+def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Each row's logit_bias added to its logits (N, V) float; a new tensor, so the raw logits stay for logprobs."""
+    entries = [(i, token, bias) for i, p in enumerate(params) for token, bias in p.logit_bias.items()]
+    if not entries:
+        return logits
+    rows, tokens, biases = zip(*entries)
+    device = logits.device
+    return logits.index_put((torch.tensor(rows, device=device), torch.tensor(tokens, device=device)),
+                            torch.tensor(biases, dtype=logits.dtype, device=device), accumulate=True)
+
+
 def filter_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """camelid.sampling.filter_logits (temperature, top-k, top-p, min-p) with each row's own settings; logits (R, V)
     float, one SamplingParams per row."""
@@ -151,6 +163,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         if prompt_ids is None or output_ids is None:
             raise ValueError("prompt_ids and output_ids are needed when a row uses a penalty")
         logits = apply_penalties(raw, params, prompt_ids, output_ids)
+    logits = apply_logit_bias(logits, params)
 
     groups = group_rows(params, generators)
     if groups.all_greedy:

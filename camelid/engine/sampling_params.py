@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from camelid.sampling import GREEDY_TEMPERATURE
 
 PENALTY_LIMIT = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
+BIAS_LIMIT = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 
 
 def _is_int(value: object) -> bool:
@@ -40,6 +41,8 @@ class SamplingParams:
     seed: int | None = None  # the request's own random stream, independent of the other requests in the batch
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the k most likely alternatives
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (scoring a text, echo)
+    # token id -> value added to its logit before sampling (OpenAI's logit_bias; -100 bans a token, +100 forces it)
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # OpenAI accepts null, one string or a list
@@ -51,6 +54,12 @@ class SamplingParams:
             if not isinstance(value, (list, tuple)):
                 raise ValueError(f"{name} must be a list, got {value!r}")
             setattr(self, name, list(value))
+        bias = {} if self.logit_bias is None else self.logit_bias
+        if not isinstance(bias, dict):
+            raise ValueError(f"logit_bias must be a dict of token id -> bias, got {bias!r}")
+        # JSON (the OpenAI body, a worker's params) spells the token ids as strings
+        self.logit_bias = {int(k) if isinstance(k, str) and k.isascii() and k.isdigit() else k: v
+                           for k, v in bias.items()}
         self._validate()
 
     def _validate(self) -> None:
@@ -79,6 +88,10 @@ class SamplingParams:
             raise bad("stop", "a list of non-empty strings")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of integers >= 0")
+        if not all(_is_int(t) and t >= 0 for t in self.logit_bias):
+            raise bad("logit_bias", "a dict whose keys are token ids (integers >= 0)")
+        if not all(_is_number(v) and -BIAS_LIMIT <= v <= BIAS_LIMIT for v in self.logit_bias.values()):
+            raise bad("logit_bias", f"a dict whose values are in [-{BIAS_LIMIT:g}, {BIAS_LIMIT:g}]")
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", "true or false")
         if self.seed is not None and not _is_int(self.seed):

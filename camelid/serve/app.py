@@ -150,17 +150,25 @@ def _user_id(key: str) -> str:
     return "key-" + _digest(key)[:24]
 
 
-def _sampling(body, max_tokens: int, logprobs: int | None = None, prompt_logprobs: int | None = None
-              ) -> SamplingParams:
+def _sampling(body, max_tokens: int, logprobs: int | None = None, prompt_logprobs: int | None = None,
+              n: int | None = None) -> SamplingParams:
     try:
-        return SamplingParams(n=body.n, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+        return SamplingParams(n=n or body.n, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                               stop=body.stop_list(), seed=body.seed, logprobs=logprobs,
-                              prompt_logprobs=prompt_logprobs)
+                              prompt_logprobs=prompt_logprobs, logit_bias=body.logit_bias)
     except ValueError as e:
         param = str(e).split(" ", 1)[0]
         raise BackendError(400, str(e), param=param if param.isidentifier() else None) from None
+
+
+def _refuse_unsupported(body) -> None:
+    found = body.unsupported()
+    if found is not None:
+        name, feature = found
+        raise BackendError(400, f"{name}: this server does not support {feature}", param=name,
+                           code="unsupported_parameter")
 
 
 def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStore | None = None,
@@ -367,6 +375,7 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
 
     @app.post("/v1/completions", responses={200: {"model": CompletionResponse}, **errors})
     async def completions(body: CompletionRequest, request: Request, user_id: str = Depends(user)):
+        _refuse_unsupported(body)
         ctx = await context_length(body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
@@ -382,7 +391,16 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
         # echo scores the prompt when logprobs are asked for (a text's likelihood, as lm-eval asks), and spells
         # a prompt of token ids from its tokens (the server may have no tokenizer: a controller)
         scores_prompt = body.echo and (body.logprobs is not None or not isinstance(prompt, str))
-        params = _sampling(body, max_tokens, body.logprobs, (body.logprobs or 0) if scores_prompt else None)
+        # best_of: generate that many candidates and return the n with the highest cumulative logprob (OpenAI's
+        # and vLLM's rule), so every candidate's token logprobs are needed, asked for or not
+        best_of = body.best_of or body.n
+        if best_of < body.n:
+            raise BackendError(400, f"best_of ({best_of}) must be at least n ({body.n})", param="best_of")
+        if best_of > body.n and body.stream:
+            raise BackendError(400, "best_of cannot be used with stream: the best candidates are known only at "
+                               "the end", param="best_of")
+        logprobs = body.logprobs if best_of == body.n else body.logprobs or 0
+        params = _sampling(body, max_tokens, logprobs, (body.logprobs or 0) if scores_prompt else None, best_of)
         rid = f"cmpl-{uuid.uuid4().hex}"
         first, chunks = await start(body.model, prompt, None, params, rid)
         envelope = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.model}
@@ -418,9 +436,12 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
                 return [{"index": c.index, "text": text, "finish_reason": c.finish_reason, "logprobs": logprobs}]
             include = bool(body.stream_options and body.stream_options.include_usage)
             return _sse_response(stream_events(first, chunks, body.n, choice, envelope, include))
-        texts, reasons, p, c, logprobs, scored = await collect(request, first, chunks, body.n)
+        texts, reasons, p, c, logprobs, scored = await collect(request, first, chunks, best_of)
+        best = sorted(range(best_of), key=lambda i: -sum(e["logprob"] for e in (logprobs[i] or ([], []))[0])) \
+            if best_of > body.n else range(body.n)
         choices = []
-        for i, (text, reason, lp) in enumerate(zip(texts, reasons, logprobs)):
+        for i, j in enumerate(best[:body.n]):  # usage still counts the tokens of every candidate
+            text, reason, lp = texts[j], reasons[j], logprobs[j] if body.logprobs is not None else None
             entries, offsets = lp or (None, None)
             if body.echo:
                 text, entries, offsets = with_echo(text, entries, offsets, scored)
@@ -430,6 +451,7 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
 
     @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **errors})
     async def chat_completions(body: ChatCompletionRequest, request: Request, user_id: str = Depends(user)):
+        _refuse_unsupported(body)
         ctx = await context_length(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise BackendError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -437,8 +459,8 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
                     for m in body.messages]
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is not None and max_tokens >= ctx:
-            raise BackendError(400, f"max_tokens is {max_tokens}, but the model's context is {ctx} tokens",
-                               param="max_tokens")
+            name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"  # the one the client sent
+            raise BackendError(400, f"{name} is {max_tokens}, but the model's context is {ctx} tokens", param=name)
         session, new_turns = None, messages
         if body.session_id is not None:
             session = await find_session(user_id, body.session_id)

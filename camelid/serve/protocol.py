@@ -57,6 +57,25 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key: a string) -> bias in [-100, 100]
+
+    @field_validator("stop")
+    @classmethod
+    def _four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError(f"up to 4 stop sequences, got {len(value)}")  # OpenAI's limit
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        bad = next((k for k in value or {} if not (k.isascii() and k.isdigit())), None)
+        if bad is not None:
+            raise ValueError(f"keys must be token ids (integers >= 0), got {bad!r}")
+        bad = next((v for v in (value or {}).values() if not -100 <= v <= 100), None)
+        if bad is not None:
+            raise ValueError(f"biases must be in [-100, 100], got {bad!r}")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -67,23 +86,46 @@ class _Sampling(_Request):
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, feature) of the first field that asks for a feature this server lacks, else None. Those fields
+        are declared so that such a request is refused (400) instead of answered as if they were not there."""
+        return None
+
+
+# the features behind OpenAI fields that this server does not have
+FUNCTION_CALLING = "function calling (tools)"
+
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+    best_of: int | None = Field(None, ge=1, le=32)  # candidates to generate; the n most likely are returned
+    suffix: str | None = None  # refused: no fill-in-the-middle
+
+    def unsupported(self) -> tuple[str, str] | None:
+        return ("suffix", "fill-in-the-middle (suffix)") if self.suffix else None
 
 
 class ContentPart(_Request):
     type: str
-    text: str | None = None  # a part of type "text"; the others (images, audio) are not read
+    text: str | None = None  # a part of type "text"
 
 
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ChatMessage:
+        # an image or audio part would be dropped unread: refused, not answered as if it were not there
+        other = next((p.type for p in self.content if p.type not in ("text", "refusal")), None) \
+            if isinstance(self.content, list) else None
+        if other is not None:
+            raise ValueError(f"content parts of type {other!r} are not supported: this server reads text only")
+        return self
 
     def text(self) -> str:
         """The content as one string (content parts of type "text" joined)."""
@@ -99,6 +141,27 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per token; needs logprobs: true
     session_id: str | None = None  # ours: run this turn inside a stored chat session
+    # features this server lacks: a request that asks for one is refused (unsupported)
+    tools: list | None = None
+    functions: list | None = None
+    tool_choice: Any = None
+    function_call: Any = None
+    response_format: dict | None = None
+    audio: dict | None = None
+    modalities: list[str] | None = None
+    web_search_options: dict | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        used = [("tools", bool(self.tools), FUNCTION_CALLING),
+                ("functions", bool(self.functions), FUNCTION_CALLING),
+                ("tool_choice", self.tool_choice not in (None, "none", "auto"), FUNCTION_CALLING),
+                ("function_call", self.function_call not in (None, "none", "auto"), FUNCTION_CALLING),
+                ("response_format", (self.response_format or {}).get("type", "text") != "text",
+                 "structured output (response_format json_object / json_schema)"),
+                ("audio", self.audio is not None, "audio output"),
+                ("modalities", any(m != "text" for m in self.modalities or []), "audio output"),
+                ("web_search_options", self.web_search_options is not None, "web search")]
+        return next(((name, feature) for name, on, feature in used if on), None)
 
 
 # ---- responses ------------------------------------------------------------------------------------------------------

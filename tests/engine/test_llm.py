@@ -327,6 +327,8 @@ def test_bad_requests_fail_alone_while_others_run(llama):
             llm.add_request(prompt, GREEDY)
     with pytest.raises(ValueError, match="tokenizer"):
         llm.add_request("text but no tokenizer", GREEDY)
+    with pytest.raises(ValueError, match=r"logit_bias token id 1000 is outside the vocabulary"):
+        llm.add_request([5], SamplingParams(logit_bias={1000: 5, 3: 1}))
     with pytest.raises(ValueError, match="already in use"):
         llm.add_request([5], GREEDY, request_id=ids[0])
     after = llm.stats()

@@ -325,3 +325,25 @@ def test_logprobs_are_the_raw_log_softmax():
 def test_no_logprobs_unless_asked():
     out = sample(random_logits(3), [SamplingParams(temperature=0)] * 3)
     assert out.logprobs is None and out.top_ids is None and out.logprob_entries() == [None] * 3
+
+
+# ---- logit_bias -------------------------------------------------------------------------------------------------------
+
+def test_logit_bias_is_added_before_sampling_and_logprobs_stay_raw():
+    logits = random_logits(3, seed=40)
+    low = logits.argmin(-1).tolist()
+    params = [SamplingParams(temperature=0, logit_bias={low[0]: 100}, logprobs=0),  # forces the least likely token
+              SamplingParams(temperature=0, logit_bias={logits[1].argmax().item(): -100}),  # bans the most likely
+              SamplingParams(temperature=0.8, seed=3, logit_bias={low[2]: 100.0, 7: -5})]
+    out = sample(logits, params, [make_generator(p.seed, 0, "cpu") for p in params])
+    assert out.token_ids[0] == low[0] and out.token_ids[2] == low[2]
+    assert out.token_ids[1] == logits[1].topk(2).indices[1]  # the second most likely
+    assert out.logprobs[0] == pytest.approx(logits[0].log_softmax(-1)[low[0]].item())  # the model's own
+    # a small bias moves the greedy choice exactly as adding it to the logits by hand does
+    bias = {3: 2.5, 9: -1.0}
+    biased = logits.clone()
+    biased[:, 3] += 2.5
+    biased[:, 9] -= 1.0
+    out = sample(logits, [SamplingParams(temperature=0, logit_bias=bias)] * 3)
+    assert torch.equal(out.token_ids, biased.argmax(-1))
+    assert torch.equal(logits, random_logits(3, seed=40))  # the caller's logits are untouched

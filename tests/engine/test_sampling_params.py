@@ -1,5 +1,7 @@
 """SamplingParams: the defaults of the contract, and a one-line ValueError naming the field for every bad value."""
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -81,3 +83,16 @@ def test_bad_values_name_the_field(bad):
     with pytest.raises(ValueError, match=rf"^{name} must be .*, got ") as err:
         SamplingParams(**bad)
     assert "\n" not in str(err.value)
+
+
+def test_logit_bias_takes_json_token_ids_and_checks_its_range():
+    assert SamplingParams(logit_bias={"5": 100, 7: -100.0}).logit_bias == {5: 100, 7: -100.0}  # JSON spells keys
+    assert SamplingParams(logit_bias=None).logit_bias == {}
+    for bad in ({5: 100.5}, {5: -101}, {"x": 1}, {"-3": 1}, {"\u00b2": 1}, {5: "1"}, {5: math.nan}, [5]):
+        with pytest.raises(ValueError, match=r"^logit_bias must be "):
+            SamplingParams(logit_bias=bad)
+
+
+def test_logit_bias_survives_the_json_a_worker_receives():
+    p = SamplingParams(logit_bias={5: 100, 7: -2.5}, stop=["x"])
+    assert SamplingParams(**json.loads(json.dumps(dataclasses.asdict(p)))) == p

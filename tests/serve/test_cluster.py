@@ -223,6 +223,15 @@ def test_openai_server_in_front_of_the_cluster(cluster):
                                            echo=True)  # a token-id prompt scored and spelled by the worker
         lp = echoed.choices[0].logprobs
         assert len(lp.tokens) == 4 and lp.token_logprobs[0] is None and all(v < 0 for v in lp.token_logprobs[1:])
+        # logit_bias crosses to the worker as JSON (its token ids become strings) and still forces the token;
+        # best_of picks among the candidates the worker scored
+        forced = client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, logit_bias={"70": 100})
+        assert forced.choices[0].text == "bbb"  # the byte-level tokenizer: id 70 is "b"
+        best = client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, best_of=3, seed=1)
+        assert len(best.choices) == 1 and best.usage.completion_tokens == 9
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, logit_bias={"99999": 1})
+        assert e.value.body["param"] == "logit_bias"
         assert client.models.retrieve(MODEL).id == MODEL
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="no-such-model", prompt="Hi", max_tokens=2)

@@ -51,7 +51,7 @@ BAD_BODIES = [  # (endpoint, body, status, param)
     ("/v1/chat/completions", {**CHAT, "max_tokens": -3}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/chat/completions", {**CHAT, "max_tokens": 10_000}, 400, "max_tokens"),  # over the context
-    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 256}, 400, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 256}, 400, "max_completion_tokens"),
     ("/v1/chat/completions", {**CHAT, "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": -0.1}, 400, "temperature"),
     ("/v1/chat/completions", {**CHAT, "top_p": 0}, 400, "top_p"),
@@ -62,6 +62,12 @@ BAD_BODIES = [  # (endpoint, body, status, param)
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),  # OpenAI's limit: 20
     ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2, "stream": True}, 400, "top_logprobs"),  # without logprobs
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"5": 101}}, 400, "logit_bias"),  # OpenAI's range: [-100, 100]
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"a": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"-1": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"\u00b2": 1}}, 400, "logit_bias"),  # a digit
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"\u0663": 1}}, 400, "logit_bias"),  # too
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"99999": 1}, "stream": True}, 400, "logit_bias"),  # vocab
 ]
 
 

@@ -348,3 +348,79 @@ def test_completion_text_offsets_count_the_text_of_a_sentencepiece_model(tmp_pat
         assert streamed == [0, 5, 11]
     finally:
         server.stop()
+
+
+def test_logit_bias_forces_and_bans_tokens(client, reference):
+    _, tokenizer = reference
+    camel = tokenizer.encode("Z", bos=False)[0]
+    kwargs = dict(model="tiny", max_tokens=6, temperature=1.0, logit_bias={str(camel): 100})
+    assert client.completions.create(prompt="The camel walks", **kwargs).choices[0].text == "Z" * 6
+    assert client.chat.completions.create(messages=HELLO, **kwargs).choices[0].message.content == "Z" * 6
+    # -100 bans the greedy first token; the logprobs stay the model's own
+    kwargs = dict(model="tiny", messages=HELLO, max_tokens=1, temperature=0, logprobs=True, top_logprobs=1)
+    greedy = client.chat.completions.create(**kwargs).choices[0].logprobs.content[0]
+    first = _ids_of(tokenizer, [bytes(greedy.bytes)])[0]
+    banned = client.chat.completions.create(**kwargs, logit_bias={str(first): -100}).choices[0].logprobs.content[0]
+    assert banned.token != greedy.token and banned.top_logprobs[0].token == greedy.token
+    assert banned.logprob < greedy.logprob
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", logit_bias={"100000": 1})  # past the vocabulary
+    assert e.value.body["param"] == "logit_bias"
+
+
+def test_best_of_returns_the_candidates_with_the_highest_cumulative_logprob(client):
+    kwargs = dict(model="tiny", prompt="The camel walks", max_tokens=6, temperature=1.0, seed=11)
+    # the same seed draws the same 5 candidates (sample i uses the request's stream i): score them by hand
+    candidates = client.completions.create(**kwargs, n=5, logprobs=0).choices
+    ranked = sorted(candidates, key=lambda c: -sum(c.logprobs.token_logprobs))
+    assert len({c.text for c in candidates}) > 1
+    r = client.completions.create(**kwargs, n=2, best_of=5)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert [c.text for c in r.choices] == [c.text for c in ranked[:2]]
+    assert all(c.logprobs is None for c in r.choices)  # not asked for: used for the choice only
+    assert r.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in candidates)  # every candidate's
+    with_logprobs = client.completions.create(**kwargs, best_of=5, logprobs=1).choices
+    assert len(with_logprobs) == 1 and with_logprobs[0].logprobs.tokens == ranked[0].logprobs.tokens
+    for bad in (dict(n=3, best_of=2), dict(best_of=2, stream=True), dict(best_of=0)):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**{**kwargs, **bad})
+        assert e.value.body["param"] == "best_of"
+
+
+UNSUPPORTED = [  # (endpoint, kwargs, the parameter the 400 names): features this server lacks are refused, not ignored
+    ("chat", dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+    ("chat", dict(tool_choice="required"), "tool_choice"),
+    ("chat", dict(functions=[{"name": "f", "parameters": {}}]), "functions"),
+    ("chat", dict(function_call={"name": "f"}), "function_call"),
+    ("chat", dict(response_format={"type": "json_object"}), "response_format"),
+    ("chat", dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+     "response_format"),
+    ("chat", dict(modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}), "audio"),
+    ("chat", dict(web_search_options={}), "web_search_options"),
+    ("chat", dict(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), "messages"),
+    ("completions", dict(suffix="the end."), "suffix"),
+    ("chat", dict(stop=["a", "b", "c", "d", "e"]), "stop"),  # OpenAI's limit: 4
+    ("completions", dict(stop=["a", "b", "c", "d", "e"]), "stop"),
+]
+
+
+@pytest.mark.parametrize("endpoint,kwargs,param", UNSUPPORTED, ids=[p for _, _, p in UNSUPPORTED])
+def test_unsupported_features_are_refused_naming_the_parameter(client, endpoint, kwargs, param):
+    create = client.chat.completions.create if endpoint == "chat" else client.completions.create
+    base = dict(messages=HELLO) if endpoint == "chat" else dict(prompt="The camel walks")
+    with pytest.raises(openai.BadRequestError) as e:
+        create(model="tiny", max_tokens=4, **{**base, **kwargs})
+    assert e.value.body["param"] == param
+
+
+def test_parameters_that_ask_for_nothing_are_accepted(client):
+    """What a client sends by default or harmlessly: no tools, tool_choice none, plain-text format, four stops,
+    and the bookkeeping fields (user, metadata, store, service_tier)."""
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4, tools=[], tool_choice="none",
+                                       response_format={"type": "text"}, modalities=["text"],
+                                       stop=["a", "b", "c", "d"], user="u", metadata={"k": "v"}, store=False,
+                                       service_tier="auto")
+    assert len(r.choices) == 1
+    assert client.completions.create(model="tiny", prompt="The camel", max_tokens=4, suffix="").choices
