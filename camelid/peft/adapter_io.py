@@ -32,8 +32,9 @@ from camelid.peft.shared import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, read_c
 from camelid.quant import QuantLinear
 
 PREFIX = "base_model.model."
-# adapter_config.json fields that change what the adapter computes and that camelid does not implement
-UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False, "use_qalora": False, "trainable_token_indices": None,
+# adapter_config.json fields that change what the adapter computes and that camelid does not implement.
+# (fan_in_fan_out is not one: it describes Conv1D weights, and over nn.Linear peft warns and ignores it.)
+UNSUPPORTED = {"lora_bias": False, "use_qalora": False, "trainable_token_indices": None,
                "target_parameters": None, "layer_replication": None, "alora_invocation_tokens": None,
                "use_bdlora": None, "arrow_config": None, "monteclora_config": None, "kasa_config": None}
 LORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")

@@ -382,3 +382,16 @@ def test_camelid_embedding_lora_loads_into_peft(hf_checkpoint, transformers, pef
     torch.testing.assert_close(hf_logits(reference), logits(model), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="DoRA on an embedding"):
         apply_lora(from_pretrained(path), target_modules=["embed_tokens"], use_dora=True)
+
+
+def test_fan_in_fan_out_loads_as_peft_does(hf_checkpoint, transformers, peft, tmp_path):
+    """fan_in_fan_out=True describes Conv1D weights (GPT-2); over nn.Linear peft warns and loads the adapter as usual."""
+    path = hf_checkpoint("llama")
+    reference = peft_feature_adapter(peft, transformers, path, tmp_path, target_modules=["q_proj", "v_proj"])
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        again = peft.PeftModel.from_pretrained(hf_model(transformers, path), tmp_path).eval()
+    torch.testing.assert_close(hf_logits(again), hf_logits(reference), rtol=0, atol=0)
+    torch.testing.assert_close(logits(load_adapter(from_pretrained(path), tmp_path)), hf_logits(reference),
+                               rtol=0, atol=1e-5)
