@@ -251,9 +251,9 @@ class MultiLoRA:
     @staticmethod
     def _refuse_whole(name: str, folder, module_name: str, parts: dict) -> None:
         whole = ", ".join(f"{module_name}.{p}" for p in parts if p not in LORA_PARTS)
-        raise ValueError(f"adapter {name!r} ({folder}) replaces the base tensor {whole} (modules_to_save or a "
-                         "trained bias), which every request would see; unsupported for multi-LoRA: merge it into a "
-                         "checkpoint of its own instead")
+        raise ValueError(f"adapter {name!r} ({folder}) replaces the base tensor {whole} (modules_to_save, a "
+                         "trained bias or trainable token rows), which every request would see; unsupported for "
+                         "multi-LoRA: merge it into a checkpoint of its own instead")
 
     def remove(self, name: str) -> None:
         """Unload adapter `name`; its slot is free for the next `add`. Wrapped layers stay wrapped (cheap: a layer

@@ -8,9 +8,10 @@ A folder is written by shared.py's write_adapter_folder, as every method's is.
 
 Besides LoRA / DoRA tensors on Linear layers, a PEFT folder may hold LoRA on embeddings (`lora_embedding_A` / `_B`)
 and whole tensors that replace the base's: `modules_to_save` copies (saved under the module's own name), biases
-trained with bias="all" / "lora_only", and the base weight of a targeted embedding layer (`...base_layer.weight`,
-PEFT's save_embedding_layers). PEFT loads those over the base weights, and so does load_adapter. Every other feature
-that changes what the adapter computes is refused by name (UNSUPPORTED), never ignored.
+trained with bias="all" / "lora_only", the base weight of a targeted embedding layer (`...base_layer.weight`,
+PEFT's save_embedding_layers) and the token rows `trainable_token_indices` trains (`...trainable_tokens_delta`).
+PEFT loads those over the base weights, and so does load_adapter. Every other feature that changes what the adapter
+computes is refused by name (UNSUPPORTED), never ignored.
 
 A LoRA folder also loads onto a quantized model folder (`camelid quantize`): that is QLoRA, which builds on
 camelid.quant (the deliberate peft -> quant edge described in lora.py).
@@ -27,19 +28,21 @@ from safetensors import safe_open
 from torch import nn
 
 from camelid.peft.lora import LoRAEmbedding, LoRALinear, apply_lora, lora_layers, lora_state_dict
-from camelid.peft.shared import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, read_config, short_or_regex,
-                                 write_adapter_folder)
+from camelid.peft.shared import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, name_matches, read_config,
+                                 short_or_regex, write_adapter_folder)
 from camelid.quant import QuantLinear
 
 PREFIX = "base_model.model."
 # adapter_config.json fields that change what the adapter computes and that camelid does not implement.
 # (fan_in_fan_out is not one: it describes Conv1D weights, and over nn.Linear peft warns and ignores it.)
-UNSUPPORTED = {"lora_bias": False, "use_qalora": False, "trainable_token_indices": None,
+UNSUPPORTED = {"lora_bias": False, "use_qalora": False,
                "target_parameters": None, "layer_replication": None, "alora_invocation_tokens": None,
                "use_bdlora": None, "arrow_config": None, "monteclora_config": None, "kasa_config": None}
 LORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
-# PEFT's wrappers in a saved key: a LoRA layer's base (embedding layers are saved whole) and a modules_to_save copy
-WRAPPERS = re.compile(r"\.(base_layer|modules_to_save\.default)(?=\.)")
+# PEFT's wrappers in a saved key: a LoRA layer's base (embedding layers are saved whole), a modules_to_save copy
+# and trainable_token_indices' rows
+WRAPPERS = re.compile(r"\.(base_layer|modules_to_save\.default|token_adapter)(?=\.)")
+TOKEN_ROWS = "trainable_tokens_delta"  # (n, dim): rows trainable_token_indices gives a module's weight
 
 
 def _pattern_value(patterns: dict, name: str, default):
@@ -153,7 +156,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     config, per_module = read_adapter(path)
     use_dora = bool(config.get("use_dora", False))
     modules = dict(model.named_modules())
-    replaced = _replaced_tensors(model, file, per_module)  # checked before the model is touched
+    replaced = _replaced_tensors(model, file, config, per_module)  # checked before the model is touched
     ranks, alphas = {}, {}
     for name, parts in per_module.items():
         if not set(parts) & set(LORA_PARTS):
@@ -197,13 +200,17 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def _replaced_tensors(model: nn.Module, file: Path, per_module: dict) -> dict[str, torch.Tensor]:
+def _replaced_tensors(model: nn.Module, file: Path, config: dict, per_module: dict) -> dict[str, torch.Tensor]:
     """{parameter name: tensor} of the folder's whole tensors (modules_to_save, trained biases, a LoRA embedding's
-    base), each checked against the model: it must exist with that shape, and a tied weight (lm_head and
-    embed_tokens) may not change on one side only, since PEFT keeps the two apart."""
+    base, a weight with its trainable_token_indices rows put in), each checked against the model: it must exist
+    with that shape, and a tied weight (lm_head and embed_tokens) may not change on one side only, since PEFT keeps
+    the two apart."""
     params = dict(model.named_parameters(remove_duplicate=False))
     replaced = {f"{module}.{part}": tensor for module, parts in per_module.items()
-                for part, tensor in parts.items() if part not in LORA_PARTS}
+                for part, tensor in parts.items() if part not in (*LORA_PARTS, TOKEN_ROWS)}
+    for module, parts in per_module.items():
+        if TOKEN_ROWS in parts:
+            replaced[f"{module}.weight"] = _with_token_rows(params, file, config, module, parts[TOKEN_ROWS])
     for name, tensor in replaced.items():
         if name not in params:
             raise AdapterError(f"{file}: tensor {PREFIX + name} replaces {name!r}, which this model does not have")
@@ -215,3 +222,18 @@ def _replaced_tensors(model: nn.Module, file: Path, per_module: dict) -> dict[st
                 raise AdapterError(f"{file}: tensor {PREFIX + name} would change {name}, which is tied to {other} "
                                    "(tie_word_embeddings); an adapter that changes one side only is not supported")
     return replaced
+
+
+def _with_token_rows(params: dict, file: Path, config: dict, module: str, rows: torch.Tensor) -> torch.Tensor:
+    """`module`'s weight with rows[i] in row indices[i], as PEFT's trainable tokens compute it (index_copy). A list
+    of indices is the input embedding's; a dict gives them per module name (PEFT's name-suffix rule)."""
+    given = config.get("trainable_token_indices")
+    if isinstance(given, list):
+        given = {"embed_tokens": given}
+    indices = next((v for k, v in (given or {}).items() if name_matches(module, [k])), None)
+    weight = params.get(f"{module}.weight")
+    if weight is None or indices is None or len(indices) != rows.shape[0] or weight.shape[1:] != rows.shape[1:] \
+            or not all(isinstance(i, int) and 0 <= i < weight.shape[0] for i in indices):
+        raise AdapterError(f"{file}: tensor {PREFIX}{module}.token_adapter.{TOKEN_ROWS} {tuple(rows.shape)} does not "
+                           f"fit trainable_token_indices={config.get('trainable_token_indices')!r} on this model")
+    return weight.detach().to(rows.dtype).index_copy(0, torch.tensor(indices), rows)

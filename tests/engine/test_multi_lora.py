@@ -238,6 +238,8 @@ def test_adapters_over_a_quantized_base(setup, method):
     (dict(target_modules=["q_proj"], modules_to_save=["model.norm"]), r"replaces the base tensor model\.norm\.weight"),
     (dict(target_modules=["q_proj", "embed_tokens"]), "LoRA on the embedding 'model.embed_tokens'"),
     (dict(target_modules=["q_proj", "lm_head"]), "targets 'lm_head'"),
+    (dict(target_modules=["q_proj"], trainable_token_indices=[3, 5]),
+     r"replaces the base tensor model\.embed_tokens\.trainable_tokens_delta"),
 ])
 def test_adapters_that_change_the_base_for_everyone_are_refused(config, message, setup, transformers, peft, tmp_path):
     """They load with load_adapter (and merge), but a batch's other requests would see them: refused at add."""

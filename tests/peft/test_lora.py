@@ -296,6 +296,9 @@ PEFT_FEATURES = {
     # Qwen2 has q/k/v biases: "all" saves every bias, "lora_only" those of the targeted layers
     "bias_all": dict(arch="qwen2", target_modules=["q_proj", "o_proj"], bias="all"),
     "bias_lora_only": dict(arch="qwen2", target_modules=["q_proj", "o_proj"], bias="lora_only"),
+    "trainable_tokens": dict(target_modules=["q_proj"], trainable_token_indices=[3, 5, 7]),
+    "trainable_tokens_by_module": dict(target_modules=["q_proj"],
+                                       trainable_token_indices={"embed_tokens": [1, 2], "lm_head": [4, 9, 3]}),
 }
 
 
@@ -331,7 +334,6 @@ def test_peft_features_load_and_merge_as_peft(feature, hf_checkpoint, transforme
 
 @pytest.mark.parametrize("config, message", [
     (dict(target_modules=["q_proj"], lora_bias=True), "lora_bias=True"),
-    (dict(target_modules=["q_proj"], trainable_token_indices=[3, 5]), r"trainable_token_indices=\[3, 5\]"),
     (dict(target_modules=["q_proj", "embed_tokens"], use_dora=True), "DoRA on .*embed_tokens"),
 ])
 def test_unsupported_peft_features_are_refused_in_one_line(config, message, hf_checkpoint, transformers, peft,
