@@ -38,6 +38,7 @@ PREFIX = "base_model.model."
 UNSUPPORTED = {"lora_bias": False, "use_qalora": False,
                "target_parameters": None, "layer_replication": None, "alora_invocation_tokens": None,
                "use_bdlora": None, "arrow_config": None, "monteclora_config": None, "kasa_config": None}
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")  # init_lora_weights that rewrite the base weights
 LORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
 # PEFT's wrappers in a saved key: a LoRA layer's base (embedding layers are saved whole), a modules_to_save copy
 # and trainable_token_indices' rows
@@ -98,6 +99,13 @@ def read_adapter_config(path: str | Path) -> dict:
         value = config.get(field, default)
         if value not in (default, None, [], {}, False, "none"):
             raise AdapterError(f"{file}: {field}={value!r} is not supported by camelid's LoRA")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        # its adapters pair with the residual base the init made (peft redoes the init on load); the plain base
+        # would give other logits
+        raise AdapterError(f"{file}: init_lora_weights={init!r} adapters need the base weights that init changed; "
+                           "convert the folder to a plain LoRA with peft's save_pretrained(..., "
+                           "path_initial_model_for_weight_conversion=...) to load it in camelid")
     return config
 
 

@@ -397,3 +397,24 @@ def test_fan_in_fan_out_loads_as_peft_does(hf_checkpoint, transformers, peft, tm
     torch.testing.assert_close(hf_logits(again), hf_logits(reference), rtol=0, atol=0)
     torch.testing.assert_close(logits(load_adapter(from_pretrained(path), tmp_path)), hf_logits(reference),
                                rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_inits_that_change_the_base_are_refused_and_their_conversion_loads(init, hf_checkpoint, transformers, peft,
+                                                                            tmp_path):
+    """A PiSSA / OLoRA folder holds adapters for a base its init changed (peft redoes the init when it loads it);
+    loaded onto the plain base it would give other logits, so it is refused. Converted by peft into a plain LoRA
+    (path_initial_model_for_weight_conversion) it loads as the trained model."""
+    path = hf_checkpoint("llama")
+    torch.manual_seed(0)
+    reference = peft.get_peft_model(hf_model(transformers, path), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init, task_type="CAUSAL_LM"))
+    reference.save_pretrained(tmp_path / "initial")
+    perturb_adapters_(reference, seed=3)
+    reference.eval().save_pretrained(tmp_path / "adapter")
+    want = hf_logits(reference)
+    with pytest.raises(AdapterError, match=f"init_lora_weights='{init}'.*path_initial_model_for_weight_conversion"):
+        load_adapter(from_pretrained(path), tmp_path / "adapter")
+    reference.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=tmp_path / "initial")
+    torch.testing.assert_close(logits(load_adapter(from_pretrained(path), tmp_path / "converted")), want,
+                               rtol=0, atol=1e-4)
