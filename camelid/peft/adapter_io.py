@@ -99,6 +99,7 @@ def read_adapter_config(path: str | Path) -> dict:
         value = config.get(field, default)
         if value not in (default, None, [], {}, False, "none"):
             raise AdapterError(f"{file}: {field}={value!r} is not supported by camelid's LoRA")
+    _check_numbers(config, file)
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         # its adapters pair with the residual base the init made (peft redoes the init on load); the plain base
@@ -107,6 +108,24 @@ def read_adapter_config(path: str | Path) -> dict:
                            "convert the folder to a plain LoRA with peft's save_pretrained(..., "
                            "path_initial_model_for_weight_conversion=...) to load it in camelid")
     return config
+
+
+def _check_numbers(config: dict, file: Path) -> None:
+    """The fields camelid computes with, as a hand-edited config may get them wrong: one line, not a traceback."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    for field in ("lora_alpha", "lora_dropout"):
+        if field in config and not number(config[field]):
+            raise AdapterError(f"{file}: {field}={config[field]!r} is not a number")
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict) or not all(number(v) for v in patterns.values()):
+        raise AdapterError(f"{file}: alpha_pattern={patterns!r} is not an object of pattern: number")
+    for key in patterns:
+        try:
+            re.compile(rf"(.*\.)?({key})$")  # as _pattern_value uses it
+        except re.error as e:
+            raise AdapterError(f"{file}: alpha_pattern key {key!r} is not a regular expression ({e})") from None
 
 
 def module_alpha(config: dict, name: str) -> float:

@@ -418,3 +418,20 @@ def test_inits_that_change_the_base_are_refused_and_their_conversion_loads(init,
     reference.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=tmp_path / "initial")
     torch.testing.assert_close(logits(load_adapter(from_pretrained(path), tmp_path / "converted")), want,
                                rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lora_alpha": "abc"}, "lora_alpha='abc' is not a number"),
+    ({"lora_alpha": None}, "lora_alpha=None is not a number"),
+    ({"lora_dropout": "x"}, "lora_dropout='x' is not a number"),
+    ({"alpha_pattern": ["q_proj"]}, r"alpha_pattern=\['q_proj'\] is not an object of pattern: number"),
+    ({"alpha_pattern": {"q_proj": "3"}}, "alpha_pattern=.* is not an object of pattern: number"),
+    ({"alpha_pattern": {"(": 3}}, r"alpha_pattern key '\(' is not a regular expression"),
+])
+def test_malformed_adapter_config_is_one_line_error(change, message, hf_checkpoint, tmp_path):
+    path = hf_checkpoint("llama")
+    save_adapter(apply_lora(from_pretrained(path), target_modules=["q_proj"]), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(AdapterError, match="adapter_config.json: " + message):
+        load_adapter(from_pretrained(path), tmp_path)
