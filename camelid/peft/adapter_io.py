@@ -24,12 +24,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from camelid.peft.lora import LoRAEmbedding, LoRALinear, apply_lora, lora_layers, lora_state_dict
 from camelid.peft.shared import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, name_matches, read_config,
-                                 short_or_regex, write_adapter_folder)
+                                 read_tensors, short_or_regex, write_adapter_folder)
 from camelid.quant import QuantLinear
 
 PREFIX = "base_model.model."
@@ -144,8 +143,7 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tens
     file = path / WEIGHTS_FILE
     if not file.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {path} (pickled adapter_model.bin files are never loaded)")
-    with safe_open(file, framework="pt", device="cpu") as handle:
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    tensors = read_tensors(file)
 
     per_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
