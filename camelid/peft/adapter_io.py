@@ -193,8 +193,18 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         if not isinstance(modules[name], kinds):
             raise AdapterError(f"{file}: adapter for {name!r}, a {type(modules[name]).__name__}, not an "
                                f"{'nn.Embedding' if embedding else 'nn.Linear'}")
-        ranks[name] = parts.get("lora_A.weight", parts.get("lora_embedding_A")).shape[0]
+        module = modules[name]
+        ranks[name] = r = parts.get("lora_A.weight", parts.get("lora_embedding_A")).shape[0]
         alphas[name] = module_alpha(config, name)
+        if embedding:
+            expected = {"lora_embedding_A": (r, module.num_embeddings), "lora_embedding_B": (module.embedding_dim, r)}
+        else:
+            expected = {"lora_A.weight": (r, module.in_features), "lora_B.weight": (module.out_features, r),
+                        "lora_magnitude_vector": (module.out_features,)}
+        for suffix, tensor in parts.items():  # every shape checked before the model is touched
+            if suffix in expected and tuple(tensor.shape) != expected[suffix]:
+                raise AdapterError(f"{file}: tensor {PREFIX + name}.{suffix} has shape {tuple(tensor.shape)}, "
+                                   f"the model expects {expected[suffix]}")
 
     try:
         apply_lora(model, r=config.get("r", 8), alpha=config.get("lora_alpha", 8),
@@ -215,13 +225,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
                 targets = {"lora_A.weight": layer.lora_A.weight, "lora_B.weight": layer.lora_B.weight}
             if use_dora and isinstance(layer, LoRALinear):
                 targets["lora_magnitude_vector"] = layer.lora_magnitude_vector
-            for suffix in targets:
-                tensor = parts[suffix]
-                target = targets[suffix]
-                if tensor.shape != target.shape:
-                    raise AdapterError(f"{file}: tensor {PREFIX + name}.{suffix} has shape {tuple(tensor.shape)}, "
-                                       f"the model expects {tuple(target.shape)}")
-                target.copy_(tensor)
+            for suffix, target in targets.items():
+                target.copy_(parts[suffix])
     return model
 
 

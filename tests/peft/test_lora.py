@@ -435,3 +435,21 @@ def test_malformed_adapter_config_is_one_line_error(change, message, hf_checkpoi
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(AdapterError, match="adapter_config.json: " + message):
         load_adapter(from_pretrained(path), tmp_path)
+
+
+def test_an_adapter_for_another_model_size_changes_nothing(hf_checkpoint, transformers, peft, tmp_path):
+    """Shapes are checked before the model is touched: a failed load leaves neither LoRA layers nor replaced
+    modules_to_save weights behind."""
+    from safetensors.torch import load_file, save_file
+
+    path = hf_checkpoint("llama")
+    peft_feature_adapter(peft, transformers, path, tmp_path, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+    save_file({**tensors, key: torch.zeros(4, 65)}, tmp_path / "adapter_model.safetensors")
+    model = from_pretrained(path)
+    before = logits(model)
+    with pytest.raises(AdapterError, match=r"q_proj.lora_A.weight has shape \(4, 65\), the model expects \(4, 64\)"):
+        load_adapter(model, tmp_path)
+    assert not lora_layers(model)
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
