@@ -235,7 +235,7 @@ def _replaced_tensors(model: nn.Module, file: Path, config: dict, per_module: di
     base, a weight with its trainable_token_indices rows put in), each checked against the model: it must exist
     with that shape, and a tied weight (lm_head and embed_tokens) may not change on one side only, since PEFT keeps
     the two apart."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params, buffers = dict(model.named_parameters(remove_duplicate=False)), dict(model.named_buffers())
     replaced = {f"{module}.{part}": tensor for module, parts in per_module.items()
                 for part, tensor in parts.items() if part not in (*LORA_PARTS, TOKEN_ROWS)}
     for module, parts in per_module.items():
@@ -243,7 +243,9 @@ def _replaced_tensors(model: nn.Module, file: Path, config: dict, per_module: di
             replaced[f"{module}.weight"] = _with_token_rows(params, file, config, module, parts[TOKEN_ROWS])
     for name, tensor in replaced.items():
         if name not in params:
-            raise AdapterError(f"{file}: tensor {PREFIX + name} replaces {name!r}, which this model does not have")
+            held = "is quantized in this model (load it onto the float base)" if name in buffers else \
+                "this model does not have"
+            raise AdapterError(f"{file}: tensor {PREFIX + name} replaces {name!r}, which {held}")
         if tensor.shape != params[name].shape:
             raise AdapterError(f"{file}: tensor {PREFIX + name} has shape {tuple(tensor.shape)}, the model's "
                                f"{name} is {tuple(params[name].shape)} (a resized vocabulary is not supported)")

@@ -453,3 +453,16 @@ def test_an_adapter_for_another_model_size_changes_nothing(hf_checkpoint, transf
         load_adapter(model, tmp_path)
     assert not lora_layers(model)
     torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+
+
+def test_modules_to_save_over_a_quantized_layer_says_so(hf_checkpoint, transformers, peft, tmp_path):
+    from camelid.quant import quantize_model
+
+    path = hf_checkpoint("llama")
+    peft_feature_adapter(peft, transformers, path, tmp_path, target_modules=["q_proj"],
+                         modules_to_save=["model.layers.0.mlp.down_proj"])
+    model = quantize_model(from_pretrained(path), "int8")
+    with pytest.raises(AdapterError, match="replaces 'model.layers.0.mlp.down_proj.weight', which is quantized "
+                                           "in this model"):
+        load_adapter(model, tmp_path)
+    model = load_adapter(from_pretrained(path), tmp_path)  # the float base takes it
