@@ -252,3 +252,13 @@ def test_adapters_that_change_the_base_for_everyone_are_refused(config, message,
     assert not any(isinstance(m, MultiLoRALinear) for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(TOKENS), expected[None], rtol=0, atol=0)
+
+
+def test_an_adapter_with_trained_biases_is_refused(hf_checkpoint, transformers, peft, tmp_path):
+    """bias="lora_only" on Qwen2 (q/k/v biases): the biases ride with the LoRA tensors of q_proj; serving only the
+    LoRA part would silently drop them."""
+    base = hf_checkpoint("qwen2")
+    make_peft_adapter(peft, transformers, base, tmp_path, seed=4, r=4, lora_alpha=8, target_modules=["q_proj"],
+                      bias="lora_only")
+    with pytest.raises(ValueError, match=r"replaces the base tensor model\.layers\.0\.self_attn\.q_proj\.bias"):
+        MultiLoRA(from_pretrained(base)).add("x", tmp_path)
