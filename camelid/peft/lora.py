@@ -9,6 +9,10 @@ saved files, which makes a PEFT folder a prefix away from our state dict:
     model.layers.0.self_attn.q_proj.lora_A.weight       base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
     model.layers.0.self_attn.q_proj.lora_B.weight       base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight
     model.layers.0.self_attn.q_proj.lora_magnitude_vector   (DoRA) base_model.model.....q_proj.lora_magnitude_vector
+    model.embed_tokens.lora_embedding_A                 base_model.model.model.embed_tokens.lora_embedding_A (r, vocab)
+
+A targeted nn.Embedding becomes a `LoRAEmbedding` (PEFT's LoRA Embedding: y = W[x] + s * A.T[x] B.T, no dropout,
+no DoRA).
 
 Forward, with s = alpha / r (rsLoRA: alpha / sqrt(r)) and dropout on the adapter input only:
     LoRA:  y = W x + b + s * B A dropout(x)
