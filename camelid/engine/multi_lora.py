@@ -26,8 +26,10 @@ registered on the wrapper under the same names (the keys stay put, as LoRALinear
 kept in fp32 (as LoRALinear over a quantized base) and each delta is computed in the layer's compute dtype (else
 the input's).
 
-Only plain LoRA (and rsLoRA scaling) is batched: DoRA rescales the base output per adapter, so it cannot share one
-base matmul; merge a DoRA adapter into its own checkpoint instead (camelid.checkpoint.merge_adapter_folder).
+Only plain LoRA (and rsLoRA scaling) on Linear layers is batched: DoRA rescales the base output per adapter, so it
+cannot share one base matmul, and an adapter that replaces base tensors (modules_to_save, trained biases) or puts a
+LoRA on the embedding is refused too; merge such an adapter into its own checkpoint instead
+(camelid.checkpoint.merge_adapter_folder).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from camelid.peft.adapter_io import AdapterError, module_alpha, read_adapter
+from camelid.peft.adapter_io import LORA_PARTS, AdapterError, module_alpha, read_adapter
 from camelid.quant import QuantLinear
 from camelid.quant.linear import apply_keeping_dtypes
 
@@ -204,10 +206,18 @@ class MultiLoRA:
         if config.get("use_dora"):
             raise ValueError(f"adapter {name!r} ({folder}) is a DoRA adapter (use_dora=true), which is unsupported "
                              "for multi-LoRA; merge it into a checkpoint of its own instead")
+        # what a request's rows cannot have to themselves: an embedding's LoRA, and whole tensors that replace the
+        # base's (modules_to_save, trained biases), which every request would see
+        embeddings = [m for m, parts in sorted(per_module.items()) if "lora_embedding_A" in parts]
+        if embeddings:
+            raise ValueError(f"adapter {name!r} ({folder}) has a LoRA on the embedding {embeddings[0]!r}, which is "
+                             "unsupported for multi-LoRA; merge it into a checkpoint of its own instead")
         use_rslora = bool(config.get("use_rslora", False))
         modules = dict(self.model.named_modules())
         updates = []  # (module name, A, B, scale), all checked before any is applied
         for module_name, parts in sorted(per_module.items()):
+            if not set(parts) & set(LORA_PARTS):  # a modules_to_save copy (of a norm, ...): not a LoRA at all
+                self._refuse_whole(name, folder, module_name, parts)
             module = modules.get(module_name)
             if module is None:
                 raise ValueError(f"adapter {name!r} ({folder}) targets {module_name!r}, which this model does not "
@@ -218,6 +228,8 @@ class MultiLoRA:
             if module_name == UNBATCHABLE[0] or UNBATCHABLE[1] in module_name:
                 raise ValueError(f"adapter {name!r} ({folder}) targets {module_name!r}, which is unsupported for "
                                  "multi-LoRA (it does not see one row per token: lm_head and MoE experts)")
+            if set(parts) - set(LORA_PARTS):
+                self._refuse_whole(name, folder, module_name, parts)
             A, B = parts["lora_A.weight"], parts["lora_B.weight"]  # (r, in), (out, r)
             r = A.shape[0]
             if A.shape != (r, module.in_features) or B.shape != (module.out_features, r):
@@ -235,6 +247,13 @@ class MultiLoRA:
             self._wrap(module_name).set_adapter(slot, A, B, scale)
         self._slots[name], self._modules[name] = slot, [u[0] for u in updates]
         return slot
+
+    @staticmethod
+    def _refuse_whole(name: str, folder, module_name: str, parts: dict) -> None:
+        whole = ", ".join(f"{module_name}.{p}" for p in parts if p not in LORA_PARTS)
+        raise ValueError(f"adapter {name!r} ({folder}) replaces the base tensor {whole} (modules_to_save, a "
+                         "trained bias or trainable token rows), which every request would see; unsupported for "
+                         "multi-LoRA: merge it into a checkpoint of its own instead")
 
     def remove(self, name: str) -> None:
         """Unload adapter `name`; its slot is free for the next `add`. Wrapped layers stay wrapped (cheap: a layer

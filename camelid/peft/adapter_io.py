@@ -6,6 +6,13 @@ saved files. Which modules carry an adapter is read from the file's keys, not re
 folder loads exactly as it was saved whatever matching rule wrote it; the rank comes from the tensors' shapes.
 A folder is written by shared.py's write_adapter_folder, as every method's is.
 
+Besides LoRA / DoRA tensors on Linear layers, a PEFT folder may hold LoRA on embeddings (`lora_embedding_A` / `_B`)
+and whole tensors that replace the base's: `modules_to_save` copies (saved under the module's own name), biases
+trained with bias="all" / "lora_only", the base weight of a targeted embedding layer (`...base_layer.weight`,
+PEFT's save_embedding_layers) and the token rows `trainable_token_indices` trains (`...trainable_tokens_delta`).
+PEFT loads those over the base weights, and so does load_adapter. Every other feature that changes what the adapter
+computes is refused by name (UNSUPPORTED), never ignored.
+
 A LoRA folder also loads onto a quantized model folder (`camelid quantize`): that is QLoRA, which builds on
 camelid.quant (the deliberate peft -> quant edge described in lora.py).
 """
@@ -17,20 +24,25 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from camelid.peft.lora import LoRALinear, apply_lora, lora_layers, lora_state_dict
-from camelid.peft.shared import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, read_config, short_or_regex,
-                                 write_adapter_folder)
+from camelid.peft.lora import LoRAEmbedding, LoRALinear, apply_lora, lora_layers, lora_state_dict
+from camelid.peft.shared import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, name_matches, read_config,
+                                 read_tensors, short_or_regex, write_adapter_folder)
 from camelid.quant import QuantLinear
 
 PREFIX = "base_model.model."
-# adapter_config.json fields that change what the adapter computes and that camelid does not implement
-UNSUPPORTED = {"modules_to_save": None, "fan_in_fan_out": False, "lora_bias": False, "bias": "none",
-               "use_qalora": False, "trainable_token_indices": None, "target_parameters": None,
-               "layer_replication": None, "alora_invocation_tokens": None, "use_bdlora": None,
-               "arrow_config": None, "monteclora_config": None}
+# adapter_config.json fields that change what the adapter computes and that camelid does not implement.
+# (fan_in_fan_out is not one: it describes Conv1D weights, and over nn.Linear peft warns and ignores it.)
+UNSUPPORTED = {"lora_bias": False, "use_qalora": False,
+               "target_parameters": None, "layer_replication": None, "alora_invocation_tokens": None,
+               "use_bdlora": None, "arrow_config": None, "monteclora_config": None, "kasa_config": None}
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")  # init_lora_weights that rewrite the base weights
+LORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
+# PEFT's wrappers in a saved key: a LoRA layer's base (embedding layers are saved whole), a modules_to_save copy
+# and trainable_token_indices' rows
+WRAPPERS = re.compile(r"\.(base_layer|modules_to_save\.default|token_adapter)(?=\.)")
+TOKEN_ROWS = "trainable_tokens_delta"  # (n, dim): rows trainable_token_indices gives a module's weight
 
 
 def _pattern_value(patterns: dict, name: str, default):
@@ -86,7 +98,33 @@ def read_adapter_config(path: str | Path) -> dict:
         value = config.get(field, default)
         if value not in (default, None, [], {}, False, "none"):
             raise AdapterError(f"{file}: {field}={value!r} is not supported by camelid's LoRA")
+    _check_numbers(config, file)
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        # its adapters pair with the residual base the init made (peft redoes the init on load); the plain base
+        # would give other logits
+        raise AdapterError(f"{file}: init_lora_weights={init!r} adapters need the base weights that init changed; "
+                           "convert the folder to a plain LoRA with peft's save_pretrained(..., "
+                           "path_initial_model_for_weight_conversion=...) to load it in camelid")
     return config
+
+
+def _check_numbers(config: dict, file: Path) -> None:
+    """The fields camelid computes with, as a hand-edited config may get them wrong: one line, not a traceback."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    for field in ("lora_alpha", "lora_dropout"):
+        if field in config and not number(config[field]):
+            raise AdapterError(f"{file}: {field}={config[field]!r} is not a number")
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict) or not all(number(v) for v in patterns.values()):
+        raise AdapterError(f"{file}: alpha_pattern={patterns!r} is not an object of pattern: number")
+    for key in patterns:
+        try:
+            re.compile(rf"(.*\.)?({key})$")  # as _pattern_value uses it
+        except re.error as e:
+            raise AdapterError(f"{file}: alpha_pattern key {key!r} is not a regular expression ({e})") from None
 
 
 def module_alpha(config: dict, name: str) -> float:
@@ -96,27 +134,39 @@ def module_alpha(config: dict, name: str) -> float:
 
 def read_adapter(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """A PEFT LoRA / DoRA folder, read and checked but applied to nothing: (adapter_config.json, {module name:
-    {"lora_A.weight": (r, in), "lora_B.weight": (out, r)[, "lora_magnitude_vector": (out,)]}}), on the CPU."""
+    {"lora_A.weight": (r, in), "lora_B.weight": (out, r)[, "lora_magnitude_vector": (out,)]}}), on the CPU.
+    An embedding's parts are "lora_embedding_A" (r, num) and "lora_embedding_B" (dim, r); a whole tensor that
+    replaces the base's (modules_to_save, a trained bias, ...) is the part named as the module's own parameter
+    ("weight", "bias")."""
     path = Path(path)
     config = read_adapter_config(path)
     file = path / WEIGHTS_FILE
     if not file.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {path} (pickled adapter_model.bin files are never loaded)")
-    with safe_open(file, framework="pt", device="cpu") as handle:
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    tensors = read_tensors(file)
 
     per_module: dict[str, dict[str, torch.Tensor]] = {}
-    suffixes = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
     for key, tensor in tensors.items():
-        suffix = next((s for s in suffixes if key.endswith("." + s)), None)
-        if not key.startswith(PREFIX) or suffix is None:
+        suffix = next((s for s in LORA_PARTS if key.endswith("." + s)), None)
+        if not key.startswith(PREFIX) or (suffix is None and "." not in key[len(PREFIX):]):
             raise AdapterError(f"{file}: unexpected tensor {key!r} (expected {PREFIX}<module>.lora_A.weight, ...)")
-        module = key[len(PREFIX):-len(suffix) - 1]
+        if suffix is None:  # a whole tensor: `module.param` once PEFT's wrapper names are taken out
+            module, suffix = WRAPPERS.sub("", key[len(PREFIX):]).rsplit(".", 1)
+        else:
+            module = key[len(PREFIX):-len(suffix) - 1]
         per_module.setdefault(module, {})[suffix] = tensor
-    if not per_module:
+    if not any(set(parts) & set(LORA_PARTS) for parts in per_module.values()):
         raise AdapterError(f"{file}: no LoRA tensors")
-    need = suffixes if config.get("use_dora", False) else suffixes[:2]
     for name, parts in per_module.items():
+        if "lora_embedding_A" in parts or "lora_embedding_B" in parts:
+            need = ["lora_embedding_A", "lora_embedding_B"]
+            if "lora_magnitude_vector" in parts:
+                raise AdapterError(f"{file}: DoRA on the embedding {name} (use_dora with embed_tokens targeted) is "
+                                   "not supported by camelid's LoRA")
+        elif "lora_A.weight" in parts or "lora_B.weight" in parts:
+            need = [*LORA_PARTS[:3]] if config.get("use_dora", False) else [*LORA_PARTS[:2]]
+        else:
+            need = []
         missing = [s for s in need if s not in parts]
         if missing:
             raise AdapterError(f"{file}: missing tensor {PREFIX + name}.{missing[0]}")
@@ -131,29 +181,91 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     config, per_module = read_adapter(path)
     use_dora = bool(config.get("use_dora", False))
     modules = dict(model.named_modules())
+    replaced = _replaced_tensors(model, file, config, per_module)  # checked before the model is touched
     ranks, alphas = {}, {}
     for name, parts in per_module.items():
+        if not set(parts) & set(LORA_PARTS):
+            continue
         if name not in modules:
             raise AdapterError(f"{file}: adapter for module {name!r}, which this model does not have")
-        if not isinstance(modules[name], (nn.Linear, QuantLinear)):  # a `camelid quantize` folder's layers too
-            raise AdapterError(f"{file}: adapter for {name!r}, a {type(modules[name]).__name__}, not an nn.Linear")
-        ranks[name] = parts["lora_A.weight"].shape[0]
+        embedding = "lora_embedding_A" in parts
+        kinds = (nn.Embedding,) if embedding else (nn.Linear, QuantLinear)  # a `camelid quantize` folder's too
+        if not isinstance(modules[name], kinds):
+            raise AdapterError(f"{file}: adapter for {name!r}, a {type(modules[name]).__name__}, not an "
+                               f"{'nn.Embedding' if embedding else 'nn.Linear'}")
+        module = modules[name]
+        ranks[name] = r = parts.get("lora_A.weight", parts.get("lora_embedding_A")).shape[0]
         alphas[name] = module_alpha(config, name)
+        if embedding:
+            expected = {"lora_embedding_A": (r, module.num_embeddings), "lora_embedding_B": (module.embedding_dim, r)}
+        else:
+            expected = {"lora_A.weight": (r, module.in_features), "lora_B.weight": (module.out_features, r),
+                        "lora_magnitude_vector": (module.out_features,)}
+        for suffix, tensor in parts.items():  # every shape checked before the model is touched
+            if suffix in expected and tuple(tensor.shape) != expected[suffix]:
+                raise AdapterError(f"{file}: tensor {PREFIX + name}.{suffix} has shape {tuple(tensor.shape)}, "
+                                   f"the model expects {expected[suffix]}")
 
-    apply_lora(model, r=config.get("r", 8), alpha=config.get("lora_alpha", 8),
-               dropout=float(config.get("lora_dropout", 0.0)),
-               target_modules="^(" + "|".join(re.escape(n) for n in per_module) + ")$",
-               use_rslora=bool(config.get("use_rslora", False)), use_dora=use_dora, ranks=ranks, alphas=alphas)
+    try:
+        apply_lora(model, r=config.get("r", 8), alpha=config.get("lora_alpha", 8),
+                   dropout=float(config.get("lora_dropout", 0.0)),
+                   target_modules="^(" + "|".join(re.escape(n) for n in ranks) + ")$",
+                   use_rslora=bool(config.get("use_rslora", False)), use_dora=use_dora, ranks=ranks, alphas=alphas)
+    except ValueError as e:  # a tied lm_head, ...: the adapter is what cannot load
+        raise AdapterError(f"{file}: {e}") from None
     with torch.no_grad():
-        for name, parts in per_module.items():
-            layer: LoRALinear = model.get_submodule(name)
-            targets = {"lora_A.weight": layer.lora_A.weight, "lora_B.weight": layer.lora_B.weight}
-            if use_dora:
+        for name, tensor in replaced.items():
+            model.get_parameter(name).copy_(tensor)
+        for name in ranks:
+            parts = per_module[name]
+            layer = model.get_submodule(name)
+            if isinstance(layer, LoRAEmbedding):
+                targets = {"lora_embedding_A": layer.lora_embedding_A, "lora_embedding_B": layer.lora_embedding_B}
+            else:
+                targets = {"lora_A.weight": layer.lora_A.weight, "lora_B.weight": layer.lora_B.weight}
+            if use_dora and isinstance(layer, LoRALinear):
                 targets["lora_magnitude_vector"] = layer.lora_magnitude_vector
-            for suffix, tensor in parts.items():
-                target = targets[suffix]
-                if tensor.shape != target.shape:
-                    raise AdapterError(f"{file}: tensor {PREFIX + name}.{suffix} has shape {tuple(tensor.shape)}, "
-                                       f"the model expects {tuple(target.shape)}")
-                target.copy_(tensor)
+            for suffix, target in targets.items():
+                target.copy_(parts[suffix])
     return model
+
+
+def _replaced_tensors(model: nn.Module, file: Path, config: dict, per_module: dict) -> dict[str, torch.Tensor]:
+    """{parameter name: tensor} of the folder's whole tensors (modules_to_save, trained biases, a LoRA embedding's
+    base, a weight with its trainable_token_indices rows put in), each checked against the model: it must exist
+    with that shape, and a tied weight (lm_head and embed_tokens) may not change on one side only, since PEFT keeps
+    the two apart."""
+    params, buffers = dict(model.named_parameters(remove_duplicate=False)), dict(model.named_buffers())
+    replaced = {f"{module}.{part}": tensor for module, parts in per_module.items()
+                for part, tensor in parts.items() if part not in (*LORA_PARTS, TOKEN_ROWS)}
+    for module, parts in per_module.items():
+        if TOKEN_ROWS in parts:
+            replaced[f"{module}.weight"] = _with_token_rows(params, file, config, module, parts[TOKEN_ROWS])
+    for name, tensor in replaced.items():
+        if name not in params:
+            held = "is quantized in this model (load it onto the float base)" if name in buffers else \
+                "this model does not have"
+            raise AdapterError(f"{file}: tensor {PREFIX + name} replaces {name!r}, which {held}")
+        if tensor.shape != params[name].shape:
+            raise AdapterError(f"{file}: tensor {PREFIX + name} has shape {tuple(tensor.shape)}, the model's "
+                               f"{name} is {tuple(params[name].shape)} (a resized vocabulary is not supported)")
+        for other in [n for n, p in params.items() if p is params[name] and n != name]:
+            if not torch.equal(replaced.get(other, params[other].detach()).to(tensor), tensor):
+                raise AdapterError(f"{file}: tensor {PREFIX + name} would change {name}, which is tied to {other} "
+                                   "(tie_word_embeddings); an adapter that changes one side only is not supported")
+    return replaced
+
+
+def _with_token_rows(params: dict, file: Path, config: dict, module: str, rows: torch.Tensor) -> torch.Tensor:
+    """`module`'s weight with rows[i] in row indices[i], as PEFT's trainable tokens compute it (index_copy). A list
+    of indices is the input embedding's; a dict gives them per module name (PEFT's name-suffix rule)."""
+    given = config.get("trainable_token_indices")
+    if isinstance(given, list):
+        given = {"embed_tokens": given}
+    indices = next((v for k, v in (given or {}).items() if name_matches(module, [k])), None)
+    weight = params.get(f"{module}.weight")
+    if weight is None or indices is None or len(indices) != rows.shape[0] or weight.shape[1:] != rows.shape[1:] \
+            or not all(isinstance(i, int) and 0 <= i < weight.shape[0] for i in indices):
+        raise AdapterError(f"{file}: tensor {PREFIX}{module}.token_adapter.{TOKEN_ROWS} {tuple(rows.shape)} does not "
+                           f"fit trainable_token_indices={config.get('trainable_token_indices')!r} on this model")
+    return weight.detach().to(rows.dtype).index_copy(0, torch.tensor(indices), rows)

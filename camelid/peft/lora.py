@@ -9,6 +9,10 @@ saved files, which makes a PEFT folder a prefix away from our state dict:
     model.layers.0.self_attn.q_proj.lora_A.weight       base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
     model.layers.0.self_attn.q_proj.lora_B.weight       base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight
     model.layers.0.self_attn.q_proj.lora_magnitude_vector   (DoRA) base_model.model.....q_proj.lora_magnitude_vector
+    model.embed_tokens.lora_embedding_A                 base_model.model.model.embed_tokens.lora_embedding_A (r, vocab)
+
+A targeted nn.Embedding becomes a `LoRAEmbedding` (PEFT's LoRA Embedding: y = W[x] + s * A.T[x] B.T, no dropout,
+no DoRA).
 
 Forward, with s = alpha / r (rsLoRA: alpha / sqrt(r)) and dropout on the adapter input only:
     LoRA:  y = W x + b + s * B A dropout(x)
@@ -42,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from camelid.peft.shared import name_matches
+from camelid.peft.shared import adapter_dtype, name_matches
 from camelid.quant import FORMATS, QuantLinear, dequant_linear, float_dtype, quantized_layers
 from camelid.quant.linear import Dequantize, apply_keeping_dtypes
 
@@ -197,10 +201,69 @@ class LoRALinear(nn.Module):
                 f"scaling={self.scaling:g}, merged={self.merged}")
 
 
+
+class LoRAEmbedding(nn.Module):
+    """An nn.Embedding plus a low-rank update, PEFT's LoRA Embedding: y = W[x] + s * A.T[x] B.T, with lora_embedding_A
+    (r, num_embeddings) and lora_embedding_B (embedding_dim, r) as PEFT names and shapes them. `weight` is the base
+    layer's own Parameter. No dropout (PEFT applies none to embeddings) and no DoRA."""
+
+    use_dora = False
+
+    def __init__(self, base: nn.Embedding, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
+        self.num_embeddings, self.embedding_dim, self.padding_idx = base.num_embeddings, base.embedding_dim, \
+            base.padding_idx
+        self.weight = base.weight
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.dropout_p = dropout  # recorded for save_adapter's config only
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        factory = dict(device=base.weight.device, dtype=adapter_dtype(base.weight))
+        # PEFT's init: A zeros, B normal, so a fresh layer is its base
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, self.num_embeddings, **factory))
+        self.lora_embedding_B = nn.Parameter(torch.randn(self.embedding_dim, r, **factory))
+        self.merged = False
+        self.register_buffer("unmerged_weight", None, persistent=False)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * (B A).T, (num_embeddings, embedding_dim): what LoRA adds to W."""
+        return (self.lora_embedding_B @ self.lora_embedding_A).t() * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = F.embedding(x, self.weight, self.padding_idx)
+        if self.merged:
+            return result
+        down = F.embedding(x, self.lora_embedding_A.t(), self.padding_idx)  # (..., r)
+        return result + ((down @ self.lora_embedding_B.t()) * self.scaling).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self, keep: bool = True) -> None:
+        if self.merged:
+            return
+        if keep:
+            self.unmerged_weight = self.weight.detach().clone()
+        self.weight.copy_((self.weight.to(self.lora_embedding_A.dtype) + self.delta_weight()).to(self.weight.dtype))
+        self.merged = True
+
+    unmerge = LoRALinear.unmerge
+
+    def to_plain(self, dtype: torch.dtype | None = None) -> nn.Embedding:
+        """A plain nn.Embedding holding the merged weight (merging first if needed)."""
+        self.merge(keep=False)
+        embedding = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, device="meta")
+        embedding.weight = self.weight
+        return embedding
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, LoRA r={self.r}, alpha={self.alpha}, "
+                f"scaling={self.scaling:g}, merged={self.merged}")
+
+
 # ---- acting on a model by module name ------------------------------------------------------------------------
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))}
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
@@ -209,7 +272,8 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
                alphas: dict[str, float] | None = None, quantize_base: str | None = None,
                compute_dtype: torch.dtype | None = torch.bfloat16) -> nn.Module:
     """Wrap every nn.Linear named by `target_modules` (a list of names / name suffixes, or a regex over the full
-    name, or "all-linear") in a LoRALinear, freeze every other parameter, and return the model (changed in place).
+    name, or "all-linear") in a LoRALinear, and every nn.Embedding it names in a LoRAEmbedding (not DoRA, not
+    quantized), freeze every other parameter, and return the model (changed in place).
     `ranks` / `alphas` override r / alpha for given full module names (used when loading PEFT folders).
     `quantize_base` ("nf4" for QLoRA; "int8" / "int4" work too) quantizes each targeted layer first, its matmul
     then running in `compute_dtype` (None: the input's dtype). Layers already quantized (a `camelid quantize`
@@ -228,13 +292,18 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
     if not candidates:
         raise ValueError(f"target_modules {target_modules!r} match no module of this model "
                          f"(Linear layers are named like {_example_linear(model)!r})")
-    wrong = [f"{n} ({type(m).__name__})" for n, m in candidates.items() if not isinstance(m, linear_types)]
+    wrong = [f"{n} ({type(m).__name__})" for n, m in candidates.items()
+             if not isinstance(m, (*linear_types, nn.Embedding))]
     if wrong:
-        raise ValueError(f"LoRA wraps nn.Linear layers only; target_modules {target_modules!r} also match "
-                         f"{', '.join(wrong[:3])}")
+        raise ValueError(f"LoRA wraps nn.Linear and nn.Embedding layers only; target_modules {target_modules!r} also "
+                         f"match {', '.join(wrong[:3])}")
+    embeddings = [n for n, m in candidates.items() if isinstance(m, nn.Embedding)]
+    if embeddings and (use_dora or quantize_base is not None):
+        raise ValueError(f"{'DoRA' if use_dora else 'a quantized base'} on an embedding ({embeddings[0]}) is not "
+                         "supported; leave it out of target_modules")
     # a weight shared with another module (lm_head tied to embed_tokens): merging would change both
     others = {id(p) for n, m in model.named_modules() if n not in candidates for p in m.parameters(recurse=False)}
-    tied = [n for n, m in candidates.items() if isinstance(m, nn.Linear) and id(m.weight) in others]
+    tied = [n for n, m in candidates.items() if isinstance(m, (nn.Linear, nn.Embedding)) and id(m.weight) in others]
     if tied:
         raise ValueError(f"{tied[0]} shares its weight with another module (tied embeddings); leave it out of "
                          "target_modules")
@@ -248,10 +317,13 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from None
     for name, linear in candidates.items():
+        rank, scale = (ranks or {}).get(name, r), (alphas or {}).get(name, alpha)
+        if isinstance(linear, nn.Embedding):
+            model.set_submodule(name, LoRAEmbedding(linear, rank, scale, dropout, use_rslora), strict=True)
+            continue
         if quantize_base is not None and isinstance(linear, nn.Linear):
             linear = FORMATS[quantize_base].from_linear(linear, compute_dtype=compute_dtype)
-        layer = LoRALinear(linear, (ranks or {}).get(name, r), (alphas or {}).get(name, alpha), dropout,
-                           use_rslora, use_dora)
+        layer = LoRALinear(linear, rank, scale, dropout, use_rslora, use_dora)
         model.set_submodule(name, layer, strict=True)
     return model
 
@@ -279,7 +351,8 @@ def merge_lora(model: nn.Module, keep: bool = False) -> nn.Module:
         if keep:
             layer.merge(keep=True)
         else:
-            model.set_submodule(name, layer.to_linear(dtype), strict=True)
+            plain = layer.to_plain() if isinstance(layer, LoRAEmbedding) else layer.to_linear(dtype)
+            model.set_submodule(name, plain, strict=True)
     return model
 
 
@@ -309,4 +382,5 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors, under our (= PEFT's, minus the "base_model.model." prefix) names."""
     return {k: v for k, v in model.state_dict().items()
-            if ".lora_A." in k or ".lora_B." in k or k.endswith(".lora_magnitude_vector")}
+            if ".lora_A." in k or ".lora_B." in k or k.endswith((".lora_magnitude_vector", ".lora_embedding_A",
+                                                                ".lora_embedding_B"))}

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -112,11 +112,20 @@ def read_adapter_folder(folder: str | Path, peft_type: str) -> tuple[dict, dict[
     config, weights_file = read_config(folder, peft_type), folder / WEIGHTS_FILE
     if not weights_file.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {folder} (pickled adapter_model.bin files are never loaded)")
-    with safe_open(weights_file, framework="pt", device="cpu") as handle:
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    tensors = read_tensors(weights_file)
     if not tensors:
         raise AdapterError(f"{weights_file}: no tensors")
     return config, tensors
+
+
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, on the CPU; an AdapterError naming it when it is truncated or corrupt (a
+    half-finished download), not the library's traceback."""
+    try:
+        with safe_open(file, framework="pt", device="cpu") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise AdapterError(f"{file}: cannot read it, truncated or corrupt ({e})") from None
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:

@@ -231,3 +231,34 @@ def test_adapters_over_a_quantized_base(setup, method):
     assert (expected["a1"][0] - expected[None][0]).abs().max() > 1e-2
     check_rows(mixed_forward(model, ml, rows), expected, rows)
     check_rows(mixed_forward(model, ml, ["a2"] * 5), expected, ["a2"] * 5)
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), r"replaces the base tensor lm_head\.weight"),
+    (dict(target_modules=["q_proj"], modules_to_save=["model.norm"]), r"replaces the base tensor model\.norm\.weight"),
+    (dict(target_modules=["q_proj", "embed_tokens"]), "LoRA on the embedding 'model.embed_tokens'"),
+    (dict(target_modules=["q_proj", "lm_head"]), "targets 'lm_head'"),
+    (dict(target_modules=["q_proj"], trainable_token_indices=[3, 5]),
+     r"replaces the base tensor model\.embed_tokens\.trainable_tokens_delta"),
+])
+def test_adapters_that_change_the_base_for_everyone_are_refused(config, message, setup, transformers, peft, tmp_path):
+    """They load with load_adapter (and merge), but a batch's other requests would see them: refused at add."""
+    base, folders, expected = setup
+    make_peft_adapter(peft, transformers, base, tmp_path, seed=3, r=4, lora_alpha=8, **config)
+    model = from_pretrained(base)
+    ml = MultiLoRA(model, max_adapters=2)
+    with pytest.raises(ValueError, match=message):
+        ml.add("x", tmp_path)
+    assert not any(isinstance(m, MultiLoRALinear) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS), expected[None], rtol=0, atol=0)
+
+
+def test_an_adapter_with_trained_biases_is_refused(hf_checkpoint, transformers, peft, tmp_path):
+    """bias="lora_only" on Qwen2 (q/k/v biases): the biases ride with the LoRA tensors of q_proj; serving only the
+    LoRA part would silently drop them."""
+    base = hf_checkpoint("qwen2")
+    make_peft_adapter(peft, transformers, base, tmp_path, seed=4, r=4, lora_alpha=8, target_modules=["q_proj"],
+                      bias="lora_only")
+    with pytest.raises(ValueError, match=r"replaces the base tensor model\.layers\.0\.self_attn\.q_proj\.bias"):
+        MultiLoRA(from_pretrained(base)).add("x", tmp_path)

@@ -169,7 +169,7 @@ def test_target_module_errors(hf_checkpoint):
     model = from_pretrained(hf_checkpoint("llama"))
     with pytest.raises(ValueError, match="match no module"):
         apply_lora(model, target_modules=["qkv_proj"])
-    with pytest.raises(ValueError, match="nn.Linear layers only"):
+    with pytest.raises(ValueError, match="nn.Linear and nn.Embedding layers only"):
         apply_lora(model, target_modules=["self_attn"])
     assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())  # nothing half-applied
     apply_lora(model, target_modules=["q_proj"])
@@ -182,7 +182,8 @@ def test_bad_adapter_folders(hf_checkpoint, tmp_path):
     model = apply_lora(from_pretrained(path), target_modules=["q_proj"])
     save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    for change, message in [({"peft_type": "LOHA"}, "peft_type"), ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    for change, message in [({"peft_type": "LOHA"}, "peft_type"),
+                            ({"layer_replication": [[0, 2]]}, "layer_replication"),
                             ({"lora_bias": True}, "lora_bias")]:
         (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(AdapterError, match=message):
@@ -276,3 +277,192 @@ def test_tied_lm_head_is_refused(tmp_path):
     with pytest.raises(ValueError, match="tied"):
         apply_lora(model, target_modules=["lm_head", "q_proj"])
     apply_lora(model, target_modules="all-linear")  # all-linear leaves lm_head out, as in PEFT
+
+
+# adapter_config.json features that `peft` writes and Hub adapters use; each loads and merges as peft does
+PEFT_FEATURES = {
+    "modules_to_save": dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "embed_tokens"]),
+    "embedding_lora": dict(target_modules=["q_proj", "embed_tokens"]),
+    "lm_head_lora": dict(target_modules=["v_proj", "lm_head"]),
+    "rank_alpha_patterns": dict(target_modules=TARGETS, rank_pattern={"v_proj": 2, r"layers\.1\.mlp\.down_proj": 6},
+                                alpha_pattern={"q_proj": 3}),
+    "layers_to_transform": dict(target_modules=TARGETS, layers_to_transform=[1], layers_pattern="layers"),
+    "all_linear": dict(target_modules="all-linear"),
+    "regex": dict(target_modules=r".*\.self_attn\.(q|v)_proj"),
+    "rslora": dict(target_modules=TARGETS, use_rslora=True, r=8, lora_alpha=4),
+    "exclude_modules": dict(target_modules=TARGETS, exclude_modules=["model.layers.0.mlp.down_proj"]),
+    "rslora_embedding_and_modules_to_save": dict(target_modules=["embed_tokens", "o_proj"], use_rslora=True,
+                                                 modules_to_save=["model.norm"]),
+    # Qwen2 has q/k/v biases: "all" saves every bias, "lora_only" those of the targeted layers
+    "bias_all": dict(arch="qwen2", target_modules=["q_proj", "o_proj"], bias="all"),
+    "bias_lora_only": dict(arch="qwen2", target_modules=["q_proj", "o_proj"], bias="lora_only"),
+    "trainable_tokens": dict(target_modules=["q_proj"], trainable_token_indices=[3, 5, 7]),
+    "trainable_tokens_by_module": dict(target_modules=["q_proj"],
+                                       trainable_token_indices={"embed_tokens": [1, 2], "lm_head": [4, 9, 3]}),
+}
+
+
+def peft_feature_adapter(peft, transformers, path, folder, **config):
+    """A peft LoRA with every trainable tensor (adapters and modules_to_save copies) randomly moved off its init,
+    saved to `folder`; returns the peft model."""
+    torch.manual_seed(0)
+    reference = peft.get_peft_model(hf_model(transformers, path),
+                                    peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "task_type": "CAUSAL_LM", **config}))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in reference.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    reference.eval().save_pretrained(folder)
+    return reference
+
+
+@pytest.mark.parametrize("feature", list(PEFT_FEATURES))
+def test_peft_features_load_and_merge_as_peft(feature, hf_checkpoint, transformers, peft, tmp_path):
+    config = dict(PEFT_FEATURES[feature])
+    path = hf_checkpoint(config.pop("arch", "llama"))
+    reference = peft_feature_adapter(peft, transformers, path, tmp_path / "adapter", **config)
+    want, want_merged = hf_logits(reference), hf_logits(reference.merge_and_unload())
+    model = load_adapter(from_pretrained(path), tmp_path / "adapter")
+    torch.testing.assert_close(logits(model), want, rtol=0, atol=1e-5)
+    merge_lora(model)
+    assert not lora_layers(model)
+    torch.testing.assert_close(logits(model), want_merged, rtol=0, atol=1e-5)
+    out = merge_adapter_folder(path, tmp_path / "adapter", tmp_path / "merged")  # `camelid merge`
+    torch.testing.assert_close(hf_logits(hf_model(transformers, out)), want_merged, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(target_modules=["q_proj"], lora_bias=True), "lora_bias=True"),
+    (dict(target_modules=["q_proj", "embed_tokens"], use_dora=True), "DoRA on .*embed_tokens"),
+])
+def test_unsupported_peft_features_are_refused_in_one_line(config, message, hf_checkpoint, transformers, peft,
+                                                            tmp_path):
+    path = hf_checkpoint("llama")
+    peft_feature_adapter(peft, transformers, path, tmp_path, **config)
+    model = from_pretrained(path)
+    before = logits(model)
+    with pytest.raises(AdapterError, match=message) as error:
+        load_adapter(model, tmp_path)
+    assert "\n" not in str(error.value)
+    assert not lora_layers(model)
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)  # nothing half-loaded
+
+
+def test_kasa_config_is_refused(hf_checkpoint, tmp_path):
+    path = hf_checkpoint("llama")
+    save_adapter(apply_lora(from_pretrained(path), target_modules=["q_proj"]), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "kasa_config": {"r": 4}}))
+    with pytest.raises(AdapterError, match="kasa_config"):
+        load_adapter(from_pretrained(path), tmp_path)
+
+
+def test_modules_to_save_on_tied_embeddings_is_refused(tmp_path):
+    """Changing lm_head alone would change the tied embed_tokens too (peft keeps two copies): refused."""
+    from model_zoo import random_model, tiny_config
+    from safetensors.torch import load_file, save_file
+
+    model = random_model(tiny_config(tie_word_embeddings=True))
+    save_adapter(apply_lora(random_model(tiny_config(tie_word_embeddings=True)), target_modules=["q_proj"]), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["lm_head"]}))
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.lm_head.weight"] = model.lm_head.weight.detach() + 1
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="lm_head.weight .*tied"):
+        load_adapter(model, tmp_path)
+
+
+def test_camelid_embedding_lora_loads_into_peft(hf_checkpoint, transformers, peft, tmp_path):
+    path = hf_checkpoint("llama")
+    model = apply_lora(from_pretrained(path), r=4, alpha=8, target_modules=["embed_tokens", "q_proj"])
+    torch.testing.assert_close(logits(model), logits(from_pretrained(path)), rtol=0, atol=0)  # a fresh one is the base
+    perturb_adapters_(model)
+    save_adapter(model, tmp_path)
+    reference = peft.PeftModel.from_pretrained(hf_model(transformers, path), tmp_path).eval()
+    torch.testing.assert_close(hf_logits(reference), logits(model), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="DoRA on an embedding"):
+        apply_lora(from_pretrained(path), target_modules=["embed_tokens"], use_dora=True)
+
+
+def test_fan_in_fan_out_loads_as_peft_does(hf_checkpoint, transformers, peft, tmp_path):
+    """fan_in_fan_out=True describes Conv1D weights (GPT-2); over nn.Linear peft warns and loads the adapter as usual."""
+    path = hf_checkpoint("llama")
+    reference = peft_feature_adapter(peft, transformers, path, tmp_path, target_modules=["q_proj", "v_proj"])
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        again = peft.PeftModel.from_pretrained(hf_model(transformers, path), tmp_path).eval()
+    torch.testing.assert_close(hf_logits(again), hf_logits(reference), rtol=0, atol=0)
+    torch.testing.assert_close(logits(load_adapter(from_pretrained(path), tmp_path)), hf_logits(reference),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_inits_that_change_the_base_are_refused_and_their_conversion_loads(init, hf_checkpoint, transformers, peft,
+                                                                            tmp_path):
+    """A PiSSA / OLoRA folder holds adapters for a base its init changed (peft redoes the init when it loads it);
+    loaded onto the plain base it would give other logits, so it is refused. Converted by peft into a plain LoRA
+    (path_initial_model_for_weight_conversion) it loads as the trained model."""
+    path = hf_checkpoint("llama")
+    torch.manual_seed(0)
+    reference = peft.get_peft_model(hf_model(transformers, path), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init, task_type="CAUSAL_LM"))
+    reference.save_pretrained(tmp_path / "initial")
+    perturb_adapters_(reference, seed=3)
+    reference.eval().save_pretrained(tmp_path / "adapter")
+    want = hf_logits(reference)
+    with pytest.raises(AdapterError, match=f"init_lora_weights='{init}'.*path_initial_model_for_weight_conversion"):
+        load_adapter(from_pretrained(path), tmp_path / "adapter")
+    reference.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=tmp_path / "initial")
+    torch.testing.assert_close(logits(load_adapter(from_pretrained(path), tmp_path / "converted")), want,
+                               rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lora_alpha": "abc"}, "lora_alpha='abc' is not a number"),
+    ({"lora_alpha": None}, "lora_alpha=None is not a number"),
+    ({"lora_dropout": "x"}, "lora_dropout='x' is not a number"),
+    ({"alpha_pattern": ["q_proj"]}, r"alpha_pattern=\['q_proj'\] is not an object of pattern: number"),
+    ({"alpha_pattern": {"q_proj": "3"}}, "alpha_pattern=.* is not an object of pattern: number"),
+    ({"alpha_pattern": {"(": 3}}, r"alpha_pattern key '\(' is not a regular expression"),
+])
+def test_malformed_adapter_config_is_one_line_error(change, message, hf_checkpoint, tmp_path):
+    path = hf_checkpoint("llama")
+    save_adapter(apply_lora(from_pretrained(path), target_modules=["q_proj"]), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(AdapterError, match="adapter_config.json: " + message):
+        load_adapter(from_pretrained(path), tmp_path)
+
+
+def test_an_adapter_for_another_model_size_changes_nothing(hf_checkpoint, transformers, peft, tmp_path):
+    """Shapes are checked before the model is touched: a failed load leaves neither LoRA layers nor replaced
+    modules_to_save weights behind."""
+    from safetensors.torch import load_file, save_file
+
+    path = hf_checkpoint("llama")
+    peft_feature_adapter(peft, transformers, path, tmp_path, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+    save_file({**tensors, key: torch.zeros(4, 65)}, tmp_path / "adapter_model.safetensors")
+    model = from_pretrained(path)
+    before = logits(model)
+    with pytest.raises(AdapterError, match=r"q_proj.lora_A.weight has shape \(4, 65\), the model expects \(4, 64\)"):
+        load_adapter(model, tmp_path)
+    assert not lora_layers(model)
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+
+
+def test_modules_to_save_over_a_quantized_layer_says_so(hf_checkpoint, transformers, peft, tmp_path):
+    from camelid.quant import quantize_model
+
+    path = hf_checkpoint("llama")
+    peft_feature_adapter(peft, transformers, path, tmp_path, target_modules=["q_proj"],
+                         modules_to_save=["model.layers.0.mlp.down_proj"])
+    model = quantize_model(from_pretrained(path), "int8")
+    with pytest.raises(AdapterError, match="replaces 'model.layers.0.mlp.down_proj.weight', which is quantized "
+                                           "in this model"):
+        load_adapter(model, tmp_path)
+    model = load_adapter(from_pretrained(path), tmp_path)  # the float base takes it

@@ -87,3 +87,20 @@ def test_imports_point_down(package):
     for file in files:
         for name in _camelid_imports(file):
             assert name.split(".")[1] in ALLOWED[package], f"camelid/{package}/{file.name} imports {name}"
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_a_truncated_weights_file_is_one_line_error(method, tmp_path):
+    """A half-downloaded adapter_model.safetensors: an AdapterError naming the file, not a SafetensorError."""
+    from camelid.peft import ia3
+
+    model = random_model(tiny_config())
+    if method == "lora":
+        save_adapter(apply_lora(model, r=2, alpha=4), tmp_path)
+    else:
+        ia3.save_ia3(ia3.apply_ia3(model), tmp_path)
+    weights = tmp_path / shared.WEIGHTS_FILE
+    for size in (weights.stat().st_size - 10, 3):
+        os.truncate(weights, size)
+        with pytest.raises(shared.AdapterError, match=f"{weights}: .*truncated or corrupt"):
+            load_adapter(random_model(tiny_config()), tmp_path)
