@@ -201,7 +201,6 @@ class LoRALinear(nn.Module):
                 f"scaling={self.scaling:g}, merged={self.merged}")
 
 
-
 class LoRAEmbedding(nn.Module):
     """An nn.Embedding plus a low-rank update, PEFT's LoRA Embedding: y = W[x] + s * A.T[x] B.T, with lora_embedding_A
     (r, num_embeddings) and lora_embedding_B (embedding_dim, r) as PEFT names and shapes them. `weight` is the base
