@@ -40,12 +40,15 @@ request = st.fixed_dictionaries({
     "n": st.integers(1, 2),
     "max_tokens": st.integers(1, 16),
     "stop": st.sampled_from([[], ["e"], ["an", " s"]]),
+    "filters": st.sampled_from([{}, dict(top_k=5), dict(top_p=0.8, repetition_penalty=1.3)]),
+    "logprobs": st.none() | st.integers(0, 2),
+    "id": st.none() | st.sampled_from(["2", "5", "job"]),  # the caller's own id (the first ones are counter ids)
 })
 action = st.one_of(st.tuples(st.just("add"), request), st.tuples(st.just("add"), request),
                    st.tuples(st.just("step"), st.integers(1, 4)), st.tuples(st.just("abort"), st.integers(0, 7)))
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(actions=st.lists(action, min_size=3, max_size=14), block_size=st.sampled_from([2, 4]),
        extra_blocks=st.integers(0, 4), budget=st.integers(3, 40), prefix_caching=st.booleans(),
@@ -58,6 +61,7 @@ def test_random_interleaving_equals_generate_one_by_one(text_model, actions, blo
     llm = LLM(model, tokenizer=tok, num_blocks=num_blocks, block_size=block_size, max_num_batched_tokens=budget,
               enable_prefix_caching=prefix_caching, cuda_graphs=decode_steps > 1, decode_steps=decode_steps)
     specs, last, ends, aborted = {}, {}, {}, set()
+    delivered = set()  # ids whose final output step returned: free for a new request
 
     def step():
         for out in llm.step():
@@ -70,12 +74,21 @@ def test_random_interleaving_equals_generate_one_by_one(text_model, actions, blo
             if out.finished:
                 assert out.request_id not in ends, "a request ended twice"
                 ends[out.request_id] = out
+                delivered.add(out.request_id)
 
     for kind, arg in actions:
         if kind == "add":
             params = SamplingParams(n=arg["n"], max_tokens=arg["max_tokens"], stop=arg["stop"], seed=arg["seed"],
-                                    temperature=0 if arg["seed"] is None else 1.0)
-            specs[llm.add_request(arg["prompt"], params)] = arg
+                                    temperature=0 if arg["seed"] is None else 1.0, logprobs=arg["logprobs"],
+                                    **arg["filters"])
+            if arg["id"] is not None and arg["id"] in specs and arg["id"] not in delivered:
+                with pytest.raises(ValueError, match="already in use"):
+                    llm.add_request(arg["prompt"], params, request_id=arg["id"])
+                continue
+            request_id = llm.add_request(arg["prompt"], params, request_id=arg["id"])
+            specs[request_id] = arg
+            ends.pop(request_id, None), last.pop(request_id, None)  # a reused id: only its new request counts
+            delivered.discard(request_id), aborted.discard(request_id)
         elif kind == "step":
             for _ in range(arg):
                 step()
@@ -103,7 +116,10 @@ def test_random_interleaving_equals_generate_one_by_one(text_model, actions, blo
                 continue
             sampling = {} if spec["seed"] is None else dict(temperature=1.0, seed=sample_seed(spec["seed"], c.index))
             expected = generate(model, tok, spec["prompt"], max_new_tokens=spec["max_tokens"], stop=spec["stop"],
-                                **sampling)
+                                **sampling, **spec["filters"])
             assert c.text == expected, (request_id, c.index, c.finish_reason)
+            if spec["logprobs"] is not None:  # one entry per token, for that token, with its alternatives
+                assert [e["token_id"] for e in c.logprobs] == c.token_ids
+                assert all(len(e["top"]) >= spec["logprobs"] for e in c.logprobs)
             assert c.finish_reason in ("stop", "length")
             event(f"finish: {c.finish_reason}, seeded: {spec['seed'] is not None}, n: {spec['n']}")
