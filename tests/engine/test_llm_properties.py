@@ -42,6 +42,7 @@ request = st.fixed_dictionaries({
     "stop": st.sampled_from([[], ["e"], ["an", " s"]]),
     "filters": st.sampled_from([{}, dict(top_k=5), dict(top_p=0.8, repetition_penalty=1.3)]),
     "logprobs": st.none() | st.integers(0, 2),
+    "prompt_logprobs": st.none() | st.just(1),
     "id": st.none() | st.sampled_from(["2", "5", "job"]),  # the caller's own id (the first ones are counter ids)
 })
 action = st.one_of(st.tuples(st.just("add"), request), st.tuples(st.just("add"), request),
@@ -52,14 +53,15 @@ action = st.one_of(st.tuples(st.just("add"), request), st.tuples(st.just("add"),
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(actions=st.lists(action, min_size=3, max_size=14), block_size=st.sampled_from([2, 4]),
        extra_blocks=st.integers(0, 4), budget=st.integers(3, 40), prefix_caching=st.booleans(),
-       decode_steps=st.sampled_from([1, 3]))
+       max_num_seqs=st.integers(2, 5), decode_steps=st.sampled_from([1, 3]))
 def test_random_interleaving_equals_generate_one_by_one(text_model, actions, block_size, extra_blocks, budget,
-                                                        prefix_caching, decode_steps):
+                                                        prefix_caching, max_num_seqs, decode_steps):
     model, tok = text_model
     # every request fits the model's 32 positions alone (as in generate), but a few at once overflow the cache
     num_blocks = model.config.max_position_embeddings // block_size + extra_blocks
     llm = LLM(model, tokenizer=tok, num_blocks=num_blocks, block_size=block_size, max_num_batched_tokens=budget,
-              enable_prefix_caching=prefix_caching, cuda_graphs=decode_steps > 1, decode_steps=decode_steps)
+              max_num_seqs=max_num_seqs, enable_prefix_caching=prefix_caching, cuda_graphs=decode_steps > 1,
+              decode_steps=decode_steps)
     specs, last, ends, aborted = {}, {}, {}, set()
     delivered = set()  # ids whose final output step returned: free for a new request
 
@@ -80,7 +82,7 @@ def test_random_interleaving_equals_generate_one_by_one(text_model, actions, blo
         if kind == "add":
             params = SamplingParams(n=arg["n"], max_tokens=arg["max_tokens"], stop=arg["stop"], seed=arg["seed"],
                                     temperature=0 if arg["seed"] is None else 1.0, logprobs=arg["logprobs"],
-                                    **arg["filters"])
+                                    prompt_logprobs=arg["prompt_logprobs"], **arg["filters"])
             if arg["id"] is not None and arg["id"] in specs and arg["id"] not in delivered:
                 with pytest.raises(ValueError, match="already in use"):
                     llm.add_request(arg["prompt"], params, request_id=arg["id"])
@@ -109,6 +111,9 @@ def test_random_interleaving_equals_generate_one_by_one(text_model, actions, blo
     for request_id, spec in specs.items():
         out = ends[request_id]
         assert [c.index for c in out.outputs] == list(range(spec["n"]))
+        if spec["prompt_logprobs"] is not None and request_id not in aborted:  # scored whatever the cache did
+            assert out.prompt_logprobs[0] is None
+            assert [e["token_id"] for e in out.prompt_logprobs[1:]] == out.prompt_token_ids[1:]
         # an aborted request's completions that had already ended keep their reason (and must still be right)
         assert (request_id in aborted) == any(c.finish_reason == "abort" for c in out.outputs)
         for c in out.outputs:
