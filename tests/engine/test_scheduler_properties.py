@@ -74,8 +74,9 @@ request = st.fixed_dictionaries({
 
 @settings(max_examples=400, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-@given(stem=st.lists(st.integers(0, 2), min_size=8, max_size=8), num_blocks=st.integers(2, 10), block_size=st.sampled_from([1, 2, 4]), budget=st.integers(1, 12),
-       max_num_seqs=st.integers(1, 4), prefix_caching=st.booleans(), requests=st.lists(request, min_size=2, max_size=6))
+@given(stem=st.lists(st.integers(0, 2), min_size=8, max_size=8), num_blocks=st.integers(2, 10),
+       block_size=st.sampled_from([1, 2, 4]), budget=st.integers(1, 12), max_num_seqs=st.integers(1, 4),
+       prefix_caching=st.booleans(), requests=st.lists(request, min_size=2, max_size=6))
 def test_random_traffic(stem, num_blocks, block_size, budget, max_num_seqs, prefix_caching, requests):
     max_model_len = min(24, num_blocks * block_size)  # as LLM: a sequence never outgrows the cache
     for r in requests:
