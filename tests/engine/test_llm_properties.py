@@ -1,8 +1,10 @@
 """The engine end to end under random traffic (hypothesis), on a tiny random fp32 model with a trained tokenizer: a
 random interleaving of add_request / step / abort, greedy and seeded requests, prompts sharing prefixes, n = 2, stop
-strings and max_tokens, a KV cache small enough to preempt, chunked prefill, decode_steps > 1. Every request that was
+strings and max_tokens, top-k / top-p / repetition penalty, logprobs and prompt_logprobs, callers' own request ids,
+a KV cache small enough to preempt, chunked prefill, a small max_num_seqs, decode_steps > 1. Every completion that was
 not aborted must equal camelid.generate run on it alone (completion i of a seeded request draws from
-sample_seed(seed, i)); texts only ever grow; each request ends exactly once; no block is leaked."""
+sample_seed(seed, i)); texts only ever grow; each request ends exactly once; an id in use is refused; no block is
+leaked."""
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
@@ -89,8 +91,10 @@ def test_random_interleaving_equals_generate_one_by_one(text_model, actions, blo
                 continue
             request_id = llm.add_request(arg["prompt"], params, request_id=arg["id"])
             specs[request_id] = arg
-            ends.pop(request_id, None), last.pop(request_id, None)  # a reused id: only its new request counts
-            delivered.discard(request_id), aborted.discard(request_id)
+            for seen in (ends, last):  # a reused id: only its new request counts
+                seen.pop(request_id, None)
+            delivered.discard(request_id)
+            aborted.discard(request_id)
         elif kind == "step":
             for _ in range(arg):
                 step()
