@@ -203,8 +203,12 @@ class LLM:
             raise ValueError(f"logit_bias token id {max(params.logit_bias)} is outside the vocabulary [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (the model folder has no tokenizer.json)")
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
-        if request_id in self._requests:
+        if request_id is None:
+            request_id = str(next(self._ids))
+            while self._in_use(request_id):  # a caller chose this id for a request of theirs
+                request_id = str(next(self._ids))
+        request_id = str(request_id)
+        if self._in_use(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
 
         arrival = next(self._ids)
@@ -219,6 +223,10 @@ class LLM:
         self.scheduler.add(first)
         self._requests[request_id] = request
         return request_id
+
+    def _in_use(self, request_id: str) -> bool:
+        """Running, or its last output not yet returned by step (a new request would be handed that output)."""
+        return request_id in self._requests or any(o.request_id == request_id for o in self._pending)
 
     def abort(self, request_id: str) -> None:
         """End a request now and free its blocks; the next step returns its last output (finish_reason "abort").

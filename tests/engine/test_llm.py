@@ -302,6 +302,31 @@ def test_step_by_step_with_abort(llama):
     assert_all_blocks_free(llm)
 
 
+def test_generated_request_ids_skip_the_ids_callers_chose(llama):
+    llm = LLM(llama, num_blocks=24, block_size=4)
+    mine = llm.add_request([5, 6], GREEDY, request_id="2")  # the id the engine's counter gives next
+    auto = llm.add_request([5, 6], GREEDY)
+    assert auto != mine
+    llm.add_request([5, 6], GREEDY, request_id="8")
+    outputs = llm.generate([[7, 8], [9]], GREEDY)  # generate's own requests too
+    assert {o.request_id for o in outputs}.isdisjoint({mine, auto, "8"})
+
+
+def test_an_id_stays_in_use_until_step_returned_its_last_output(llama):
+    """An aborted request's final output waits for the next step: a new request under its id before then would get
+    that "abort" output as its own."""
+    llm = LLM(llama, num_blocks=24, block_size=4)
+    llm.add_request([5, 6], GREEDY, request_id="job")
+    llm.abort("job")
+    with pytest.raises(ValueError, match="already in use"):
+        llm.add_request([5, 6], GREEDY, request_id="job")
+    assert [(o.request_id, o.outputs[0].finish_reason) for o in llm.step()] == [("job", "abort")]
+    llm.add_request([5, 6], GREEDY, request_id="job")  # delivered: the id is free again
+    assert llm.generate([[7]], GREEDY)[0].request_id != "job"
+    out = llm.step()[0]  # the request generate stepped past, kept for this step
+    assert out.request_id == "job" and out.finished and out.outputs[0].token_ids == generate_ids(llama, [[5, 6]], 16)[0]
+
+
 def test_bad_requests_fail_alone_while_others_run(llama):
     prompts = mixed_prompts(3, seed=8, high=20)
     llm = LLM(llama, num_blocks=24, block_size=4, max_num_batched_tokens=8)

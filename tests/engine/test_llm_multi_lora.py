@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from camelid import generate_ids, save_pretrained
 from camelid.checkpoint import from_pretrained
@@ -119,3 +120,55 @@ def test_adapters_over_a_quantized_folder(setup, tmp_path):
     assert isinstance(llm.model.get_submodule("model.layers.0.self_attn.q_proj"), MultiLoRALinear)
     outputs = llm.generate(prompts, GREEDY, adapter=adapters)
     assert [o.outputs[0].token_ids for o in outputs] == expected
+
+
+# ---- random traffic (hypothesis) ------------------------------------------------------------------------------------
+
+_add = st.tuples(st.just("add"), st.sampled_from([9, 13]), st.sampled_from([None, "x", "y"]))  # prompt length, name
+_step = st.tuples(st.just("step"), st.integers(1, 14), st.none())
+_reload = st.tuples(st.just("reload"), st.sampled_from(["x", "y"]), st.sampled_from(list(ADAPTERS)))  # name, weights
+LORA_ACTIONS = st.lists(st.one_of(_add, _add, _step, _reload), min_size=2, max_size=12)
+
+
+def test_random_traffic_with_reloaded_adapters_matches_each_adapter_alone(setup):
+    """Prompts that share prefixes under several adapters, names reloaded with other weights between steps, a cache
+    small enough to evict and preempt: each request gets the tokens of its adapter's weights at add time alone (a
+    prefix-cached block computed under other weights is never reused)."""
+    base, folders, reference = setup
+
+    @settings(max_examples=30, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(actions=LORA_ACTIONS, num_blocks=st.integers(8, 20))
+    @example(actions=[("add", 13, "x"), ("step", 14, None), ("reload", "x", "a3"), ("add", 13, "x")], num_blocks=20)
+    def run(actions, num_blocks):
+        llm = LLM(base, adapters={"x": folders["a1"], "y": folders["a2"]}, num_blocks=num_blocks, block_size=4,
+                  max_num_batched_tokens=16)
+        source = {None: None, "x": "a1", "y": "a2"}  # name -> the weights it holds now
+        expected, adapter_of, done = {}, {}, {}
+
+        def step():
+            done.update({o.request_id: o.outputs[0].token_ids for o in llm.step() if o.finished})
+
+        for kind, a, b in actions:
+            if kind == "add":
+                prompt = PROMPTS[3][:a]
+                request_id = llm.add_request(prompt, GREEDY, adapter=b)
+                expected[request_id], adapter_of[request_id] = reference(source[b], prompt), b
+            elif kind == "step":
+                for _ in range(a):
+                    step()
+            elif any(name == a and r not in done for r, name in adapter_of.items()):
+                with pytest.raises(ValueError, match="in use"):
+                    llm.remove_adapter(a)
+            else:
+                if b == source[a]:  # reloads always change the weights
+                    b = next(name for name in ADAPTERS if name != b)
+                llm.remove_adapter(a)
+                llm.add_adapter(a, folders[b])
+                source[a] = b
+        while llm.has_unfinished():
+            step()
+        assert done == expected
+        assert llm.stats()["num_free_blocks"] == num_blocks
+
+    run()
