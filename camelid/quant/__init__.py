@@ -156,9 +156,7 @@ def prepare_quantized(model: nn.Module, config: dict, where: str = "config.json"
             raise ValueError(f"{where}: quantization_config names module {name!r}, which this model lacks") from None
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{where}: quantized module {name!r} is a {type(linear).__name__}, not a Linear")
-        layer = FORMATS[method](linear.in_features, linear.out_features, linear.bias is not None,
-                                device=linear.weight.device, bias_dtype=linear.weight.dtype, **options)
-        model.set_submodule(name, layer, strict=True)
+        model.set_submodule(name, FORMATS[method].shaped_like(linear, **options), strict=True)
     return model
 
 
