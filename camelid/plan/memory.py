@@ -199,7 +199,7 @@ def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: i
     else:
         put("weights", b * P + m * T, f"{b} P frozen base in {precision} + {m} T {'bf16' if m == 2 else 'fp32'} "
                                       "trainable")
-    # ---- gradients and optimizer states (fp32, trainable parameters only) --------------------------------------
+    # ---- gradients and optimizer states (m bytes each, trainable parameters only) ------------------------------
     if train:
         kind = "bf16" if m == 2 else "fp32"
         put("gradients", m * T, f"{m} T ({kind}, one per trainable parameter)")
@@ -218,7 +218,7 @@ def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: i
             terms[name] /= gpus
             formulas[name] = f"({formulas[name]}) / {gpus} GPUs ({strategy})"
         if strategy == "ddp":
-            put("ddp_buckets", terms["gradients"], "4 T (DDP's all-reduce buckets: a second copy of the gradients)")
+            put("ddp_buckets", terms["gradients"], f"{m} T (DDP's all-reduce buckets: a second copy of the gradients)")
         if strategy in ("zero3", "fsdp"):
             layer = (P - V * h * (1 if c.tie_word_embeddings else 2)) / L
             put("gathered_layers", 2 * b * layer, f"2 x {b} x P_layer (this block and the prefetched next, gathered)")

@@ -204,6 +204,15 @@ def test_bf16_true_terms_match_a_bf16_model_and_its_optimizer(tiny):
     assert est.total < mixed.total
 
 
+def test_ddp_bucket_formula_says_the_gradient_bytes_it_counts():
+    """DDP's buckets copy the gradients: 2 bytes a trainable parameter under bf16-true, and the formula says so."""
+    config = get_preset("tiny")
+    for precision, per_param in (("bf16", 4), ("bf16-true", 2)):
+        est = estimate(config, "full", precision=precision, gpus=2, strategy="ddp")
+        assert est.terms["ddp_buckets"] == per_param * est.trainable
+        assert est.formulas["ddp_buckets"].startswith(f"{per_param} T ")
+
+
 def test_peak_holds_the_larger_of_gradients_and_what_backward_frees():
     """Backward frees activations as it fills gradients: the peak counts the larger group, not both (summing them
     overestimated full fine-tuning by ~20% on an H100; benchmarks/memory_check.py)."""
