@@ -328,7 +328,7 @@ def config_of(model: str | Path) -> ModelConfig:
 
 
 def num_parameters(config: ModelConfig) -> int:
-    """Parameter count from shapes alone (no model built): what `camelid info` prints for a 70B preset."""
+    """Parameter count from shapes alone (no model built): what `camelid info` prints for the 65B preset."""
     c = config
     attn = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size
     attn += (c.q_size + 2 * c.kv_size) * c.qkv_bias + c.hidden_size * c.o_bias

@@ -31,7 +31,7 @@ class TemplateError(ValueError):
     """A conversation the template cannot render, or a template that does not fit the tokenizer."""
 
 
-class _Tokenizer(Protocol):  # what the templates use of camelid.Tokenizer (templates import only config)
+class _Tokenizer(Protocol):  # what the templates use of camelid.Tokenizer (templates import nothing of camelid)
     bos_id: int | None
     eos_id: int | None
 
