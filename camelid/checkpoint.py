@@ -59,11 +59,10 @@ def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder, from the index when sharded."""
     index = path / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        try:  # {"weight_map": {tensor key: file name}}; any other shape is an error naming the index
+            files = [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = [path / name for name in sorted(set(weight_map.values()))]
     elif (path / SINGLE_FILE).is_file():
         files = [path / SINGLE_FILE]
     else:

@@ -269,9 +269,12 @@ def test_index_names_a_missing_shard(saved, tmp_path):
     assert victim.name in msg and "index" in msg
 
 
-def test_broken_index(saved, tmp_path):
+@pytest.mark.parametrize("index", ["{}", '{"weight_map": ["model-00001-of-00002.safetensors"]}',
+                                   '{"weight_map": {"lm_head.weight": 1}}'])
+def test_broken_index(saved, tmp_path, index):
+    """No weight_map, a list for one (was an AttributeError traceback), a file name that is not a string (TypeError)."""
     save_pretrained(saved[0], tmp_path, max_shard_size="20KB")
-    (tmp_path / "model.safetensors.index.json").write_text("{}")
+    (tmp_path / "model.safetensors.index.json").write_text(index)
     with pytest.raises(CheckpointError) as e:
         from_pretrained(tmp_path)
     assert "model.safetensors.index.json" in one_line(e)
