@@ -422,9 +422,14 @@ def read_meta(path: str | os.PathLike[str]) -> dict:
         meta = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{file}: expected a JSON object, got {type(meta).__name__}: run `camelid data prepare` again")
     if meta.get("version") != FORMAT_VERSION:
         raise DataError(f"{file}: format version {meta.get('version')}, this camelid reads {FORMAT_VERSION}: "
                         "run `camelid data prepare` again")
+    missing = [key for key in ("dtype", "vocab_size", "eos_id", "bos_id", "splits") if key not in meta]
+    if missing:
+        raise DataError(f"{file}: no {missing[0]!r} (damaged?): run `camelid data prepare` again")
     return meta
 
 
