@@ -383,9 +383,10 @@ def copy_tokenizer(tok_path: Path, out: Path) -> None:
     folder = tok_path if tok_path.is_dir() else tok_path.parent
     if folder.resolve() == out.resolve():
         return
-    copies = {path.name: path for path in _tokenizer_files(tok_path)}
     if tok_path.is_file():  # a tokenizer.json given by its own path, whatever its name
         copies = {"tokenizer.json": tok_path}
+    else:
+        copies = {path.name: path for path in _tokenizer_files(tok_path)}
     copies.update({name: folder / name for name in TOKENIZER_EXTRAS if (folder / name).is_file()})
     for name in (*TOKENIZER_FILES, *TOKENIZER_EXTRAS):
         target = out / name
