@@ -59,11 +59,10 @@ def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder, from the index when sharded."""
     index = path / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        try:  # {"weight_map": {tensor key: file name}}; any other shape is an error naming the index
+            files = [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = [path / name for name in sorted(set(weight_map.values()))]
     elif (path / SINGLE_FILE).is_file():
         files = [path / SINGLE_FILE]
     else:
@@ -162,6 +161,24 @@ def parse_size(size: int | str) -> int:
     return int(number * scale)
 
 
+def split_shards(state: dict[str, torch.Tensor], limit: int) -> dict[str, dict[str, torch.Tensor]]:
+    """File name -> its tensors, HF's way: in key order, a new shard when the next tensor would pass `limit` bytes
+    (a tensor larger than `limit` gets a shard of its own); one shard is model.safetensors, else
+    model-0000i-of-0000n.safetensors."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        return {SINGLE_FILE: shards[0]}
+    return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": shard for i, shard in enumerate(shards)}
+
+
 def adapter_keys(model: Transformer) -> list[str]:
     """The state-dict keys of `model` that a plain model of its config (quantized as it is) lacks: the tensors of
     an applied PEFT method (`...lora_A.weight`, `...ia3_l`, `prompt_encoder...`, a bias BitFit added)."""
@@ -205,7 +222,6 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
         check_plain(model, path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = parse_dtype(dtype)
-    limit = parse_size(max_shard_size)
     config = model.config
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
@@ -215,22 +231,9 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
         state = {k: v if k in packed else v.to(dtype) for k, v in state.items()}
     stored_dtype = next(v.dtype for k, v in state.items() if k not in packed)
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    if len(shards) == 1:
-        names = [SINGLE_FILE]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-
+    shards = split_shards(state, parse_size(max_shard_size))
     written = []
-    for name, shard in zip(names, shards):
+    for name, shard in shards.items():
         tmp = path / f".{name}.tmp"
         save_file({k: v.contiguous().cpu() for k, v in shard.items()}, tmp, metadata={"format": "pt"})
         make_usual(tmp)  # safetensors writes 0600: a server under another account could not read it
@@ -240,13 +243,13 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
 
     index = path / INDEX_FILE
     if len(shards) > 1:
-        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+        weight_map = {key: name for name, shard in shards.items() for key in shard}
         total = sum(t.numel() * t.element_size() for t in state.values())
         atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     elif index.exists():
         index.unlink()
     for stale in path.glob("model*.safetensors"):  # our own earlier shards only, never e.g. adapter_model.safetensors
-        if stale.name not in names and re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", stale.name):
+        if stale.name not in shards and re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", stale.name):
             stale.unlink()
 
     hf = config.replace(dtype=str(stored_dtype).removeprefix("torch.")).to_hf()
@@ -260,8 +263,10 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
     return path
 
 
+# what a model folder's tokenizer may consist of, copied along by `camelid merge` and `camelid quantize` (the last
+# four: GPT-2 style vocab + merges files, which camelid.Tokenizer reads when there is no tokenizer.json)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja")
+                   "chat_template.jinja", "vocab.json", "merges.txt", "encoder.json", "vocab.bpe")
 
 def merge_adapter_folder(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     """`camelid merge`: base HF folder + a LoRA / DoRA / IA3 adapter folder -> a merged HF folder (tokenizer files

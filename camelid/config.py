@@ -23,6 +23,7 @@ MODEL_TYPES = HF_MODEL_TYPES + ("camelid",)
 POSITION_ENCODINGS = ("rope", "alibi", "learned", "sinusoidal")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
+HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 def _positive_int(value: Any) -> bool:
@@ -146,6 +147,8 @@ class ModelConfig:
                 source = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(source, dict):
+            raise ConfigError(f"{where}: expected a JSON object of settings, got {type(source).__name__}")
         hf = dict(source)
         model_type = hf.get("model_type")
         if model_type not in MODEL_TYPES:
@@ -153,6 +156,9 @@ class ModelConfig:
         if model_type == "camelid":  # our own layout: field names are the dataclass's
             names = {f.name for f in dataclasses.fields(cls)}
             return cls(**{k: v for k, v in hf.items() if k in names})
+        missing = [key for key in HF_REQUIRED if key not in hf]
+        if missing:
+            raise ConfigError(f"{where}: no {missing[0]!r}; a {model_type} config.json needs {', '.join(HF_REQUIRED)}")
 
         rope_theta, rope_scaling = _read_rope(hf)
         kw: dict[str, Any] = dict(
@@ -258,12 +264,16 @@ class ModelConfig:
         Path(path).write_text(json.dumps(self.to_hf(), indent=2) + "\n")
 
 
-def _read_rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, rope_scaling or None) from either config layout."""
+def _read_rope(hf: dict[str, Any]) -> tuple[float, Any]:
+    """(rope_theta, rope_scaling or None) from either config layout; a rope_scaling that is not a mapping comes back
+    as it is, for validate() to refuse."""
     params = hf.get("rope_parameters")
     if isinstance(params, dict) and "full_attention" in params:  # per-layer-type layout: take the global one
         params = params["full_attention"]
-    scaling = dict(params) if isinstance(params, dict) else dict(hf.get("rope_scaling") or {})
+    scaling = params if isinstance(params, dict) else hf.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):  # validate() refuses it, naming the field
+        return float(hf.get("rope_theta", 10000.0)), scaling
+    scaling = dict(scaling)
     theta = float(scaling.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     if "type" in scaling and "rope_type" not in scaling:  # transformers < 4.45 spelling
         scaling["rope_type"] = scaling.pop("type")
@@ -328,7 +338,7 @@ def config_of(model: str | Path) -> ModelConfig:
 
 
 def num_parameters(config: ModelConfig) -> int:
-    """Parameter count from shapes alone (no model built): what `camelid info` prints for a 70B preset."""
+    """Parameter count from shapes alone (no model built): what `camelid info` prints for the 65B preset."""
     c = config
     attn = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size
     attn += (c.q_size + 2 * c.kv_size) * c.qkv_bias + c.hidden_size * c.o_bias

@@ -388,7 +388,7 @@ class Transformer(nn.Module):
         padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if position_ids is None:
             if padding is not None:
-                position_ids = (padding.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+                position_ids = (padding.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
             else:
                 position_ids = torch.arange(start, S, device=x.device)[None]  # (1, T): RoPE tables broadcast over B
 
@@ -421,7 +421,7 @@ class Transformer(nn.Module):
         S = start + T
         window = c.sliding_window if c.sliding_window is not None and S > c.sliding_window else None
         if attention_mask is not None and attention_mask.dim() == 4:
-            allowed = attention_mask.bool()
+            allowed = attention_mask.bool()  # (B, 1, T, S)
         elif attention_mask is None and window is None and c.position_encoding != "alibi" and (start == 0 or T == 1):
             return None, T > 1  # a fresh causal batch, or one decode token that sees every key
         else:  # padding, windows, ALiBi, or a chunk of new tokens after a cached prefix
@@ -438,7 +438,7 @@ class Transformer(nn.Module):
             return allowed, False
         distance = (torch.arange(S, device=device)[None, :] - torch.arange(start, S, device=device)[:, None])
         bias = self.alibi_slopes.to(device)[:, None, None] * distance.float()  # (nh, T, S), <= 0 in the past
-        return bias.to(dtype).masked_fill(~allowed, float("-inf")), False
+        return bias.to(dtype).masked_fill(~allowed, float("-inf")), False  # (B or 1, nh, T, S)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         seen, total = set(), 0

@@ -2,8 +2,8 @@
 
 The order and the tie-breaking follow transformers' logits processors (repetition penalty, then temperature, top-k,
 top-p, min-p), so results can be compared with it. Each filter takes one value for the whole batch or one per row,
-and `filter_logits` chains them: camelid.generate's `next_token` calls it with one setting for the batch, the
-engine's batched sampler (camelid/engine/sampler.py) with one per row, so both run the same code.
+and `filter_logits` chains them: `next_token` below (camelid.generate's sampler) calls it with one setting for
+the batch, the engine's batched sampler (camelid/engine/sampler.py) with one per row, so both run the same code.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ class TemplateError(ValueError):
     """A conversation the template cannot render, or a template that does not fit the tokenizer."""
 
 
-class _Tokenizer(Protocol):  # what the templates use of camelid.Tokenizer (templates import only config)
+class _Tokenizer(Protocol):  # what the templates use of camelid.Tokenizer (templates import nothing of camelid)
     bos_id: int | None
     eos_id: int | None
 
@@ -251,7 +251,13 @@ def recorded_template(folder: str | Path) -> str | None:
     file = Path(folder) / TEMPLATE_FILE
     if not file.is_file():
         return None
-    return json.loads(file.read_text()).get("template")
+    try:
+        name = json.loads(file.read_text(encoding="utf-8")).get("template")
+    except (ValueError, AttributeError):  # not JSON, not UTF-8, or not an object
+        name = None
+    if not isinstance(name, str):
+        raise TemplateError(f'{file}: expected {{"template": NAME}}; write it again or delete it')
+    return name
 
 
 def get_template(name: str) -> ChatTemplate:

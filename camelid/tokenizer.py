@@ -46,9 +46,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise TokenizerError(f"{path}: expected a JSON object of settings, got {type(value).__name__}")
+    return value
 
 
 def _token_str(value: Any) -> str | None:

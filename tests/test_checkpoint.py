@@ -269,9 +269,12 @@ def test_index_names_a_missing_shard(saved, tmp_path):
     assert victim.name in msg and "index" in msg
 
 
-def test_broken_index(saved, tmp_path):
+@pytest.mark.parametrize("index", ["{}", '{"weight_map": ["model-00001-of-00002.safetensors"]}',
+                                   '{"weight_map": {"lm_head.weight": 1}}'])
+def test_broken_index(saved, tmp_path, index):
+    """No weight_map, a list for one (was an AttributeError traceback), a file name that is not a string (TypeError)."""
     save_pretrained(saved[0], tmp_path, max_shard_size="20KB")
-    (tmp_path / "model.safetensors.index.json").write_text("{}")
+    (tmp_path / "model.safetensors.index.json").write_text(index)
     with pytest.raises(CheckpointError) as e:
         from_pretrained(tmp_path)
     assert "model.safetensors.index.json" in one_line(e)
@@ -399,3 +402,19 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     for path in files:
         assert stat.S_IMODE(os.stat(path).st_mode) == expected, path
     assert stat.S_IMODE(os.stat(tmp_path / "adapter").st_mode) == 0o777 & ~_UMASK
+
+
+def test_merge_copies_a_vocab_and_merges_tokenizer(tmp_path):
+    """A base whose tokenizer is GPT-2's vocab + merges files (no tokenizer.json; camelid.Tokenizer reads them) keeps
+    it through `camelid merge`: the merged folder was left with no tokenizer at all."""
+    from camelid.checkpoint import merge_adapter_folder
+    from camelid.tokenizer import Tokenizer
+
+    base = save_pretrained(random_model(tiny_config()), tmp_path / "base")
+    (base / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "ab": 2}))
+    (base / "merges.txt").write_text("#version: 0.2\na b\n")
+    model = from_pretrained(base)
+    apply_lora(model)
+    save_adapter(model, tmp_path / "adapter")
+    out = merge_adapter_folder(base, tmp_path / "adapter", tmp_path / "merged")
+    assert Tokenizer(out).encode("ab", bos=False) == [2]

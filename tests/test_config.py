@@ -107,6 +107,18 @@ def test_bad_json_and_missing_file(tmp_path):
         ModelConfig.from_hf(tmp_path)
 
 
+@pytest.mark.parametrize("text, needle", [
+    (json.dumps({k: v for k, v in BASE.items() if k != "hidden_size"}), "hidden_size"),  # was a KeyError traceback
+    ("[1, 2]", "JSON object"),  # was a TypeError traceback
+    (json.dumps({**BASE, "rope_scaling": "linear"}), "rope_scaling"),  # was dict()'s own ValueError
+])
+def test_a_config_json_camelid_cannot_read_is_one_line_naming_file_and_key(tmp_path, text, needle):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match="config.json") as e:
+        ModelConfig.from_hf(tmp_path)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
 def test_unsupported_variants_are_refused():
     with pytest.raises(ConfigError, match="sliding"):
         ModelConfig.from_hf({**BASE, "model_type": "qwen2", "use_sliding_window": True})

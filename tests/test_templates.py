@@ -342,3 +342,13 @@ def test_llama3_prompt_tokens_match_transformers():
     for conv in (CONV[:4], NO_SYSTEM[:1]):
         expected = hf.apply_chat_template(conv, tokenize=True, return_dict=True, add_generation_prompt=True)
         assert list(expected["input_ids"]) == get_template("llama3").encode_prompt(tok, conv)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"template": 3}'])
+def test_a_damaged_recorded_template_file_is_one_error_naming_it(tmp_path, text):
+    """camelid_template.json unreadable: JSON's own message without the file, or an AttributeError traceback."""
+    from camelid.templates import TEMPLATE_FILE, recorded_template
+
+    (tmp_path / TEMPLATE_FILE).write_text(text)
+    with pytest.raises(TemplateError, match=TEMPLATE_FILE):
+        recorded_template(tmp_path)

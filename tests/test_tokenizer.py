@@ -309,3 +309,14 @@ def test_corrupt_tokenizer_config(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="tokenizer_config.json"):
         Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "generation_config.json", "config.json"])
+def test_a_side_file_that_is_not_a_json_object_is_a_tokenizer_error(tmp_path, name):
+    """Valid JSON of the wrong shape (a list) gave an AttributeError traceback from .get."""
+    if not TOK_DIR.is_dir():
+        pytest.skip(f"fixtures missing: {FIXTURES}")
+    (tmp_path / "tokenizer.json").write_bytes((TOK_DIR / "llama2" / "tokenizer.json").read_bytes())
+    (tmp_path / name).write_text("[]")
+    with pytest.raises(TokenizerError, match=name):
+        Tokenizer(tmp_path)

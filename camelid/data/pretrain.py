@@ -383,9 +383,10 @@ def copy_tokenizer(tok_path: Path, out: Path) -> None:
     folder = tok_path if tok_path.is_dir() else tok_path.parent
     if folder.resolve() == out.resolve():
         return
-    copies = {path.name: path for path in _tokenizer_files(tok_path)}
     if tok_path.is_file():  # a tokenizer.json given by its own path, whatever its name
         copies = {"tokenizer.json": tok_path}
+    else:
+        copies = {path.name: path for path in _tokenizer_files(tok_path)}
     copies.update({name: folder / name for name in TOKENIZER_EXTRAS if (folder / name).is_file()})
     for name in (*TOKENIZER_FILES, *TOKENIZER_EXTRAS):
         target = out / name
@@ -422,9 +423,14 @@ def read_meta(path: str | os.PathLike[str]) -> dict:
         meta = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{file}: expected a JSON object, got {type(meta).__name__}: run `camelid data prepare` again")
     if meta.get("version") != FORMAT_VERSION:
         raise DataError(f"{file}: format version {meta.get('version')}, this camelid reads {FORMAT_VERSION}: "
                         "run `camelid data prepare` again")
+    missing = [key for key in ("dtype", "vocab_size", "eos_id", "bos_id", "splits") if key not in meta]
+    if missing:
+        raise DataError(f"{file}: no {missing[0]!r} (damaged?): run `camelid data prepare` again")
     return meta
 
 

@@ -79,56 +79,67 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
+def _alpaca(record: dict) -> list[Message]:
+    messages = []
+    if record.get("system"):
+        messages.append({"role": "system", "content": _text(record["system"], "system")})
+    for pair in record.get("history") or []:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise SFTDataError("history must hold [query, answer] pairs")
+        messages += [{"role": "user", "content": _text(pair[0], "history query")},
+                     {"role": "assistant", "content": _text(pair[1], "history answer")}]
+    query = _text(record["instruction"], "instruction")
+    if record.get("input"):
+        query += "\n" + _text(record["input"], "input")
+    return messages + [{"role": "user", "content": query},
+                       {"role": "assistant", "content": _text(record["output"], "output")}]
+
+
+def _sharegpt(record: dict) -> list[Message]:
+    turns = record["conversations"]
+    if not isinstance(turns, list):
+        raise SFTDataError("conversations must be a list")
+    messages = []
+    system = record.get("system") or ""
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise SFTDataError(f"conversations[{i}] must be an object")
+        who = turn.get("from", turn.get("role"))
+        if who not in SHAREGPT_ROLES:
+            raise SFTDataError(f"conversations[{i}]: unknown speaker {who!r} "
+                               f"(expected one of {', '.join(SHAREGPT_ROLES)})")
+        content = _text(turn.get("value", turn.get("content")), f"conversations[{i}].value")
+        if SHAREGPT_ROLES[who] == "system" and i == 0:
+            system = content
+        else:
+            messages.append({"role": SHAREGPT_ROLES[who], "content": content})
+    tools = record.get("tools")
+    if tools:
+        tools = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
+        system = (system + "\n\n" if system else "") + "You can call these tools:\n" + tools
+    return ([{"role": "system", "content": system}] if system else []) + messages
+
+
+def _openai_messages(record: dict) -> list[Message]:
+    messages = record["messages"]
+    if not isinstance(messages, list):
+        raise SFTDataError("messages must be a list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in MESSAGE_ROLES:
+            raise SFTDataError(f"messages[{i}]: role must be one of {', '.join(MESSAGE_ROLES)}")
+        out.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{i}].content")})
+    return out
+
+
+_CONVERTERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _openai_messages}
+
+
 def to_messages(record: dict, fmt: str) -> list[Message]:
     """One record of the given format as a conversation of {"role", "content"} messages."""
-    if fmt == "alpaca":
-        messages = []
-        if record.get("system"):
-            messages.append({"role": "system", "content": _text(record["system"], "system")})
-        for pair in record.get("history") or []:
-            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                raise SFTDataError("history must hold [query, answer] pairs")
-            messages += [{"role": "user", "content": _text(pair[0], "history query")},
-                         {"role": "assistant", "content": _text(pair[1], "history answer")}]
-        query = _text(record["instruction"], "instruction")
-        if record.get("input"):
-            query += "\n" + _text(record["input"], "input")
-        return messages + [{"role": "user", "content": query},
-                           {"role": "assistant", "content": _text(record["output"], "output")}]
-    if fmt == "sharegpt":
-        turns = record["conversations"]
-        if not isinstance(turns, list):
-            raise SFTDataError("conversations must be a list")
-        messages = []
-        system = record.get("system") or ""
-        for i, turn in enumerate(turns):
-            if not isinstance(turn, dict):
-                raise SFTDataError(f"conversations[{i}] must be an object")
-            who = turn.get("from", turn.get("role"))
-            if who not in SHAREGPT_ROLES:
-                raise SFTDataError(f"conversations[{i}]: unknown speaker {who!r} "
-                                   f"(expected one of {', '.join(SHAREGPT_ROLES)})")
-            content = _text(turn.get("value", turn.get("content")), f"conversations[{i}].value")
-            if SHAREGPT_ROLES[who] == "system" and i == 0:
-                system = content
-            else:
-                messages.append({"role": SHAREGPT_ROLES[who], "content": content})
-        tools = record.get("tools")
-        if tools:
-            tools = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
-            system = (system + "\n\n" if system else "") + "You can call these tools:\n" + tools
-        return ([{"role": "system", "content": system}] if system else []) + messages
-    if fmt == "messages":
-        messages = record["messages"]
-        if not isinstance(messages, list):
-            raise SFTDataError("messages must be a list")
-        out = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in MESSAGE_ROLES:
-                raise SFTDataError(f"messages[{i}]: role must be one of {', '.join(MESSAGE_ROLES)}")
-            out.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{i}].content")})
-        return out
-    raise SFTDataError(f"unknown format {fmt!r}")
+    if fmt not in _CONVERTERS:
+        raise SFTDataError(f"unknown format {fmt!r}")
+    return _CONVERTERS[fmt](record)
 
 
 def read_records(path: str | os.PathLike[str]) -> list[Any]:

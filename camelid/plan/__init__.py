@@ -1,3 +1,3 @@
 """Planning before a run: scaling laws (how big, how many tokens), memory (what a run needs), fit (what fits a device).
 
-Sits above config and model; imports neither train nor cli."""
+Imports only config: a model's shapes are enough, no model is built; nothing of train or cli."""

@@ -26,7 +26,8 @@ from camelid.config import ModelConfig, num_parameters
 
 METHODS = ("full", "lora", "qlora", "dora", "prefix", "prompt", "adapter", "bitfit", "ia3", "inference")
 PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4, "bf16-true": 2}  # bytes per activation element
-OPTIMIZERS = ("adamw", "adamw8bit", "lion", "sgd")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "lion", "sgd")  # training's (train/config.py), and sgd
+EIGHT_BIT_BLOCK = 256  # values per fp32 scale of an 8-bit optimizer state (torchao's AdamW8bit, bitsandbytes)
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 LORA_TARGETS = {"qv": ("q", "v"), "all": ("q", "k", "v", "o", "gate", "up", "down")}
 NUM_VIRTUAL_TOKENS = 20  # prompt / prefix tuning: the PEFT library's usual setting
@@ -199,15 +200,18 @@ def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: i
     else:
         put("weights", b * P + m * T, f"{b} P frozen base in {precision} + {m} T {'bf16' if m == 2 else 'fp32'} "
                                       "trainable")
-    # ---- gradients and optimizer states (fp32, trainable parameters only) --------------------------------------
+    # ---- gradients and optimizer states (m bytes each, trainable parameters only) ------------------------------
     if train:
         kind = "bf16" if m == 2 else "fp32"
         put("gradients", m * T, f"{m} T ({kind}, one per trainable parameter)")
-        per_param = {"adamw": 2 * m, "adamw8bit": 2 + 8 / 2048, "lion": m, "sgd": m}[optimizer]
+        eight_bit = 2 + 8 / EIGHT_BIT_BLOCK  # two uint8 moments, each with an fp32 scale per block
+        per_param = {"adamw": 2 * m, "adamw8bit": eight_bit, "paged_adamw8bit": eight_bit, "lion": m, "sgd": m}[optimizer]
         steps = 4 * (num_param_tensors(c) if method == "full" else 0) if optimizer == "adamw" else 0
         put("optimizer", per_param * T + steps, {
             "adamw": f"{2 * m} T (exp_avg + exp_avg_sq, {kind})" + (" + 4 x parameter tensors (`step`)" if steps else ""),
-            "adamw8bit": "(2 + 8/2048) T (two 8-bit states + an fp32 absmax per 2048-value block, bitsandbytes)",
+            "adamw8bit": "(2 + 8/256) T (two 8-bit states + an fp32 scale per 256-value block, torchao's AdamW8bit)",
+            "paged_adamw8bit": "(2 + 8/256) T (bitsandbytes' 8-bit states, 256-value blocks; paged to CPU memory "
+                               "under pressure, so at most this on the GPU)",
             "lion": f"{m} T (one {kind} momentum)",
             "sgd": f"{m} T (one {kind} momentum buffer; SGD without momentum keeps none)"}[optimizer])
     # ---- distributed sharding (per GPU) -------------------------------------------------------------------------
@@ -218,7 +222,7 @@ def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: i
             terms[name] /= gpus
             formulas[name] = f"({formulas[name]}) / {gpus} GPUs ({strategy})"
         if strategy == "ddp":
-            put("ddp_buckets", terms["gradients"], "4 T (DDP's all-reduce buckets: a second copy of the gradients)")
+            put("ddp_buckets", terms["gradients"], f"{m} T (DDP's all-reduce buckets: a second copy of the gradients)")
         if strategy in ("zero3", "fsdp"):
             layer = (P - V * h * (1 if c.tie_word_embeddings else 2)) / L
             put("gathered_layers", 2 * b * layer, f"2 x {b} x P_layer (this block and the prefetched next, gathered)")

@@ -144,20 +144,27 @@ def quantization_config(model: nn.Module) -> dict | None:
 def prepare_quantized(model: nn.Module, config: dict, where: str = "config.json") -> nn.Module:
     """Swap the layers named in a `quantization_config` for empty quantized layers of the right shapes (on the
     model's device: meta while loading), so that loading fills them key by key."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: quantization_config must be an object, got {type(config).__name__}")
     method = config.get("method")
     if config.get("quant_method") != CONFIG_TAG or method not in FORMATS:
         raise ValueError(f"{where}: quantization_config {config.get('quant_method')!r} / method {method!r} is not "
                          f"one camelid writes (quant_method {CONFIG_TAG!r}, method one of {', '.join(FORMATS)})")
     options = {k: v for k, v in config.items() if k not in ("quant_method", "method", "modules")}
-    for name in config.get("modules", []):
+    modules = config.get("modules", [])
+    if not isinstance(modules, list):
+        raise ValueError(f"{where}: quantization_config's modules must be a list of module names")
+    for name in modules:
         try:
             linear = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{where}: quantization_config names module {name!r}, which this model lacks") from None
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{where}: quantized module {name!r} is a {type(linear).__name__}, not a Linear")
-        layer = FORMATS[method](linear.in_features, linear.out_features, linear.bias is not None,
-                                device=linear.weight.device, bias_dtype=linear.weight.dtype, **options)
+        try:
+            layer = FORMATS[method].shaped_like(linear, **options)
+        except (TypeError, ValueError) as e:  # a hand-edited option: "group_size": "128"
+            raise ValueError(f"{where}: quantization_config options {options} do not fit {name} ({e})") from None
         model.set_submodule(name, layer, strict=True)
     return model
 

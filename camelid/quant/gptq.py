@@ -114,13 +114,7 @@ def gptq_quantizer(model: nn.Module, ids: torch.Tensor, seq_len: int,
             block = [n for n in targets if block_of(n) == block_of(name)
                      and isinstance(model.get_submodule(n), nn.Linear)]
             hessians.update(input_hessians(model, ids, seq_len, block))
-        layer = Int4Linear(linear.in_features, linear.out_features, linear.bias is not None,
-                           device=linear.weight.device, bias_dtype=linear.weight.dtype, group_size=group_size)
-        with torch.no_grad():
-            for key, tensor in gptq_int4(linear.weight, hessians.pop(name), group_size).items():
-                getattr(layer, key).copy_(tensor)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        return layer
+        layer = Int4Linear.shaped_like(linear, group_size=group_size)
+        return layer.fill(gptq_int4(linear.weight, hessians.pop(name), group_size), linear.bias)
 
     return quantize

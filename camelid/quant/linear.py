@@ -104,15 +104,24 @@ class QuantLinear(nn.Module):
 
     # ---- shared ----
     @classmethod
-    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None, **options) -> QuantLinear:
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
-                    bias_dtype=linear.weight.dtype, compute_dtype=compute_dtype, **options)
+    def shaped_like(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None, **options) -> QuantLinear:
+        """An empty layer to take `linear`'s place: its shape, bias, device and (for the float bias) dtype."""
+        return cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
+                   bias_dtype=linear.weight.dtype, compute_dtype=compute_dtype, **options)
+
+    def fill(self, buffers: dict[str, torch.Tensor], bias: torch.Tensor | None) -> QuantLinear:
+        """Copy quantized `buffers` (name -> tensor) and the float bias in; returns self."""
         with torch.no_grad():
-            for name, tensor in cls.quantize(linear.weight.detach(), **layer.options).items():
-                getattr(layer, name).copy_(tensor)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        return layer
+            for name, tensor in buffers.items():
+                getattr(self, name).copy_(tensor)
+            if bias is not None:
+                self.bias.copy_(bias)
+        return self
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None, **options) -> QuantLinear:
+        layer = cls.shaped_like(linear, compute_dtype, **options)
+        return layer.fill(cls.quantize(linear.weight.detach(), **layer.options), linear.bias)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out, in) float weight this layer computes with."""

@@ -348,6 +348,14 @@ def test_reader_errors(tmp_path, sharded):
         TokenData(broken)
 
 
+@pytest.mark.parametrize("text", ["[]", '{"version": 1}'])
+def test_a_meta_json_of_the_wrong_shape_is_a_data_error(tmp_path, text):
+    """A list (AttributeError) or a meta.json without splits / dtype (KeyError) was a traceback."""
+    (tmp_path / "meta.json").write_text(text)
+    with pytest.raises(DataError, match="meta.json"):
+        TokenData(tmp_path)
+
+
 # ---- CLI --------------------------------------------------------------------------------------------------------
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

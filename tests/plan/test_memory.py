@@ -57,6 +57,26 @@ def test_optimizer_state_matches_a_real_optimizer_after_one_step(tiny, optimizer
     assert estimate(config, "full", optimizer=optimizer).terms["optimizer"] == _bytes(state)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "paged_adamw8bit"])
+def test_8bit_optimizers_keep_two_bytes_and_a_scale_per_256_values(optimizer):
+    """torchao's AdamW8bit and bitsandbytes' PagedAdamW8bit (the two `--optimizer`s training takes) both keep two
+    uint8 moments and one fp32 scale per block of 256 values of each."""
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    state = OptimState8bit.zeros((4096,), signed=True, block_size=256)
+    per_value = (state.codes.numel() * state.codes.element_size() + state.scale.numel() * 4) / 4096
+    est = estimate(get_preset("tiny"), "lora", optimizer=optimizer)
+    assert est.terms["optimizer"] == pytest.approx(2 * per_value * est.trainable)
+
+
+def test_every_training_optimizer_can_be_planned():
+    """`--auto` hands the training config's optimizer to the planner: each one must be known there."""
+    from camelid.train.config import OPTIMIZERS as TRAINING_OPTIMIZERS
+
+    for optimizer in TRAINING_OPTIMIZERS:
+        estimate(get_preset("tiny"), "qlora", optimizer=optimizer)
+
+
 def test_trainable_counts_by_hand():
     c = get_preset("llama-2-7b")  # h = q = kv = 4096, i = 11008, 32 layers
     assert trainable_params(c, "lora") == 32 * 2 * 8 * (4096 + 4096)  # r=8 on q and v: 4,194,304
@@ -202,6 +222,15 @@ def test_bf16_true_terms_match_a_bf16_model_and_its_optimizer(tiny):
     assert est.terms["autocast_weight_copies"] == 0
     mixed = estimate(config, "full", seq=16, batch=2, precision="bf16")
     assert est.total < mixed.total
+
+
+def test_ddp_bucket_formula_says_the_gradient_bytes_it_counts():
+    """DDP's buckets copy the gradients: 2 bytes a trainable parameter under bf16-true, and the formula says so."""
+    config = get_preset("tiny")
+    for precision, per_param in (("bf16", 4), ("bf16-true", 2)):
+        est = estimate(config, "full", precision=precision, gpus=2, strategy="ddp")
+        assert est.terms["ddp_buckets"] == per_param * est.trainable
+        assert est.formulas["ddp_buckets"].startswith(f"{per_param} T ")
 
 
 def test_peak_holds_the_larger_of_gradients_and_what_backward_frees():

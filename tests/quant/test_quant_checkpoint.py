@@ -96,6 +96,21 @@ def test_a_quantization_config_naming_a_missing_module_is_a_clear_error(tmp_path
         from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("change, needle", [
+    (lambda q: "int4", "object"),  # not an object: was an AttributeError traceback
+    (lambda q: {**q, "group_size": "128"}, "group_size"),  # an option of the wrong type: was a TypeError traceback
+    (lambda q: {**q, "modules": q["modules"][0]}, "list"),  # one name, not a list: was "names module 'm'"
+])
+def test_a_hand_edited_quantization_config_is_one_clear_error(tmp_path, change, needle):
+    save_pretrained(quantized("int4"), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = change(config["quantization_config"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json: quantization_config") as e:
+        from_pretrained(tmp_path)
+    assert needle in str(e.value)
+
+
 def test_quantized_layers_are_frozen():
     model = quantized("nf4")
     for m in model.modules():
