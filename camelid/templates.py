@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-IGNORE_INDEX = -100  # the label of tokens that are not predicted (same value as camelid.train.loss)
+IGNORE_INDEX = -100  # the label of tokens not predicted (PyTorch's convention; train.loss uses this one)
 Message = dict[str, Any]
 
 

@@ -88,7 +88,7 @@ def cmd_plan_memory(args: argparse.Namespace) -> None:
 
 
 def cmd_plan_fit(args: argparse.Namespace) -> None:
-    device = plan_fit.parse_size(args.device_memory)
+    device = plan_fit.parse_memory(args.device_memory)
     rows = plan_fit.fit(config_of(args.model), device, seq=args.seq, global_batch=args.global_batch,
                         precision=args.precision, optimizer=args.optimizer, compiled=args.compile)
     if args.json:

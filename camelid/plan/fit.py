@@ -21,7 +21,7 @@ _UNITS = {"": 1e9, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2
           "tib": 2**40, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
 
-def parse_size(text: str) -> float:
+def parse_memory(text: str) -> float:
     """'24GB' -> 24e9 bytes, '24GiB' -> 24 * 2^30, a bare number is GB. GB is decimal: a card sold as "24 GB"
     has 24 GiB (25.8e9 bytes), so reading it as 24e9 leaves a little headroom."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))

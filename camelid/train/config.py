@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from camelid.config import ConfigError, ModelConfig
-from camelid.plan.fit import CONTEXT_BYTES, fit_training, parse_size, size_text
+from camelid.plan.fit import CONTEXT_BYTES, fit_training, parse_memory, size_text
 from camelid.train.compile import DEFAULT_ACTIVATION_MEMORY_BUDGET, check_budget
 
 OPTIMIZERS = ("adamw", "lion", "adamw8bit", "paged_adamw8bit")  # the 8-bit two: CUDA only (optim.py)
@@ -112,7 +112,7 @@ class TrainConfig:
         need(not self.measure_gns or self.grad_accum >= 2,
              "measure_gns compares one micro-batch's gradient with the step's: it needs grad_accum >= 2")
         if self.device_memory is not None:
-            parse_size(self.device_memory)
+            parse_memory(self.device_memory)
         need(self.spike_min_history <= self.spike_window,
              f"spike_min_history ({self.spike_min_history}) must be <= spike_window ({self.spike_window})")
         check_budget(self.activation_memory_budget)

@@ -22,10 +22,10 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from camelid.recompute import plain_linear
+from camelid.templates import IGNORE_INDEX  # labels with this value are not predicted (padding, prompts)
 from camelid.train import triton_ce
 from camelid.train.distributed import is_sharded, wrappers
 
-IGNORE_INDEX = -100  # labels with this value are not predicted (padding, prompt tokens in fine-tuning)
 CE_CHUNK = 4096  # tokens per fp32 cross-entropy chunk (the chunked path)
 FUSED_CHUNK_BYTES = 2**28  # the fused path's fp32 logits chunk: 256 MiB (2,048 tokens of a 32k vocabulary)
 

@@ -16,7 +16,7 @@ from camelid.checkpoint import from_pretrained
 from camelid.config import ModelConfig, get_preset
 from camelid.data.pretrain import TokenData, read_meta, window_starts
 from camelid.model import Transformer
-from camelid.plan.fit import parse_size
+from camelid.plan.fit import parse_memory
 from camelid.tokenizer import Tokenizer
 from camelid.train.config import TrainConfig, auto_fit
 
@@ -148,7 +148,7 @@ def setup(cfg: TrainConfig, model: Transformer | None = None, tokenizer: Tokeniz
 def device_memory_bytes(cfg: TrainConfig, device: torch.device) -> float:
     """What `--auto` fits into: --device-memory when given, else the GPU's own memory."""
     if cfg.device_memory is not None:
-        return parse_size(cfg.device_memory)
+        return parse_memory(cfg.device_memory)
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     raise ValueError("--auto on a CPU needs --device-memory (e.g. 24GB): there is no GPU memory to read")

@@ -6,7 +6,7 @@ import pytest
 
 from camelid.cli import main
 from camelid.config import get_preset
-from camelid.plan.fit import fit, parse_size
+from camelid.plan.fit import fit, parse_memory
 
 
 def _by_method(rows):
@@ -15,7 +15,7 @@ def _by_method(rows):
 
 @pytest.mark.parametrize("seq", [512, 1024])
 def test_llama2_7b_lora_and_qlora_fit_24gb(seq):
-    rows = _by_method(fit(get_preset("llama-2-7b"), parse_size("24GB"), seq=seq, methods=("lora", "qlora", "full")))
+    rows = _by_method(fit(get_preset("llama-2-7b"), parse_memory("24GB"), seq=seq, methods=("lora", "qlora", "full")))
     for method in ("lora", "qlora"):
         assert rows[method].fits and rows[method].micro_batch >= 1
         assert rows[method].micro_batch * rows[method].grad_accum >= 64
@@ -24,11 +24,11 @@ def test_llama2_7b_lora_and_qlora_fit_24gb(seq):
 
 
 def test_llama_65b_qlora_fits_48gb():
-    rows = _by_method(fit(get_preset("llama-65b"), parse_size("48GB"), seq=512, methods=("qlora", "lora")))
+    rows = _by_method(fit(get_preset("llama-65b"), parse_memory("48GB"), seq=512, methods=("qlora", "lora")))
     assert rows["qlora"].fits and rows["qlora"].micro_batch >= 1  # the QLoRA paper's claim
     assert not rows["lora"].fits  # 65B bf16 weights alone are 130 GB
     # longer sequences need checkpointing, as the paper ran with
-    (longer,) = fit(get_preset("llama-65b"), parse_size("48GB"), seq=2048, methods=("qlora",))
+    (longer,) = fit(get_preset("llama-65b"), parse_memory("48GB"), seq=2048, methods=("qlora",))
     assert longer.fits and longer.checkpointing
 
 
@@ -40,7 +40,7 @@ def test_a_method_the_model_cannot_use_is_a_row_not_an_error():
 
 @pytest.mark.parametrize("text, value", [("24GB", 24e9), ("80GiB", 80 * 2**30), ("48", 48e9), ("1.5TB", 1.5e12)])
 def test_parse_size(text, value):
-    assert parse_size(text) == value
+    assert parse_memory(text) == value
 
 
 def test_cli_plan_verbs_json(capsys, tmp_path):
@@ -78,7 +78,7 @@ def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
 def test_compiled_training_fits_a_larger_micro_batch():
     """Under torch.compile the norm outputs and the gated product are recomputed: a larger micro-batch fits the
     same device without checkpointing (the `compile: true` + `--auto` path plans with it)."""
-    config, device = get_preset("tinyllama-1.1b"), parse_size("24GB")
+    config, device = get_preset("tinyllama-1.1b"), parse_memory("24GB")
     (eager,) = fit(config, device, seq=2048, global_batch=64, precision="bf16-true", methods=("full",))
     (compiled,) = fit(config, device, seq=2048, global_batch=64, precision="bf16-true", methods=("full",),
                       compiled=True)
