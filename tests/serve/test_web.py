@@ -188,8 +188,13 @@ def test_api_key_is_asked_for_and_remembered(serve, page):
     assert settings(page).get_by_label("API key").input_value() == "secret-key"
 
 
-def test_a_server_without_sessions_gets_the_history_from_the_page(serve, page):
-    server = serve(sessions=False)
+@pytest.fixture(scope="module")
+def sessionless(serve):
+    return serve(sessions=False)
+
+
+def test_a_server_without_sessions_gets_the_history_from_the_page(sessionless, page):
+    server = sessionless
     bodies: list[dict] = []
     page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
     page.goto(server.url)
@@ -205,3 +210,42 @@ def test_a_server_without_sessions_gets_the_history_from_the_page(serve, page):
     assert bodies[1]["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "First"},
                                      {"role": "assistant", "content": first_answer},
                                      {"role": "user", "content": "Second"}]
+
+
+def test_a_refused_message_goes_back_to_the_box_and_an_old_answer_stays_out_of_a_new_chat(sessionless, page):
+    bodies: list[dict] = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    page.goto(sessionless.url)
+    page.wait_for_function("() => document.getElementById('sessions-heading').textContent.includes('off')")
+    settings(page).get_by_label("Max tokens").fill("5")
+
+    # longer than the context: the server refuses it (400), so it is not part of the chat; the text is not lost
+    too_long = "x" * 3000
+    page.get_by_label("Message").fill(too_long)
+    page.get_by_label("Message").press("Enter")
+    wait_idle(page)
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('context')")
+    assert page.locator(".message").count() == 0
+    assert page.get_by_label("Message").input_value() == too_long
+    send(page, "Short")
+    wait_idle(page)
+    assert page.locator("#status").inner_text() == ""
+    assert bodies[-1]["messages"] == [{"role": "user", "content": "Short"}]
+
+    # New chat while an answer streams, then Stop: the old answer does not join the new chat's history
+    settings(page).get_by_label("Max tokens").fill("1900")
+    page.evaluate("""() => new MutationObserver((_, observer) => {
+        const answer = document.querySelector('.message.assistant[aria-busy] .content');
+        if (answer && answer.textContent) {
+            observer.disconnect(); document.getElementById('new-session').click(); document.getElementById('stop').click();
+            window.switched = true;
+        }
+    }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true})""")
+    page.get_by_label("Message").fill("Tell me a long story")  # not send(): the answer's bubble goes at once
+    page.get_by_label("Message").press("Enter")
+    page.wait_for_function("() => window.switched")
+    wait_idle(page)
+    settings(page).get_by_label("Max tokens").fill("5")
+    send(page, "Fresh start")
+    wait_idle(page)
+    assert bodies[-1]["messages"] == [{"role": "user", "content": "Fresh start"}]

@@ -211,22 +211,29 @@ async function ensureSession(firstMessage) {
   return session.id;
 }
 
+// Sends one message and streams the answer in. A request the server refuses (bad key, too long, busy, unreachable)
+// throws, with its bubbles removed: it is not part of the chat (the server stores nothing), and the caller puts the
+// text back into the box.
 async function send(text) {
   const turn = { role: "user", content: text };
+  const history = state.history;  // this chat's: "New chat" while the answer streams starts another
   const body = { model: $("model").value, stream: true, temperature: Number($("temperature").value) };
   if (state.sessions) {  // the server prepends the session's system prompt and history
     body.session_id = await ensureSession(text);
     body.messages = [turn];
   } else {
     const system = $("system-prompt").value.trim();
-    body.messages = [...(system ? [{ role: "system", content: system }] : []), ...state.history, turn];
+    body.messages = [...(system ? [{ role: "system", content: system }] : []), ...history, turn];
   }
-  addMessage("user", text);
+  const question = addMessage("user", text);
   const answer = addMessage("assistant", "");
   answer.parentElement.setAttribute("aria-busy", "true");
   const maxTokens = parseInt($("max-tokens").value, 10);
   if (maxTokens > 0) body.max_tokens = maxTokens;
   state.aborter = new AbortController();
+  let streaming = false;
+  // the server's rule for what a session keeps: a finished or stopped answer, not one that failed
+  const keep = () => { if (!state.sessions) history.push(turn, { role: "assistant", content: answer.textContent }); };
   try {
     const res = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body),
                                                       signal: state.aborter.signal });
@@ -234,6 +241,7 @@ async function send(text) {
       const data = await res.json().catch(() => ({}));
       throw new ApiError(res.status, (data.error && data.error.message) || res.statusText);
     }
+    streaming = true;
     await readSSE(res, (event) => {
       if (event.error) throw new ApiError(500, event.error.message);
       const delta = event.choices && event.choices[0] && event.choices[0].delta;
@@ -242,14 +250,15 @@ async function send(text) {
         answer.scrollIntoView({ block: "end" });
       }
     });
+    keep();
     say("");
   } catch (err) {
-    if (err.name === "AbortError") say("Stopped.");
+    if (err.name === "AbortError") { keep(); say("Stopped."); }
+    else if (!streaming) { question.parentElement.remove(); answer.parentElement.remove(); throw err; }
     else if (!needKey(err)) say(err.message, true);
   } finally {
     answer.parentElement.removeAttribute("aria-busy");
     state.aborter = null;
-    if (!state.sessions) state.history.push(turn, { role: "assistant", content: answer.textContent });
     loadSessions().catch(() => {});
   }
 }
@@ -267,7 +276,12 @@ $("composer").addEventListener("submit", async (e) => {
   if (!text || $("send").disabled) return;
   $("prompt").value = "";
   setBusy(true);  // at once: creating the session comes first
-  try { await send(text); } catch (err) { if (!needKey(err)) say(err.message, true); } finally { setBusy(false); }
+  try {
+    await send(text);
+  } catch (err) {  // refused: the message goes back into the box (unless the user typed another meanwhile)
+    if (!$("prompt").value) $("prompt").value = text;
+    if (!needKey(err)) say(err.message, true);
+  } finally { setBusy(false); }
   $("prompt").focus();
 });
 $("prompt").addEventListener("keydown", (e) => {
