@@ -173,6 +173,17 @@ def test_chat_stream_reload_rename_delete(serve, page):
     page.wait_for_selector("#sessions li")
     assert session_titles(page) == ["Greetings"]
 
+    # the page titles a new session with the first 40 characters of its message: an emoji there is not cut in two
+    # (half of a UTF-16 surrogate pair is not text: the server refused the session, so the message could not be sent)
+    page.get_by_role("button", name="New chat").click()
+    settings(page).get_by_label("Max tokens").fill("5")
+    page.get_by_label("Message").fill("a" * 39 + "😀 and more")
+    page.get_by_label("Message").press("Enter")
+    page.wait_for_function("() => document.querySelector('.message.assistant') || document.getElementById('status').textContent")
+    wait_idle(page)
+    assert page.locator("#status").inner_text() == ""
+    assert sorted(session_titles(page)) == ["Greetings", "a" * 39 + "😀…"]
+
 
 def test_api_key_is_asked_for_and_remembered(serve, page):
     server = serve(api_keys=["secret-key"])

@@ -201,7 +201,8 @@ async function readSSE(response, onEvent) {
 
 async function ensureSession(firstMessage) {
   if (state.sessionId) return state.sessionId;
-  const title = firstMessage.length > 40 ? firstMessage.slice(0, 40) + "…" : firstMessage;
+  const chars = [...firstMessage];  // by code point: half of an emoji's surrogate pair is not text (the server's 400)
+  const title = chars.length > 40 ? chars.slice(0, 40).join("") + "…" : firstMessage;
   const session = await api("POST", "/v1/sessions", {
     title, model: $("model").value, system_prompt: $("system-prompt").value.trim() || null,
   });
