@@ -184,6 +184,17 @@ def test_chat_stream_reload_rename_delete(serve, page):
     assert page.locator("#status").inner_text() == ""
     assert sorted(session_titles(page)) == ["Greetings", "a" * 39 + "😀…"]
 
+    # an answer that ends while the user renames a session neither cuts the rename short nor takes the focus
+    page.locator("#sessions li", has_text="Greetings").get_by_role("button", name="Rename").click()
+    page.get_by_label("New title").press_sequentially("Hel")
+    page.evaluate("() => { document.getElementById('prompt').value = 'One more'; "
+                  "document.getElementById('composer').requestSubmit(); }")  # sent with the focus kept in the rename
+    wait_idle(page)
+    page.get_by_label("New title").press_sequentially("lo there")
+    page.get_by_label("New title").press("Enter")
+    page.wait_for_function("() => !document.querySelector('.rename-input')")
+    assert sorted(session_titles(page)) == ["Hello there", "a" * 39 + "😀…"]
+
 
 def test_api_key_is_asked_for_and_remembered(serve, page):
     server = serve(api_keys=["secret-key"])

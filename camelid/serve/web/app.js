@@ -9,7 +9,8 @@ const store = {
   del: (k) => localStorage.removeItem("camelid." + k),
 };
 // sessions: false when the server keeps no history (started without a database): the page keeps it, unsaved
-const state = { sessionId: store.get("session") || null, aborter: null, sessions: true, history: [] };
+// renaming: a session's title is being edited (the list waits: redrawing it would end the edit)
+const state = { sessionId: store.get("session") || null, aborter: null, sessions: true, history: [], renaming: false };
 
 // ---- HTTP -------------------------------------------------------------------------------------------------------
 
@@ -60,7 +61,7 @@ async function loadModels() {
 // ---- sessions ---------------------------------------------------------------------------------------------------
 
 async function loadSessions() {
-  if (!state.sessions) return;
+  if (!state.sessions || state.renaming) return;
   let data;
   try {
     ({ data } = await api("GET", "/v1/sessions"));
@@ -111,10 +112,12 @@ function startRename(li, session) {
   li.replaceChildren(input);
   input.focus();
   input.select();
+  state.renaming = true;
   let done = false;
   const finish = async (save) => {
     if (done) return;
     done = true;
+    state.renaming = false;
     try {
       if (save && input.value.trim()) await api("PATCH", `/v1/sessions/${session.id}`, { title: input.value.trim() });
     } catch (err) { say(err.message, true); }
@@ -283,7 +286,8 @@ $("composer").addEventListener("submit", async (e) => {
     if (!$("prompt").value) $("prompt").value = text;
     if (!needKey(err)) say(err.message, true);
   } finally { setBusy(false); }
-  $("prompt").focus();
+  // back to the message box, unless the user went on typing elsewhere meanwhile (a rename, the system prompt)
+  if (!document.activeElement.matches("input, textarea, select")) $("prompt").focus();
 });
 $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("composer").requestSubmit(); }
