@@ -254,6 +254,16 @@ def test_a_refused_message_goes_back_to_the_box_and_an_old_answer_stays_out_of_a
     assert page.locator("#status").inner_text() == ""
     assert bodies[-1]["messages"] == [{"role": "user", "content": "Short"}]
 
+    # the server cannot be reached: said in words (fetch's own message is "Failed to fetch"), the text kept
+    page.route("**/v1/chat/completions", lambda route: route.abort())
+    page.get_by_label("Message").fill("Anyone there?")
+    page.get_by_label("Message").press("Enter")
+    page.wait_for_function("() => document.getElementById('status').textContent")
+    wait_idle(page)
+    assert page.locator("#status").inner_text().startswith("No connection to the server")
+    assert page.get_by_label("Message").input_value() == "Anyone there?"
+    page.unroute("**/v1/chat/completions")
+
     # New chat while an answer streams, then Stop: the old answer does not join the new chat's history
     settings(page).get_by_label("Max tokens").fill("1900")
     page.evaluate("""() => new MutationObserver((_, observer) => {

@@ -25,10 +25,15 @@ class ApiError extends Error {
   constructor(status, message) { super(message); this.status = status; }
 }
 
+// fetch and a body's reads fail with a bare TypeError ("Failed to fetch", "network error") when the server is down
+// or the network fails: say so in words
+const offline = (err) => (err instanceof TypeError ?
+  new ApiError(0, `No connection to the server (${err.message}).`) : err);
+
 async function api(method, path, body) {
   const init = { method, headers: headers() };
   if (body !== undefined) init.body = JSON.stringify(body);
-  const res = await fetch(path, init);
+  const res = await fetch(path, init).catch((err) => { throw offline(err); });
   const data = await res.json().catch(() => ({}));
   if (!res.ok) throw new ApiError(res.status, (data.error && data.error.message) || res.statusText);
   return data;
@@ -185,7 +190,7 @@ async function readSSE(response, onEvent) {
   const decoder = new TextDecoder();
   let buffer = "";
   for (;;) {
-    const { value, done } = await reader.read();
+    const { value, done } = await reader.read().catch((err) => { throw offline(err); });
     if (done) return;
     buffer += decoder.decode(value, { stream: true });
     let cut;
@@ -240,7 +245,8 @@ async function send(text) {
   const keep = () => { if (!state.sessions) history.push(turn, { role: "assistant", content: answer.textContent }); };
   try {
     const res = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body),
-                                                      signal: state.aborter.signal });
+                                                      signal: state.aborter.signal })
+      .catch((err) => { throw offline(err); });
     if (!res.ok) {
       const data = await res.json().catch(() => ({}));
       throw new ApiError(res.status, (data.error && data.error.message) || res.statusText);
