@@ -195,6 +195,17 @@ def test_chat_stream_reload_rename_delete(serve, page):
     page.wait_for_function("() => !document.querySelector('.rename-input')")
     assert sorted(session_titles(page)) == ["Hello there", "a" * 39 + "😀…"]
 
+    # open one session, then another before the first has loaded: the page shows the second only
+    slow = page.locator("#sessions li", has_text="Hello there").get_attribute("data-id")
+    page.evaluate("""(slow) => { const fetch = window.fetch; window.fetch = (url, init) => url.endsWith('/' + slow)
+        ? new Promise((r) => setTimeout(r, 300)).then(() => fetch(url, init)).finally(() => window.slowDone = true)
+        : fetch(url, init); }""", slow)
+    page.locator("#sessions li", has_text="Hello there").locator(".session-title").click()
+    page.locator("#sessions li", has_text="a" * 39).locator(".session-title").click()
+    page.wait_for_function("() => window.slowDone")
+    page.wait_for_timeout(200)  # the late answer's handling
+    assert page.locator(".message.user .content").all_inner_texts() == ["a" * 39 + "😀 and more", "One more"]
+
 
 def test_api_key_is_asked_for_and_remembered(serve, page):
     server = serve(api_keys=["secret-key"])

@@ -158,11 +158,13 @@ async function openSession(id) {
   if (!id) { $("system-prompt").value = store.get("system"); return; }
   try {
     const session = await api("GET", `/v1/sessions/${id}`);
+    if (state.sessionId !== id) return;  // another session was opened while this one loaded: that one shows
     $("system-prompt").value = session.system_prompt || "";
     const served = [...$("model").options].some((o) => o.value === session.model);
     if (session.model && served) $("model").value = session.model;
     for (const m of session.messages) if (m.role !== "system") addMessage(m.role, m.content);
   } catch (err) {
+    if (state.sessionId !== id) return;
     if (err.status === 404) openSession(null); else say(err.message, true);
   }
 }
