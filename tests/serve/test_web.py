@@ -213,6 +213,9 @@ def test_api_key_is_asked_for_and_remembered(serve, page):
     page.wait_for_function("() => document.getElementById('status').textContent.includes('API key')")
     assert page.locator("#model option").count() == 0
     assert page.locator("#settings").evaluate("d => d.open")  # opened for the user
+    page.get_by_label("API key").fill("typo-key")  # a wrong key is not a missing one
+    page.get_by_label("API key").press("Tab")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('did not accept')")
     page.get_by_label("API key").fill("secret-key")
     page.get_by_label("API key").press("Tab")  # `change` fires: the page retries with the key
     page.wait_for_function("() => document.querySelector('#model option[value=\"tiny\"]')")

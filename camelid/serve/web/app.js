@@ -48,7 +48,8 @@ function needKey(err) {
   if (err.status !== 401) return false;
   $("settings").open = true;
   $("api-key").focus();
-  say("This server needs an API key: enter it under Settings.", true);
+  say($("api-key").value.trim() ? "The server did not accept this API key: check it under Settings."
+                                 : "This server needs an API key: enter it under Settings.", true);
   return true;
 }
 
