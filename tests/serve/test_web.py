@@ -140,14 +140,21 @@ def test_chat_stream_reload_rename_delete(serve, page):
     page.get_by_role("button", name="New chat").click()
     assert page.locator(".message").count() == 0
     settings(page).get_by_label("Max tokens").fill("1900")
-    # a tiny model answers fast: press Stop from inside the page as soon as the first text shows
+    # a tiny model answers fast: press Stop from inside the page as soon as the first text shows (after a click on
+    # the session's own title, which must not wipe the answer that streams in)
     page.evaluate("""() => new MutationObserver((_, observer) => {
         const answer = document.querySelector('.message.assistant[aria-busy] .content');
-        if (answer && answer.textContent) { observer.disconnect(); document.getElementById('stop').click(); }
+        if (answer && answer.textContent) {
+            observer.disconnect();
+            document.querySelector('#sessions li.current .session-title').click();
+            window.shown = document.querySelectorAll('.message').length;
+            document.getElementById('stop').click();
+        }
     }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true})""")
     send(page, "Tell me a long story")
     wait_idle(page)
     assert page.locator("#status").inner_text() == "Stopped."
+    assert page.evaluate("window.shown") == 2
     stats = lambda: server.backend.stats()  # noqa: E731
     page.wait_for_function("() => true")  # let the abort cross to the engine thread
     for _ in range(100):

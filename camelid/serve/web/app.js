@@ -146,6 +146,7 @@ async function deleteSession(id) {
 }
 
 async function openSession(id) {
+  if (id && id === state.sessionId && state.aborter) return;  // its answer is streaming in: the log is current
   state.history = [];
   if (!state.sessions) id = null;
   state.sessionId = id;
