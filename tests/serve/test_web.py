@@ -299,6 +299,7 @@ def test_a_refused_message_goes_back_to_the_box_and_an_old_answer_stays_out_of_a
     page.wait_for_function("() => window.switched")
     wait_idle(page)
     settings(page).get_by_label("Max tokens").fill("5")
-    send(page, "Fresh start")
+    send(page, "שלום, עולם!")  # Hebrew: shown right to left (its "!" at the left end), like the box it was typed in
     wait_idle(page)
-    assert bodies[-1]["messages"] == [{"role": "user", "content": "Fresh start"}]
+    assert bodies[-1]["messages"] == [{"role": "user", "content": "שלום, עולם!"}]
+    assert page.locator(".message.user .content").evaluate("e => getComputedStyle(e).direction") == "rtl"

@@ -90,6 +90,7 @@ function sessionItem(session) {
   const open = document.createElement("button");
   open.type = "button";
   open.className = "session-title";
+  open.dir = "auto";
   open.textContent = session.title || "Untitled";
   if (session.id === state.sessionId) open.setAttribute("aria-current", "true");
   open.addEventListener("click", () => openSession(session.id));
@@ -181,6 +182,7 @@ function addMessage(role, text) {
   who.textContent = role === "user" ? "You" : "Assistant";
   const body = document.createElement("div");
   body.className = "content";
+  body.dir = "auto";  // each message runs in the direction of its own text (Hebrew, Arabic: right to left)
   body.textContent = text;
   div.append(who, body);
   $("log").append(div);
