@@ -186,7 +186,8 @@ def test_chat_stream_reload_rename_delete(serve, page):
     settings(page).get_by_label("Max tokens").fill("5")
     page.get_by_label("Message").fill("a" * 39 + "😀 and more")
     page.get_by_label("Message").press("Enter")
-    page.wait_for_function("() => document.querySelector('.message.assistant') || document.getElementById('status').textContent")
+    page.wait_for_function("() => document.querySelector('.message.assistant') || "
+                           "document.getElementById('status').textContent")
     wait_idle(page)
     assert page.locator("#status").inner_text() == ""
     assert sorted(session_titles(page)) == ["Greetings", "a" * 39 + "😀…"]
@@ -290,7 +291,9 @@ def test_a_refused_message_goes_back_to_the_box_and_an_old_answer_stays_out_of_a
     page.evaluate("""() => new MutationObserver((_, observer) => {
         const answer = document.querySelector('.message.assistant[aria-busy] .content');
         if (answer && answer.textContent) {
-            observer.disconnect(); document.getElementById('new-session').click(); document.getElementById('stop').click();
+            observer.disconnect();
+            document.getElementById('new-session').click();
+            document.getElementById('stop').click();
             window.switched = true;
         }
     }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true})""")
@@ -299,7 +302,27 @@ def test_a_refused_message_goes_back_to_the_box_and_an_old_answer_stays_out_of_a
     page.wait_for_function("() => window.switched")
     wait_idle(page)
     settings(page).get_by_label("Max tokens").fill("5")
-    send(page, "שלום, עולם!")  # Hebrew: shown right to left (its "!" at the left end), like the box it was typed in
+    send(page, "שלום, עולם!")  # Hebrew: shown right to left (its "!" at the left end), as it was typed
     wait_idle(page)
     assert bodies[-1]["messages"] == [{"role": "user", "content": "שלום, עולם!"}]
     assert page.locator(".message.user .content").evaluate("e => getComputedStyle(e).direction") == "rtl"
+
+    # a long answer keeps the log at its end, unless the user scrolls up to read: then the log stays where they are
+    page.set_viewport_size({"width": 800, "height": 360})  # the log overflows
+    settings(page).get_by_label("Max tokens").fill("1900")
+    page.get_by_text("Settings", exact=True).click()  # closed again
+    page.evaluate("""() => { const log = document.getElementById('log'); let seen = 0, step = 0;
+        new MutationObserver((_, observer) => {
+            const answer = document.querySelector('.message.assistant[aria-busy] .content');
+            if (!answer || answer.textContent.length <= seen) return;
+            seen = answer.textContent.length;
+            if (step++ === 0) return;
+            if (step === 2) {  // the log overflows, and has followed the answer so far: scroll up to read
+                const gap = log.scrollHeight - log.scrollTop - log.clientHeight;
+                window.followed = log.scrollHeight > log.clientHeight && gap < 2;
+                log.scrollTop = 0;
+            } else { observer.disconnect(); window.kept = log.scrollTop; document.getElementById('stop').click(); }
+        }).observe(log, {subtree: true, childList: true, characterData: true}); }""")
+    send(page, "Tell me another long story")
+    wait_idle(page)
+    assert page.evaluate("window.followed") and page.evaluate("window.kept") == 0

@@ -262,8 +262,10 @@ async function send(text) {
       if (event.error) throw new ApiError(500, event.error.message);
       const delta = event.choices && event.choices[0] && event.choices[0].delta;
       if (delta && delta.content) {
+        const log = $("log");  // follow the answer only from the log's end: not while the user reads further up
+        const atEnd = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
         answer.textContent += delta.content;
-        answer.scrollIntoView({ block: "end" });
+        if (atEnd) log.scrollTop = log.scrollHeight;
       }
     });
     keep();
