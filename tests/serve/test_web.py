@@ -262,6 +262,7 @@ def test_a_refused_message_goes_back_to_the_box_and_an_old_answer_stays_out_of_a
     page.goto(sessionless.url)
     page.wait_for_function("() => document.getElementById('sessions-heading').textContent.includes('off')")
     settings(page).get_by_label("Max tokens").fill("5")
+    page.get_by_label("Temperature").evaluate("t => { t.value = 0; t.dispatchEvent(new Event('input')); }")  # greedy
 
     # longer than the context: the server refuses it (400), so it is not part of the chat; the text is not lost
     too_long = "x" * 3000
@@ -271,10 +272,13 @@ def test_a_refused_message_goes_back_to_the_box_and_an_old_answer_stays_out_of_a
     page.wait_for_function("() => document.getElementById('status').textContent.includes('context')")
     assert page.locator(".message").count() == 0
     assert page.get_by_label("Message").input_value() == too_long
-    send(page, "Short")
+    html = '<img src=x onerror="window.pwned = true"> <script>window.pwned = true</script> **not bold**'
+    send(page, html)  # shown as text, never parsed as HTML (nor markdown)
     wait_idle(page)
     assert page.locator("#status").inner_text() == ""
-    assert bodies[-1]["messages"] == [{"role": "user", "content": "Short"}]
+    assert bodies[-1]["messages"] == [{"role": "user", "content": html}]
+    assert page.locator(".message.user .content").inner_text() == html
+    assert page.evaluate("() => !window.pwned && !document.querySelector('#log img, #log script, #log strong')")
 
     # the server cannot be reached: said in words (fetch's own message is "Failed to fetch"), the text kept
     page.route("**/v1/chat/completions", lambda route: route.abort())
@@ -287,6 +291,7 @@ def test_a_refused_message_goes_back_to_the_box_and_an_old_answer_stays_out_of_a
     page.unroute("**/v1/chat/completions")
 
     # New chat while an answer streams, then Stop: the old answer does not join the new chat's history
+    page.get_by_role("button", name="New chat").click()
     settings(page).get_by_label("Max tokens").fill("1900")
     page.evaluate("""() => new MutationObserver((_, observer) => {
         const answer = document.querySelector('.message.assistant[aria-busy] .content');
