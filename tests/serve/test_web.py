@@ -184,6 +184,13 @@ def test_chat_stream_reload_rename_delete(serve, page):
     # (half of a UTF-16 surrogate pair is not text: the server refused the session, so the message could not be sent)
     page.get_by_role("button", name="New chat").click()
     settings(page).get_by_label("Max tokens").fill("5")
+    # first a message the server refuses (longer than the context): no session is left named after it
+    page.get_by_label("Message").fill("z" * 3000)
+    page.get_by_label("Message").press("Enter")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('context')")
+    wait_idle(page)
+    assert session_titles(page) == ["Greetings"]
+    assert [s["title"] for s in httpx.get(f"{server.url}/v1/sessions").json()["data"]] == ["Greetings"]
     page.get_by_label("Message").fill("a" * 39 + "😀 and more")
     page.get_by_label("Message").press("Enter")
     page.wait_for_function("() => document.querySelector('.message.assistant') || "

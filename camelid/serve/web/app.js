@@ -227,12 +227,13 @@ async function ensureSession(firstMessage) {
 }
 
 // Sends one message and streams the answer in. A request the server refuses (bad key, too long, busy, unreachable)
-// throws, with its bubbles removed: it is not part of the chat (the server stores nothing), and the caller puts the
+// throws, with its bubbles removed: it is not part of the chat (the server stored nothing), and the caller puts the
 // text back into the box.
 async function send(text) {
   const turn = { role: "user", content: text };
   const history = state.history;  // this chat's: "New chat" while the answer streams starts another
   const body = { model: $("model").value, stream: true, temperature: Number($("temperature").value) };
+  const fresh = state.sessions && !state.sessionId;  // a session is made for this message
   if (state.sessions) {  // the server prepends the session's system prompt and history
     body.session_id = await ensureSession(text);
     body.messages = [turn];
@@ -272,7 +273,15 @@ async function send(text) {
     say("");
   } catch (err) {
     if (err.name === "AbortError") { keep(); say("Stopped."); }
-    else if (!streaming) { question.parentElement.remove(); answer.parentElement.remove(); throw err; }
+    else if (!streaming) {
+      question.parentElement.remove();
+      answer.parentElement.remove();
+      if (fresh) {  // nor is the session made for it (named after it, empty)
+        await api("DELETE", `/v1/sessions/${body.session_id}`).catch(() => {});
+        if (state.sessionId === body.session_id) openSession(null);
+      }
+      throw err;
+    }
     else if (!needKey(err)) say(err.message, true);
   } finally {
     answer.parentElement.removeAttribute("aria-busy");
