@@ -338,3 +338,14 @@ def test_a_refused_message_goes_back_to_the_box_and_an_old_answer_stays_out_of_a
     send(page, "Tell me another long story")
     wait_idle(page)
     assert page.evaluate("window.followed") and page.evaluate("window.kept") == 0
+
+
+def test_the_page_is_revalidated_so_an_upgrade_takes_effect(sessionless):
+    # without Cache-Control a browser caches the files by heuristic (a tenth of their age) and, even on reload, runs
+    # the old app.js against the upgraded server; with no-cache it asks each time (a 304 while a file is unchanged)
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        response = httpx.get(sessionless.url + path)
+        assert response.status_code == 200 and response.headers["cache-control"] == "no-cache", path
+        if path != "/":
+            etag = response.headers["etag"]
+            assert httpx.get(sessionless.url + path, headers={"If-None-Match": etag}).status_code == 304, path
