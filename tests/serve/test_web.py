@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_zoo import TEMPLATE, ServerThread, make_chat_model
+from server_zoo import TEMPLATE, FakeBackend, ServerThread, make_chat_model
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -349,3 +349,39 @@ def test_the_page_is_revalidated_so_an_upgrade_takes_effect(sessionless):
         if path != "/":
             etag = response.headers["etag"]
             assert httpx.get(sessionless.url + path, headers={"If-None-Match": etag}).status_code == 304, path
+
+
+def test_a_page_opened_while_the_server_has_no_model_asks_again_on_send(page):
+    """A cluster whose workers are all restarting lists no model: the page says so, and a message sent once a worker
+    is back finds its model (it went out as model '' and came back as 'The model '' does not exist')."""
+    from camelid.serve.app import create_app
+    from camelid.serve.backend import Chunk
+
+    async def hello(prompt):
+        yield Chunk(0, "Hi!", [1], "stop", 1, 1)
+
+    class Restarting(FakeBackend):
+        up = False
+
+        def models(self):
+            return super().models() if self.up else []
+
+    backend = Restarting(hello)
+    server = ServerThread(create_app(backend))
+    try:
+        page.goto(server.url)
+        page.wait_for_function("() => document.getElementById('status').textContent.includes('no models')")
+        page.wait_for_timeout(200)  # the page has finished starting: the message stays
+        assert "no models" in page.locator("#status").inner_text()
+        page.get_by_label("Message").fill("Hello")
+        page.get_by_label("Message").press("Enter")  # still none: refused, the text kept
+        wait_idle(page)
+        assert page.get_by_label("Message").input_value() == "Hello" and page.locator(".message").count() == 0
+        backend.up = True
+        send(page, "Hello")
+        wait_idle(page)
+        assert page.locator("#status").inner_text() == ""
+        assert page.locator(".message.assistant .content").inner_text() == "Hi!"
+        assert page.get_by_label("Model").input_value() == "tiny"
+    finally:
+        server.stop()

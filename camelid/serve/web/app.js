@@ -61,8 +61,9 @@ async function loadModels() {
   const wanted = store.get("model");
   select.replaceChildren(...data.map((m) => new Option(m.id, m.id)));
   if (data.some((m) => m.id === wanted)) select.value = wanted;
-  if (!data.length) say("The server has no models right now.", true);
 }
+
+const NO_MODEL = "The server has no models right now (its workers may be restarting): try again shortly.";
 
 // ---- sessions ---------------------------------------------------------------------------------------------------
 
@@ -230,6 +231,8 @@ async function ensureSession(firstMessage) {
 // throws, with its bubbles removed: it is not part of the chat (the server stored nothing), and the caller puts the
 // text back into the box.
 async function send(text) {
+  if (!$("model").value) await loadModels();  // none when the page opened: ask again
+  if (!$("model").value) throw new ApiError(503, NO_MODEL);
   const turn = { role: "user", content: text };
   const history = state.history;  // this chat's: "New chat" while the answer streams starts another
   const body = { model: $("model").value, stream: true, temperature: Number($("temperature").value) };
@@ -344,7 +347,7 @@ async function start() {
     await loadModels();
     await loadSessions();
     await openSession(state.sessionId);
-    say("");
+    if ($("model").value) say(""); else say(NO_MODEL, true);
   } catch (err) {
     if (!needKey(err)) say(err.message, true);
   }
