@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -37,6 +37,7 @@ from camelid.serve.protocol import (ChatCompletionRequest, ChatCompletionRespons
 from camelid.serve.sessions import DEFAULT_TITLE, SessionStore
 
 WEB_DIR = Path(__file__).parent / "web"
+REVALIDATE = {"Cache-Control": "no-cache"}  # the web page's files (see _RevalidatedFiles)
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a context window
 ANONYMOUS = "anonymous"
 TITLE_CHARS = 60  # a new session is titled with the start of its first message
@@ -579,10 +580,20 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
         page = WEB_DIR / "index.html"
         if not page.is_file():
             raise BackendError(404, "the web chat page is not installed", type="not_found_error")
-        return FileResponse(page)
+        return FileResponse(page, headers=REVALIDATE)
 
-    app.mount("/static", StaticFiles(directory=WEB_DIR, check_dir=False), name="static")
+    app.mount("/static", _RevalidatedFiles(directory=WEB_DIR, check_dir=False), name="static")
     return app
+
+
+class _RevalidatedFiles(StaticFiles):
+    """The page's files, which the browser must revalidate (304 while unchanged) instead of caching them by heuristic:
+    else, even on reload, it ran the old app.js against an upgraded server for days."""
+
+    async def get_response(self, path: str, scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(REVALIDATE)
+        return response
 
 
 def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:

@@ -9,7 +9,8 @@ const store = {
   del: (k) => localStorage.removeItem("camelid." + k),
 };
 // sessions: false when the server keeps no history (started without a database): the page keeps it, unsaved
-const state = { sessionId: store.get("session") || null, aborter: null, sessions: true, history: [] };
+// renaming: a session's title is being edited (the list waits: redrawing it would end the edit)
+const state = { sessionId: store.get("session") || null, aborter: null, sessions: true, history: [], renaming: false };
 
 // ---- HTTP -------------------------------------------------------------------------------------------------------
 
@@ -24,10 +25,15 @@ class ApiError extends Error {
   constructor(status, message) { super(message); this.status = status; }
 }
 
+// fetch and a body's reads fail with a bare TypeError ("Failed to fetch", "network error") when the server is down
+// or the network fails: say so in words
+const offline = (err) => (err instanceof TypeError ?
+  new ApiError(0, `No connection to the server (${err.message}).`) : err);
+
 async function api(method, path, body) {
   const init = { method, headers: headers() };
   if (body !== undefined) init.body = JSON.stringify(body);
-  const res = await fetch(path, init);
+  const res = await fetch(path, init).catch((err) => { throw offline(err); });
   const data = await res.json().catch(() => ({}));
   if (!res.ok) throw new ApiError(res.status, (data.error && data.error.message) || res.statusText);
   return data;
@@ -42,7 +48,8 @@ function needKey(err) {
   if (err.status !== 401) return false;
   $("settings").open = true;
   $("api-key").focus();
-  say("This server needs an API key: enter it under Settings.", true);
+  say($("api-key").value.trim() ? "The server did not accept this API key: check it under Settings."
+                                 : "This server needs an API key: enter it under Settings.", true);
   return true;
 }
 
@@ -54,13 +61,14 @@ async function loadModels() {
   const wanted = store.get("model");
   select.replaceChildren(...data.map((m) => new Option(m.id, m.id)));
   if (data.some((m) => m.id === wanted)) select.value = wanted;
-  if (!data.length) say("The server has no models right now.", true);
 }
+
+const NO_MODEL = "The server has no models right now (its workers may be restarting): try again shortly.";
 
 // ---- sessions ---------------------------------------------------------------------------------------------------
 
 async function loadSessions() {
-  if (!state.sessions) return;
+  if (!state.sessions || state.renaming) return;
   let data;
   try {
     ({ data } = await api("GET", "/v1/sessions"));
@@ -83,6 +91,7 @@ function sessionItem(session) {
   const open = document.createElement("button");
   open.type = "button";
   open.className = "session-title";
+  open.dir = "auto";
   open.textContent = session.title || "Untitled";
   if (session.id === state.sessionId) open.setAttribute("aria-current", "true");
   open.addEventListener("click", () => openSession(session.id));
@@ -111,10 +120,12 @@ function startRename(li, session) {
   li.replaceChildren(input);
   input.focus();
   input.select();
+  state.renaming = true;
   let done = false;
   const finish = async (save) => {
     if (done) return;
     done = true;
+    state.renaming = false;
     try {
       if (save && input.value.trim()) await api("PATCH", `/v1/sessions/${session.id}`, { title: input.value.trim() });
     } catch (err) { say(err.message, true); }
@@ -137,6 +148,7 @@ async function deleteSession(id) {
 }
 
 async function openSession(id) {
+  if (id && id === state.sessionId && state.aborter) return;  // its answer is streaming in: the log is current
   state.history = [];
   if (!state.sessions) id = null;
   state.sessionId = id;
@@ -150,11 +162,13 @@ async function openSession(id) {
   if (!id) { $("system-prompt").value = store.get("system"); return; }
   try {
     const session = await api("GET", `/v1/sessions/${id}`);
+    if (state.sessionId !== id) return;  // another session was opened while this one loaded: that one shows
     $("system-prompt").value = session.system_prompt || "";
     const served = [...$("model").options].some((o) => o.value === session.model);
     if (session.model && served) $("model").value = session.model;
     for (const m of session.messages) if (m.role !== "system") addMessage(m.role, m.content);
   } catch (err) {
+    if (state.sessionId !== id) return;
     if (err.status === 404) openSession(null); else say(err.message, true);
   }
 }
@@ -169,6 +183,7 @@ function addMessage(role, text) {
   who.textContent = role === "user" ? "You" : "Assistant";
   const body = document.createElement("div");
   body.className = "content";
+  body.dir = "auto";  // each message runs in the direction of its own text (Hebrew, Arabic: right to left)
   body.textContent = text;
   div.append(who, body);
   $("log").append(div);
@@ -182,7 +197,7 @@ async function readSSE(response, onEvent) {
   const decoder = new TextDecoder();
   let buffer = "";
   for (;;) {
-    const { value, done } = await reader.read();
+    const { value, done } = await reader.read().catch((err) => { throw offline(err); });
     if (done) return;
     buffer += decoder.decode(value, { stream: true });
     let cut;
@@ -201,7 +216,8 @@ async function readSSE(response, onEvent) {
 
 async function ensureSession(firstMessage) {
   if (state.sessionId) return state.sessionId;
-  const title = firstMessage.length > 40 ? firstMessage.slice(0, 40) + "…" : firstMessage;
+  const chars = [...firstMessage];  // by code point: half of an emoji's surrogate pair is not text (the server's 400)
+  const title = chars.length > 40 ? chars.slice(0, 40).join("") + "…" : firstMessage;
   const session = await api("POST", "/v1/sessions", {
     title, model: $("model").value, system_prompt: $("system-prompt").value.trim() || null,
   });
@@ -211,45 +227,68 @@ async function ensureSession(firstMessage) {
   return session.id;
 }
 
+// Sends one message and streams the answer in. A request the server refuses (bad key, too long, busy, unreachable)
+// throws, with its bubbles removed: it is not part of the chat (the server stored nothing), and the caller puts the
+// text back into the box.
 async function send(text) {
+  if (!$("model").value) await loadModels();  // none when the page opened: ask again
+  if (!$("model").value) throw new ApiError(503, NO_MODEL);
   const turn = { role: "user", content: text };
+  const history = state.history;  // this chat's: "New chat" while the answer streams starts another
   const body = { model: $("model").value, stream: true, temperature: Number($("temperature").value) };
+  const fresh = state.sessions && !state.sessionId;  // a session is made for this message
   if (state.sessions) {  // the server prepends the session's system prompt and history
     body.session_id = await ensureSession(text);
     body.messages = [turn];
   } else {
     const system = $("system-prompt").value.trim();
-    body.messages = [...(system ? [{ role: "system", content: system }] : []), ...state.history, turn];
+    body.messages = [...(system ? [{ role: "system", content: system }] : []), ...history, turn];
   }
-  addMessage("user", text);
+  const question = addMessage("user", text);
   const answer = addMessage("assistant", "");
   answer.parentElement.setAttribute("aria-busy", "true");
   const maxTokens = parseInt($("max-tokens").value, 10);
   if (maxTokens > 0) body.max_tokens = maxTokens;
   state.aborter = new AbortController();
+  let streaming = false;
+  // the server's rule for what a session keeps: a finished or stopped answer, not one that failed
+  const keep = () => { if (!state.sessions) history.push(turn, { role: "assistant", content: answer.textContent }); };
   try {
     const res = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body),
-                                                      signal: state.aborter.signal });
+                                                      signal: state.aborter.signal })
+      .catch((err) => { throw offline(err); });
     if (!res.ok) {
       const data = await res.json().catch(() => ({}));
       throw new ApiError(res.status, (data.error && data.error.message) || res.statusText);
     }
+    streaming = true;
     await readSSE(res, (event) => {
       if (event.error) throw new ApiError(500, event.error.message);
       const delta = event.choices && event.choices[0] && event.choices[0].delta;
       if (delta && delta.content) {
+        const log = $("log");  // follow the answer only from the log's end: not while the user reads further up
+        const atEnd = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
         answer.textContent += delta.content;
-        answer.scrollIntoView({ block: "end" });
+        if (atEnd) log.scrollTop = log.scrollHeight;
       }
     });
+    keep();
     say("");
   } catch (err) {
-    if (err.name === "AbortError") say("Stopped.");
+    if (err.name === "AbortError") { keep(); say("Stopped."); }
+    else if (!streaming) {
+      question.parentElement.remove();
+      answer.parentElement.remove();
+      if (fresh) {  // nor is the session made for it (named after it, empty)
+        await api("DELETE", `/v1/sessions/${body.session_id}`).catch(() => {});
+        if (state.sessionId === body.session_id) openSession(null);
+      }
+      throw err;
+    }
     else if (!needKey(err)) say(err.message, true);
   } finally {
     answer.parentElement.removeAttribute("aria-busy");
     state.aborter = null;
-    if (!state.sessions) state.history.push(turn, { role: "assistant", content: answer.textContent });
     loadSessions().catch(() => {});
   }
 }
@@ -267,8 +306,14 @@ $("composer").addEventListener("submit", async (e) => {
   if (!text || $("send").disabled) return;
   $("prompt").value = "";
   setBusy(true);  // at once: creating the session comes first
-  try { await send(text); } catch (err) { if (!needKey(err)) say(err.message, true); } finally { setBusy(false); }
-  $("prompt").focus();
+  try {
+    await send(text);
+  } catch (err) {  // refused: the message goes back into the box (unless the user typed another meanwhile)
+    if (!$("prompt").value) $("prompt").value = text;
+    if (!needKey(err)) say(err.message, true);
+  } finally { setBusy(false); }
+  // back to the message box, unless the user went on typing elsewhere meanwhile (a rename, the system prompt)
+  if (!document.activeElement.matches("input, textarea, select")) $("prompt").focus();
 });
 $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("composer").requestSubmit(); }
@@ -302,7 +347,7 @@ async function start() {
     await loadModels();
     await loadSessions();
     await openSession(state.sessionId);
-    say("");
+    if ($("model").value) say(""); else say(NO_MODEL, true);
   } catch (err) {
     if (!needKey(err)) say(err.message, true);
   }
