@@ -63,9 +63,12 @@ def page(browser):
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    missing: list[str] = []  # the page's own files (the API's 404s are answers some tests ask for)
+    page.on("response", lambda r: r.status == 404 and "/v1/" not in r.url and missing.append(r.url))
     yield page
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not missing, f"the page asked for files the server does not have: {missing}"
 
 
 def settings(page):
