@@ -23,6 +23,7 @@ from camelid.model import Transformer
 from camelid.peft import KINDS, applied_kinds, load_adapter, merge_adapter
 from camelid.quant import prepare_quantized, quant_tensor_keys, quantization_config
 from camelid.templates import TEMPLATE_FILE
+from camelid.tokenizer import FILES as TOKENIZER_FILES
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -263,10 +264,6 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
     return path
 
 
-# what a model folder's tokenizer may consist of, copied along by `camelid merge` and `camelid quantize` (the last
-# four: GPT-2 style vocab + merges files, which camelid.Tokenizer reads when there is no tokenizer.json)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "vocab.json", "merges.txt", "encoder.json", "vocab.bpe")
 
 def merge_adapter_folder(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     """`camelid merge`: base HF folder + a LoRA / DoRA / IA3 adapter folder -> a merged HF folder (tokenizer files

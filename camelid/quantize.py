@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from camelid.checkpoint import TOKENIZER_FILES, from_pretrained, parse_device, save_pretrained
+from camelid.checkpoint import from_pretrained, parse_device, save_pretrained
 from camelid.quant import checked_linears, model_nbytes, options_for, quantization_config, quantize_model
 from camelid.quant.gptq import gptq_quantizer
 from camelid.quant.perplexity import perplexity
 from camelid.templates import TEMPLATE_FILE
+from camelid.tokenizer import FILES as TOKENIZER_FILES
 from camelid.tokenizer import Tokenizer
 
 

@@ -20,6 +20,13 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from camelid.files import atomic_write_text
 
 # Used only when tokenizer_config.json does not name the token at all (an explicit null means "none").
+# The files of a tokenizer folder. VOCAB_FILES define the ids (tokenizer.json, or GPT-2 style vocab + merges, which
+# Tokenizer reads when there is no tokenizer.json); CONFIG_FILES name the special tokens and hold the chat template;
+# FILES adds what Hugging Face saves besides (`camelid merge` / `quantize` copy them all along).
+VOCAB_FILES = ("tokenizer.json", "vocab.json", "encoder.json", "merges.txt", "vocab.bpe")
+CONFIG_FILES = ("tokenizer_config.json", "chat_template.jinja")
+FILES = (*VOCAB_FILES, *CONFIG_FILES, "special_tokens_map.json", "tokenizer.model")
+
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
 _EOS_NAMES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
 _PAD_NAMES = ("<pad>", "<|pad|>")

@@ -33,14 +33,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from camelid.tokenizer import Tokenizer
+from camelid.tokenizer import CONFIG_FILES, VOCAB_FILES, Tokenizer
 
 FORMAT_VERSION = 1
 SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
 TEXT_BLOCK_BYTES = 1 << 16  # a text file is cut (at line ends) into pieces about this big
 CHUNK_BYTES = 1 << 21  # text per worker task: large enough that the inter-process copy is noise
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "encoder.json", "merges.txt", "vocab.bpe")
-TOKENIZER_EXTRAS = ("tokenizer_config.json", "chat_template.jinja")  # special tokens and chat template, copied too
 _OURS = re.compile(r"(train|val)_\d{5}\.bin(\.tmp)?")  # files prepare() may replace or delete in the out folder
 
 Piece = tuple[int, str, float]  # (document index, text, input bytes it came from: for the progress bar)
@@ -297,7 +295,7 @@ def _tokenizer_files(path: Path) -> list[Path]:
         return [path]
     if (path / "tokenizer.json").is_file():
         return [path / "tokenizer.json"]
-    return [path / n for n in TOKENIZER_FILES if (path / n).is_file()]
+    return [path / n for n in VOCAB_FILES if (path / n).is_file()]
 
 
 def prepare(inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], tokenizer_dir: str | os.PathLike[str],
@@ -387,8 +385,8 @@ def copy_tokenizer(tok_path: Path, out: Path) -> None:
         copies = {"tokenizer.json": tok_path}
     else:
         copies = {path.name: path for path in _tokenizer_files(tok_path)}
-    copies.update({name: folder / name for name in TOKENIZER_EXTRAS if (folder / name).is_file()})
-    for name in (*TOKENIZER_FILES, *TOKENIZER_EXTRAS):
+    copies.update({name: folder / name for name in CONFIG_FILES if (folder / name).is_file()})
+    for name in (*VOCAB_FILES, *CONFIG_FILES):
         target = out / name
         if name not in copies:
             target.unlink(missing_ok=True)
