@@ -234,13 +234,17 @@ def _replaced_tensors(model: nn.Module, file: Path, config: dict, per_module: di
     """{parameter name: tensor} of the folder's whole tensors (modules_to_save, trained biases, a LoRA embedding's
     base, a weight with its trainable_token_indices rows put in), each checked against the model: it must exist
     with that shape, and a tied weight (lm_head and embed_tokens) may not change on one side only, since PEFT keeps
-    the two apart."""
+    the two apart (except for the embedding's trainable token rows, which PEFT gives the tied lm_head as well)."""
     params, buffers = dict(model.named_parameters(remove_duplicate=False)), dict(model.named_buffers())
     replaced = {f"{module}.{part}": tensor for module, parts in per_module.items()
                 for part, tensor in parts.items() if part not in (*LORA_PARTS, TOKEN_ROWS)}
+    # the input embedding's token rows reach a tied lm_head too: peft gives it the same rows (its tied_adapter)
+    tied_rows = set()
     for module, parts in per_module.items():
         if TOKEN_ROWS in parts:
             replaced[f"{module}.weight"] = _with_token_rows(params, file, config, module, parts[TOKEN_ROWS])
+            if module.rsplit(".", 1)[-1] == "embed_tokens":
+                tied_rows.add(f"{module}.weight")
     for name, tensor in replaced.items():
         if name not in params:
             held = "is quantized in this model (load it onto the float base)" if name in buffers else \
@@ -250,6 +254,8 @@ def _replaced_tensors(model: nn.Module, file: Path, config: dict, per_module: di
             raise AdapterError(f"{file}: tensor {PREFIX + name} has shape {tuple(tensor.shape)}, the model's "
                                f"{name} is {tuple(params[name].shape)} (a resized vocabulary is not supported)")
         for other in [n for n, p in params.items() if p is params[name] and n != name]:
+            if name in tied_rows and other not in replaced:
+                continue
             if not torch.equal(replaced.get(other, params[other].detach()).to(tensor), tensor):
                 raise AdapterError(f"{file}: tensor {PREFIX + name} would change {name}, which is tied to {other} "
                                    "(tie_word_embeddings); an adapter that changes one side only is not supported")

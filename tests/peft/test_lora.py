@@ -299,6 +299,8 @@ PEFT_FEATURES = {
     "trainable_tokens": dict(target_modules=["q_proj"], trainable_token_indices=[3, 5, 7]),
     "trainable_tokens_by_module": dict(target_modules=["q_proj"],
                                        trainable_token_indices={"embed_tokens": [1, 2], "lm_head": [4, 9, 3]}),
+    # tied embeddings (Gemma): peft gives lm_head the embedding's rows too (its tied_adapter), saving them once
+    "trainable_tokens_tied": dict(arch="gemma", target_modules=["q_proj"], trainable_token_indices=[3, 5, 7]),
 }
 
 
