@@ -43,6 +43,8 @@ LORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_e
 # and trainable_token_indices' rows
 WRAPPERS = re.compile(r"\.(base_layer|modules_to_save\.default|token_adapter)(?=\.)")
 TOKEN_ROWS = "trainable_tokens_delta"  # (n, dim): rows trainable_token_indices gives a module's weight
+# the model attribute where load_adapter lists the base tensors a folder replaced (save_adapter cannot write them)
+REPLACED_ATTR = "adapter_replaced_tensors"
 
 
 def _pattern_value(patterns: dict, name: str, default):
@@ -61,6 +63,11 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         raise ValueError("the model has no LoRA layers to save (apply_lora or load_adapter first)")
     if any(layer.merged for layer in layers.values()):
         raise ValueError("the adapters are merged into the weights; unmerge_lora before save_adapter")
+    replaced = getattr(model, REPLACED_ATTR, None)
+    if replaced:  # written without them, the folder would load with other logits
+        raise ValueError(f"the model's {replaced[0]} was replaced by the adapter folder it was loaded from "
+                         "(modules_to_save, a trained bias or trainable tokens), which save_adapter does not write; "
+                         "keep that folder as it is")
     first = next(iter(layers.values()))
     for name, layer in layers.items():
         for attr in ("use_rslora", "use_dora", "dropout_p"):
@@ -216,6 +223,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     with torch.no_grad():
         for name, tensor in replaced.items():
             model.get_parameter(name).copy_(tensor)
+        if replaced:
+            setattr(model, REPLACED_ATTR, sorted(replaced))
         for name in ranks:
             parts = per_module[name]
             layer = model.get_submodule(name)

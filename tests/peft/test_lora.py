@@ -468,3 +468,16 @@ def test_modules_to_save_over_a_quantized_layer_says_so(hf_checkpoint, transform
                                            "in this model"):
         load_adapter(model, tmp_path)
     model = load_adapter(from_pretrained(path), tmp_path)  # the float base takes it
+
+
+def test_save_adapter_refuses_a_model_whose_base_tensors_an_adapter_replaced(hf_checkpoint, transformers, peft,
+                                                                             tmp_path):
+    """save_adapter writes LoRA tensors only: after loading a folder with modules_to_save it would write an adapter
+    that loads with other logits (the lm_head copy lost). Refused, naming the tensor, with nothing written."""
+    path = hf_checkpoint("llama")
+    peft_feature_adapter(peft, transformers, path, tmp_path / "a", target_modules=["q_proj"], modules_to_save=["lm_head"])
+    model = load_adapter(from_pretrained(path), tmp_path / "a")
+    with pytest.raises(ValueError, match="lm_head.weight .*replaced by the adapter folder"):
+        save_adapter(model, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+    save_adapter(apply_lora(from_pretrained(path), target_modules=["q_proj"]), tmp_path / "c")  # plain LoRA saves
