@@ -44,6 +44,7 @@ from camelid.train.state import (latest_checkpoint, list_checkpoints, load_check
                                  save_checkpoint, save_final)
 
 Batch = dict[str, torch.Tensor]
+PROFILE_SKIPPED = 2  # steps of a session the profiler waits and warms up on (monitor.step_profiler) before recording
 LossHook = Callable[[int, torch.Tensor], torch.Tensor]  # (step, micro-batch loss) -> loss; tests inject NaN / spikes
 
 
@@ -196,8 +197,18 @@ class Trainer:
         self.start_time = time.perf_counter()
         self.log.start(self.step, cfg.max_steps)
         # rank 0 profiles steps 3 .. 2 + profile_steps of this session (the first ones allocate and warm up)
-        profiler = step_profiler(self.out / "profile", cfg.profile_steps) if cfg.profile_steps and self.rank == 0 \
-            else None
+        profiler = None
+        if cfg.profile_steps and self.rank == 0:
+            to_go = cfg.max_steps - self.step
+            recorded = min(cfg.profile_steps, to_go - PROFILE_SKIPPED)
+            if recorded <= 0:  # the profiler would write a trace of its warm-up step alone
+                self.log.note(f"profiler: the run has {to_go} step(s) to go, fewer than the {PROFILE_SKIPPED + 1} "
+                              f"a trace needs (recording starts at the third): no trace; raise --max-steps")
+            else:
+                if recorded < cfg.profile_steps:
+                    self.log.note(f"profiler: {recorded} of the {cfg.profile_steps} steps asked for will be "
+                                  f"recorded (the run has {to_go} step(s) to go)")
+                profiler = step_profiler(self.out / "profile", cfg.profile_steps)
         try:
             with profiler if profiler is not None else contextlib.nullcontext():
                 self._steps(profiler)
