@@ -59,6 +59,9 @@ def test_yaml_values_flags_and_set(tmp_path):
     (dict(precision="fp64"), "unknown precision 'fp64'"),
     (dict(optimizer="sgd"), "unknown optimizer 'sgd'"),
     (dict(lr=0), "lr must be > 0"),
+    (dict(lr=float("inf")), "lr must be > 0 and finite, got inf"),  # trained on, every weight turning NaN
+    (dict(eps=float("inf")), "eps must be > 0 and finite"),
+    (dict(weight_decay=float("inf")), "weight_decay must be finite"),
     (dict(betas=(0.9, 1.0)), "betas"),
     (dict(spike_min_history=60, spike_window=50), "spike_min_history"),
 ])
