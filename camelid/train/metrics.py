@@ -206,6 +206,11 @@ class RunLog:
         kept = [line for line, row in _rows(self.path) if row["step"] <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))  # a crash must not lose the history
         self._file = open(self.path, "a", encoding="utf-8")
+        if self._tb is not None:  # TensorBoard hides the earlier sessions' events from purge_step on
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(self._tb.log_dir, purge_step=step + 1)
 
     # ---- progress bar -------------------------------------------------------------------------------------------
     def start(self, start_step: int, total: int) -> None:

@@ -226,3 +226,18 @@ def test_resume_accepts_a_legitimate_change_with_a_note(prepared, tmp_path, caps
     assert sorted(result.losses) == [3, 4]
     err = capsys.readouterr().err
     assert "changed since the checkpoint:" in err and "max_steps 2 -> 4" in err and "lr 0.003 -> 0.001" in err
+
+
+def test_resume_drops_the_crashed_sessions_tensorboard_steps(prepared, tmp_path):
+    """metrics.jsonl loses the rows after the checkpoint on resume; TensorBoard must too, or it shows those steps
+    twice (two curves when the resumed run changed its lr)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(tiny_train_config(prepared, out, max_steps=8, save_every=4, tensorboard=True), loss_hook=crash_at(7))
+    train(tiny_train_config(prepared, out, max_steps=8, save_every=4, tensorboard=True, resume=True, lr=1e-3))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
