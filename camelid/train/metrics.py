@@ -99,10 +99,14 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
         if not line.strip():
             continue
         try:
-            rows.append((line, json.loads(line)))
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             if number < len(lines):
                 raise ValueError(f"{path}:{number}: not a JSON row ({e})") from None
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):  # plot and resume index rows by step
+            raise ValueError(f"{path}:{number}: not a metrics row (a JSON object with a step): {line[:80]}")
+        rows.append((line, row))
     return rows
 
 
