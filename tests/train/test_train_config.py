@@ -102,6 +102,19 @@ def test_unknown_preset(prepared, tmp_path):
              "no model folder", out)
 
 
+def test_quantized_model_folder_is_refused(prepared, tmp_path):
+    """A `camelid quantize` folder's Linear weights are frozen codes: pretraining it trained only the embeddings,
+    norms and lm_head while saying nothing."""
+    from camelid.quant import quantize_model
+
+    torch.manual_seed(0)
+    config = get_preset("tiny").replace(vocab_size=320, **tiny_train_config(prepared, tmp_path).model_overrides)
+    save_pretrained(quantize_model(Transformer(config), "int8"), tmp_path / "int8")
+    out = tmp_path / "out"
+    _refused(tiny_train_config(prepared, out, model=str(tmp_path / "int8"), model_overrides={}), ValueError,
+             "int8 is quantized \\(int8\\): pretraining needs float weights", out)
+
+
 def test_vocab_mismatch(prepared, tmp_path):
     """A model folder whose embeddings cannot hold the data's token ids (vocab 128 < 300)."""
     torch.manual_seed(0)
