@@ -298,3 +298,21 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(model_verbs, "cmd_info", interrupted)
     assert main(["info", "--model", "tiny"]) == 130
     assert capsys.readouterr().err.strip() == "camelid info: interrupted"
+
+
+def test_init_refuses_a_non_empty_out_unless_overwrite(tmp_path, capsys):
+    """A second `init` into a model folder (or any folder holding files) must not silently replace it."""
+    from camelid.cli import main
+
+    out = tmp_path / "m"
+    assert main(["init", "--preset", "tiny", "--out", str(out), "--seed", "1"]) == 0
+    weights = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["init", "--preset", "tiny", "--out", str(out), "--seed", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0] and str(out) in err[0], err
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert main(["init", "--preset", "tiny", "--out", str(out), "--seed", "2", "--overwrite"]) == 0
+    assert (out / "model.safetensors").read_bytes() != weights
+    (tmp_path / "empty").mkdir()  # an empty folder is fine
+    assert main(["init", "--preset", "tiny", "--out", str(tmp_path / "empty")]) == 0

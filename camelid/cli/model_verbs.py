@@ -206,6 +206,10 @@ def build_byte_tokenizer() -> Tokenizer:
 
 def cmd_init(args: argparse.Namespace) -> None:
     config = get_preset(args.preset)
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # another model's weights must not vanish silently
+        raise FileExistsError(f"{out} is not empty: choose another --out, or pass --overwrite to write the new "
+                              "model over it")
     tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else build_byte_tokenizer()
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the preset's vocab_size "
@@ -302,6 +306,7 @@ def register(verbs, fmt) -> None:
     p.add_argument("--tokenizer", default=None, help="copy this tokenizer folder (default: a byte-level tokenizer)")
     p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="write into --out even when it already holds files")
     p.set_defaults(func=cmd_init)
 
     p = verbs.add_parser("merge", help="fold a LoRA / DoRA / IA3 adapter into its base model", formatter_class=fmt,

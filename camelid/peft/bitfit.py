@@ -27,6 +27,7 @@ from torch import nn
 
 from camelid.peft.shared import (WEIGHTS_FILE, adapter_dtype, freeze, read_adapter_folder, select_linears,
                                  write_adapter_folder)
+from camelid.quant import QuantLinear
 
 PEFT_TYPE = "CAMELID_BITFIT"
 
@@ -99,6 +100,9 @@ def load_bitfit(model: nn.Module, folder: str | Path) -> nn.Module:
         name = key.removesuffix(".bias")
         if name == key:
             raise ValueError(f"{file}: unexpected tensor {key!r} (expected <module>.bias)")
+        if isinstance(modules.get(name), QuantLinear):  # to the user it is a Linear: say why it is refused
+            raise ValueError(f"{file}: bias for {name!r}, which is quantized ({modules[name].method}) in this model; "
+                             "load the adapter onto the unquantized model")
         if not isinstance(modules.get(name), nn.Linear):
             raise ValueError(f"{file}: bias for {name!r}, which is not an nn.Linear of this model")
         if tuple(tensor.shape) != (modules[name].out_features,):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,9 +98,11 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "eval_batches", "sample_every", "save_every", "seed",
                      "weight_decay", "grad_clip", "spike_sigma", "profile_steps"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        # an infinite lr, eps or weight decay trains on, every weight turning NaN
+        need(0 < self.lr < math.inf, f"lr must be > 0 and finite, got {self.lr}")
+        need(self.weight_decay < math.inf, f"weight_decay must be finite, got {self.weight_decay}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        need(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        need(0 < self.eps < math.inf, f"eps must be > 0 and finite, got {self.eps}")
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
              f"betas must be two numbers in [0, 1), got {list(self.betas)}")
         need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")

@@ -127,6 +127,10 @@ def apply_method(model, spec: FinetuneSpec, tokenizer: Tokenizer | None = None):
         raise ValueError(f"full fine-tuning needs float weights, but {spec.base} is quantized "
                          f"({quantization_config(model)['method']}): fine-tune the original folder, or use "
                          "--method lora / qlora")
+    if m in ("bitfit", "ia3") and quantization_config(model) is not None:  # they scale or add to float Linears
+        raise ValueError(f"{m} needs float Linear layers, but {spec.base} is quantized "
+                         f"({quantization_config(model)['method']}): fine-tune the original folder, or use "
+                         "--method lora / qlora")
     if m == "full":  # fp32 master weights whatever the checkpoint's dtype: the loop autocasts the matmuls, and
         model.float()  # AdamW on bf16 weights loses small updates (fp16 ones even stop the gradient scaler)
         for p in model.parameters():

@@ -40,10 +40,11 @@ from camelid.train.guard import SpikeGuard
 from camelid.train.loss import count_targets, loss_fn
 from camelid.train.metrics import RunLog, flops_per_token, memory_gb, peak_flops
 from camelid.train.optim import build_optimizer, lr_at
-from camelid.train.state import (latest_checkpoint, list_checkpoints, load_checkpoint, prune, remove_partial,
-                                 save_checkpoint, save_final)
+from camelid.train.state import (latest_checkpoint, list_checkpoints, load_checkpoint, prune, read_trainer,
+                                 remove_partial, save_checkpoint, save_final)
 
 Batch = dict[str, torch.Tensor]
+PROFILE_SKIPPED = 2  # steps of a session the profiler waits and warms up on (monitor.step_profiler) before recording
 LossHook = Callable[[int, torch.Tensor], torch.Tensor]  # (step, micro-batch loss) -> loss; tests inject NaN / spikes
 
 
@@ -87,6 +88,41 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, batches: BatchSource
         if owns_group:
             gc.collect()  # the trainer's FSDP / DDP state (held in reference cycles) goes while its group still lives
             distributed.teardown()
+
+
+# what a resumed run must keep: they decide the model, each step's data windows, or what the optimizer state means.
+# The global batch (micro_batch x grad_accum x processes) must stay too; its split, max_steps, lr and the rest may
+# change (the run notes what did).
+FIXED_ON_RESUME = ("model", "model_overrides", "seq_len", "seed", "optimizer")
+
+
+def check_resumable(checkpoint: Path, trainer: dict, cfg: TrainConfig, world: int) -> None:
+    """Refuse, in one line naming the old and new values, a resume that could not continue the checkpoint's run
+    (`trainer`: the checkpoint's trainer.json)."""
+    old = trainer.get("config")
+    if not old:  # a checkpoint from before configs were saved in it
+        return
+    new = cfg.to_dict()
+    fixed = [k for k in FIXED_ON_RESUME if k in old and not same_setting(old[k], new[k])]
+    if fixed:
+        diff = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in fixed)
+        raise ValueError(f"--resume: {diff} since {checkpoint.name}, which would not continue that run; set "
+                         f"{'it' if len(fixed) == 1 else 'them'} back, or start a new run in another --out")
+    old_world = trainer.get("world", 1)
+    old_batch, new_batch = old["micro_batch"] * old["grad_accum"] * old_world, cfg.micro_batch * cfg.grad_accum * world
+    if old_batch != new_batch:
+        raise ValueError(f"--resume: the global batch was {old['micro_batch']} x {old['grad_accum']} x {old_world} "
+                         f"process(es) = {old_batch} sequences per step at {checkpoint.name}, now {cfg.micro_batch} x "
+                         f"{cfg.grad_accum} x {world} = {new_batch}, so each step would draw other data; keep "
+                         f"micro_batch x grad_accum x processes = {old_batch}")
+
+
+def same_setting(old, new) -> bool:
+    """Equal values, or two spellings of one existing path (./tiny and tiny, or an absolute path)."""
+    if old == new:
+        return True
+    return isinstance(old, str) and isinstance(new, str) and Path(old).exists() and Path(new).exists() \
+        and Path(old).resolve() == Path(new).resolve()
 
 
 class Trainer:
@@ -176,6 +212,7 @@ class Trainer:
                 self.log.note(f"--resume: no checkpoint in {self.ckpt_root}, starting from scratch")
             self.log.truncate_after(0)
             return
+        check_resumable(latest, read_trainer(latest), self.cfg, self.world)  # before anything loads
         trainer = load_checkpoint(latest, self.raw, self.optimizer, self.scaler, self.guard, rng=True)
         self.step, self.tokens_seen, self.lr_scale = trainer["step"], trainer["tokens_seen"], trainer["lr_scale"]
         self.best_val_loss, self.elapsed_before = trainer["best_val_loss"], trainer["elapsed"]
@@ -186,9 +223,6 @@ class Trainer:
         if changed:
             diff = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed)
             self.log.note(f"changed since the checkpoint: {diff}")
-        old_batch = old.get("micro_batch", 0) * old.get("grad_accum", 0) * trainer.get("world", 1)
-        if old_batch and old_batch != self.cfg.micro_batch * self.cfg.grad_accum * self.world:
-            self.log.note("the global batch size changed: the data order now differs from an uninterrupted run")
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -196,8 +230,18 @@ class Trainer:
         self.start_time = time.perf_counter()
         self.log.start(self.step, cfg.max_steps)
         # rank 0 profiles steps 3 .. 2 + profile_steps of this session (the first ones allocate and warm up)
-        profiler = step_profiler(self.out / "profile", cfg.profile_steps) if cfg.profile_steps and self.rank == 0 \
-            else None
+        profiler = None
+        if cfg.profile_steps and self.rank == 0:
+            to_go = cfg.max_steps - self.step
+            recorded = min(cfg.profile_steps, to_go - PROFILE_SKIPPED)
+            if recorded <= 0:  # the profiler would write a trace of its warm-up step alone
+                self.log.note(f"profiler: the run has {to_go} step(s) to go, fewer than the {PROFILE_SKIPPED + 1} "
+                              f"a trace needs (recording starts at the third): no trace; raise --max-steps")
+            else:
+                if recorded < cfg.profile_steps:
+                    self.log.note(f"profiler: {recorded} of the {cfg.profile_steps} steps asked for will be "
+                                  f"recorded (the run has {to_go} step(s) to go)")
+                profiler = step_profiler(self.out / "profile", cfg.profile_steps)
         try:
             with profiler if profiler is not None else contextlib.nullcontext():
                 self._steps(profiler)

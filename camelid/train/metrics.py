@@ -99,10 +99,14 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
         if not line.strip():
             continue
         try:
-            rows.append((line, json.loads(line)))
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             if number < len(lines):
                 raise ValueError(f"{path}:{number}: not a JSON row ({e})") from None
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):  # plot and resume index rows by step
+            raise ValueError(f"{path}:{number}: not a metrics row (a JSON object with a step): {line[:80]}")
+        rows.append((line, row))
     return rows
 
 
@@ -206,6 +210,11 @@ class RunLog:
         kept = [line for line, row in _rows(self.path) if row["step"] <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))  # a crash must not lose the history
         self._file = open(self.path, "a", encoding="utf-8")
+        if self._tb is not None:  # TensorBoard hides the earlier sessions' events from purge_step on
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(self._tb.log_dir, purge_step=step + 1)
 
     # ---- progress bar -------------------------------------------------------------------------------------------
     def start(self, start_step: int, total: int) -> None:

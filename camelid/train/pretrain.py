@@ -7,6 +7,7 @@ whose vocabulary cannot hold the data's token ids, a tokenizer that is not the d
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,6 +80,10 @@ def model_config(cfg: TrainConfig, data_vocab: int) -> tuple[ModelConfig, list[s
         if cfg.model_overrides:
             raise ValueError(f"model_overrides apply to presets only; {source} is a model folder with fixed shapes")
         config = ModelConfig.from_hf(source)
+        quantized = json.loads((source / "config.json").read_text()).get("quantization_config")
+        if quantized:  # its Linear weights are frozen codes: only the embeddings, norms and lm_head would train
+            raise ValueError(f"{source} is quantized ({quantized.get('method')}): pretraining needs float weights; "
+                             "continue from the folder it was quantized from")
         if data_vocab > config.vocab_size:
             raise ValueError(f"tokenizer/model vocabulary mismatch: the data's tokenizer has {data_vocab} tokens, "
                              f"the model at {source} only {config.vocab_size} embeddings")

@@ -10,7 +10,7 @@ import torch
 from method_helpers import (TOKENS, assert_cached_generation_matches_full_forward, logits, perturb_trainable_,
                             train_briefly)
 
-from camelid.checkpoint import from_pretrained
+from camelid.checkpoint import from_pretrained, save_pretrained
 from camelid.peft import count_parameters
 from camelid.peft.bitfit import apply_bitfit, bitfit_layers, bitfit_state_dict, has_bitfit, load_bitfit, save_bitfit
 
@@ -163,3 +163,14 @@ def test_train_loop_trains_only_the_biases(hf_checkpoint, tmp_path):
     model = apply_bitfit(from_pretrained(hf_checkpoint("llama")))
     losses = train_briefly(model, tmp_path, lr=3e-2)
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_loading_onto_a_quantized_base_names_the_quantization(hf_checkpoint, tmp_path):
+    """A quantized layer is a Linear to the user: 'not an nn.Linear of this model' did not say what was wrong."""
+    from camelid.quant import quantize_model
+
+    path = hf_checkpoint("llama")
+    save_bitfit(apply_bitfit(from_pretrained(path)), tmp_path / "bitfit")
+    save_pretrained(quantize_model(from_pretrained(path), "int8"), tmp_path / "int8")
+    with pytest.raises(ValueError, match="quantized .*int8.*load the adapter onto the unquantized model"):
+        load_bitfit(from_pretrained(tmp_path / "int8"), tmp_path / "bitfit")

@@ -271,6 +271,17 @@ def test_full_over_a_quantized_base_is_refused(base, tmp_path):
         apply_method(from_pretrained(quantized), FinetuneSpec(base=str(quantized), data=[str(data)], method="full"))
 
 
+@pytest.mark.parametrize("method", ["bitfit", "ia3"])
+def test_float_linear_methods_over_a_quantized_base_say_so(base, tmp_path, method):
+    """BitFit and IA3 act on float nn.Linear layers; over an int8 folder BitFit said its default targets 'match no
+    module of this model (Linear layers are named like 'lm_head')', which does not tell the user what is wrong."""
+    root, folder, data = base
+    quantized = tmp_path / "int8"
+    save_pretrained(quantize_model(from_pretrained(folder), "int8"), quantized)
+    with pytest.raises(ValueError, match=f"{method} needs float Linear layers, but .*int8 is quantized \\(int8\\)"):
+        apply_method(from_pretrained(quantized), FinetuneSpec(base=str(quantized), data=[str(data)], method=method))
+
+
 def test_options_the_model_refuses_fail_before_the_data_is_tokenized(base, monkeypatch):
     """A target that matches nothing, or a seq_len past the context, is reported before the (possibly long)
     tokenization of the data, which must not even start."""

@@ -139,3 +139,12 @@ def test_finetune_full_points_chat_at_the_tuned_model(monkeypatch, capsys, tmp_p
                          final_dir=final, losses={2: 1.5})
     _finetune_cli(monkeypatch, "--method", "full", result=result)
     assert f"camelid chat --model {final})" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("row", ["[1, 2]", '"text"', '{"loss": 1.0}'])
+def test_plot_of_a_metrics_file_with_a_foreign_row_is_one_line(tmp_path, capsys, row):
+    """A row that is JSON but not a metrics row (an object with a step) was a traceback (AttributeError)."""
+    (tmp_path / "metrics.jsonl").write_text(row + '\n{"step": 1, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 5.0}\n')
+    assert main(["plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "metrics.jsonl:1: not a metrics row" in err[0], err

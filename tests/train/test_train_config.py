@@ -59,6 +59,9 @@ def test_yaml_values_flags_and_set(tmp_path):
     (dict(precision="fp64"), "unknown precision 'fp64'"),
     (dict(optimizer="sgd"), "unknown optimizer 'sgd'"),
     (dict(lr=0), "lr must be > 0"),
+    (dict(lr=float("inf")), "lr must be > 0 and finite, got inf"),  # trained on, every weight turning NaN
+    (dict(eps=float("inf")), "eps must be > 0 and finite"),
+    (dict(weight_decay=float("inf")), "weight_decay must be finite"),
     (dict(betas=(0.9, 1.0)), "betas"),
     (dict(spike_min_history=60, spike_window=50), "spike_min_history"),
 ])
@@ -97,6 +100,19 @@ def test_unknown_preset(prepared, tmp_path):
     _refused(tiny_train_config(prepared, out, model="tinny", model_overrides={}), ConfigError, "unknown preset", out)
     _refused(tiny_train_config(prepared, out, model="./no/such/folder", model_overrides={}), FileNotFoundError,
              "no model folder", out)
+
+
+def test_quantized_model_folder_is_refused(prepared, tmp_path):
+    """A `camelid quantize` folder's Linear weights are frozen codes: pretraining it trained only the embeddings,
+    norms and lm_head while saying nothing."""
+    from camelid.quant import quantize_model
+
+    torch.manual_seed(0)
+    config = get_preset("tiny").replace(vocab_size=320, **tiny_train_config(prepared, tmp_path).model_overrides)
+    save_pretrained(quantize_model(Transformer(config), "int8"), tmp_path / "int8")
+    out = tmp_path / "out"
+    _refused(tiny_train_config(prepared, out, model=str(tmp_path / "int8"), model_overrides={}), ValueError,
+             "int8 is quantized \\(int8\\): pretraining needs float weights", out)
 
 
 def test_vocab_mismatch(prepared, tmp_path):

@@ -195,3 +195,49 @@ def test_chunked_loss_matches_one_piece():
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-5)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(seq_len=16), "seq_len 32 -> 16"),
+    (dict(seed=1), "seed 0 -> 1"),
+    (dict(optimizer="lion"), "optimizer 'adamw' -> 'lion'"),
+    (dict(model_overrides={**TINY_MODEL, "num_hidden_layers": 3}), "model_overrides"),
+    (dict(micro_batch=2), "global batch was 4 x 1 x 1 process(es) = 4 sequences per step at step_00000002, "
+                          "now 2 x 1 x 1 = 2"),
+    (dict(grad_accum=2), "now 4 x 2 x 1 = 8"),
+])
+def test_resume_refuses_a_change_that_breaks_the_run(prepared, tmp_path, change, message):
+    """A checkpoint continues bit for bit only with the same model, data windows and optimizer: a changed seq_len,
+    seed, optimizer, model or global batch is refused before anything loads, naming the old and new values."""
+    out = tmp_path / "run"
+    train(tiny_train_config(prepared, out, max_steps=2, save_every=2))
+    with pytest.raises(ValueError, match="--resume") as refused:
+        train(tiny_train_config(prepared, out, max_steps=4, resume=True, **change))
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    assert [r["step"] for r in step_rows(out)] == [1, 2]  # nothing ran
+
+
+def test_resume_accepts_a_legitimate_change_with_a_note(prepared, tmp_path, capsys):
+    """More steps, another lr, or the same global batch split otherwise: the run goes on and says what changed."""
+    out = tmp_path / "run"
+    train(tiny_train_config(prepared, out, max_steps=2, save_every=2))
+    capsys.readouterr()
+    result = train(tiny_train_config(prepared, out, max_steps=4, resume=True, lr=1e-3, micro_batch=2, grad_accum=2))
+    assert sorted(result.losses) == [3, 4]
+    err = capsys.readouterr().err
+    assert "changed since the checkpoint:" in err and "max_steps 2 -> 4" in err and "lr 0.003 -> 0.001" in err
+
+
+def test_resume_drops_the_crashed_sessions_tensorboard_steps(prepared, tmp_path):
+    """metrics.jsonl loses the rows after the checkpoint on resume; TensorBoard must too, or it shows those steps
+    twice (two curves when the resumed run changed its lr)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(tiny_train_config(prepared, out, max_steps=8, save_every=4, tensorboard=True), loss_hook=crash_at(7))
+    train(tiny_train_config(prepared, out, max_steps=8, save_every=4, tensorboard=True, resume=True, lr=1e-3))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))

@@ -92,3 +92,18 @@ def test_cli_profile_flag(prepared, tmp_path):
                  "--out", str(out), "--device", "cpu", "--max-steps", "3", "--micro-batch", "2", "--seq-len", "32",
                  "--eval-every", "0", "--profile", "1", "--set", "tensorboard=false", "--set", "sample_every=0", *shape])
     assert code == 0 and (out / "profile" / "trace.json").is_file()
+
+
+@pytest.mark.parametrize("max_steps, message", [
+    (2, "profiler: the run has 2 step(s) to go, fewer than the 3 a trace needs"),
+    (4, "profiler: 2 of the 5 steps asked for will be recorded"),
+])
+def test_profile_with_too_few_steps_says_so(prepared, tmp_path, capsys, max_steps, message):
+    """The profiler skips one step and warms up on the next: a 2-step run recorded nothing but still reported a
+    trace (an almost empty trace.json); a short run recorded fewer steps than asked without a word."""
+    out = tmp_path / "run"
+    train(tiny_train_config(prepared, out, max_steps=max_steps, profile_steps=5))
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert (out / "profile" / "trace.json").is_file() == (max_steps > 2)
+    assert ("profiler trace:" in err) == (max_steps > 2)
