@@ -151,3 +151,21 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
                   scale_embeddings=True, norm_plus_one=True, initializer_range=0.4),
     **NATIVE_CONFIGS,
 }
+
+
+TEXT = """The quick brown fox jumps over the lazy dog. A camel walks across the desert, slowly, slowly.
+Llamas and alpacas live in the mountains; they eat grass and hum softly to each other.
+"""
+
+
+def text_model(folder: Path, max_positions: int):
+    """(a tiny random model, a byte-level BPE tokenizer trained on TEXT in `folder`) whose vocabularies agree: the
+    engine's text tests (stop strings, streaming, detokenizing) need real words."""
+    from camelid.tokenizer import Tokenizer
+
+    corpus = folder / "text.txt"
+    corpus.write_text(TEXT * 20)
+    tok = Tokenizer.train([corpus], vocab_size=300, show_progress=False)
+    model = random_model(tiny_config(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                                     max_position_embeddings=max_positions))
+    return model, tok

@@ -128,7 +128,7 @@ def test_unreadable_files_are_named(tmp_path):
     with pytest.raises(SFTDataError, match=r"broken.jsonl: line 4 is not valid JSON"):  # the file's line, not 1
         load_conversations(broken)
     latin = tmp_path / "latin.json"
-    latin.write_bytes(f'[{{"instruction": "caf\xe9", "output": "b"}}]'.encode("latin-1"))
+    latin.write_bytes('[{"instruction": "caf\xe9", "output": "b"}]'.encode("latin-1"))
     with pytest.raises(SFTDataError, match=r"latin.json: not UTF-8 text"):
         load_conversations(latin)
     lines = tmp_path / "lines.json"  # JSON Lines under a .json name: `datasets` reads it, so do we

@@ -13,8 +13,7 @@ from camelid.engine import LLM, SamplingParams
 from camelid.generate import generate, generate_ids
 from camelid.monitor import weight_bytes
 from camelid.quant import quantize_model
-from camelid.tokenizer import Tokenizer
-from model_zoo import ARCH_CONFIGS, random_model, tiny_config
+from model_zoo import ARCH_CONFIGS, random_model, text_model, tiny_config
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
@@ -400,19 +399,10 @@ def test_kv_budget_in_bytes(llama):
 
 # ---- text: tokenizer, stop strings, stream ------------------------------------------------------------------------
 
-TEXT = """The quick brown fox jumps over the lazy dog. A camel walks across the desert, slowly, slowly.
-Llamas and alpacas live in the mountains; they eat grass and hum softly to each other.
-"""
-
-
 @pytest.fixture(scope="module")
 def text_folder(tmp_path_factory):
     """A model folder with weights and a trained byte-level BPE tokenizer, as LLM(model_dir) loads it."""
-    corpus = tmp_path_factory.mktemp("corpus") / "text.txt"
-    corpus.write_text(TEXT * 20)
-    tok = Tokenizer.train([corpus], vocab_size=300, show_progress=False)
-    model = random_model(tiny_config(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                                     max_position_embeddings=128))
+    model, tok = text_model(tmp_path_factory.mktemp("corpus"), max_positions=128)
     folder = tmp_path_factory.mktemp("text-model")
     save_pretrained(model, folder)
     tok.save(folder)

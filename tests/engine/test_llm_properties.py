@@ -12,24 +12,15 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 from camelid.engine import LLM, SamplingParams
 from camelid.engine.sampler import sample_seed
 from camelid.generate import generate
-from camelid.tokenizer import Tokenizer
-from model_zoo import random_model, tiny_config
+import model_zoo
 
-TEXT = """The quick brown fox jumps over the lazy dog. A camel walks across the desert, slowly, slowly.
-Llamas and alpacas live in the mountains; they eat grass and hum softly to each other.
-"""
 STEMS = ["The quick brown fox jumps over the lazy dog.", "Llamas and alpacas live in the mountains;",
          "A camel walks across the desert, slowly, slowly."]
 
 
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
-    corpus = tmp_path_factory.mktemp("corpus") / "text.txt"
-    corpus.write_text(TEXT * 20)
-    tok = Tokenizer.train([corpus], vocab_size=300, show_progress=False)
-    model = random_model(tiny_config(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                                     max_position_embeddings=32))
-    return model, tok
+    return model_zoo.text_model(tmp_path_factory.mktemp("corpus"), max_positions=32)
 
 
 def prompt_text(stem: str, words: int, tail: str) -> str:

@@ -22,7 +22,7 @@ from triton_interpreter import interpreter  # noqa: E402,F401 (a fixture)
 def reference(q, k_blocks, v_blocks, tables, context_lens, query_lens, scale, window=None, slopes=None):
     """In fp32, sequence by sequence: its T queries are the last T positions of its context; each attends to its
     earlier keys (and itself) through torch's SDPA with a causal / window / ALiBi bias. q (N, nh, hd) packed."""
-    nh, hd = q.shape[1], q.shape[2]
+    nh = q.shape[1]
     bs, nkv = k_blocks.shape[1], k_blocks.shape[2]
     outs, start = [], 0
     for s, T in enumerate(query_lens):
