@@ -81,11 +81,16 @@ def read_trainer(path: Path) -> dict:
 
 
 def remove_partial(root: str | Path) -> None:
-    """Delete what an interrupted save left behind."""
+    """Delete what an interrupted save left behind. An .old-step_N whose step_N is missing is the complete copy a
+    re-save had moved aside when it died before renaming the new one in: it goes back to its name."""
     root = Path(root)
     if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
+        for p in sorted(root.iterdir()):  # ".old-" before ".tmp-"
+            if not p.is_dir():
+                continue
+            if p.name.startswith(".old-") and not (root / p.name.removeprefix(".old-")).exists():
+                os.rename(p, root / p.name.removeprefix(".old-"))
+            elif p.name.startswith((".tmp-", ".old-")):
                 shutil.rmtree(p)
 
 

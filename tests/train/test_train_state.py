@@ -57,6 +57,21 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(prepared, tmp_path, monkey
     assert [p.name for p in list_checkpoints(root)] == ["step_00000005", "step_00000010"]
 
 
+def test_a_crash_between_the_two_renames_of_a_resave_keeps_the_old_copy(tmp_path):
+    """Saving a step that already has a checkpoint (a finished run resumed) renames the old copy aside, then the new
+    one into place: a crash between the two leaves no step_N, a complete .old-step_N and a .tmp-step_N. The next run
+    puts the old copy back (the new one may be partial), instead of deleting both."""
+    root = tmp_path / "checkpoints"
+    for name, marker in ((".old-step_00000010", "old"), (".tmp-step_00000010", "new"), (".tmp-step_00000015", "x"),
+                         ("step_00000005", "five"), (".old-step_00000005", "stale")):
+        (root / name).mkdir(parents=True)
+        (root / name / "marker").write_text(marker)
+    state.remove_partial(root)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000005", "step_00000010"]
+    assert (root / "step_00000010" / "marker").read_text() == "old"
+    assert (root / "step_00000005" / "marker").read_text() == "five"
+
+
 def test_prune_keeps_last_k_and_best(tmp_path):
     for step, val in [(1, 3.0), (2, 1.5), (3, 2.0), (4, None), (5, 2.5)]:
         folder = tmp_path / state.step_dir_name(step)
