@@ -100,8 +100,9 @@ class NF4Linear(QuantLinear):
             w = triton_nf4.dequantize(holder.weight, holder.weight_absmax, holder.weight_absmax_factor,
                                       holder.weight_absmax_mean, levels, numel, dtype, block_size, scaler_block_size)
             return w.view(holder.out_features, holder.in_features)
-        # byte i holds weights 2i (high nibble) and 2i + 1 (low): one lookup gives both
-        values = pairs[holder.weight.int()]  # (numel / 2, 2)
+        # byte i holds weights 2i (high nibble) and 2i + 1 (low): one lookup gives both. index_select, not
+        # pairs[codes]: advanced indexing took 3x as long on the CPU, where this runs 3 times a QLoRA step per layer
+        values = pairs.index_select(0, holder.weight.int())  # (numel / 2, 2)
         q8 = holder.weight_absmax.view(-1, scaler_block_size)  # (n_scaler_blocks, 256)
         absmax = (q8 / holder.weight_absmax_factor[:, None]).flatten() + holder.weight_absmax_mean  # (n_blocks,)
         w = values.view(-1, block_size) * absmax[:, None]  # (n_blocks, 64)
