@@ -202,7 +202,8 @@ class MultiLoRA:
         try:
             config, per_module = read_adapter(folder)
         except AdapterError as e:
-            raise ValueError(f"adapter {name!r} is unsupported for multi-LoRA: {e}") from None
+            # e says why: a damaged file, a missing folder or a kind of adapter multi-LoRA does not take
+            raise ValueError(f"adapter {name!r} cannot be loaded for multi-LoRA: {e}") from None
         if config.get("use_dora"):
             raise ValueError(f"adapter {name!r} ({folder}) is a DoRA adapter (use_dora=true), which is unsupported "
                              "for multi-LoRA; merge it into a checkpoint of its own instead")

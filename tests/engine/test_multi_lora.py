@@ -150,6 +150,12 @@ def test_bad_adapters_raise_one_clear_error(setup, tmp_path):
         save_file(tensors_change(tensors) if tensors_change else tensors, folder / "adapter_model.safetensors")
         return folder
 
+    def truncated(name: str):  # a download cut short
+        folder = broken(name)
+        weights = folder / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+        return folder
+
     def rename(tensors):  # layer 7 does not exist in a 2-layer model
         return {k.replace("layers.1.", "layers.7."): v for k, v in tensors.items()}
 
@@ -160,7 +166,8 @@ def test_bad_adapters_raise_one_clear_error(setup, tmp_path):
     cases = [
         ("a1", folders["a2"], "'a1' is already loaded"),
         ("dora", folders["dora"], "DoRA adapter .*unsupported for multi-LoRA"),
-        ("ia3", broken("ia3", {"peft_type": "IA3"}), "unsupported for multi-LoRA: .*peft_type 'IA3'"),
+        ("ia3", broken("ia3", {"peft_type": "IA3"}), "cannot be loaded for multi-LoRA: .*peft_type 'IA3'"),
+        ("cut", truncated("cut"), "cannot be loaded for multi-LoRA: .*adapter_model.safetensors"),
         ("absent", broken("absent", tensors_change=rename), "targets 'model.layers.7.*which this model does not have"),
         ("shape", broken("shape", tensors_change=widen), r"o_proj has lora_A \(2, 65\).*needs \(r, 64\)"),
     ]
@@ -170,7 +177,7 @@ def test_bad_adapters_raise_one_clear_error(setup, tmp_path):
             ml.add(name, folder)
     # nothing half-applied: the same adapters, the same wrapped layers, holding the same tensors
     assert ml.slot("a1") == 0
-    for name in ("dora", "ia3", "absent", "shape"):
+    for name in ("dora", "ia3", "cut", "absent", "shape"):
         with pytest.raises(ValueError, match=f"unknown adapter '{name}'"):
             ml.slot(name)
     assert {n: m.lora_A for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)}.keys() == state.keys()
