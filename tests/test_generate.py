@@ -150,6 +150,28 @@ def test_stop_strings_cut_at_the_earliest():
     assert "".join(shown) == "x"
 
 
+def chunkings(text: str):
+    """Every way to split `text` into non-empty pieces, in order."""
+    if not text:
+        yield []
+        return
+    for i in range(1, len(text) + 1):
+        for rest in chunkings(text[i:]):
+            yield [text[:i], *rest]
+
+
+@pytest.mark.parametrize("stops, text", [(["ab", "b"], "xxabzz"), (["abc", "bc"], "xabcd"), (["b", "abc"], "xabcd"),
+                                         (["b", "abc"], "xabd"), (["bc", "abcd"], "abce"), (["aa", "ab"], "xaab"),
+                                         (["b", "abc"], "xab")])
+def test_stop_strings_cut_at_the_earliest_whatever_the_chunking(stops, text):
+    # OpenAI: the text ends just before the earliest occurrence of any stop string in the full text
+    first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    for pieces in chunkings(text):
+        shown, tail, stopped = feed_all(stops, pieces)
+        assert "".join(shown) + tail == text[:first], pieces
+        assert stopped == (first < len(text)), pieces
+
+
 def test_stop_strings_flush_returns_held_text():
     shown, tail, stopped = feed_all(["STOP"], ["go ST", "O"])
     assert shown == ["go ", ""] and tail == "STO" and not stopped
