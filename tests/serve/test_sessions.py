@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -241,6 +243,32 @@ def test_an_aborted_stream_stores_what_was_produced(start_server, tmp_path):
     assert messages[1]["role"] == "assistant" and messages[1]["content"].startswith(received)
     s = server.backend.stats()
     assert s["num_running"] == 0 and s["num_free_blocks"] == s["num_blocks"]
+    server.stop()
+
+
+def test_a_streamed_turn_is_stored_before_done_and_a_failed_save_is_reported(start_server, tmp_path):
+    # [DONE] acknowledges the turn: it must already be committed (a kill -9 right after must not lose it), and a
+    # turn that could not be stored must say so in the stream instead of ending as if all were well
+    db = tmp_path / "chats.db"
+    server = start_server(db=f"sqlite:///{db}")
+    sid = httpx.post(server.url + "/v1/sessions", json={}).json()["id"]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True,
+            "session_id": sid}
+    httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False, "session_id": None}, timeout=30)
+    lock = sqlite3.connect(db, isolation_level=None, check_same_thread=False)  # another writer, for a while
+    lock.execute("BEGIN IMMEDIATE")
+    threading.Timer(1.0, lambda: lock.execute("ROLLBACK")).start()
+    with httpx.Client(timeout=30) as http, http.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line == "data: [DONE]":  # read beside the server (its own reads wait behind its write)
+                assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM messages").fetchall() == [(2,)]
+    server.server.config.app.state.sessions._conn.execute("PRAGMA busy_timeout=100")
+    lock.execute("BEGIN IMMEDIATE")  # now held past the store's patience
+    with httpx.Client(timeout=30) as http, http.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    lock.execute("ROLLBACK")
+    assert events[-1] == "data: [DONE]" and "could not be stored" in events[-2]
+    assert len(httpx.get(f"{server.url}/v1/sessions/{sid}").json()["messages"]) == 2
     server.stop()
 
 
