@@ -88,7 +88,8 @@ def test_store_rejects_bad_urls(tmp_path):
     with pytest.raises(FileNotFoundError):
         SessionStore(f"sqlite:///{tmp_path}/missing/dir/chats.db")
     # a folder, or a file SQLite cannot open: the one-line error of a bad --db (exit 2), not an sqlite3 traceback
-    for where in (tmp_path, "/proc/chats.db"):
+    (tmp_path / "not-sqlite.db").write_bytes(b"\x00camelid" * 600)  # not a database: --db names the wrong file
+    for where in (tmp_path, "/proc/chats.db", tmp_path / "not-sqlite.db"):
         with pytest.raises(ValueError, match="cannot open the session database"):
             SessionStore(f"sqlite:///{where}")
 
