@@ -103,8 +103,10 @@ class StopStrings:
             return ""
         self.pending += piece
         hit = self._first_hit()
-        # the earliest start of a stop string that the next text could still complete
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        # the earliest start of a stop string that the next text could still complete (a held prefix is no longer
+        # than the held text: trying every prefix of a megabyte stop string took seconds per piece)
+        keep = max((next((k for k in range(min(len(s) - 1, len(self.pending)), 0, -1)
+                          if self.pending.endswith(s[:k])), 0) for s in self.stops), default=0)
         partial = len(self.pending) - keep
         if hit is not None and hit <= partial:  # no longer stop string (["b", "abc"] after "ab") can start before it
             return self._cut(hit)

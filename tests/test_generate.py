@@ -1,6 +1,8 @@
 """Generation: greedy ids identical to transformers' generate, the cache-free oracle, stop tokens, the context limit,
 StopStrings, and the text API (generate / stream) with a real byte-level BPE tokenizer."""
 
+import time
+
 import pytest
 import torch
 
@@ -170,6 +172,14 @@ def test_stop_strings_cut_at_the_earliest_whatever_the_chunking(stops, text):
         shown, tail, stopped = feed_all(stops, pieces)
         assert "".join(shown) + tail == text[:first], pieces
         assert stopped == (first < len(text)), pieces
+
+
+def test_a_long_stop_string_costs_what_the_held_text_is_long():
+    # a request may send stop strings of a megabyte: each piece must not try every one of its prefixes (that took
+    # seconds per token on the engine thread, for every user)
+    s, start = StopStrings(["x" * 1_000_000]), time.perf_counter()
+    assert [s.feed(p) for p in ["ab", "cx", "xd"]] == ["ab", "c", "xxd"]
+    assert time.perf_counter() - start < 1.0
 
 
 def test_stop_strings_flush_returns_held_text():
