@@ -56,6 +56,9 @@ class SessionStore:
         try:
             with self._lock:
                 self._transaction(lambda cur: [cur.execute(s) for s in _SCHEMA])
+        except sqlite3.OperationalError as e:  # another process holding the write lock past busy_timeout
+            self.close()
+            raise ValueError(f"cannot open the session database {url!r}: {e}") from None
         except BaseException:  # a read-only file, a database without rights: no connection left behind
             self.close()
             raise

@@ -118,6 +118,27 @@ def test_a_failed_schema_creation_closes_the_connection(tmp_path, monkeypatch):
         opened[0].execute("SELECT 1")
 
 
+def test_a_database_locked_at_start_is_a_one_line_error(tmp_path, monkeypatch):
+    # another server holding the write lock past the busy timeout: the --db error (exit 2), not a traceback
+    import camelid.serve.sessions as sessions
+
+    url = f"sqlite:///{tmp_path}/chats.db"
+    SessionStore(url).close()  # WAL from now on: opening reads through the lock, creating the tables does not
+    open_sqlite = sessions._open_sqlite
+    monkeypatch.setattr(sessions, "_open_sqlite", lambda url: _impatient(open_sqlite(url)))
+    monkeypatch.setattr(sessions, "_SCHEMA", [*sessions._SCHEMA, "CREATE TABLE IF NOT EXISTS newer (x)"])
+    other = sqlite3.connect(tmp_path / "chats.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(ValueError, match="cannot open the session database .*locked"):
+        SessionStore(url)
+    other.execute("ROLLBACK")
+
+
+def _impatient(conn):
+    conn.execute("PRAGMA busy_timeout=50")
+    return conn
+
+
 def test_sqlite_is_in_wal_mode(tmp_path):
     store = SessionStore(f"sqlite:///{tmp_path}/chats.db")
     assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
