@@ -90,10 +90,10 @@ class StopStrings:
     """Holds back the tail of the text that could still become a stop string, and cuts at the earliest one in the
     whole text (OpenAI's rule), so the result never depends on how the text arrives in pieces."""
 
-    def __init__(self, stops: str | Sequence[str]):
+    def __init__(self, stops: str | Sequence[str] | None):
         if isinstance(stops, str):  # one stop string (as OpenAI and SamplingParams take it), not its characters
             stops = [stops]
-        self.stops = [s for s in stops if s]
+        self.stops = [s for s in stops or () if s]
         self.pending = ""
         self.stopped = False
 

@@ -133,6 +133,7 @@ def feed_all(stops: list[str], pieces: list[str]) -> tuple[list[str], str, bool]
 def test_stop_strings_pass_through_without_stops():
     assert feed_all([], ["a", "b<", "c"]) == (["a", "b<", "c"], "", False)
     assert feed_all([""], ["a", "b"]) == (["a", "b"], "", False)  # empty stop strings are ignored
+    assert feed_all(None, ["a", "b"]) == (["a", "b"], "", False)  # None = no stop strings, as SamplingParams takes it
 
 
 def test_stop_strings_hold_back_partial_matches():
