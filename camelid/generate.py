@@ -87,12 +87,13 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
 
 
 class StopStrings:
-    """Holds back the tail of the text that could still become a stop string, and cuts at the first one found."""
+    """Holds back the tail of the text that could still become a stop string, and cuts at the earliest one in the
+    whole text (OpenAI's rule), so the result never depends on how the text arrives in pieces."""
 
-    def __init__(self, stops: str | Sequence[str]):
+    def __init__(self, stops: str | Sequence[str] | None):
         if isinstance(stops, str):  # one stop string (as OpenAI and SamplingParams take it), not its characters
             stops = [stops]
-        self.stops = [s for s in stops if s]
+        self.stops = [s for s in stops or () if s]
         self.pending = ""
         self.stopped = False
 
@@ -101,17 +102,31 @@ class StopStrings:
         if self.stopped:
             return ""
         self.pending += piece
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.stopped = True
-            out, self.pending = self.pending[:min(hits)], ""
-            return out
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        hit = self._first_hit()
+        # the earliest start of a stop string that the next text could still complete (a held prefix is no longer
+        # than the held text: trying every prefix of a megabyte stop string took seconds per piece)
+        keep = max((next((k for k in range(min(len(s) - 1, len(self.pending)), 0, -1)
+                          if self.pending.endswith(s[:k])), 0) for s in self.stops), default=0)
+        partial = len(self.pending) - keep
+        if hit is not None and hit <= partial:  # no longer stop string (["b", "abc"] after "ab") can start before it
+            return self._cut(hit)
+        out, self.pending = self.pending[:partial], self.pending[partial:]
         return out
 
     def flush(self) -> str:
+        """The held text at the end of generation: cut at a stop string found in it, if any."""
+        hit = None if self.stopped else self._first_hit()
+        if hit is not None:
+            return self._cut(hit)
         out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+    def _first_hit(self) -> int | None:
+        return min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=None)
+
+    def _cut(self, at: int) -> str:
+        self.stopped = True
+        out, self.pending = self.pending[:at], ""
         return out
 
 

@@ -1,6 +1,8 @@
 """Generation: greedy ids identical to transformers' generate, the cache-free oracle, stop tokens, the context limit,
 StopStrings, and the text API (generate / stream) with a real byte-level BPE tokenizer."""
 
+import time
+
 import pytest
 import torch
 
@@ -131,6 +133,7 @@ def feed_all(stops: list[str], pieces: list[str]) -> tuple[list[str], str, bool]
 def test_stop_strings_pass_through_without_stops():
     assert feed_all([], ["a", "b<", "c"]) == (["a", "b<", "c"], "", False)
     assert feed_all([""], ["a", "b"]) == (["a", "b"], "", False)  # empty stop strings are ignored
+    assert feed_all(None, ["a", "b"]) == (["a", "b"], "", False)  # None = no stop strings, as SamplingParams takes it
 
 
 def test_stop_strings_hold_back_partial_matches():
@@ -148,6 +151,36 @@ def test_stop_strings_cut_at_the_earliest():
     assert shown == ["hel"] and stopped
     shown, _, _ = feed_all(["b", "abc"], ["xa", "bc"])  # both complete in the same piece: "abc" starts first
     assert "".join(shown) == "x"
+
+
+def chunkings(text: str):
+    """Every way to split `text` into non-empty pieces, in order."""
+    if not text:
+        yield []
+        return
+    for i in range(1, len(text) + 1):
+        for rest in chunkings(text[i:]):
+            yield [text[:i], *rest]
+
+
+@pytest.mark.parametrize("stops, text", [(["ab", "b"], "xxabzz"), (["abc", "bc"], "xabcd"), (["b", "abc"], "xabcd"),
+                                         (["b", "abc"], "xabd"), (["bc", "abcd"], "abce"), (["aa", "ab"], "xaab"),
+                                         (["b", "abc"], "xab")])
+def test_stop_strings_cut_at_the_earliest_whatever_the_chunking(stops, text):
+    # OpenAI: the text ends just before the earliest occurrence of any stop string in the full text
+    first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    for pieces in chunkings(text):
+        shown, tail, stopped = feed_all(stops, pieces)
+        assert "".join(shown) + tail == text[:first], pieces
+        assert stopped == (first < len(text)), pieces
+
+
+def test_a_long_stop_string_costs_what_the_held_text_is_long():
+    # a request may send stop strings of a megabyte: each piece must not try every one of its prefixes (that took
+    # seconds per token on the engine thread, for every user)
+    s, start = StopStrings(["x" * 1_000_000]), time.perf_counter()
+    assert [s.feed(p) for p in ["ab", "cx", "xd"]] == ["ab", "c", "xxd"]
+    assert time.perf_counter() - start < 1.0
 
 
 def test_stop_strings_flush_returns_held_text():

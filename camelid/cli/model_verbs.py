@@ -262,7 +262,7 @@ def register(verbs, fmt) -> None:
     p = verbs.add_parser("generate", help="stream a completion to stdout", formatter_class=fmt, epilog=textwrap.dedent("""\
         examples:
           camelid generate --model out/tiny --prompt "Once upon a time" --max-new-tokens 64
-          camelid generate --model out/tiny --prompt "Hi" --temperature 0.8 --top-p 0.95 --seed 1 --stop "\\n\\n"
+          camelid generate --model out/tiny --prompt "Hi" --temperature 0.8 --top-p 0.95 --seed 1 --stop $'\\n\\n'
         """))
     p.add_argument("--model", required=True, help="a Hugging Face-style model folder")
     p.add_argument("--prompt", required=True)

@@ -316,6 +316,8 @@ class LLM:
         if seq.is_finished:
             c.text += c.stopper.feed(c.decoder.flush())
             c.text += c.stopper.flush()
+            if c.stopper.stopped and seq.finish_reason == "length":  # a stop string held back (["b", "abc"]) ended it
+                seq.finish_reason = "stop"
 
     # ---- convenience ----------------------------------------------------------------------------------------
 

@@ -251,6 +251,16 @@ def create_app(backend, api_keys: list[str] | None = None, sessions: SessionStor
                         metrics.prompt_tokens += prompt_tokens
                     for choice in make_choice(c):
                         yield sse({**envelope, "choices": [choice]})
+            if on_end is not None:  # [DONE] acknowledges the turn: it is stored first, or the stream says it is not
+                end, on_end = on_end, None
+                try:
+                    with anyio.CancelScope(shield=True):
+                        await end(texts, reasons)
+                except Exception as e:
+                    yield sse(error_body(f"the answer could not be stored in the session: {type(e).__name__}: {e}",
+                                         "server_error"))
+                    yield "data: [DONE]\n\n"
+                    return
             if include_usage:
                 yield sse({**envelope, "choices": [], "usage": usage(prompt_tokens, sum(tokens))})
             yield "data: [DONE]\n\n"

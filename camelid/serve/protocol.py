@@ -7,9 +7,9 @@ live here (pydantic turns them into a 400 naming the field); SamplingParams chec
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 def _not_unicode(value: Any) -> bool:
@@ -25,6 +25,17 @@ def _not_unicode(value: Any) -> bool:
     return False
 
 
+def _leaf_types(annotation: Any) -> set:
+    args = get_args(annotation)
+    return set().union(*map(_leaf_types, args)) if args else {annotation}
+
+
+def _has_bool(value: Any) -> bool:
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, bool) or isinstance(value, list) and any(map(_has_bool, value))
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -33,6 +44,15 @@ class _Request(BaseModel):
     def _unicode_only(cls, value: Any) -> Any:
         if _not_unicode(value):
             raise ValueError("holds a lone UTF-16 surrogate, which is not valid Unicode text")
+        return value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1; in OpenAI's schema a boolean is not a number
+        leaves = _leaf_types(cls.model_fields[info.field_name].annotation)
+        if bool not in leaves and leaves & {int, float} and _has_bool(value):
+            raise ValueError("must be a number, not a boolean")
         return value
 
 
@@ -64,6 +84,13 @@ class _Sampling(_Request):
     def _four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > 4:
             raise ValueError(f"up to 4 stop sequences, got {len(value)}")  # OpenAI's limit
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")  # as OpenAI answers
         return value
 
     @field_validator("logit_bias")

@@ -56,6 +56,9 @@ class SessionStore:
         try:
             with self._lock:
                 self._transaction(lambda cur: [cur.execute(s) for s in _SCHEMA])
+        except sqlite3.OperationalError as e:  # another process holding the write lock past busy_timeout
+            self.close()
+            raise ValueError(f"cannot open the session database {url!r}: {e}") from None
         except BaseException:  # a read-only file, a database without rights: no connection left behind
             self.close()
             raise
@@ -199,7 +202,7 @@ def _open_sqlite(url: str) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit: an acknowledged write survives
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=5000")  # another process (a second server) holding the write lock: wait
-    except sqlite3.OperationalError as e:
+    except sqlite3.DatabaseError as e:  # also "file is not a database": --db names some other file
         conn.close()
         raise ValueError(f"cannot open the session database {path!r}: {e}") from None
     return conn

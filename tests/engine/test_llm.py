@@ -3,6 +3,7 @@ transformers' generate under a KV budget small enough to force preemption; every
 attention (sliding window, ALiBi, MoE, ...); prefix caching; n > 1 with copy-on-write checked by teacher forcing;
 seeded sampling; aborts; bad requests failing alone; no block leaked."""
 
+import dataclasses
 import random
 
 import pytest
@@ -440,6 +441,26 @@ def test_stop_string_ends_the_request_early(text_folder):
     assert (cut_multi[0].outputs[0].text, cut_multi[0].outputs[0].token_ids) == (out.text, out.token_ids)
     assert multi.stats()["generated_tokens"] == len(out.token_ids)
     assert_all_blocks_free(multi)
+
+
+def test_stop_strings_inside_others_cut_at_the_earliest_in_the_text(text_folder):
+    # stop=[" e", "x ee slow"]-like: the short one completes a token before the long one, which starts first and wins
+    llm = LLM(text_folder, num_blocks=64, block_size=8)
+    prompt, greedy = "Llamas and", dict(temperature=0, ignore_eos=True)
+    full = llm.generate([prompt], SamplingParams(max_tokens=30, **greedy))[0].outputs[0]
+    pieces = [llm.tokenizer.decode([t]) for t in full.token_ids]
+    i = next(i for i in range(len(pieces) - 2) if all(p.isascii() and p.isprintable() for p in pieces[i:i + 3])
+             and full.text.find("".join(pieces[i:i + 3])) == full.text.find(pieces[i]) >= 0
+             and full.text.find(pieces[i][-1]) == full.text.find(pieces[i]) + len(pieces[i]) - 1)
+    start, longer, shorter = full.text.find(pieces[i]), "".join(pieces[i:i + 3]), pieces[i][-1]
+    params = SamplingParams(max_tokens=30, stop=[shorter, longer], **greedy)
+    out = llm.generate([prompt], params)[0].outputs[0]
+    assert (out.text, out.finish_reason) == (full.text[:start], "stop")
+    assert "".join(llm.stream(prompt, params)) == out.text
+    # the long one never completes (max_tokens): the short one ends it, still a "stop"
+    out = llm.generate([prompt], dataclasses.replace(params, max_tokens=i + 2))[0].outputs[0]
+    assert (out.text, out.finish_reason) == (full.text[:start + len(pieces[i]) - 1], "stop")
+    assert_all_blocks_free(llm)
 
 
 def test_closing_a_stream_aborts_it(text_folder):

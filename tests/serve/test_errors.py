@@ -68,6 +68,21 @@ BAD_BODIES = [  # (endpoint, body, status, param)
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"\u00b2": 1}}, 400, "logit_bias"),  # a digit
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"\u0663": 1}}, 400, "logit_bias"),  # too
     ("/v1/chat/completions", {**CHAT, "logit_bias": {"99999": 1}, "stream": True}, 400, "logit_bias"),  # vocab
+    # OpenAI refuses stream_options without stream, and a JSON boolean where a number goes (pydantic's lax mode
+    # took true as 1)
+    ("/v1/chat/completions", {**CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "stream": False, "stream_options": {}}, 400,
+     "stream_options"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"5": True}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {**CHAT, "temperature": True}, 400, "temperature"),
+    ("/v1/chat/completions", {**CHAT, "top_p": True}, 400, "top_p"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": True}, 400, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "n": True}, 400, "n"),
+    ("/v1/chat/completions", {**CHAT, "seed": False}, 400, "seed"),
+    ("/v1/chat/completions", {**CHAT, "presence_penalty": True}, 400, "presence_penalty"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "frequency_penalty": False}, 400, "frequency_penalty"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logprobs": True}, 400, "logprobs"),
+    ("/v1/completions", {"model": "tiny", "prompt": [5, True]}, 400, "prompt"),
 ]
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -86,7 +88,8 @@ def test_store_rejects_bad_urls(tmp_path):
     with pytest.raises(FileNotFoundError):
         SessionStore(f"sqlite:///{tmp_path}/missing/dir/chats.db")
     # a folder, or a file SQLite cannot open: the one-line error of a bad --db (exit 2), not an sqlite3 traceback
-    for where in (tmp_path, "/proc/chats.db"):
+    (tmp_path / "not-sqlite.db").write_bytes(b"\x00camelid" * 600)  # not a database: --db names the wrong file
+    for where in (tmp_path, "/proc/chats.db", tmp_path / "not-sqlite.db"):
         with pytest.raises(ValueError, match="cannot open the session database"):
             SessionStore(f"sqlite:///{where}")
 
@@ -113,6 +116,27 @@ def test_a_failed_schema_creation_closes_the_connection(tmp_path, monkeypatch):
         SessionStore(f"sqlite:///{tmp_path}/chats.db")
     with pytest.raises(Exception, match="closed"):  # sqlite3.ProgrammingError on a closed connection
         opened[0].execute("SELECT 1")
+
+
+def test_a_database_locked_at_start_is_a_one_line_error(tmp_path, monkeypatch):
+    # another server holding the write lock past the busy timeout: the --db error (exit 2), not a traceback
+    import camelid.serve.sessions as sessions
+
+    url = f"sqlite:///{tmp_path}/chats.db"
+    SessionStore(url).close()  # WAL from now on: opening reads through the lock, creating the tables does not
+    open_sqlite = sessions._open_sqlite
+    monkeypatch.setattr(sessions, "_open_sqlite", lambda url: _impatient(open_sqlite(url)))
+    monkeypatch.setattr(sessions, "_SCHEMA", [*sessions._SCHEMA, "CREATE TABLE IF NOT EXISTS newer (x)"])
+    other = sqlite3.connect(tmp_path / "chats.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(ValueError, match="cannot open the session database .*locked"):
+        SessionStore(url)
+    other.execute("ROLLBACK")
+
+
+def _impatient(conn):
+    conn.execute("PRAGMA busy_timeout=50")
+    return conn
 
 
 def test_sqlite_is_in_wal_mode(tmp_path):
@@ -241,6 +265,32 @@ def test_an_aborted_stream_stores_what_was_produced(start_server, tmp_path):
     assert messages[1]["role"] == "assistant" and messages[1]["content"].startswith(received)
     s = server.backend.stats()
     assert s["num_running"] == 0 and s["num_free_blocks"] == s["num_blocks"]
+    server.stop()
+
+
+def test_a_streamed_turn_is_stored_before_done_and_a_failed_save_is_reported(start_server, tmp_path):
+    # [DONE] acknowledges the turn: it must already be committed (a kill -9 right after must not lose it), and a
+    # turn that could not be stored must say so in the stream instead of ending as if all were well
+    db = tmp_path / "chats.db"
+    server = start_server(db=f"sqlite:///{db}")
+    sid = httpx.post(server.url + "/v1/sessions", json={}).json()["id"]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True,
+            "session_id": sid}
+    httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False, "session_id": None}, timeout=30)
+    lock = sqlite3.connect(db, isolation_level=None, check_same_thread=False)  # another writer, for a while
+    lock.execute("BEGIN IMMEDIATE")
+    threading.Timer(1.0, lambda: lock.execute("ROLLBACK")).start()
+    with httpx.Client(timeout=30) as http, http.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line == "data: [DONE]":  # read beside the server (its own reads wait behind its write)
+                assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM messages").fetchall() == [(2,)]
+    server.server.config.app.state.sessions._conn.execute("PRAGMA busy_timeout=100")
+    lock.execute("BEGIN IMMEDIATE")  # now held past the store's patience
+    with httpx.Client(timeout=30) as http, http.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    lock.execute("ROLLBACK")
+    assert events[-1] == "data: [DONE]" and "could not be stored" in events[-2]
+    assert len(httpx.get(f"{server.url}/v1/sessions/{sid}").json()["messages"]) == 2
     server.stop()
 
 
