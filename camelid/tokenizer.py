@@ -95,6 +95,10 @@ class Tokenizer:
         self._tok = _load_backend(path)
         cfg = _read_json(folder / "tokenizer_config.json")
         self._config = cfg
+        for key in ("bos_token", "eos_token", "pad_token"):  # tokenizers' own error would name neither file nor key
+            if not isinstance(_token_str(cfg.get(key)), (str, type(None))):
+                raise TokenizerError(f"{folder / 'tokenizer_config.json'}: {key} must be a token's text (or "
+                                     f'{{"content": text}}), got {cfg[key]!r}')
         self.bos_id = self._special_id(cfg, "bos_token", _BOS_NAMES)
         self.eos_id = self._special_id(cfg, "eos_token", _EOS_NAMES)
         self.pad_id = self._special_id(cfg, "pad_token", _PAD_NAMES)
@@ -139,7 +143,10 @@ class Tokenizer:
         stops = {self.eos_id} if self.eos_id is not None else set()
         for name in ("generation_config.json", "config.json"):
             eos = _read_json(folder / name).get("eos_token_id")
-            stops.update([eos] if isinstance(eos, int) else eos or [])
+            ids = [eos] if isinstance(eos, int) else eos or []
+            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+                raise TokenizerError(f"{folder / name}: eos_token_id must be a token id or a list of them, got {eos!r}")
+            stops.update(ids)
         stops.update(i for n in _END_OF_TURN if (i := self._tok.token_to_id(n)) is not None)
         return stops
 
