@@ -133,7 +133,11 @@ class Tokenizer:
     def _chat_template(folder: Path, cfg: dict[str, Any]) -> str | None:
         tpl = cfg.get("chat_template")
         if isinstance(tpl, list):  # older format: [{"name": "default", "template": "..."}, ...]
-            tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
+            default = next((t for t in tpl if isinstance(t, dict) and t.get("name") == "default"), None)
+            tpl = default and default.get("template", default)  # an entry without a template is refused below
+        if not isinstance(tpl, (str, type(None))):  # jinja's own error names no file
+            raise TokenizerError(f"{folder / 'tokenizer_config.json'}: chat_template must be a Jinja template (a "
+                                 f"string), got {tpl!r}"[:300])
         jinja = folder / "chat_template.jinja"  # where transformers >= 4.47 saves it
         if tpl is None and jinja.is_file():
             tpl = jinja.read_text(encoding="utf-8")

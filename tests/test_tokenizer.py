@@ -338,3 +338,15 @@ def test_a_special_token_of_the_wrong_type_is_a_tokenizer_error_naming_file_and_
         Tokenizer(tmp_path)
     key = next(iter(json.loads(text)))
     assert key in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("template", [5, {"a": 1}, [{"name": "default"}], [{"name": "default", "template": 3}]])
+def test_a_chat_template_that_is_not_a_string_is_a_tokenizer_error(tmp_path, template):
+    """camelid chat failed with jinja's 'Can't compile non template nodes' or a KeyError traceback."""
+    if not TOK_DIR.is_dir():
+        pytest.skip(f"fixtures missing: {FIXTURES}")
+    (tmp_path / "tokenizer.json").write_bytes((TOK_DIR / "llama2" / "tokenizer.json").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json.*chat_template") as e:
+        Tokenizer(tmp_path)
+    assert "\n" not in str(e.value)
