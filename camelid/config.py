@@ -30,6 +30,11 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and value > 0
 
 
+def _number(value: Any) -> Any:
+    """float(value) for an int or float; anything else as it is, for validate() to refuse naming its key."""
+    return float(value) if isinstance(value, (int, float)) else value
+
+
 @dataclass
 class ModelConfig:
     model_type: str = "llama"
@@ -97,11 +102,19 @@ class ModelConfig:
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type")
             need(rope_type in ROPE_TYPES, f"unknown rope_scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
-            need(float(self.rope_scaling.get("factor", 0)) > 0, "rope_scaling needs a positive 'factor'")
+            factor = self.rope_scaling.get("factor")
+            need(isinstance(factor, (int, float)) and factor > 0, "rope_scaling needs a positive 'factor'")
             if rope_type == "llama3":
                 for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
                     need(key in self.rope_scaling, f"rope_scaling of type llama3 needs {key!r}")
-        need(self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive or None")
+        need(self.sliding_window is None or _positive_int(self.sliding_window),
+             f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # eos may be a list of ids
+            value = getattr(self, name)
+            ids = value if name == "eos_token_id" and isinstance(value, (list, tuple)) else [value]
+            need(value is None or all(isinstance(i, int) for i in ids),
+                 f"{name} must be a token id (an integer){', a list of them' if name == 'eos_token_id' else ''} "
+                 f"or null, got {value!r}")
         if self.num_local_experts:
             need(0 < self.num_experts_per_tok <= self.num_local_experts,
                  f"num_experts_per_tok must be in 1..{self.num_local_experts}, got {self.num_experts_per_tok}")
@@ -272,9 +285,9 @@ def _read_rope(hf: dict[str, Any]) -> tuple[float, Any]:
         params = params["full_attention"]
     scaling = params if isinstance(params, dict) else hf.get("rope_scaling") or {}
     if not isinstance(scaling, dict):  # validate() refuses it, naming the field
-        return float(hf.get("rope_theta", 10000.0)), scaling
+        return _number(hf.get("rope_theta", 10000.0)), scaling
     scaling = dict(scaling)
-    theta = float(scaling.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = _number(scaling.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     if "type" in scaling and "rope_type" not in scaling:  # transformers < 4.45 spelling
         scaling["rope_type"] = scaling.pop("type")
     scaling.pop("type", None)

@@ -95,6 +95,10 @@ class Tokenizer:
         self._tok = _load_backend(path)
         cfg = _read_json(folder / "tokenizer_config.json")
         self._config = cfg
+        for key in ("bos_token", "eos_token", "pad_token"):  # tokenizers' own error would name neither file nor key
+            if not isinstance(_token_str(cfg.get(key)), (str, type(None))):
+                raise TokenizerError(f"{folder / 'tokenizer_config.json'}: {key} must be a token's text (or "
+                                     f'{{"content": text}}), got {cfg[key]!r}')
         self.bos_id = self._special_id(cfg, "bos_token", _BOS_NAMES)
         self.eos_id = self._special_id(cfg, "eos_token", _EOS_NAMES)
         self.pad_id = self._special_id(cfg, "pad_token", _PAD_NAMES)
@@ -129,7 +133,11 @@ class Tokenizer:
     def _chat_template(folder: Path, cfg: dict[str, Any]) -> str | None:
         tpl = cfg.get("chat_template")
         if isinstance(tpl, list):  # older format: [{"name": "default", "template": "..."}, ...]
-            tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
+            default = next((t for t in tpl if isinstance(t, dict) and t.get("name") == "default"), None)
+            tpl = default and default.get("template", default)  # an entry without a template is refused below
+        if not isinstance(tpl, (str, type(None))):  # jinja's own error names no file
+            raise TokenizerError(f"{folder / 'tokenizer_config.json'}: chat_template must be a Jinja template (a "
+                                 f"string), got {tpl!r}"[:300])
         jinja = folder / "chat_template.jinja"  # where transformers >= 4.47 saves it
         if tpl is None and jinja.is_file():
             tpl = jinja.read_text(encoding="utf-8")
@@ -139,7 +147,10 @@ class Tokenizer:
         stops = {self.eos_id} if self.eos_id is not None else set()
         for name in ("generation_config.json", "config.json"):
             eos = _read_json(folder / name).get("eos_token_id")
-            stops.update([eos] if isinstance(eos, int) else eos or [])
+            ids = [eos] if isinstance(eos, int) else eos or []
+            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+                raise TokenizerError(f"{folder / name}: eos_token_id must be a token id or a list of them, got {eos!r}")
+            stops.update(ids)
         stops.update(i for n in _END_OF_TURN if (i := self._tok.token_to_id(n)) is not None)
         return stops
 

@@ -316,3 +316,20 @@ def test_init_refuses_a_non_empty_out_unless_overwrite(tmp_path, capsys):
     assert (out / "model.safetensors").read_bytes() != weights
     (tmp_path / "empty").mkdir()  # an empty folder is fine
     assert main(["init", "--preset", "tiny", "--out", str(tmp_path / "empty")]) == 0
+
+
+def test_init_overwrite_leaves_none_of_the_old_models_tokenizer_or_template(tmp_path, capsys):
+    """--overwrite writes a new model: the old folder's chat template (chat_template.jinja, camelid_template.json)
+    or GPT-2 style vocab files must not stay behind for the new tokenizer to pick up."""
+    from camelid.cli import main
+    from camelid.templates import TEMPLATE_FILE
+    from camelid.tokenizer import Tokenizer
+
+    out = tmp_path / "m"
+    assert main(["init", "--preset", "tiny", "--out", str(out)]) == 0
+    (out / "chat_template.jinja").write_text("{% for m in messages %}OLD {{ m.content }}{% endfor %}")
+    (out / TEMPLATE_FILE).write_text('{"template": "llama3"}')
+    (out / "vocab.json").write_text("{}")
+    assert main(["init", "--preset", "tiny", "--out", str(out), "--overwrite"]) == 0
+    assert Tokenizer(out).chat_template is None
+    assert not (out / TEMPLATE_FILE).exists() and not (out / "vocab.json").exists()

@@ -111,6 +111,15 @@ def test_bad_json_and_missing_file(tmp_path):
     (json.dumps({k: v for k, v in BASE.items() if k != "hidden_size"}), "hidden_size"),  # was a KeyError traceback
     ("[1, 2]", "JSON object"),  # was a TypeError traceback
     (json.dumps({**BASE, "rope_scaling": "linear"}), "rope_scaling"),  # was dict()'s own ValueError
+    # hand-edited token ids and windows: TypeError tracebacks from camelid generate (sorted / > on a str)
+    (json.dumps({**BASE, "eos_token_id": "</s>"}), "eos_token_id"),
+    (json.dumps({**BASE, "eos_token_id": [1, "a"]}), "eos_token_id"),
+    (json.dumps({**BASE, "bos_token_id": 1.5}), "bos_token_id"),
+    (json.dumps({**BASE, "pad_token_id": [0]}), "pad_token_id"),
+    (json.dumps({**BASE, "model_type": "mistral", "sliding_window": "4096"}), "sliding_window"),
+    # float()'s bare 'could not convert string to float', naming neither the file nor the key
+    (json.dumps({**BASE, "rope_parameters": {"rope_type": "default", "rope_theta": "x"}}), "rope_theta"),
+    (json.dumps({**BASE, "rope_scaling": {"rope_type": "linear", "factor": "x"}}), "factor"),
 ])
 def test_a_config_json_camelid_cannot_read_is_one_line_naming_file_and_key(tmp_path, text, needle):
     (tmp_path / "config.json").write_text(text)

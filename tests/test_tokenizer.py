@@ -320,3 +320,33 @@ def test_a_side_file_that_is_not_a_json_object_is_a_tokenizer_error(tmp_path, na
     (tmp_path / name).write_text("[]")
     with pytest.raises(TokenizerError, match=name):
         Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("generation_config.json", '{"eos_token_id": "</s>"}'),  # a TypeError traceback from camelid generate
+    ("generation_config.json", '{"eos_token_id": [2, "a"]}'),
+    ("config.json", '{"eos_token_id": {"id": 2}}'),
+    ("tokenizer_config.json", '{"eos_token": 2}'),  # tokenizers' bare "while processing 'token'"
+    ("tokenizer_config.json", '{"bos_token": {"content": 1}}'),
+])
+def test_a_special_token_of_the_wrong_type_is_a_tokenizer_error_naming_file_and_key(tmp_path, name, text):
+    if not TOK_DIR.is_dir():
+        pytest.skip(f"fixtures missing: {FIXTURES}")
+    (tmp_path / "tokenizer.json").write_bytes((TOK_DIR / "llama2" / "tokenizer.json").read_bytes())
+    (tmp_path / name).write_text(text)
+    with pytest.raises(TokenizerError, match=name) as e:
+        Tokenizer(tmp_path)
+    key = next(iter(json.loads(text)))
+    assert key in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("template", [5, {"a": 1}, [{"name": "default"}], [{"name": "default", "template": 3}]])
+def test_a_chat_template_that_is_not_a_string_is_a_tokenizer_error(tmp_path, template):
+    """camelid chat failed with jinja's 'Can't compile non template nodes' or a KeyError traceback."""
+    if not TOK_DIR.is_dir():
+        pytest.skip(f"fixtures missing: {FIXTURES}")
+    (tmp_path / "tokenizer.json").write_bytes((TOK_DIR / "llama2" / "tokenizer.json").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json.*chat_template") as e:
+        Tokenizer(tmp_path)
+    assert "\n" not in str(e.value)

@@ -16,9 +16,10 @@ from camelid.config import PRESETS, ModelConfig, config_of, get_preset, num_para
 from camelid.data.pretrain import SUFFIXES, DataError, find_files, texts
 from camelid.generate import stream
 from camelid.model import Transformer
+from camelid.tokenizer import FILES as TOKENIZER_FILES
 from camelid.tokenizer import Tokenizer
 from camelid.peft import load_adapter
-from camelid.templates import for_tokenizer, get_template, recorded_template
+from camelid.templates import TEMPLATE_FILE, for_tokenizer, get_template, recorded_template
 
 def _device(name: str | None) -> torch.device:
     return parse_device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -217,6 +218,9 @@ def cmd_init(args: argparse.Namespace) -> None:
     config = config.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     torch.manual_seed(args.seed)
     model = Transformer(config)
+    if out.is_dir():  # --overwrite: the old model's chat template must not outlive it for the new tokenizer
+        for name in (*TOKENIZER_FILES, TEMPLATE_FILE):
+            (out / name).unlink(missing_ok=True)
     out = save_pretrained(model, args.out, dtype=args.dtype)
     tokenizer.save(out)
     print(f"wrote {out}: preset {args.preset}, {human_count(model.num_parameters())} parameters (random), "

@@ -429,7 +429,24 @@ def read_meta(path: str | os.PathLike[str]) -> dict:
     missing = [key for key in ("dtype", "vocab_size", "eos_id", "bos_id", "splits") if key not in meta]
     if missing:
         raise DataError(f"{file}: no {missing[0]!r} (damaged?): run `camelid data prepare` again")
+    if not _well_typed(meta):  # else a TypeError from numpy or from a check further on
+        raise DataError(f"{file}: a value of the wrong type (damaged?): run `camelid data prepare` again")
     return meta
+
+
+def _well_typed(meta: dict) -> bool:
+    """The values read_meta's readers use: the dtype prepare writes, integer sizes and ids, and each split's
+    {"tokens": int, "shards": [{"file": str, "tokens": int}, ...]}."""
+    def shard_ok(shard) -> bool:
+        return isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("tokens"), int)
+
+    def split_ok(split) -> bool:
+        return (isinstance(split, dict) and isinstance(split.get("tokens"), int)
+                and isinstance(split.get("shards"), list) and all(map(shard_ok, split["shards"])))
+
+    return (meta["dtype"] in ("uint16", "uint32") and isinstance(meta["vocab_size"], int)
+            and all(isinstance(meta[k], (int, type(None))) for k in ("eos_id", "bos_id"))
+            and isinstance(meta["splits"], dict) and all(map(split_ok, meta["splits"].values())))
 
 
 def _shard_ok(folder: Path, meta: dict, split: str) -> bool:

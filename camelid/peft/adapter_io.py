@@ -19,6 +19,7 @@ camelid.quant (the deliberate peft -> quant edge described in lora.py).
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -118,12 +119,14 @@ def read_adapter_config(path: str | Path) -> dict:
 
 def _check_numbers(config: dict, file: Path) -> None:
     """The fields camelid computes with, as a hand-edited config may get them wrong: one line, not a traceback."""
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    def number(value) -> bool:  # finite: a NaN or infinite alpha loads and computes NaN logits
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
     for field in ("lora_alpha", "lora_dropout"):
         if field in config and not number(config[field]):
             raise AdapterError(f"{file}: {field}={config[field]!r} is not a number")
+    if not 0 <= config.get("lora_dropout", 0) < 1:  # else nn.Dropout's message, naming the weights file
+        raise AdapterError(f"{file}: lora_dropout={config['lora_dropout']!r} is not in [0, 1)")
     patterns = config.get("alpha_pattern") or {}
     if not isinstance(patterns, dict) or not all(number(v) for v in patterns.values()):
         raise AdapterError(f"{file}: alpha_pattern={patterns!r} is not an object of pattern: number")

@@ -356,6 +356,24 @@ def test_a_meta_json_of_the_wrong_shape_is_a_data_error(tmp_path, text):
         TokenData(tmp_path)
 
 
+@pytest.mark.parametrize("damage", [
+    lambda m: m.update(dtype="float99"),  # numpy's 'data type not understood' TypeError
+    lambda m: m.update(vocab_size=None),  # a TypeError from pretrain's vocabulary check
+    lambda m: m["splits"].update(train=5),
+    lambda m: m["splits"]["train"]["shards"][0].update(file=5),
+])
+def test_a_meta_json_value_of_the_wrong_type_is_a_data_error(tmp_path, sharded, damage):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for p in sharded.iterdir():
+        (broken / p.name).write_bytes(p.read_bytes())
+    meta = json.loads((broken / "meta.json").read_text())
+    damage(meta)
+    (broken / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="meta.json.*camelid data prepare"):
+        TokenData(broken)
+
+
 # ---- CLI --------------------------------------------------------------------------------------------------------
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

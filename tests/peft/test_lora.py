@@ -429,6 +429,10 @@ def test_inits_that_change_the_base_are_refused_and_their_conversion_loads(init,
     ({"alpha_pattern": ["q_proj"]}, r"alpha_pattern=\['q_proj'\] is not an object of pattern: number"),
     ({"alpha_pattern": {"q_proj": "3"}}, "alpha_pattern=.* is not an object of pattern: number"),
     ({"alpha_pattern": {"(": 3}}, r"alpha_pattern key '\(' is not a regular expression"),
+    # named the weights file (nn.Dropout's message), or loaded and computed NaN logits
+    ({"lora_dropout": 2}, r"lora_dropout=2 is not in \[0, 1\)"),
+    ({"lora_alpha": float("nan")}, "lora_alpha=nan is not a number"),
+    ({"alpha_pattern": {"q_proj": float("inf")}}, "alpha_pattern=.* is not an object of pattern: number"),
 ])
 def test_malformed_adapter_config_is_one_line_error(change, message, hf_checkpoint, tmp_path):
     path = hf_checkpoint("llama")
