@@ -13,7 +13,7 @@ import textwrap
 from urllib.parse import quote
 
 from camelid.cli.model_verbs import user_lines
-from camelid.cli.serve_verbs import LOG_LEVELS, check_template, parse_adapters, port_number
+from camelid.cli.serve_verbs import LOG_LEVELS, check_controller_url, check_template, parse_adapters, port_number
 
 __all__ = ["ChatClient", "chat_with_server", "cluster_token", "parse_adapters", "register"]
 
@@ -60,6 +60,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from camelid.serve.controller import SERVER_KEEP_ALIVE_S
     from camelid.serve.worker import create_worker_app
 
+    check_controller_url(args.controller)
     adapters = parse_adapters(args.adapter)
     token = cluster_token(args)  # before the model loads: a flag mistake costs nothing
     if args.decode_steps is not None and args.decode_steps < 1:

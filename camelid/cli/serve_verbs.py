@@ -7,6 +7,7 @@ import asyncio
 import os
 import textwrap
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEFAULT_DB = "sqlite:///camelid-chats.db"
 API_KEYS_ENV = "CAMELID_API_KEYS"
@@ -27,6 +28,13 @@ def check_template(name: str | None) -> None:
 
     if name not in (None, "model"):
         get_template(name)
+
+
+def check_controller_url(url: str) -> None:
+    """Refuse a --controller that is no http(s) URL: a typo, not a controller still starting (which is retried)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--controller {url!r} is not a URL: expected http://HOST:PORT")
 
 
 def parse_adapters(items: list[str]) -> dict[str, str]:
@@ -74,6 +82,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--decode-steps must be >= 1, got {args.decode_steps}")
     if args.controller and args.decode_steps != 1:
         raise ValueError("--decode-steps sets a local engine: give it with --model (or to the workers)")
+    if args.controller:
+        check_controller_url(args.controller)
     parse_adapters(args.adapter or [])
     check_template(args.template)
     if args.device:

@@ -369,6 +369,18 @@ def test_the_cluster_token_guards_the_controller_and_the_workers():
     assert controller.get("/health").status_code == 200  # probes need no token
 
 
+@pytest.mark.parametrize("verb", [["worker", "--model", "/no/such"], ["serve", "--db", "none"]])
+@pytest.mark.parametrize("url", ["notaurl", "127.0.0.1:21001", "ftp://h:1", "http://"])
+def test_a_malformed_controller_url_is_a_flag_error(verb, url, capsys):
+    """Not a URL at all is a typo, not a controller that is still starting: refuse it at once (the worker would
+    load its model, then retry forever; the server would answer every request with a 503)."""
+    from camelid.cli import main
+
+    assert main([*verb, "--controller", url]) == 2
+    err = capsys.readouterr().err
+    assert "--controller" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("verb", [["controller"], ["worker", "--controller", "http://x", "--model", "/no/such"]])
 def test_a_public_host_needs_a_cluster_token(verb, capsys, monkeypatch):
     from camelid.cli import main
