@@ -10,6 +10,7 @@ HTTP API:
            Closing the connection aborts the request in the engine.
   POST /worker/count_chat_tokens {model, messages} -> {"count": int}
   GET  /worker/status -> {name, address, models, queue_length, stats}   (what it registers and heartbeats)
+  GET  /health -> {"status": "ok", ...} | 503 once its engine has failed  (no token needed: for probes)
 
 With a cluster token, every /worker/* request must carry it (header X-Camelid-Cluster-Token; else 401), and the worker
 sends it to the controller. A worker whose engine failed unregisters and stops heartbeating: nothing is routed to it.
@@ -171,15 +172,15 @@ def create_worker_app(backend, name: str, address: str, controller_url: str | No
                 await worker.unregister()
             await backend.close()
 
-    app = FastAPI(title=f"camelid worker {name}", lifespan=lifespan,
-                  dependencies=[Depends(require_cluster_token(cluster_token))])
+    app = FastAPI(title=f"camelid worker {name}", lifespan=lifespan)
     app.state.worker = worker
+    guarded = [Depends(require_cluster_token(cluster_token))]
 
-    @app.post("/worker/generate")
+    @app.post("/worker/generate", dependencies=guarded)
     async def generate(req: GenerateRequest) -> StreamingResponse:
         return StreamingResponse(worker.generate_lines(req), media_type="application/x-ndjson")
 
-    @app.post("/worker/count_chat_tokens")
+    @app.post("/worker/count_chat_tokens", dependencies=guarded)
     async def count_chat_tokens(req: CountRequest):
         try:
             if inspect.iscoroutinefunction(backend.count_chat_tokens):
@@ -190,8 +191,15 @@ def create_worker_app(backend, name: str, address: str, controller_url: str | No
             return JSONResponse(status_code=e.status, content={"error": e.to_dict()})
         return {"count": count}
 
-    @app.get("/worker/status")
+    @app.get("/worker/status", dependencies=guarded)
     async def status() -> dict:
         return await worker.registration()
+
+    @app.get("/health")
+    async def health():
+        """For probes (no token needed): 503 once the engine has failed."""
+        if not worker.healthy():
+            return JSONResponse(status_code=503, content={"status": "failed", "name": worker.name})
+        return {"status": "ok", "name": worker.name, "in_flight": worker.in_flight}
 
     return app

@@ -369,6 +369,20 @@ def test_the_cluster_token_guards_the_controller_and_the_workers():
     assert controller.get("/health").status_code == 200  # probes need no token
 
 
+def test_a_worker_answers_health_without_the_token():
+    """SERVING.md: a worker whose engine failed answers /health with 503 (a load balancer's or k8s' probe)."""
+    from fastapi.testclient import TestClient
+
+    from camelid.serve.worker import create_worker_app
+
+    backend = FakeBackend(_answer)
+    worker = TestClient(create_worker_app(backend, "w", "http://w", cluster_token=TOKEN))
+    assert worker.get("/health").status_code == 200
+    backend.ok = False
+    r = worker.get("/health")
+    assert r.status_code == 503 and r.json()["status"] == "failed"
+
+
 @pytest.mark.parametrize("verb", [["worker", "--model", "/no/such"], ["serve", "--db", "none"]])
 @pytest.mark.parametrize("url", ["notaurl", "127.0.0.1:21001", "ftp://h:1", "http://"])
 def test_a_malformed_controller_url_is_a_flag_error(verb, url, capsys):
