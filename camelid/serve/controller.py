@@ -6,7 +6,9 @@ least-loaded live worker serving a model, then talks to that worker directly: no
 
 HTTP API (JSON):
   POST /register  {name, address, models: [{id, context_length, ...}], queue_length, stats} -> {"ok": true}
-  POST /heartbeat {name, queue_length, stats} -> {"known": bool}  (false: register again, e.g. after a restart)
+                  | 409 when a live worker at another address has that name
+  POST /heartbeat {name, address?, queue_length, stats} -> {"known": bool}  (false: register again, e.g. after a
+                  restart)
   POST /pick      {model, reserve?} -> {name, address} | 404 when no live worker serves that model
   POST /drop      {name}  -> {"dropped": bool}           (a client saw the worker fail: stop routing to it at once)
   GET  /workers   -> {"data": [{name, address, models, queue_length, stats, last_heartbeat_age}]}
@@ -81,12 +83,19 @@ class Controller:
 
     def register(self, name: str, address: str, models: list[dict], queue_length: int = 0,
                  stats: dict | None = None) -> None:
-        self.workers[name] = WorkerInfo(name, address.rstrip("/"), models, queue_length, dict(stats or {}),
+        """ValueError when a live worker at another address has this name: two workers given the same --name would
+        otherwise share one entry (the first never routed to again, the second's load overwritten by the first's)."""
+        address = address.rstrip("/")
+        holder = self.live_workers().get(name)
+        if holder is not None and holder.address != address:
+            raise ValueError(f"the worker name {name!r} is taken by the live worker at {holder.address}: give each "
+                             f"worker its own --name")
+        self.workers[name] = WorkerInfo(name, address, models, queue_length, dict(stats or {}),
                                         last_heartbeat=self.clock())
 
-    def heartbeat(self, name: str, queue_length: int, stats: dict | None = None) -> bool:
+    def heartbeat(self, name: str, queue_length: int, stats: dict | None = None, address: str | None = None) -> bool:
         worker = self.live_workers().get(name)
-        if worker is None:
+        if worker is None or (address is not None and address.rstrip("/") != worker.address):
             return False
         worker.queue_length, worker.picked_since_heartbeat, worker.last_heartbeat = queue_length, 0, self.clock()
         worker.stats = dict(stats or {})
@@ -128,6 +137,7 @@ class RegisterRequest(BaseModel):
 
 class HeartbeatRequest(BaseModel):
     name: str
+    address: str | None = None  # told apart from another worker that took the name while this one was silent
     queue_length: int = 0
     stats: dict = {}
 
@@ -149,12 +159,15 @@ def create_controller_app(heartbeat_timeout: float = 4.0, cluster_token: str | N
 
     @app.post("/register", dependencies=guarded)
     async def register(req: RegisterRequest) -> dict:
-        controller.register(req.name, req.address, req.models, req.queue_length, req.stats)
+        try:
+            controller.register(req.name, req.address, req.models, req.queue_length, req.stats)
+        except ValueError as e:
+            raise HTTPException(409, str(e)) from None
         return {"ok": True}
 
     @app.post("/heartbeat", dependencies=guarded)
     async def heartbeat(req: HeartbeatRequest) -> dict:
-        return {"known": controller.heartbeat(req.name, req.queue_length, req.stats)}
+        return {"known": controller.heartbeat(req.name, req.queue_length, req.stats, req.address)}
 
     @app.post("/pick", dependencies=guarded)
     async def pick(req: PickRequest):

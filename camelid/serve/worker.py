@@ -56,6 +56,14 @@ def error_line(e: BackendError) -> str:
     return json.dumps({"error": e.to_dict()}) + "\n"
 
 
+def refusal(response: httpx.Response) -> str:
+    """The controller's reason for a 4xx/5xx ({"detail": ...} from FastAPI), else the status line."""
+    try:
+        return f"{response.status_code} {response.json()['detail']}"
+    except (ValueError, KeyError, TypeError):
+        return f"{response.status_code} {response.reason_phrase}"
+
+
 class Worker:
     """The worker's state: its backend, its name/address for the controller, and the count of requests in flight
     (its load, reported with each heartbeat)."""
@@ -132,12 +140,18 @@ class Worker:
                         registered, warned = True, False
                         log.info("worker %s registered with %s", self.name, self.controller_url)
                     else:
-                        r = await client.post("/heartbeat", json={"name": self.name, "queue_length": self.in_flight,
+                        r = await client.post("/heartbeat", json={"name": self.name, "address": self.address,
+                                                                  "queue_length": self.in_flight,
                                                                   "stats": await self.stats()})
                         r.raise_for_status()
                         registered = r.json()["known"]
                         if not registered:
                             continue  # register again at once
+                except httpx.HTTPStatusError as e:  # a wrong token (401), a name taken by another worker (409)
+                    if not warned:
+                        log.warning("worker %s: the controller %s refused it: %s; retrying", self.name,
+                                    self.controller_url, refusal(e.response))
+                        warned = True
                 except (httpx.HTTPError, ValueError, KeyError) as e:  # down, restarting, or not a controller
                     if not warned:
                         log.warning("worker %s: controller %s unreachable (%s); retrying", self.name,

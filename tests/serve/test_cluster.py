@@ -150,6 +150,30 @@ def test_controller_routes_to_least_loaded_and_expires_silent_workers():
     assert c.pick("m") is None and c.models() == []
 
 
+def test_a_live_workers_name_is_not_taken_by_another_address():
+    """Two workers given the same --name: the second must not silently replace the first (whose heartbeats would
+    then keep the impostor's entry alive while the first never gets a request again)."""
+    from fastapi.testclient import TestClient
+
+    now = [0.0]
+    c = Controller(heartbeat_timeout=3.0, clock=lambda: now[0])
+    c.register("a", "http://a", [{"id": "m"}])
+    with pytest.raises(ValueError, match="http://a"):
+        c.register("a", "http://b", [{"id": "other"}])
+    assert c.workers["a"].address == "http://a"
+    c.register("a", "http://a/", [{"id": "m"}])  # the same worker again (it restarted): fine
+    assert not c.heartbeat("a", 0, address="http://b")  # a heartbeat from elsewhere is not the registered worker's
+    assert c.heartbeat("a", 0, address="http://a")
+    now[0] = 3.5  # once the first one has gone silent, the name is free
+    c.register("a", "http://b", [{"id": "other"}])
+    assert c.workers["a"].address == "http://b"
+
+    client = TestClient(create_controller_app())
+    assert client.post("/register", json={"name": "w", "address": "http://x", "models": []}).status_code == 200
+    r = client.post("/register", json={"name": "w", "address": "http://y", "models": []})
+    assert r.status_code == 409 and "http://x" in r.json()["detail"]
+
+
 # ---- a real cluster ------------------------------------------------------------------------------------------------
 
 def test_workers_register_and_load_is_spread(cluster):
