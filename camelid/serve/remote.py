@@ -1,8 +1,9 @@
 """RemoteBackend: the Backend interface over a cluster. Each request asks the controller for the least-loaded live
 worker serving its model, then streams that worker's newline-delimited JSON chunks.
 
-A worker that cannot be reached before the request started, or that refuses it with a 503 before its first chunk (its
-engine failed, or it is shutting down), is dropped and another one is picked. A worker that stops
+A worker that cannot be reached before the request started, that drops or ignores it before answering (killed as it
+arrived), or that refuses it with a 503 before its first chunk (its engine failed, or it is shutting down), is dropped
+and another one is picked. A worker that stops
 answering mid-request (connection reset, or nothing at all, not even the keepalive blank lines it sends every second,
 for `chunk_timeout` seconds) is dropped and the request ends with a BackendError naming the worker: never a hang.
 """
@@ -142,6 +143,10 @@ class RemoteBackend(Backend):
                                        f"at {worker['address']}: {e})", type="server_error") from None
             except httpx.TransportError as e:
                 await self._drop(worker, e)
+                if not started and attempt < self.max_attempts:
+                    # no response at all (it died as the request arrived, or hangs): the worker sends its status
+                    # line before it starts the engine, so nothing ran there and the caller saw nothing: try another
+                    continue
                 what = "stopped answering" if started else "failed"
                 if isinstance(e, httpx.ReadTimeout):
                     what = "sent nothing for too long"

@@ -473,6 +473,52 @@ def test_a_failed_worker_is_skipped_and_leaves_the_controller():
             server.stop()
 
 
+def test_a_worker_that_dies_before_answering_is_skipped():
+    """kill -9 of an idle worker: a request sent in that instant is accepted by the kernel, then the connection
+    drops before any response (ReadError / RemoteProtocolError, not ConnectError). Nothing ran: try another worker."""
+    from camelid.serve.worker import create_worker_app
+
+    controller = ServerThread(create_controller_app(heartbeat_timeout=30, cluster_token=TOKEN))
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead.listen()
+    dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+
+    def hang_up() -> None:  # reads the request, then the process is gone
+        conn, _ = dead.accept()
+        conn.recv(65536)
+        conn.close()
+    import threading
+    threading.Thread(target=hang_up, daemon=True).start()
+    good = FakeBackend(_answer)
+    worker = None
+    try:
+        httpx.post(f"{controller.url}/register", headers=AUTH,  # first: picked first on a tie
+                   json={"name": "dead", "address": dead_url, "models": [{"id": MODEL}]}).raise_for_status()
+        port = free_port()
+        worker = ServerThread(create_worker_app(good, "good", f"http://127.0.0.1:{port}", controller.url,
+                                                heartbeat_interval=0.1, cluster_token=TOKEN), port)
+
+        async def ask():
+            backend = RemoteBackend(controller.url, cluster_token=TOKEN)
+            try:
+                for _ in range(100):  # until "good" has registered
+                    if len(httpx.get(f"{controller.url}/workers", headers=AUTH).json()["data"]) == 2:
+                        break
+                    await asyncio.sleep(0.05)
+                return await run(backend, "hi", SamplingParams(max_tokens=4))
+            finally:
+                await backend.close()
+
+        assert asyncio.run(ask()) == ("echo hi", ["stop"])
+        names = {w["name"] for w in httpx.get(f"{controller.url}/workers", headers=AUTH).json()["data"]}
+        assert names == {"good"} and good.calls == 1
+    finally:
+        dead.close()
+        for server in [s for s in (worker, controller) if s is not None]:
+            server.stop()
+
+
 def test_a_cluster_with_no_live_worker_answers_503_so_clients_retry():
     """Every worker gone (restarting, say): the model is not unknown, the cluster is out of capacity for a moment. A
     503 is what the openai client retries; a 404 model_not_found ("this server has: ") tells it to give up."""
