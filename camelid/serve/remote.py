@@ -154,14 +154,17 @@ class RemoteBackend(Backend):
                                    f"{type(e).__name__}: {e}", type="server_error") from None
 
     async def count_chat_tokens(self, model: str, messages: list[dict]) -> int:
-        worker = await self._pick(model, reserve=False)
-        try:
-            r = await self._client.post(f"{worker['address']}/worker/count_chat_tokens",
-                                        json={"model": model, "messages": messages})
-        except httpx.TransportError as e:
-            await self._drop(worker, e)
-            raise BackendError(502, f"worker {worker['name']} at {worker['address']} failed: {e}",
-                               type="server_error") from None
+        for attempt in range(1, self.max_attempts + 1):  # a count changes nothing: any worker may (re)do it
+            worker = await self._pick(model, reserve=False)
+            try:
+                r = await self._client.post(f"{worker['address']}/worker/count_chat_tokens",
+                                            json={"model": model, "messages": messages})
+                break
+            except httpx.TransportError as e:
+                await self._drop(worker, e)
+                if attempt == self.max_attempts:
+                    raise BackendError(502, f"worker {worker['name']} at {worker['address']} failed: {e}",
+                                       type="server_error") from None
         if r.status_code != 200:
             raise BackendError.from_dict({**r.json().get("error", {}), "status": r.status_code})
         return r.json()["count"]

@@ -519,6 +519,37 @@ def test_a_worker_that_dies_before_answering_is_skipped():
             server.stop()
 
 
+def test_chat_token_counts_skip_a_dead_worker():
+    """A chat request without max_tokens first counts its prompt's tokens on a worker: one killed a moment ago (not
+    yet expired at the controller) must not fail the request when another worker serves the model."""
+    from camelid.serve.worker import create_worker_app
+
+    controller = ServerThread(create_controller_app(heartbeat_timeout=30, cluster_token=TOKEN))
+    worker = None
+    try:
+        httpx.post(f"{controller.url}/register", headers=AUTH,  # first: picked first on a tie
+                   json={"name": "dead", "address": f"http://127.0.0.1:{free_port()}", "models": [{"id": MODEL}]})
+        port = free_port()
+        worker = ServerThread(create_worker_app(FakeBackend(_answer), "good", f"http://127.0.0.1:{port}",
+                                                controller.url, heartbeat_interval=0.1, cluster_token=TOKEN), port)
+        deadline = time.monotonic() + 10
+        while len(httpx.get(f"{controller.url}/workers", headers=AUTH).json()["data"]) < 2:
+            assert time.monotonic() < deadline, "good did not register"
+            time.sleep(0.05)
+
+        async def count():
+            backend = RemoteBackend(controller.url, cluster_token=TOKEN)
+            try:
+                return await backend.count_chat_tokens(MODEL, [{"role": "user", "content": "hello"}])
+            finally:
+                await backend.close()
+
+        assert asyncio.run(count()) == 5
+    finally:
+        for server in [s for s in (worker, controller) if s is not None]:
+            server.stop()
+
+
 def test_a_cluster_with_no_live_worker_answers_503_so_clients_retry():
     """Every worker gone (restarting, say): the model is not unknown, the cluster is out of capacity for a moment. A
     503 is what the openai client retries; a 404 model_not_found ("this server has: ") tells it to give up."""
