@@ -13,7 +13,7 @@ import textwrap
 from urllib.parse import quote
 
 from camelid.cli.model_verbs import user_lines
-from camelid.cli.serve_verbs import LOG_LEVELS, check_controller_url, check_template, parse_adapters, port_number
+from camelid.cli.serve_verbs import LOG_LEVELS, check_http_url, check_template, parse_adapters, port_number
 
 __all__ = ["ChatClient", "chat_with_server", "cluster_token", "parse_adapters", "register"]
 
@@ -24,6 +24,13 @@ def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified  # 0.0.0.0 or ::
+    except ValueError:
         return False
 
 
@@ -60,9 +67,14 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from camelid.serve.controller import SERVER_KEEP_ALIVE_S
     from camelid.serve.worker import create_worker_app
 
-    check_controller_url(args.controller)
+    check_http_url(args.controller)
     adapters = parse_adapters(args.adapter)
     token = cluster_token(args)  # before the model loads: a flag mistake costs nothing
+    if args.address:
+        check_http_url(args.address, "--address")
+    elif _is_unspecified(args.host):  # the controller would hand the server http://0.0.0.0:PORT
+        raise ValueError(f"--host {args.host} listens on every interface, and http://{args.host}:{args.port} is no "
+                         f"address to reach it at: give --address http://THIS_MACHINE:{args.port}")
     if args.decode_steps is not None and args.decode_steps < 1:
         raise ValueError(f"--decode-steps must be >= 1, got {args.decode_steps}")
     if args.heartbeat_interval <= 0:  # 0 would post heartbeats to the controller in a busy loop
@@ -253,7 +265,7 @@ def register(verbs, fmt) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port_number, default=21002)
     p.add_argument("--address", default=None,
-                   help="the URL the server reaches this worker at (default: http://HOST:PORT)")
+                   help="the URL the server reaches this worker at (default: http://HOST:PORT; needed with --host 0.0.0.0)")
     p.add_argument("--name", default=None, help="the worker's name at the controller (default: HOSTNAME:PORT)")
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 64MB or 2GB (default: the engine's)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as saved)")

@@ -30,11 +30,12 @@ def check_template(name: str | None) -> None:
         get_template(name)
 
 
-def check_controller_url(url: str) -> None:
-    """Refuse a --controller that is no http(s) URL: a typo, not a controller still starting (which is retried)."""
+def check_http_url(url: str, flag: str = "--controller") -> None:
+    """Refuse a --controller (--address) that is no http(s) URL: a typo, not a controller still starting (which is
+    retried), nor an address every request routed to would fail at."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"--controller {url!r} is not a URL: expected http://HOST:PORT")
+        raise ValueError(f"{flag} {url!r} is not a URL: expected http://HOST:PORT")
 
 
 def parse_adapters(items: list[str]) -> dict[str, str]:
@@ -83,7 +84,7 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.controller and args.decode_steps != 1:
         raise ValueError("--decode-steps sets a local engine: give it with --model (or to the workers)")
     if args.controller:
-        check_controller_url(args.controller)
+        check_http_url(args.controller)
     parse_adapters(args.adapter or [])
     check_template(args.template)
     if args.device:

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -419,6 +420,18 @@ def test_a_malformed_controller_url_is_a_flag_error(verb, url, capsys):
     assert "--controller" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("flags", [["--address", "10.0.0.2:21002"], ["--host", "0.0.0.0"]])
+def test_a_worker_needs_an_address_the_server_can_reach(flags, capsys):
+    """--address without http:// (every request routed there would fail), or --host 0.0.0.0 with no --address (the
+    controller would tell the server to call http://0.0.0.0:PORT): refused before the model loads."""
+    from camelid.cli import main
+
+    argv = ["worker", "--controller", "http://127.0.0.1:21001", "--model", "/no/such", "--cluster-token", "t"]
+    assert main([*argv, *flags]) == 2
+    err = capsys.readouterr().err
+    assert "--address" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("verb", [["controller"], ["worker", "--controller", "http://x", "--model", "/no/such"]])
 def test_a_public_host_needs_a_cluster_token(verb, capsys, monkeypatch):
     from camelid.cli import main
@@ -488,7 +501,6 @@ def test_a_worker_that_dies_before_answering_is_skipped():
         conn, _ = dead.accept()
         conn.recv(65536)
         conn.close()
-    import threading
     threading.Thread(target=hang_up, daemon=True).start()
     good = FakeBackend(_answer)
     worker = None
