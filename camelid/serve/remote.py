@@ -62,9 +62,10 @@ class RemoteBackend(Backend):
     def models(self) -> list[dict[str, Any]]:
         try:
             r = self._sync_client.get(f"{self.controller_url}/models")
-            r.raise_for_status()
         except httpx.HTTPError as e:
             raise self._controller_error(e) from None
+        if r.status_code != 200:  # up, but refusing: a 401 is a cluster token that differs from the controller's
+            raise BackendError(503, f"the controller answered {r.status_code}: {r.text[:200]}", type="server_error")
         return r.json()["data"]
 
     async def _pick(self, model: str, reserve: bool = True) -> dict[str, str]:

@@ -583,6 +583,28 @@ def test_a_cluster_with_no_live_worker_answers_503_so_clients_retry():
         controller.stop()
 
 
+def test_a_server_without_the_cluster_token_says_so():
+    """`camelid serve --controller` given no (or another) cluster token: the controller answers 401, and the error
+    must say that, not that the controller is unreachable (it is up: the operator would look in the wrong place)."""
+    controller = ServerThread(create_controller_app(cluster_token=TOKEN))
+
+    async def ask() -> list[str]:
+        backend = RemoteBackend(controller.url, cluster_token="wrong")
+        try:
+            with pytest.raises(BackendError) as listing:
+                await asyncio.to_thread(backend.models)
+            with pytest.raises(BackendError) as generating:
+                await run(backend, "hi", SHORT)
+            return [listing.value.message, generating.value.message]
+        finally:
+            await backend.close()
+    try:
+        for message in asyncio.run(ask()):
+            assert "401" in message and "cluster token" in message and "unreachable" not in message
+    finally:
+        controller.stop()
+
+
 def test_remote_stats_add_counters_and_take_the_largest_device_gauge():
     controller = ServerThread(create_controller_app(cluster_token=TOKEN))
     try:
