@@ -5,8 +5,8 @@ older than `heartbeat_timeout` seconds is dropped. The OpenAI server (RemoteBack
 least-loaded live worker serving a model, then talks to that worker directly: no generated token passes through here.
 
 HTTP API (JSON):
-  POST /register  {name, address, models: [{id, context_length, ...}], queue_length, stats} -> {"ok": true}
-                  | 409 when a live worker at another address has that name
+  POST /register  {name, address, models: [{id, context_length, ...}], queue_length, stats}
+                  -> {"ok": true, "heartbeat_timeout": s} | 409 when a live worker at another address has that name
   POST /heartbeat {name, address?, queue_length, stats} -> {"known": bool}  (false: register again, e.g. after a
                   restart)
   POST /pick      {model, reserve?} -> {name, address} | 404 when no live worker serves that model
@@ -163,7 +163,7 @@ def create_controller_app(heartbeat_timeout: float = 4.0, cluster_token: str | N
             controller.register(req.name, req.address, req.models, req.queue_length, req.stats)
         except ValueError as e:
             raise HTTPException(409, str(e)) from None
-        return {"ok": True}
+        return {"ok": True, "heartbeat_timeout": controller.heartbeat_timeout}
 
     @app.post("/heartbeat", dependencies=guarded)
     async def heartbeat(req: HeartbeatRequest) -> dict:

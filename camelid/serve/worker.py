@@ -126,7 +126,7 @@ class Worker:
         """Register, then heartbeat every `heartbeat_interval` s. A controller that does not know us (it restarted,
         or dropped us after a missed beat) answers known=false and we register again; an unreachable one is retried.
         Once the backend has failed we unregister and stop: the controller must not route requests here."""
-        registered, warned = False, False
+        registered, warned, slow_warned = False, False, False
         async with httpx.AsyncClient(base_url=self.controller_url, timeout=2.0, headers=self.headers) as client:
             while True:
                 if not self.healthy():
@@ -136,9 +136,17 @@ class Worker:
                     return
                 try:
                     if not registered:
-                        (await client.post("/register", json=await self.registration())).raise_for_status()
+                        r = await client.post("/register", json=await self.registration())
+                        r.raise_for_status()
                         registered, warned = True, False
                         log.info("worker %s registered with %s", self.name, self.controller_url)
+                        timeout = r.json().get("heartbeat_timeout")
+                        if timeout is not None and self.heartbeat_interval >= timeout and not slow_warned:
+                            # dropped before each heartbeat: out of the controller for a moment every interval
+                            log.warning("worker %s: --heartbeat-interval %g s is not shorter than the controller's "
+                                        "--heartbeat-timeout %g s: it will drop this worker between heartbeats",
+                                        self.name, self.heartbeat_interval, timeout)
+                            slow_warned = True
                     else:
                         r = await client.post("/heartbeat", json={"name": self.name, "address": self.address,
                                                                   "queue_length": self.in_flight,

@@ -562,6 +562,27 @@ def test_chat_token_counts_skip_a_dead_worker():
             server.stop()
 
 
+def test_a_heartbeat_slower_than_the_controllers_timeout_is_reported(caplog):
+    """--heartbeat-interval >= the controller's --heartbeat-timeout: the worker is dropped and registers again on
+    each beat, and requests meanwhile find no worker. Silent before; now the worker says why."""
+    from camelid.serve.worker import create_worker_app
+
+    controller = ServerThread(create_controller_app(heartbeat_timeout=0.2, cluster_token=TOKEN))
+    port = free_port()
+    worker = ServerThread(create_worker_app(FakeBackend(_answer), "w", f"http://127.0.0.1:{port}", controller.url,
+                                            heartbeat_interval=0.3, cluster_token=TOKEN), port)
+    try:
+        deadline = time.monotonic() + 10
+        while "--heartbeat-timeout 0.2 s" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.05)
+        time.sleep(0.7)  # two more drops and re-registrations
+        assert caplog.text.count("--heartbeat-timeout") == 1  # said once, not on every one
+    finally:
+        worker.stop()
+        controller.stop()
+
+
 def test_a_cluster_with_no_live_worker_answers_503_so_clients_retry():
     """Every worker gone (restarting, say): the model is not unknown, the cluster is out of capacity for a moment. A
     503 is what the openai client retries; a 404 model_not_found ("this server has: ") tells it to give up."""
