@@ -68,12 +68,16 @@ class RemoteBackend(Backend):
             raise BackendError(503, f"the controller answered {r.status_code}: {r.text[:200]}", type="server_error")
         return r.json()["data"]
 
-    async def _pick(self, model: str, reserve: bool = True) -> dict[str, str]:
-        """{name, address} of the least-loaded live worker serving `model`; BackendError 404 when there is none."""
+    async def _pick(self, model: str, reserve: bool = True, retry: bool = False) -> dict[str, str]:
+        """{name, address} of the least-loaded live worker serving `model`; BackendError 404 when there is none (503
+        on a `retry`: we just dropped its last worker, so the model is known and only out of capacity for now)."""
         try:
             r = await self._client.post(f"{self.controller_url}/pick", json={"model": model, "reserve": reserve})
         except httpx.HTTPError as e:
             raise self._controller_error(e) from None
+        if r.status_code == 404 and retry:
+            raise BackendError(503, f"{r.json()['error']['message']} right now (its last worker just failed): retry "
+                               f"shortly", type="server_error", code="no_live_worker")
         if r.status_code == 404:
             raise BackendError(404, r.json()["error"]["message"], param="model", code="model_not_found")
         if r.status_code != 200:
@@ -96,7 +100,7 @@ class RemoteBackend(Backend):
         body = {"model": model, "prompt": prompt, "messages": messages, "params": params_to_dict(params),
                 "request_id": request_id}
         for attempt in range(1, self.max_attempts + 1):
-            worker = await self._pick(model)
+            worker = await self._pick(model, retry=attempt > 1)
             url = f"{worker['address']}/worker/generate"
             finished, started, yielded = 0, False, False
             try:
@@ -156,7 +160,7 @@ class RemoteBackend(Backend):
 
     async def count_chat_tokens(self, model: str, messages: list[dict]) -> int:
         for attempt in range(1, self.max_attempts + 1):  # a count changes nothing: any worker may (re)do it
-            worker = await self._pick(model, reserve=False)
+            worker = await self._pick(model, reserve=False, retry=attempt > 1)
             try:
                 r = await self._client.post(f"{worker['address']}/worker/count_chat_tokens",
                                             json={"model": model, "messages": messages})

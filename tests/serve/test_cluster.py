@@ -583,6 +583,32 @@ def test_a_heartbeat_slower_than_the_controllers_timeout_is_reported(caplog):
         controller.stop()
 
 
+def test_a_models_last_worker_failing_mid_request_is_a_503():
+    """The only worker of a model dies just before a request reaches it: the request was valid a moment ago, the
+    model is only out of capacity until the worker is back. A 503 (retried by clients), not 404 model_not_found."""
+    controller = ServerThread(create_controller_app(heartbeat_timeout=30, cluster_token=TOKEN))
+
+    async def ask() -> list[BackendError]:
+        backend = RemoteBackend(controller.url, cluster_token=TOKEN)
+        errors = []
+        try:
+            for call in (lambda: run(backend, "hi", SHORT),
+                         lambda: backend.count_chat_tokens(MODEL, [{"role": "user", "content": "hi"}])):
+                httpx.post(f"{controller.url}/register", headers=AUTH, json={
+                    "name": "dead", "address": f"http://127.0.0.1:{free_port()}", "models": [{"id": MODEL}]})
+                with pytest.raises(BackendError) as e:
+                    await call()
+                errors.append(e.value)
+        finally:
+            await backend.close()
+        return errors
+    try:
+        for error in asyncio.run(ask()):
+            assert error.status == 503 and "no live worker serves the model 'tiny'" in error.message
+    finally:
+        controller.stop()
+
+
 def test_a_cluster_with_no_live_worker_answers_503_so_clients_retry():
     """Every worker gone (restarting, say): the model is not unknown, the cluster is out of capacity for a moment. A
     503 is what the openai client retries; a 404 model_not_found ("this server has: ") tells it to give up."""
