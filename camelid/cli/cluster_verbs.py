@@ -13,7 +13,8 @@ import textwrap
 from urllib.parse import quote
 
 from camelid.cli.model_verbs import user_lines
-from camelid.cli.serve_verbs import LOG_LEVELS, check_http_url, check_template, parse_adapters, port_number
+from camelid.cli.serve_verbs import (LOG_LEVELS, check_http_url, check_port_free, check_template, parse_adapters,
+                                     port_number)
 
 __all__ = ["ChatClient", "chat_with_server", "cluster_token", "parse_adapters", "register"]
 
@@ -54,6 +55,7 @@ def cmd_controller(args: argparse.Namespace) -> None:
     if args.heartbeat_timeout <= 0:  # every worker would be dropped as soon as it registered
         raise ValueError(f"--heartbeat-timeout must be > 0, got {args.heartbeat_timeout:g}")
     app = create_controller_app(heartbeat_timeout=args.heartbeat_timeout, cluster_token=cluster_token(args))
+    check_port_free(args.host, args.port)
     print(f"camelid controller: http://{args.host}:{args.port} (drops a worker silent for {args.heartbeat_timeout:g} s)",
           file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=SERVER_KEEP_ALIVE_S)
@@ -82,6 +84,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     check_template(args.template)
     if args.device:
         parse_device(args.device)
+    check_port_free(args.host, args.port)
     llm_kwargs = {k: v for k, v in dict(kv_cache_memory=args.kv_cache_memory, dtype=args.dtype, device=args.device,
                                         max_num_seqs=args.max_num_seqs, compile=args.compile or None,
                                         decode_steps=args.decode_steps).items()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import textwrap
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,6 +21,19 @@ def port_number(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1-65535)")
     return port
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a --host/--port another process listens on before the model loads (and before a worker registers with
+    its controller): uvicorn's bind comes last, and exits with code 3."""
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                 flags=socket.AI_PASSIVE):
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT port is free
+                s.bind(address)
+    except OSError as e:  # socket.gaierror too: a host name that does not resolve
+        raise ValueError(f"cannot listen on --host {host} --port {port}: {e.strerror or e}") from None
 
 
 def check_template(name: str | None) -> None:
@@ -116,6 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     check_flags(args)
     keys = api_keys(args)
+    check_port_free(args.host, args.port)
     backend = build_backend(args)  # first: a model that fails to load leaves no database file behind
     try:
         sessions = SessionStore(args.db) if args.db != "none" else None
