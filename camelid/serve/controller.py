@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 __all__ = ["CLUSTER_TOKEN_ENV", "CLUSTER_TOKEN_HEADER", "Controller", "WorkerInfo", "cluster_headers",
            "create_controller_app", "require_cluster_token"]
@@ -127,10 +127,15 @@ class Controller:
         return list(seen.values())
 
 
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="allow")  # context_length, owned_by...: passed on to /v1/models as sent
+    id: str  # a card without one would fail every /pick and /models (500) until that worker expired
+
+
 class RegisterRequest(BaseModel):
     name: str
     address: str
-    models: list[dict]
+    models: list[ModelCard]
     queue_length: int = 0
     stats: dict = {}
 
@@ -160,7 +165,8 @@ def create_controller_app(heartbeat_timeout: float = 4.0, cluster_token: str | N
     @app.post("/register", dependencies=guarded)
     async def register(req: RegisterRequest) -> dict:
         try:
-            controller.register(req.name, req.address, req.models, req.queue_length, req.stats)
+            controller.register(req.name, req.address, [m.model_dump() for m in req.models], req.queue_length,
+                                req.stats)
         except ValueError as e:
             raise HTTPException(409, str(e)) from None
         return {"ok": True, "heartbeat_timeout": controller.heartbeat_timeout}

@@ -175,6 +175,19 @@ def test_a_live_workers_name_is_not_taken_by_another_address():
     assert r.status_code == 409 and "http://x" in r.json()["detail"]
 
 
+def test_a_registration_without_model_ids_is_refused():
+    """One malformed registration (a card with no "id") made every /pick and /models of the controller a 500."""
+    from fastapi.testclient import TestClient
+
+    client = TestClient(create_controller_app(), raise_server_exceptions=False)
+    assert client.post("/register", json={"name": "ok", "address": "http://ok",
+                                          "models": [{"id": "m", "context_length": 8}]}).status_code == 200
+    assert client.post("/register", json={"name": "bad", "address": "http://bad",
+                                          "models": [{"name": "m"}]}).status_code == 422
+    assert client.post("/pick", json={"model": "m"}).json()["name"] == "ok"
+    assert client.get("/models").json()["data"] == [{"id": "m", "context_length": 8}]
+
+
 # ---- a real cluster ------------------------------------------------------------------------------------------------
 
 def test_workers_register_and_load_is_spread(cluster):
