@@ -48,7 +48,11 @@ def check_http_url(url: str, flag: str = "--controller") -> None:
     """Refuse a --controller (--address) that is no http(s) URL: a typo, not a controller still starting (which is
     retried), nor an address every request routed to would fail at."""
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts.port  # noqa: B018  raises on a port that is no number or out of range
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{flag} {url!r} is not a URL: expected http://HOST:PORT")
 
 

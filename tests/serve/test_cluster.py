@@ -422,11 +422,15 @@ def test_a_worker_answers_health_without_the_token():
 
 
 @pytest.mark.parametrize("verb", [["worker", "--model", "/no/such"], ["serve", "--db", "none"]])
-@pytest.mark.parametrize("url", ["notaurl", "127.0.0.1:21001", "ftp://h:1", "http://"])
-def test_a_malformed_controller_url_is_a_flag_error(verb, url, capsys):
+@pytest.mark.parametrize("url", ["notaurl", "127.0.0.1:21001", "ftp://h:1", "http://", "http://h:abc", "http://h:99999"])
+def test_a_malformed_controller_url_is_a_flag_error(verb, url, capsys, monkeypatch):
     """Not a URL at all is a typo, not a controller that is still starting: refuse it at once (the worker would
     load its model, then retry forever; the server would answer every request with a 503)."""
+    import uvicorn
+
     from camelid.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: pytest.fail("the server started"))
 
     assert main([*verb, "--controller", url]) == 2
     err = capsys.readouterr().err
