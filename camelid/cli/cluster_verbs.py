@@ -13,7 +13,8 @@ import textwrap
 from urllib.parse import quote
 
 from camelid.cli.model_verbs import user_lines
-from camelid.cli.serve_verbs import LOG_LEVELS, check_template, parse_adapters, port_number
+from camelid.cli.serve_verbs import (LOG_LEVELS, check_http_url, check_port_free, check_template, parse_adapters,
+                                     port_number)
 
 __all__ = ["ChatClient", "chat_with_server", "cluster_token", "parse_adapters", "register"]
 
@@ -24,6 +25,13 @@ def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified  # 0.0.0.0 or ::
+    except ValueError:
         return False
 
 
@@ -47,6 +55,7 @@ def cmd_controller(args: argparse.Namespace) -> None:
     if args.heartbeat_timeout <= 0:  # every worker would be dropped as soon as it registered
         raise ValueError(f"--heartbeat-timeout must be > 0, got {args.heartbeat_timeout:g}")
     app = create_controller_app(heartbeat_timeout=args.heartbeat_timeout, cluster_token=cluster_token(args))
+    check_port_free(args.host, args.port)
     print(f"camelid controller: http://{args.host}:{args.port} (drops a worker silent for {args.heartbeat_timeout:g} s)",
           file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=SERVER_KEEP_ALIVE_S)
@@ -60,8 +69,14 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from camelid.serve.controller import SERVER_KEEP_ALIVE_S
     from camelid.serve.worker import create_worker_app
 
+    check_http_url(args.controller)
     adapters = parse_adapters(args.adapter)
     token = cluster_token(args)  # before the model loads: a flag mistake costs nothing
+    if args.address:
+        check_http_url(args.address, "--address")
+    elif _is_unspecified(args.host):  # the controller would hand the server http://0.0.0.0:PORT
+        raise ValueError(f"--host {args.host} listens on every interface, and http://{args.host}:{args.port} is no "
+                         f"address to reach it at: give --address http://THIS_MACHINE:{args.port}")
     if args.decode_steps is not None and args.decode_steps < 1:
         raise ValueError(f"--decode-steps must be >= 1, got {args.decode_steps}")
     if args.heartbeat_interval <= 0:  # 0 would post heartbeats to the controller in a busy loop
@@ -69,6 +84,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     check_template(args.template)
     if args.device:
         parse_device(args.device)
+    check_port_free(args.host, args.port)
     llm_kwargs = {k: v for k, v in dict(kv_cache_memory=args.kv_cache_memory, dtype=args.dtype, device=args.device,
                                         max_num_seqs=args.max_num_seqs, compile=args.compile or None,
                                         decode_steps=args.decode_steps).items()
@@ -252,7 +268,7 @@ def register(verbs, fmt) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port_number, default=21002)
     p.add_argument("--address", default=None,
-                   help="the URL the server reaches this worker at (default: http://HOST:PORT)")
+                   help="the URL the server reaches this worker at (default: http://HOST:PORT; needed with --host 0.0.0.0)")
     p.add_argument("--name", default=None, help="the worker's name at the controller (default: HOSTNAME:PORT)")
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 64MB or 2GB (default: the engine's)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as saved)")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import textwrap
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEFAULT_DB = "sqlite:///camelid-chats.db"
 API_KEYS_ENV = "CAMELID_API_KEYS"
@@ -21,12 +23,37 @@ def port_number(text: str) -> int:
     return port
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a --host/--port another process listens on before the model loads (and before a worker registers with
+    its controller): uvicorn's bind comes last, and exits with code 3."""
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                 flags=socket.AI_PASSIVE):
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT port is free
+                s.bind(address)
+    except OSError as e:  # socket.gaierror too: a host name that does not resolve
+        raise ValueError(f"cannot listen on --host {host} --port {port}: {e.strerror or e}") from None
+
+
 def check_template(name: str | None) -> None:
     """Refuse a --template that names no template before the model loads (else every chat request gets a 400)."""
     from camelid.templates import get_template
 
     if name not in (None, "model"):
         get_template(name)
+
+
+def check_http_url(url: str, flag: str = "--controller") -> None:
+    """Refuse a --controller (--address) that is no http(s) URL: a typo, not a controller still starting (which is
+    retried), nor an address every request routed to would fail at."""
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018  raises on a port that is no number or out of range
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{flag} {url!r} is not a URL: expected http://HOST:PORT")
 
 
 def parse_adapters(items: list[str]) -> dict[str, str]:
@@ -74,6 +101,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--decode-steps must be >= 1, got {args.decode_steps}")
     if args.controller and args.decode_steps != 1:
         raise ValueError("--decode-steps sets a local engine: give it with --model (or to the workers)")
+    if args.controller:
+        check_http_url(args.controller)
     parse_adapters(args.adapter or [])
     check_template(args.template)
     if args.device:
@@ -105,6 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     check_flags(args)
     keys = api_keys(args)
+    check_port_free(args.host, args.port)
     backend = build_backend(args)  # first: a model that fails to load leaves no database file behind
     try:
         sessions = SessionStore(args.db) if args.db != "none" else None

@@ -5,8 +5,10 @@ older than `heartbeat_timeout` seconds is dropped. The OpenAI server (RemoteBack
 least-loaded live worker serving a model, then talks to that worker directly: no generated token passes through here.
 
 HTTP API (JSON):
-  POST /register  {name, address, models: [{id, context_length, ...}], queue_length, stats} -> {"ok": true}
-  POST /heartbeat {name, queue_length, stats} -> {"known": bool}  (false: register again, e.g. after a restart)
+  POST /register  {name, address, models: [{id, context_length, ...}], queue_length, stats}
+                  -> {"ok": true, "heartbeat_timeout": s} | 409 when a live worker at another address has that name
+  POST /heartbeat {name, address?, queue_length, stats} -> {"known": bool}  (false: register again, e.g. after a
+                  restart)
   POST /pick      {model, reserve?} -> {name, address} | 404 when no live worker serves that model
   POST /drop      {name}  -> {"dropped": bool}           (a client saw the worker fail: stop routing to it at once)
   GET  /workers   -> {"data": [{name, address, models, queue_length, stats, last_heartbeat_age}]}
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 __all__ = ["CLUSTER_TOKEN_ENV", "CLUSTER_TOKEN_HEADER", "Controller", "WorkerInfo", "cluster_headers",
            "create_controller_app", "require_cluster_token"]
@@ -81,12 +83,19 @@ class Controller:
 
     def register(self, name: str, address: str, models: list[dict], queue_length: int = 0,
                  stats: dict | None = None) -> None:
-        self.workers[name] = WorkerInfo(name, address.rstrip("/"), models, queue_length, dict(stats or {}),
+        """ValueError when a live worker at another address has this name: two workers given the same --name would
+        otherwise share one entry (the first never routed to again, the second's load overwritten by the first's)."""
+        address = address.rstrip("/")
+        holder = self.live_workers().get(name)
+        if holder is not None and holder.address != address:
+            raise ValueError(f"the worker name {name!r} is taken by the live worker at {holder.address}: give each "
+                             f"worker its own --name")
+        self.workers[name] = WorkerInfo(name, address, models, queue_length, dict(stats or {}),
                                         last_heartbeat=self.clock())
 
-    def heartbeat(self, name: str, queue_length: int, stats: dict | None = None) -> bool:
+    def heartbeat(self, name: str, queue_length: int, stats: dict | None = None, address: str | None = None) -> bool:
         worker = self.live_workers().get(name)
-        if worker is None:
+        if worker is None or (address is not None and address.rstrip("/") != worker.address):
             return False
         worker.queue_length, worker.picked_since_heartbeat, worker.last_heartbeat = queue_length, 0, self.clock()
         worker.stats = dict(stats or {})
@@ -118,16 +127,22 @@ class Controller:
         return list(seen.values())
 
 
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="allow")  # context_length, owned_by...: passed on to /v1/models as sent
+    id: str  # a card without one would fail every /pick and /models (500) until that worker expired
+
+
 class RegisterRequest(BaseModel):
     name: str
     address: str
-    models: list[dict]
+    models: list[ModelCard]
     queue_length: int = 0
     stats: dict = {}
 
 
 class HeartbeatRequest(BaseModel):
     name: str
+    address: str | None = None  # told apart from another worker that took the name while this one was silent
     queue_length: int = 0
     stats: dict = {}
 
@@ -149,12 +164,16 @@ def create_controller_app(heartbeat_timeout: float = 4.0, cluster_token: str | N
 
     @app.post("/register", dependencies=guarded)
     async def register(req: RegisterRequest) -> dict:
-        controller.register(req.name, req.address, req.models, req.queue_length, req.stats)
-        return {"ok": True}
+        try:
+            controller.register(req.name, req.address, [m.model_dump() for m in req.models], req.queue_length,
+                                req.stats)
+        except ValueError as e:
+            raise HTTPException(409, str(e)) from None
+        return {"ok": True, "heartbeat_timeout": controller.heartbeat_timeout}
 
     @app.post("/heartbeat", dependencies=guarded)
     async def heartbeat(req: HeartbeatRequest) -> dict:
-        return {"known": controller.heartbeat(req.name, req.queue_length, req.stats)}
+        return {"known": controller.heartbeat(req.name, req.queue_length, req.stats, req.address)}
 
     @app.post("/pick", dependencies=guarded)
     async def pick(req: PickRequest):

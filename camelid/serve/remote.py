@@ -1,8 +1,9 @@
 """RemoteBackend: the Backend interface over a cluster. Each request asks the controller for the least-loaded live
 worker serving its model, then streams that worker's newline-delimited JSON chunks.
 
-A worker that cannot be reached before the request started, or that refuses it with a 503 before its first chunk (its
-engine failed, or it is shutting down), is dropped and another one is picked. A worker that stops
+A worker that cannot be reached before the request started, that drops or ignores it before answering (killed as it
+arrived), or that refuses it with a 503 before its first chunk (its engine failed, or it is shutting down), is dropped
+and another one is picked. A worker that stops
 answering mid-request (connection reset, or nothing at all, not even the keepalive blank lines it sends every second,
 for `chunk_timeout` seconds) is dropped and the request ends with a BackendError naming the worker: never a hang.
 """
@@ -61,17 +62,22 @@ class RemoteBackend(Backend):
     def models(self) -> list[dict[str, Any]]:
         try:
             r = self._sync_client.get(f"{self.controller_url}/models")
-            r.raise_for_status()
         except httpx.HTTPError as e:
             raise self._controller_error(e) from None
+        if r.status_code != 200:  # up, but refusing: a 401 is a cluster token that differs from the controller's
+            raise BackendError(503, f"the controller answered {r.status_code}: {r.text[:200]}", type="server_error")
         return r.json()["data"]
 
-    async def _pick(self, model: str, reserve: bool = True) -> dict[str, str]:
-        """{name, address} of the least-loaded live worker serving `model`; BackendError 404 when there is none."""
+    async def _pick(self, model: str, reserve: bool = True, retry: bool = False) -> dict[str, str]:
+        """{name, address} of the least-loaded live worker serving `model`; BackendError 404 when there is none (503
+        on a `retry`: we just dropped its last worker, so the model is known and only out of capacity for now)."""
         try:
             r = await self._client.post(f"{self.controller_url}/pick", json={"model": model, "reserve": reserve})
         except httpx.HTTPError as e:
             raise self._controller_error(e) from None
+        if r.status_code == 404 and retry:
+            raise BackendError(503, f"{r.json()['error']['message']} right now (its last worker just failed): retry "
+                               f"shortly", type="server_error", code="no_live_worker")
         if r.status_code == 404:
             raise BackendError(404, r.json()["error"]["message"], param="model", code="model_not_found")
         if r.status_code != 200:
@@ -94,7 +100,7 @@ class RemoteBackend(Backend):
         body = {"model": model, "prompt": prompt, "messages": messages, "params": params_to_dict(params),
                 "request_id": request_id}
         for attempt in range(1, self.max_attempts + 1):
-            worker = await self._pick(model)
+            worker = await self._pick(model, retry=attempt > 1)
             url = f"{worker['address']}/worker/generate"
             finished, started, yielded = 0, False, False
             try:
@@ -142,6 +148,10 @@ class RemoteBackend(Backend):
                                        f"at {worker['address']}: {e})", type="server_error") from None
             except httpx.TransportError as e:
                 await self._drop(worker, e)
+                if not started and attempt < self.max_attempts:
+                    # no response at all (it died as the request arrived, or hangs): the worker sends its status
+                    # line before it starts the engine, so nothing ran there and the caller saw nothing: try another
+                    continue
                 what = "stopped answering" if started else "failed"
                 if isinstance(e, httpx.ReadTimeout):
                     what = "sent nothing for too long"
@@ -149,14 +159,17 @@ class RemoteBackend(Backend):
                                    f"{type(e).__name__}: {e}", type="server_error") from None
 
     async def count_chat_tokens(self, model: str, messages: list[dict]) -> int:
-        worker = await self._pick(model, reserve=False)
-        try:
-            r = await self._client.post(f"{worker['address']}/worker/count_chat_tokens",
-                                        json={"model": model, "messages": messages})
-        except httpx.TransportError as e:
-            await self._drop(worker, e)
-            raise BackendError(502, f"worker {worker['name']} at {worker['address']} failed: {e}",
-                               type="server_error") from None
+        for attempt in range(1, self.max_attempts + 1):  # a count changes nothing: any worker may (re)do it
+            worker = await self._pick(model, reserve=False, retry=attempt > 1)
+            try:
+                r = await self._client.post(f"{worker['address']}/worker/count_chat_tokens",
+                                            json={"model": model, "messages": messages})
+                break
+            except httpx.TransportError as e:
+                await self._drop(worker, e)
+                if attempt == self.max_attempts:
+                    raise BackendError(502, f"worker {worker['name']} at {worker['address']} failed: {e}",
+                                       type="server_error") from None
         if r.status_code != 200:
             raise BackendError.from_dict({**r.json().get("error", {}), "status": r.status_code})
         return r.json()["count"]

@@ -10,6 +10,7 @@ HTTP API:
            Closing the connection aborts the request in the engine.
   POST /worker/count_chat_tokens {model, messages} -> {"count": int}
   GET  /worker/status -> {name, address, models, queue_length, stats}   (what it registers and heartbeats)
+  GET  /health -> {"status": "ok", ...} | 503 once its engine has failed  (no token needed: for probes)
 
 With a cluster token, every /worker/* request must carry it (header X-Camelid-Cluster-Token; else 401), and the worker
 sends it to the controller. A worker whose engine failed unregisters and stops heartbeating: nothing is routed to it.
@@ -53,6 +54,14 @@ class CountRequest(BaseModel):
 
 def error_line(e: BackendError) -> str:
     return json.dumps({"error": e.to_dict()}) + "\n"
+
+
+def refusal(response: httpx.Response) -> str:
+    """The controller's reason for a 4xx/5xx ({"detail": ...} from FastAPI), else the status line."""
+    try:
+        return f"{response.status_code} {response.json()['detail']}"
+    except (ValueError, KeyError, TypeError):
+        return f"{response.status_code} {response.reason_phrase}"
 
 
 class Worker:
@@ -117,7 +126,7 @@ class Worker:
         """Register, then heartbeat every `heartbeat_interval` s. A controller that does not know us (it restarted,
         or dropped us after a missed beat) answers known=false and we register again; an unreachable one is retried.
         Once the backend has failed we unregister and stop: the controller must not route requests here."""
-        registered, warned = False, False
+        registered, warned, slow_warned = False, False, False
         async with httpx.AsyncClient(base_url=self.controller_url, timeout=2.0, headers=self.headers) as client:
             while True:
                 if not self.healthy():
@@ -127,16 +136,30 @@ class Worker:
                     return
                 try:
                     if not registered:
-                        (await client.post("/register", json=await self.registration())).raise_for_status()
+                        r = await client.post("/register", json=await self.registration())
+                        r.raise_for_status()
                         registered, warned = True, False
                         log.info("worker %s registered with %s", self.name, self.controller_url)
+                        timeout = r.json().get("heartbeat_timeout")
+                        if timeout is not None and self.heartbeat_interval >= timeout and not slow_warned:
+                            # dropped before each heartbeat: out of the controller for a moment every interval
+                            log.warning("worker %s: --heartbeat-interval %g s is not shorter than the controller's "
+                                        "--heartbeat-timeout %g s: it will drop this worker between heartbeats",
+                                        self.name, self.heartbeat_interval, timeout)
+                            slow_warned = True
                     else:
-                        r = await client.post("/heartbeat", json={"name": self.name, "queue_length": self.in_flight,
+                        r = await client.post("/heartbeat", json={"name": self.name, "address": self.address,
+                                                                  "queue_length": self.in_flight,
                                                                   "stats": await self.stats()})
                         r.raise_for_status()
                         registered = r.json()["known"]
                         if not registered:
                             continue  # register again at once
+                except httpx.HTTPStatusError as e:  # a wrong token (401), a name taken by another worker (409)
+                    if not warned:
+                        log.warning("worker %s: the controller %s refused it: %s; retrying", self.name,
+                                    self.controller_url, refusal(e.response))
+                        warned = True
                 except (httpx.HTTPError, ValueError, KeyError) as e:  # down, restarting, or not a controller
                     if not warned:
                         log.warning("worker %s: controller %s unreachable (%s); retrying", self.name,
@@ -171,15 +194,15 @@ def create_worker_app(backend, name: str, address: str, controller_url: str | No
                 await worker.unregister()
             await backend.close()
 
-    app = FastAPI(title=f"camelid worker {name}", lifespan=lifespan,
-                  dependencies=[Depends(require_cluster_token(cluster_token))])
+    app = FastAPI(title=f"camelid worker {name}", lifespan=lifespan)
     app.state.worker = worker
+    guarded = [Depends(require_cluster_token(cluster_token))]
 
-    @app.post("/worker/generate")
+    @app.post("/worker/generate", dependencies=guarded)
     async def generate(req: GenerateRequest) -> StreamingResponse:
         return StreamingResponse(worker.generate_lines(req), media_type="application/x-ndjson")
 
-    @app.post("/worker/count_chat_tokens")
+    @app.post("/worker/count_chat_tokens", dependencies=guarded)
     async def count_chat_tokens(req: CountRequest):
         try:
             if inspect.iscoroutinefunction(backend.count_chat_tokens):
@@ -190,8 +213,15 @@ def create_worker_app(backend, name: str, address: str, controller_url: str | No
             return JSONResponse(status_code=e.status, content={"error": e.to_dict()})
         return {"count": count}
 
-    @app.get("/worker/status")
+    @app.get("/worker/status", dependencies=guarded)
     async def status() -> dict:
         return await worker.registration()
+
+    @app.get("/health")
+    async def health():
+        """For probes (no token needed): 503 once the engine has failed."""
+        if not worker.healthy():
+            return JSONResponse(status_code=503, content={"status": "failed", "name": worker.name})
+        return {"status": "ok", "name": worker.name, "in_flight": worker.in_flight}
 
     return app

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -148,6 +149,43 @@ def test_controller_routes_to_least_loaded_and_expires_silent_workers():
     assert not c.heartbeat("b", 0)  # the worker learns it was dropped and registers again
     assert c.drop("a") and not c.drop("a")
     assert c.pick("m") is None and c.models() == []
+
+
+def test_a_live_workers_name_is_not_taken_by_another_address():
+    """Two workers given the same --name: the second must not silently replace the first (whose heartbeats would
+    then keep the impostor's entry alive while the first never gets a request again)."""
+    from fastapi.testclient import TestClient
+
+    now = [0.0]
+    c = Controller(heartbeat_timeout=3.0, clock=lambda: now[0])
+    c.register("a", "http://a", [{"id": "m"}])
+    with pytest.raises(ValueError, match="http://a"):
+        c.register("a", "http://b", [{"id": "other"}])
+    assert c.workers["a"].address == "http://a"
+    c.register("a", "http://a/", [{"id": "m"}])  # the same worker again (it restarted): fine
+    assert not c.heartbeat("a", 0, address="http://b")  # a heartbeat from elsewhere is not the registered worker's
+    assert c.heartbeat("a", 0, address="http://a")
+    now[0] = 3.5  # once the first one has gone silent, the name is free
+    c.register("a", "http://b", [{"id": "other"}])
+    assert c.workers["a"].address == "http://b"
+
+    client = TestClient(create_controller_app())
+    assert client.post("/register", json={"name": "w", "address": "http://x", "models": []}).status_code == 200
+    r = client.post("/register", json={"name": "w", "address": "http://y", "models": []})
+    assert r.status_code == 409 and "http://x" in r.json()["detail"]
+
+
+def test_a_registration_without_model_ids_is_refused():
+    """One malformed registration (a card with no "id") made every /pick and /models of the controller a 500."""
+    from fastapi.testclient import TestClient
+
+    client = TestClient(create_controller_app(), raise_server_exceptions=False)
+    assert client.post("/register", json={"name": "ok", "address": "http://ok",
+                                          "models": [{"id": "m", "context_length": 8}]}).status_code == 200
+    assert client.post("/register", json={"name": "bad", "address": "http://bad",
+                                          "models": [{"name": "m"}]}).status_code == 422
+    assert client.post("/pick", json={"model": "m"}).json()["name"] == "ok"
+    assert client.get("/models").json()["data"] == [{"id": "m", "context_length": 8}]
 
 
 # ---- a real cluster ------------------------------------------------------------------------------------------------
@@ -369,6 +407,48 @@ def test_the_cluster_token_guards_the_controller_and_the_workers():
     assert controller.get("/health").status_code == 200  # probes need no token
 
 
+def test_a_worker_answers_health_without_the_token():
+    """SERVING.md: a worker whose engine failed answers /health with 503 (a load balancer's or k8s' probe)."""
+    from fastapi.testclient import TestClient
+
+    from camelid.serve.worker import create_worker_app
+
+    backend = FakeBackend(_answer)
+    worker = TestClient(create_worker_app(backend, "w", "http://w", cluster_token=TOKEN))
+    assert worker.get("/health").status_code == 200
+    backend.ok = False
+    r = worker.get("/health")
+    assert r.status_code == 503 and r.json()["status"] == "failed"
+
+
+@pytest.mark.parametrize("verb", [["worker", "--model", "/no/such"], ["serve", "--db", "none"]])
+@pytest.mark.parametrize("url", ["notaurl", "127.0.0.1:21001", "ftp://h:1", "http://", "http://h:abc", "http://h:99999"])
+def test_a_malformed_controller_url_is_a_flag_error(verb, url, capsys, monkeypatch):
+    """Not a URL at all is a typo, not a controller that is still starting: refuse it at once (the worker would
+    load its model, then retry forever; the server would answer every request with a 503)."""
+    import uvicorn
+
+    from camelid.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: pytest.fail("the server started"))
+
+    assert main([*verb, "--controller", url]) == 2
+    err = capsys.readouterr().err
+    assert "--controller" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags", [["--address", "10.0.0.2:21002"], ["--host", "0.0.0.0"]])
+def test_a_worker_needs_an_address_the_server_can_reach(flags, capsys):
+    """--address without http:// (every request routed there would fail), or --host 0.0.0.0 with no --address (the
+    controller would tell the server to call http://0.0.0.0:PORT): refused before the model loads."""
+    from camelid.cli import main
+
+    argv = ["worker", "--controller", "http://127.0.0.1:21001", "--model", "/no/such", "--cluster-token", "t"]
+    assert main([*argv, *flags]) == 2
+    err = capsys.readouterr().err
+    assert "--address" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("verb", [["controller"], ["worker", "--controller", "http://x", "--model", "/no/such"]])
 def test_a_public_host_needs_a_cluster_token(verb, capsys, monkeypatch):
     from camelid.cli import main
@@ -423,6 +503,129 @@ def test_a_failed_worker_is_skipped_and_leaves_the_controller():
             server.stop()
 
 
+def test_a_worker_that_dies_before_answering_is_skipped():
+    """kill -9 of an idle worker: a request sent in that instant is accepted by the kernel, then the connection
+    drops before any response (ReadError / RemoteProtocolError, not ConnectError). Nothing ran: try another worker."""
+    from camelid.serve.worker import create_worker_app
+
+    controller = ServerThread(create_controller_app(heartbeat_timeout=30, cluster_token=TOKEN))
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead.listen()
+    dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+
+    def hang_up() -> None:  # reads the request, then the process is gone
+        conn, _ = dead.accept()
+        conn.recv(65536)
+        conn.close()
+    threading.Thread(target=hang_up, daemon=True).start()
+    good = FakeBackend(_answer)
+    worker = None
+    try:
+        httpx.post(f"{controller.url}/register", headers=AUTH,  # first: picked first on a tie
+                   json={"name": "dead", "address": dead_url, "models": [{"id": MODEL}]}).raise_for_status()
+        port = free_port()
+        worker = ServerThread(create_worker_app(good, "good", f"http://127.0.0.1:{port}", controller.url,
+                                                heartbeat_interval=0.1, cluster_token=TOKEN), port)
+
+        async def ask():
+            backend = RemoteBackend(controller.url, cluster_token=TOKEN)
+            try:
+                for _ in range(100):  # until "good" has registered
+                    if len(httpx.get(f"{controller.url}/workers", headers=AUTH).json()["data"]) == 2:
+                        break
+                    await asyncio.sleep(0.05)
+                return await run(backend, "hi", SamplingParams(max_tokens=4))
+            finally:
+                await backend.close()
+
+        assert asyncio.run(ask()) == ("echo hi", ["stop"])
+        names = {w["name"] for w in httpx.get(f"{controller.url}/workers", headers=AUTH).json()["data"]}
+        assert names == {"good"} and good.calls == 1
+    finally:
+        dead.close()
+        for server in [s for s in (worker, controller) if s is not None]:
+            server.stop()
+
+
+def test_chat_token_counts_skip_a_dead_worker():
+    """A chat request without max_tokens first counts its prompt's tokens on a worker: one killed a moment ago (not
+    yet expired at the controller) must not fail the request when another worker serves the model."""
+    from camelid.serve.worker import create_worker_app
+
+    controller = ServerThread(create_controller_app(heartbeat_timeout=30, cluster_token=TOKEN))
+    worker = None
+    try:
+        httpx.post(f"{controller.url}/register", headers=AUTH,  # first: picked first on a tie
+                   json={"name": "dead", "address": f"http://127.0.0.1:{free_port()}", "models": [{"id": MODEL}]})
+        port = free_port()
+        worker = ServerThread(create_worker_app(FakeBackend(_answer), "good", f"http://127.0.0.1:{port}",
+                                                controller.url, heartbeat_interval=0.1, cluster_token=TOKEN), port)
+        deadline = time.monotonic() + 10
+        while len(httpx.get(f"{controller.url}/workers", headers=AUTH).json()["data"]) < 2:
+            assert time.monotonic() < deadline, "good did not register"
+            time.sleep(0.05)
+
+        async def count():
+            backend = RemoteBackend(controller.url, cluster_token=TOKEN)
+            try:
+                return await backend.count_chat_tokens(MODEL, [{"role": "user", "content": "hello"}])
+            finally:
+                await backend.close()
+
+        assert asyncio.run(count()) == 5
+    finally:
+        for server in [s for s in (worker, controller) if s is not None]:
+            server.stop()
+
+
+def test_a_heartbeat_slower_than_the_controllers_timeout_is_reported(caplog):
+    """--heartbeat-interval >= the controller's --heartbeat-timeout: the worker is dropped and registers again on
+    each beat, and requests meanwhile find no worker. Silent before; now the worker says why."""
+    from camelid.serve.worker import create_worker_app
+
+    controller = ServerThread(create_controller_app(heartbeat_timeout=0.2, cluster_token=TOKEN))
+    port = free_port()
+    worker = ServerThread(create_worker_app(FakeBackend(_answer), "w", f"http://127.0.0.1:{port}", controller.url,
+                                            heartbeat_interval=0.3, cluster_token=TOKEN), port)
+    try:
+        deadline = time.monotonic() + 10
+        while "--heartbeat-timeout 0.2 s" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.05)
+        time.sleep(0.7)  # two more drops and re-registrations
+        assert caplog.text.count("--heartbeat-timeout") == 1  # said once, not on every one
+    finally:
+        worker.stop()
+        controller.stop()
+
+
+def test_a_models_last_worker_failing_mid_request_is_a_503():
+    """The only worker of a model dies just before a request reaches it: the request was valid a moment ago, the
+    model is only out of capacity until the worker is back. A 503 (retried by clients), not 404 model_not_found."""
+    controller = ServerThread(create_controller_app(heartbeat_timeout=30, cluster_token=TOKEN))
+
+    async def ask() -> list[BackendError]:
+        backend = RemoteBackend(controller.url, cluster_token=TOKEN)
+        errors = []
+        try:
+            for call in (lambda: run(backend, "hi", SHORT),
+                         lambda: backend.count_chat_tokens(MODEL, [{"role": "user", "content": "hi"}])):
+                httpx.post(f"{controller.url}/register", headers=AUTH, json={
+                    "name": "dead", "address": f"http://127.0.0.1:{free_port()}", "models": [{"id": MODEL}]})
+                with pytest.raises(BackendError) as e:
+                    await call()
+                errors.append(e.value)
+        finally:
+            await backend.close()
+        return errors
+    try:
+        for error in asyncio.run(ask()):
+            assert error.status == 503 and "no live worker serves the model 'tiny'" in error.message
+    finally:
+        controller.stop()
+
+
 def test_a_cluster_with_no_live_worker_answers_503_so_clients_retry():
     """Every worker gone (restarting, say): the model is not unknown, the cluster is out of capacity for a moment. A
     503 is what the openai client retries; a 404 model_not_found ("this server has: ") tells it to give up."""
@@ -440,6 +643,28 @@ def test_a_cluster_with_no_live_worker_answers_503_so_clients_retry():
                 assert r.status_code == 503, r.text
                 assert "no live worker" in r.json()["error"]["message"]
             assert client.get("/v1/models").json()["data"] == []
+    finally:
+        controller.stop()
+
+
+def test_a_server_without_the_cluster_token_says_so():
+    """`camelid serve --controller` given no (or another) cluster token: the controller answers 401, and the error
+    must say that, not that the controller is unreachable (it is up: the operator would look in the wrong place)."""
+    controller = ServerThread(create_controller_app(cluster_token=TOKEN))
+
+    async def ask() -> list[str]:
+        backend = RemoteBackend(controller.url, cluster_token="wrong")
+        try:
+            with pytest.raises(BackendError) as listing:
+                await asyncio.to_thread(backend.models)
+            with pytest.raises(BackendError) as generating:
+                await run(backend, "hi", SHORT)
+            return [listing.value.message, generating.value.message]
+        finally:
+            await backend.close()
+    try:
+        for message in asyncio.run(ask()):
+            assert "401" in message and "cluster token" in message and "unreachable" not in message
     finally:
         controller.stop()
 

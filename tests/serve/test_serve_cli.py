@@ -111,3 +111,24 @@ def test_template_help_names_every_default(verb, capsys):
         main([verb, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "recorded in the model folder" in text and "an adapter's recorded" in text
+
+
+@pytest.mark.parametrize("verb", [["controller"], ["worker", "--controller", "http://127.0.0.1:1", "--model", "m"],
+                                  ["serve", "--model", "m", "--db", "none"]])
+def test_a_port_in_use_exits_2_before_anything_loads(verb, capsys, monkeypatch):
+    """uvicorn binds last: a worker or server would load its whole model (minutes for a large one), then exit 3 with
+    the bind error."""
+    import socket
+
+    import uvicorn
+
+    from camelid.serve.backend import LocalBackend
+
+    monkeypatch.setattr(LocalBackend, "load", classmethod(lambda cls, *a, **kw: pytest.fail("the model loaded")))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: pytest.fail("the server started"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main([*verb, "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on --host 127.0.0.1 --port" in err and err.count("\n") == 1
