@@ -37,7 +37,7 @@ def _has_bool(value: Any) -> bool:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN passed every range check
 
     @field_validator("*")
     @classmethod

@@ -91,6 +91,16 @@ def test_bad_bodies_get_openai_errors(http, endpoint, body, status, param):
     check_error(http.post(endpoint, json=body), status, param)
 
 
+@pytest.mark.parametrize("param,value", [("temperature", "NaN"), ("top_p", "NaN"), ("presence_penalty", "-Infinity"),
+                                         ("repetition_penalty", "Infinity")])
+def test_non_finite_numbers_are_named_as_such(http, param, value):
+    # Python's JSON reader takes NaN / Infinity; a NaN passed every range check's message ("less than or equal to 2")
+    body = json.dumps(CHAT)[:-1] + f', "{param}": {value}}}'
+    error = check_error(http.post("/v1/chat/completions", content=body,
+                                  headers={"content-type": "application/json"}), 400, param)
+    assert "finite" in error["message"], error
+
+
 SURROGATE = "\ud800"  # a lone UTF-16 surrogate: valid JSON ("\\ud800"), not Unicode: no tokenizer or database takes it
 NOT_TEXT = [  # (endpoint, body, param)
     ("/v1/completions", {"model": "tiny", "prompt": SURROGATE}, "prompt"),
