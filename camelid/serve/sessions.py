@@ -128,6 +128,8 @@ class SessionStore:
         unknown = set(fields) - {"title", "model", "system_prompt"}
         if unknown:
             raise ValueError(f"cannot update session field(s) {sorted(unknown)}")
+        if "title" in fields:
+            fields["title"] = fields["title"] or DEFAULT_TITLE  # as create: a session is never listed without a name
         sets = "".join(f", {k} = ?" for k in fields)
         rows = self._execute(f"UPDATE sessions SET updated_at = ?{sets} WHERE id = ? AND user_id = ? RETURNING id",
                              (time.time(), *fields.values(), session_id, user))

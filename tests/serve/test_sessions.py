@@ -47,6 +47,7 @@ def test_store_crud_and_isolation(db_url):
     updated = store.update("alice", a1["id"], title="renamed", system_prompt="be verbose")
     assert updated["title"] == "renamed" and updated["system_prompt"] == "be verbose"
     assert updated["updated_at"] >= got["updated_at"]
+    assert store.update("alice", a1["id"], title="")["title"] == DEFAULT_TITLE  # as create names an untitled one
 
     # bob reaches none of alice's sessions, by any method
     assert store.get("bob", a1["id"]) is None
