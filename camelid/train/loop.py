@@ -104,6 +104,10 @@ def check_resumable(checkpoint: Path, trainer: dict, cfg: TrainConfig, world: in
                     fixed_settings: dict | None = None) -> None:
     """Refuse, in one line naming the old and new values, a resume that could not continue the checkpoint's run
     (`trainer`: the checkpoint's trainer.json; `fixed_settings`: as for `train`, in JSON types)."""
+    if trainer["step"] > cfg.max_steps:  # nothing would run, and final/ would hold the later step
+        raise ValueError(f"--resume: {checkpoint.name} is at step {trainer['step']}, past max_steps "
+                         f"{cfg.max_steps}; raise --max-steps to continue that run, or start a new run in another "
+                         "--out for a shorter one")
     old = trainer.get("config")
     if not old:  # a checkpoint from before configs were saved in it
         return
