@@ -265,13 +265,17 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
 
 
 
-def merge_adapter_folder(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
+def merge_adapter_folder(base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """`camelid merge`: base HF folder + a LoRA / DoRA / IA3 adapter folder -> a merged HF folder (tokenizer files
-    and the adapter's recorded chat template copied along). The merge is done in fp32 and saved in the base checkpoint's dtype."""
+    and the adapter's recorded chat template copied along). The merge is done in fp32 and saved in the base checkpoint's dtype.
+    A non-empty `out` is refused unless `overwrite`, as `camelid init` does."""
     base, out = Path(base), Path(out)
     for folder, what in ((base, "the base model"), (Path(adapter), "the adapter")):
         if out.resolve() == folder.resolve():  # writing there would replace the weights it reads (and mix folders)
             raise ValueError(f"--out {out} is {what}'s folder: choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:  # another model's weights must not vanish silently
+        raise FileExistsError(f"{out} is not empty: choose another --out, or pass --overwrite to write the merged "
+                              "model over it")
     stored = parse_dtype(ModelConfig.from_hf(base / "config.json").dtype)
     model = from_pretrained(base, dtype=torch.float32)
     load_adapter(model, adapter)

@@ -289,6 +289,25 @@ def test_merge_refuses_to_write_over_its_inputs(tiny_dir, tmp_path):
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
 
 
+def test_merge_refuses_a_folder_that_holds_another_model_unless_overwrite(tiny_dir, tmp_path):
+    """Like `camelid init`: a merged model written over another model's folder would make it vanish silently."""
+    from camelid.peft import apply_lora, save_adapter
+
+    model = camelid.from_pretrained(tiny_dir)
+    apply_lora(model, r=2, alpha=4, target_modules=("q_proj",))
+    save_adapter(model, tmp_path / "adapter")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"another model")
+    args = ("merge", "--base", str(tiny_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(other))
+    result = run(*args)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "is not empty" in result.stderr and "--overwrite" in result.stderr
+    assert (other / "model.safetensors").read_bytes() == b"another model"
+    assert run(*args, "--overwrite").returncode == 0
+    assert camelid.from_pretrained(other) is not None
+
+
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     """Ctrl-C in any verb: a line saying so and the shell's 128 + SIGINT, not a traceback."""
     from camelid.cli import main, model_verbs

@@ -228,7 +228,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    out = merge_adapter_folder(args.base, args.adapter, args.out)
+    out = merge_adapter_folder(args.base, args.adapter, args.out, overwrite=args.overwrite)
     print(f"wrote {out}: {args.base} with the adapter {args.adapter} folded into its weights")
     quantized = json.loads((Path(args.base) / "config.json").read_text()).get("quantization_config")
     if quantized:  # folded into the dequantized weights: the output is a float model, not a smaller one
@@ -318,6 +318,7 @@ def register(verbs, fmt) -> None:
     p.add_argument("--base", required=True, help="the base model folder")
     p.add_argument("--adapter", required=True, help="a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--out", required=True, help="where to write the merged model folder")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even when it already holds files")
     p.set_defaults(func=cmd_merge)
 
     p = verbs.add_parser("tokenizer", help="tokenizer tools")

@@ -357,9 +357,10 @@ def load_sft(spec: str, tokenizer: Tokenizer, template, seq_len: int, train_on_a
 class SFTBatches:
     """The fine-tuning BatchSource: a mixture of datasets by ratio, drawn per step.
 
-    The examples of (step, micro) come from a PCG64 stream seeded by (seed, step, micro) alone (with replacement:
-    a dataset by ratio, then an example uniformly), so resuming at step s gives exactly the same batches. The
-    draw fills micro_batch * world rows; rank r takes rows r*B .. (r+1)*B. With `pack`, examples are laid into
+    The examples of a step come from a PCG64 stream seeded by (seed, step) alone (with replacement: a dataset by
+    ratio, then an example uniformly), so resuming at step s gives exactly the same batches. Micro-batch m on rank
+    r takes the rows (m*world + r)*B .. (m*world + r + 1)*B of that draw: a step trains on its first
+    micro_batch * grad_accum * world rows however that product is split. With `pack`, examples are laid into
     rows in draw order until the next one does not fit (it is then left out). eval_batches goes once, in order,
     over the held-out examples (eval_fraction of each dataset).
     """
@@ -395,8 +396,8 @@ class SFTBatches:
     def report(self) -> str:
         return "\n".join(f"{d.path} ({d.format}, ratio {d.ratio:g}): {d.stats}" for d in self.datasets)
 
-    def _stream(self, step: int, micro: int) -> Iterator[Example]:
-        bits = _raw(self.seed, step, micro)
+    def _stream(self, step: int) -> Iterator[Example]:
+        bits = _raw(self.seed, step)
         while True:
             raw = bits.random_raw(2 * 64)  # (dataset, example) pairs, 64 at a time
             for a, b in raw.reshape(-1, 2):
@@ -404,8 +405,8 @@ class SFTBatches:
                                       len(self.datasets) - 1)]
                 yield d.examples[int(d.train[int(b % np.uint64(len(d.train)))])]
 
-    def _rows(self, step: int, micro: int, count: int) -> list[list[Example]]:
-        stream, rows = self._stream(step, micro), []
+    def _rows(self, step: int, count: int) -> list[list[Example]]:
+        stream, rows = self._stream(step), []
         if not self.pack:
             return [[next(stream)] for _ in range(count)]
         row, used = [], 0
@@ -420,7 +421,10 @@ class SFTBatches:
         return rows
 
     def batch(self, step: int, micro: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
-        rows = self._rows(step, micro, self.micro_batch * world)[rank * self.micro_batch:(rank + 1) * self.micro_batch]
+        # one draw per step, not per micro-batch: --resume (or --auto on another device) may re-split the global
+        # batch into micro_batch x grad_accum x world, and the step must still see the same examples
+        chunk = micro * world + rank
+        rows = self._rows(step, (chunk + 1) * self.micro_batch)[chunk * self.micro_batch:]
         if self.pack:
             return collate_packed(rows, self.pad_id, self.seq_len)
         return collate([r[0] for r in rows], self.pad_id, self.seq_len)

@@ -35,6 +35,9 @@ from camelid.train.pretrain import device_memory_bytes
 METHODS = ("lora", "qlora", "dora", "prefix", "ptuning-v2", "prompt", "ptuning", "adapter", "bitfit", "ia3", "full")
 PLAN_METHOD = {"ptuning-v2": "prefix", "ptuning": "prompt"}  # finetune method -> camelid.plan.memory method, where they differ
 LORA_FAMILY = ("lora", "qlora", "dora")
+# target_modules when none are given. QLoRA targets every linear layer, like the paper
+DEFAULT_TARGETS = {"lora": ["q_proj", "v_proj"], "dora": ["q_proj", "v_proj"], "qlora": "all-linear",
+                   "bitfit": "all-linear", "ia3": ia3.DEFAULT_TARGETS}
 
 
 @dataclass
@@ -119,6 +122,34 @@ def _targets(spec: FinetuneSpec, default):
     return targets
 
 
+def _prefix_projection(spec: FinetuneSpec) -> bool:
+    return spec.prefix_projection if spec.prefix_projection is not None else spec.method == "prefix"
+
+
+def fixed_on_resume(spec: FinetuneSpec) -> dict:
+    """What a resumed run must keep besides TrainConfig's FIXED_ON_RESUME: the method and the options it uses (they
+    shape the trained function), the template, packing, the held-out share and the data mix (they decide each
+    step's examples). Defaults are filled in, so that naming a default is the same run."""
+    m = spec.method
+    settings = {"method": m, "template": spec.template, "pack": spec.pack, "eval_fraction": spec.eval_fraction,
+                "data_mix": [[str(Path(path).resolve()), ratio] for path, ratio in map(parse_data_spec, spec.data)]}
+    if m in LORA_FAMILY:
+        settings.update(lora_r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout)
+    if m in DEFAULT_TARGETS:
+        settings["target_modules"] = _targets(spec, DEFAULT_TARGETS[m])
+    if m in ("prefix", "ptuning-v2", "prompt", "ptuning"):
+        settings["num_virtual_tokens"] = spec.num_virtual_tokens
+    if m in ("prefix", "ptuning-v2"):
+        settings["prefix_projection"] = _prefix_projection(spec)
+    if m == "prompt":
+        settings["prompt_init_text"] = spec.prompt_init_text
+    if m == "ptuning":
+        settings["encoder_type"] = spec.encoder_type
+    if m == "adapter":
+        settings.update(bottleneck_size=spec.bottleneck_size, adapter_placement=spec.adapter_placement)
+    return settings
+
+
 def apply_method(model, spec: FinetuneSpec, tokenizer: Tokenizer | None = None):
     """Freeze the base and add spec.method's trainable parameters (camelid.peft, one file per family); `full`
     trains every parameter. Bad options (a target that matches nothing, ...) raise ValueError here, before training."""
@@ -137,15 +168,13 @@ def apply_method(model, spec: FinetuneSpec, tokenizer: Tokenizer | None = None):
             p.requires_grad_(True)
         return model
     if m in LORA_FAMILY:
-        # QLoRA: the targeted base layers are stored in NF4 (double-quantized) and computed in bf16; like the paper,
-        # it targets every linear layer by default
-        default = "all-linear" if m == "qlora" else ["q_proj", "v_proj"]
+        # QLoRA: the targeted base layers are stored in NF4 (double-quantized) and computed in bf16
         return apply_lora(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
-                          target_modules=_targets(spec, default), use_dora=m == "dora",
+                          target_modules=_targets(spec, DEFAULT_TARGETS[m]), use_dora=m == "dora",
                           quantize_base="nf4" if m == "qlora" else None)
     if m in ("prefix", "ptuning-v2"):
-        projection = spec.prefix_projection if spec.prefix_projection is not None else m == "prefix"
-        return prefix.apply_prefix(model, num_virtual_tokens=spec.num_virtual_tokens, prefix_projection=projection)
+        return prefix.apply_prefix(model, num_virtual_tokens=spec.num_virtual_tokens,
+                                   prefix_projection=_prefix_projection(spec))
     if m == "prompt":
         if spec.prompt_init_text is not None:
             return prompt.apply_prompt(model, spec.num_virtual_tokens, init_text=spec.prompt_init_text,
@@ -158,9 +187,9 @@ def apply_method(model, spec: FinetuneSpec, tokenizer: Tokenizer | None = None):
     if m == "adapter":
         return adapters.apply_bottleneck(model, bottleneck_size=spec.bottleneck_size, placement=spec.adapter_placement)
     if m == "bitfit":
-        return bitfit.apply_bitfit(model, target_modules=_targets(spec, "all-linear"))
+        return bitfit.apply_bitfit(model, target_modules=_targets(spec, DEFAULT_TARGETS[m]))
     if m == "ia3":
-        targets = _targets(spec, ia3.DEFAULT_TARGETS)
+        targets = _targets(spec, DEFAULT_TARGETS[m])
         # PEFT's split: the FFN's down_proj scales its input, every other target its output
         feedforward = [t for t in ("down_proj",) if targets == "all-linear" or t in targets]
         return ia3.apply_ia3(model, target_modules=targets, feedforward_modules=feedforward)
@@ -190,7 +219,8 @@ def finetune(cfg: TrainConfig, spec: FinetuneSpec, log: Callable[[str], None] = 
     batches = SFTBatches.from_files(spec.data, tokenizer, template, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch,
                                     pack=spec.pack, seed=cfg.seed, eval_fraction=spec.eval_fraction)
     log(batches.report())  # numpy's generator: the torch seed above still starts the loop as it did
-    result = train(cfg, model=model, batches=batches, tokenizer=tokenizer, loss_hook=loss_hook)
+    result = train(cfg, model=model, batches=batches, tokenizer=tokenizer, loss_hook=loss_hook,
+                   fixed_settings=fixed_on_resume(spec))
     if result.final_dir is not None:  # rank 0
         name = "model" if isinstance(template, JinjaTemplate) else template.name
         (result.final_dir / TEMPLATE_FILE).write_text(json.dumps({"template": name, "method": spec.method}) + "\n")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
 import random
 import time
@@ -76,14 +77,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def train(cfg: TrainConfig, model: nn.Module | None = None, batches: BatchSource | None = None,
-          tokenizer: Tokenizer | None = None, loss_hook: LossHook | None = None) -> TrainResult:
+          tokenizer: Tokenizer | None = None, loss_hook: LossHook | None = None,
+          fixed_settings: dict | None = None) -> TrainResult:
     """Train `model` on `batches` as `cfg` says. Without a model or batch source, pretraining builds them from
-    cfg.model (preset or folder) and cfg.data (prepared token shards). Under torchrun, every process calls this."""
+    cfg.model (preset or folder) and cfg.data (prepared token shards). Under torchrun, every process calls this.
+    `fixed_settings`: what else defines the run (fine-tuning's method, its options, the template, the data mix),
+    saved with the config in each checkpoint and, like FIXED_ON_RESUME, refused on --resume when changed."""
     cfg.validate()
     owns_group = not torch.distributed.is_initialized()
     rank, world, device = distributed.setup(cfg.device)
     try:
-        return Trainer(cfg, rank, world, device, model, batches, tokenizer, loss_hook).run()
+        return Trainer(cfg, rank, world, device, model, batches, tokenizer, loss_hook, fixed_settings).run()
     finally:
         if owns_group:
             gc.collect()  # the trainer's FSDP / DDP state (held in reference cycles) goes while its group still lives
@@ -96,14 +100,21 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, batches: BatchSource
 FIXED_ON_RESUME = ("model", "model_overrides", "seq_len", "seed", "optimizer")
 
 
-def check_resumable(checkpoint: Path, trainer: dict, cfg: TrainConfig, world: int) -> None:
+def check_resumable(checkpoint: Path, trainer: dict, cfg: TrainConfig, world: int,
+                    fixed_settings: dict | None = None) -> None:
     """Refuse, in one line naming the old and new values, a resume that could not continue the checkpoint's run
-    (`trainer`: the checkpoint's trainer.json)."""
+    (`trainer`: the checkpoint's trainer.json; `fixed_settings`: as for `train`, in JSON types)."""
+    if trainer["step"] > cfg.max_steps:  # nothing would run, and final/ would hold the later step
+        raise ValueError(f"--resume: {checkpoint.name} is at step {trainer['step']}, past max_steps "
+                         f"{cfg.max_steps}; raise --max-steps to continue that run, or start a new run in another "
+                         "--out for a shorter one")
     old = trainer.get("config")
     if not old:  # a checkpoint from before configs were saved in it
         return
-    new = cfg.to_dict()
-    fixed = [k for k in FIXED_ON_RESUME if k in old and not same_setting(old[k], new[k])]
+    fixed_settings = fixed_settings or {}
+    new = {**cfg.to_dict(), **fixed_settings}
+    # a setting the checkpoint lacks (written before it was saved, or by another method) is not compared
+    fixed = [k for k in (*FIXED_ON_RESUME, *fixed_settings) if k in old and not same_setting(old[k], new[k])]
     if fixed:
         diff = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in fixed)
         raise ValueError(f"--resume: {diff} since {checkpoint.name}, which would not continue that run; set "
@@ -127,8 +138,11 @@ def same_setting(old, new) -> bool:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int, world: int, device: torch.device, model: nn.Module | None,
-                 batches: BatchSource | None, tokenizer: Tokenizer | None, loss_hook: LossHook | None):
+                 batches: BatchSource | None, tokenizer: Tokenizer | None, loss_hook: LossHook | None,
+                 fixed_settings: dict | None = None):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        # JSON types, as trainer.json gives them back: a tuple compares equal to the list it is saved as
+        self.fixed_settings = json.loads(json.dumps(fixed_settings or {}))
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         if list_checkpoints(self.ckpt_root) and not cfg.resume:
@@ -205,6 +219,10 @@ class Trainer:
         self._resume()
 
     # ---- resume -------------------------------------------------------------------------------------------------
+    def settings(self) -> dict:
+        """What a checkpoint records of the run, and what a resume compares: the config and the fixed settings."""
+        return {**self.cfg.to_dict(), **self.fixed_settings}
+
     def _resume(self) -> None:
         latest = latest_checkpoint(self.ckpt_root) if self.cfg.resume else None
         if latest is None:
@@ -212,13 +230,13 @@ class Trainer:
                 self.log.note(f"--resume: no checkpoint in {self.ckpt_root}, starting from scratch")
             self.log.truncate_after(0)
             return
-        check_resumable(latest, read_trainer(latest), self.cfg, self.world)  # before anything loads
+        check_resumable(latest, read_trainer(latest), self.cfg, self.world, self.fixed_settings)  # before any load
         trainer = load_checkpoint(latest, self.raw, self.optimizer, self.scaler, self.guard, rng=True)
         self.step, self.tokens_seen, self.lr_scale = trainer["step"], trainer["tokens_seen"], trainer["lr_scale"]
         self.best_val_loss, self.elapsed_before = trainer["best_val_loss"], trainer["elapsed"]
         self.log.truncate_after(self.step)
         self.log.note(f"resumed from {latest} (step {self.step}, {self.tokens_seen:,} tokens)")
-        old, new = trainer.get("config", {}), self.cfg.to_dict()
+        old, new = trainer.get("config", {}), self.settings()
         changed = sorted(k for k in new if k != "resume" and k in old and old[k] != new[k])
         if changed:
             diff = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed)
@@ -429,7 +447,7 @@ class Trainer:
             trainer = {"tokens_seen": self.tokens_seen, "lr_scale": self.lr_scale, "val_loss": val_loss,
                        "best_val_loss": self.best_val_loss, "world": self.world,
                        "elapsed": self.elapsed_before + time.perf_counter() - self.start_time,
-                       "config": self.cfg.to_dict()}
+                       "config": self.settings()}
             path = save_checkpoint(self.ckpt_root, self.step, self.raw, self.optimizer, self.scaler, self.guard,
                                    trainer, self.tokenizer, sharded=self.dcp_checkpoints, rank=self.rank)
         if self.rank == 0:

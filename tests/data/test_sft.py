@@ -222,6 +222,19 @@ def test_batches_are_deterministic_padded_and_split_over_ranks():
     assert torch.equal(torch.cat(both), b["input_ids"][:, 0])
 
 
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_steps_examples_do_not_depend_on_how_the_global_batch_is_split(pack):
+    """micro_batch x grad_accum x ranks = 8 rows per step, split 8 x 1 x 1, 4 x 2 x 1, 2 x 2 x 2 or 1 x 8 x 1: the
+    same rows, so --resume (or --auto on another device) may change the split without changing the data."""
+    def rows(micro_batch, grad_accum, world):
+        src = SFTBatches([_dataset("a", 50, length=4)], seq_len=16, micro_batch=micro_batch, pack=pack, pad_id=0,
+                         seed=3)
+        ids = [src.batch(5, m, r, world)["input_ids"] for m in range(grad_accum) for r in range(world)]
+        return sorted(tuple(row[row != 0].tolist()) for batch in ids for row in batch)
+
+    assert rows(8, 1, 1) == rows(4, 2, 1) == rows(2, 2, 2) == rows(1, 8, 1)
+
 def test_mixing_follows_ratios_and_eval_is_held_out():
     a, b = _dataset("a", 40, ratio=3.0, start=0), _dataset("b", 40, ratio=1.0, start=100)
     src = SFTBatches([a, b], seq_len=16, micro_batch=8, seed=0, eval_fraction=0.1)

@@ -296,3 +296,53 @@ def test_options_the_model_refuses_fail_before_the_data_is_tokenized(base, monke
                                 dict(out=str(root / "early"), max_steps=1, device="cpu", **{"seq_len": 64, **train_values}))
         with pytest.raises(ValueError, match=message):
             finetune(cfg, spec, log=lambda line: None)
+
+
+def _resume_run(root, folder, data, out, max_steps, resume=False, **spec):
+    """`data`: a file, or a list of FILE[:ratio] specs."""
+    spec, cfg = load_config(None, {"base": str(folder), "data": data if isinstance(data, list) else [str(data)], "template": "alpaca", **spec},
+                            dict(out=str(root / out), max_steps=max_steps, micro_batch=4, seq_len=96, eval_every=0,
+                                 save_every=2, device="cpu", tensorboard=False, precision="fp32", resume=resume))
+    return finetune(cfg, spec, log=lambda s: None)
+
+
+@pytest.mark.parametrize("first, change, message", [
+    (dict(), dict(lora_alpha=64), "lora_alpha 16 -> 64"),
+    (dict(), dict(lora_dropout=0.2), "lora_dropout 0.05 -> 0.2"),
+    (dict(), dict(lora_r=4), "lora_r 8 -> 4"),
+    (dict(), dict(target_modules="q_proj,k_proj,v_proj"), "target_modules ['q_proj', 'v_proj'] -> "
+                                                          "['q_proj', 'k_proj', 'v_proj']"),
+    (dict(), dict(method="dora"), "method 'lora' -> 'dora'"),
+    (dict(), dict(template="mistral"), "template 'alpaca' -> 'mistral'"),
+    (dict(), dict(pack=True), "pack False -> True"),
+    (dict(), dict(eval_fraction=0.1), "eval_fraction 0.0 -> 0.1"),
+    (dict(), dict(data_ratio=":0.5"), "data_mix [["),
+    (dict(method="prefix", num_virtual_tokens=8), dict(num_virtual_tokens=4), "num_virtual_tokens 8 -> 4"),
+    (dict(method="ptuning-v2"), dict(prefix_projection=True), "prefix_projection False -> True"),
+    (dict(method="ptuning"), dict(encoder_type="lstm"), "encoder_type 'mlp' -> 'lstm'"),
+    (dict(method="adapter", bottleneck_size=16), dict(adapter_placement="pfeiffer"),
+     "adapter_placement 'houlsby' -> 'pfeiffer'"),
+])
+def test_resume_refuses_a_changed_method_template_or_data_setting(base, first, change, message):
+    """What shapes the trained function or the data (the method and its hyper-parameters, the template, packing,
+    the held-out share, the data mix) cannot change on --resume: one line naming old -> new, before anything runs."""
+    root, folder, data = base
+    out = f"fixed-{len(list(root.glob('fixed-*')))}"
+    _resume_run(root, folder, data, out, max_steps=2, **first)
+    change = dict(change)
+    if "data_ratio" in change:  # the same file with another mixing ratio next to a second one
+        change["data"] = [f"{data}{change.pop('data_ratio')}", str(data)]
+    with pytest.raises(ValueError, match="--resume") as refused:
+        _resume_run(root, folder, change.pop("data", data), out, max_steps=4, resume=True, **{**first, **change})
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    assert not (root / out / "checkpoints" / "step_00000004").exists()
+
+
+def test_resume_accepts_the_same_settings_spelled_otherwise(base):
+    """The method's default targets named explicitly, a list for a comma string, and another path to the same data
+    file are the same run: it goes on, and bookkeeping (max_steps) may change."""
+    root, folder, data = base
+    _resume_run(root, folder, data, "spelled", max_steps=2)
+    resumed = _resume_run(root, folder, data.parent / "." / data.name, "spelled", max_steps=4, resume=True,
+                          target_modules=["q_proj", "v_proj"])
+    assert sorted(resumed.losses) == [3, 4]

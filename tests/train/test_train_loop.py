@@ -241,3 +241,15 @@ def test_resume_drops_the_crashed_sessions_tensorboard_steps(prepared, tmp_path)
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+
+
+def test_resume_refuses_max_steps_below_the_checkpoints_step(prepared, tmp_path):
+    """A checkpoint past the new max_steps cannot give that shorter run: refused, rather than rewriting final/ from
+    the later step and reporting it as the run asked for."""
+    out = tmp_path / "run"
+    train(tiny_train_config(prepared, out, max_steps=4, save_every=2))
+    final = (out / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="--resume") as refused:
+        train(tiny_train_config(prepared, out, max_steps=2, resume=True))
+    assert "step_00000004 is at step 4, past max_steps 2" in str(refused.value) and "\n" not in str(refused.value)
+    assert (out / "final" / "model.safetensors").read_bytes() == final
