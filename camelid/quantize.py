@@ -107,10 +107,13 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, group_s
     if calib is not None:
         quantizer = gptq_quantizer(model, calib, seq_len, group_size=options["group_size"])
     quantize_model(model, method, group_size=options.get("group_size"), quantizer=quantizer, progress=progress)
-    save_pretrained(model, out, dtype=stored_dtype)
+    # the tokenizer first: save_pretrained writes config.json last, so a crash never leaves a folder that loads as
+    # a model but lacks its tokenizer
+    out.mkdir(parents=True, exist_ok=True)
     for name in (*TOKENIZER_FILES, TEMPLATE_FILE):  # the template a fine-tuned folder records: chat keeps using it
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, out / name)
+    save_pretrained(model, out, dtype=stored_dtype)
     del model
     saved = from_pretrained(out, device=device)  # measured as the engine will load it
     bytes_after = model_nbytes(saved)

@@ -117,6 +117,22 @@ def test_quantize_refuses_a_non_empty_out_unless_overwrite(tmp_path, capsys):
                  "--quiet"]) == 0
 
 
+def test_quantize_crash_while_copying_the_tokenizer_leaves_no_loadable_folder(tmp_path, monkeypatch):
+    """config.json is written last: a folder that loads as a model is never one still missing its tokenizer."""
+    import camelid.quantize
+
+    save_pretrained(random_model(tiny_config()), tmp_path / "model")
+    (tmp_path / "model" / TEMPLATE_FILE).write_text('{"template": "alpaca", "method": "full"}\n')
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(camelid.quantize.shutil, "copyfile", crash)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_folder(tmp_path / "model", tmp_path / "q", "int8")
+    assert not (tmp_path / "q" / "config.json").exists()
+
+
 def test_quantize_keeps_the_recorded_chat_template(tmp_path, capsys):
     """A full fine-tune's final/ or a `camelid merge` output names its chat template; the quantized copy must keep
     it, or `camelid chat --model QUANT` renders prompts with another template than the one the model learned."""
