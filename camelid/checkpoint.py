@@ -21,7 +21,7 @@ from camelid.config import ModelConfig
 from camelid.files import atomic_write_text, make_usual
 from camelid.model import Transformer
 from camelid.peft import KINDS, applied_kinds, load_adapter, merge_adapter
-from camelid.quant import prepare_quantized, quant_tensor_keys, quantization_config
+from camelid.quant import dequantize_model, prepare_quantized, quant_tensor_keys, quantization_config
 from camelid.templates import TEMPLATE_FILE
 from camelid.tokenizer import FILES as TOKENIZER_FILES
 
@@ -280,6 +280,7 @@ def merge_adapter_folder(base: str | Path, adapter: str | Path, out: str | Path,
     model = from_pretrained(base, dtype=torch.float32)
     load_adapter(model, adapter)
     merge_adapter(model)
+    dequantize_model(model)  # the layers the adapter left quantized too: the output is a float folder throughout
     save_pretrained(model, out, dtype=stored)
     for name in TOKENIZER_FILES:
         if (base / name).is_file():

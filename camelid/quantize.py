@@ -61,11 +61,13 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, group_s
                     eval_text: str | Path | None = None, eval_tokens: int = 16384, eval_seq_len: int = 256,
                     calibration: str | Path | None = None, calibration_tokens: int = 8192,
                     progress: Callable[[str, int, int], None] | None = None, device: str = "cpu",
-                    eval_progress: Callable[[str, int, int], None] | None = None) -> QuantizeReport:
+                    eval_progress: Callable[[str, int, int], None] | None = None,
+                    overwrite: bool = False) -> QuantizeReport:
     """Load `model_dir` in fp32, quantize its Linear layers (lm_head and embeddings stay), save to `out` (with the
     tokenizer files), and measure bytes and, given `eval_text`, perplexity before and after. `calibration` (a text
     file) selects GPTQ for int4. `progress(layer, done, total)` follows the layers, `eval_progress(stage, done,
-    total)` the windows of each perplexity pass (stage "before" / "after")."""
+    total)` the windows of each perplexity pass (stage "before" / "after"). A non-empty `out` is refused unless
+    `overwrite`."""
     model_dir, out = Path(model_dir), Path(out)
     options = options_for(method, group_size)
     if calibration is not None and method != "int4":
@@ -74,6 +76,9 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, group_s
         raise ValueError(f"--out {out} is the input folder; write the quantized model elsewhere")
     if out.exists() and not out.is_dir():  # checked now, not after all the work when saving fails
         raise ValueError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:  # another model's weights must not vanish silently
+        raise FileExistsError(f"--out {out} is not empty: choose another --out, or pass --overwrite to write the "
+                              "quantized model over it")
     model = from_pretrained(model_dir, device=parse_device(device))  # in its stored dtype: the "before" bytes
     done = quantization_config(model)
     if done is not None:  # else select_linears would only say that no nn.Linear is left
@@ -102,10 +107,13 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, group_s
     if calib is not None:
         quantizer = gptq_quantizer(model, calib, seq_len, group_size=options["group_size"])
     quantize_model(model, method, group_size=options.get("group_size"), quantizer=quantizer, progress=progress)
-    save_pretrained(model, out, dtype=stored_dtype)
+    # the tokenizer first: save_pretrained writes config.json last, so a crash never leaves a folder that loads as
+    # a model but lacks its tokenizer
+    out.mkdir(parents=True, exist_ok=True)
     for name in (*TOKENIZER_FILES, TEMPLATE_FILE):  # the template a fine-tuned folder records: chat keeps using it
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, out / name)
+    save_pretrained(model, out, dtype=stored_dtype)
     del model
     saved = from_pretrained(out, device=device)  # measured as the engine will load it
     bytes_after = model_nbytes(saved)

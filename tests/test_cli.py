@@ -272,6 +272,10 @@ def test_merge_onto_a_quantized_base_says_the_output_is_dequantized(tiny_dir, tm
     with torch.no_grad():
         expected = load_adapter(camelid.from_pretrained(tmp_path / "q"), tmp_path / "adapter").eval()(ids)
         torch.testing.assert_close(camelid.from_pretrained(tmp_path / "m")(ids), expected, atol=1e-5, rtol=0)
+    # every layer is float, not only the adapter's (k_proj, the MLP ...): the folder quantizes again as the verb says
+    assert "quantization_config" not in json.loads((tmp_path / "m" / "config.json").read_text())
+    result = run("quantize", "--model", str(tmp_path / "m"), "--method", "int8", "--out", str(tmp_path / "m8"))
+    assert result.returncode == 0, result.stderr
 
 
 def test_merge_refuses_to_write_over_its_inputs(tiny_dir, tmp_path):

@@ -40,7 +40,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         report = quantize_folder(args.model, args.out, args.method, group_size=group_size,
                                  eval_text=args.eval_text, eval_tokens=args.eval_tokens,
                                  calibration=args.calibration, progress=progress, device=args.device or "cpu",
-                                 eval_progress=eval_progress)
+                                 eval_progress=eval_progress, overwrite=args.overwrite)
     finally:
         for bar in bars.values():
             bar.close()
@@ -69,6 +69,7 @@ def register(verbs, fmt) -> None:
     p.add_argument("--method", required=True, choices=list(FORMATS))
     p.add_argument("--group-size", type=int, default=None, help="int4 only: inputs per scale (default 128)")
     p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even when it already holds files")
     p.add_argument("--eval-text", default=None,
                    help="a held-out text file: report perplexity before and after quantizing")
     p.add_argument("--eval-tokens", type=int, default=16384, help="use at most this many eval tokens")

@@ -100,6 +100,39 @@ def test_quantize_verb_too_little_eval_text_names_the_minimum(args, tmp_path, ca
     assert "at least 256 tokens" in err and "--eval-tokens" in err, err
 
 
+def test_quantize_refuses_a_non_empty_out_unless_overwrite(tmp_path, capsys):
+    """As `camelid init`: another model's weights in --out must not vanish silently (they were replaced, exit 0)."""
+    save_pretrained(random_model(tiny_config()), tmp_path / "model")
+    save_pretrained(random_model(tiny_config()), tmp_path / "other")
+    before = (tmp_path / "other" / "model.safetensors").read_bytes()
+    args = ["quantize", "--model", str(tmp_path / "model"), "--method", "int8", "--out", str(tmp_path / "other"),
+            "--quiet"]
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "is not empty" in err and len(err.splitlines()) == 1, err
+    assert (tmp_path / "other" / "model.safetensors").read_bytes() == before
+    assert main([*args, "--overwrite"]) == 0
+    (tmp_path / "empty").mkdir()  # an empty folder is a fine --out
+    assert main(["quantize", "--model", str(tmp_path / "model"), "--method", "int8", "--out", str(tmp_path / "empty"),
+                 "--quiet"]) == 0
+
+
+def test_quantize_crash_while_copying_the_tokenizer_leaves_no_loadable_folder(tmp_path, monkeypatch):
+    """config.json is written last: a folder that loads as a model is never one still missing its tokenizer."""
+    import camelid.quantize
+
+    save_pretrained(random_model(tiny_config()), tmp_path / "model")
+    (tmp_path / "model" / TEMPLATE_FILE).write_text('{"template": "alpaca", "method": "full"}\n')
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(camelid.quantize.shutil, "copyfile", crash)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_folder(tmp_path / "model", tmp_path / "q", "int8")
+    assert not (tmp_path / "q" / "config.json").exists()
+
+
 def test_quantize_keeps_the_recorded_chat_template(tmp_path, capsys):
     """A full fine-tune's final/ or a `camelid merge` output names its chat template; the quantized copy must keep
     it, or `camelid chat --model QUANT` renders prompts with another template than the one the model learned."""
