@@ -276,7 +276,8 @@ def _method_extra_terms(c: ModelConfig, method: str, b: int, lora_targets: str) 
         return [("dequant_buffer", 2 * biggest, "2 x largest projection (one weight dequantized to bf16 at a time)")]
     if method == "dora":
         biggest = max(a * o for n, (a, o) in _linear_shapes(c).items() if n in LORA_TARGETS[lora_targets])
-        return [("dora_weight_norm", 2 * b * biggest, "2 x b x largest adapted weight (W + BA and its norm, per layer)")]
+        return [("dora_weight_norm", 2 * b * biggest,
+                 "2 x b x largest adapted weight (W + BA and its norm, per layer)")]
     return []
 
 
