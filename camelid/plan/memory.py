@@ -359,9 +359,9 @@ def _check(c: ModelConfig, method: str, seq: int, batch: int, precision: str, op
     need(problem is None, problem or "")
     if strategy in ("fsdp", "zero2", "zero3") and gpus > 1:
         need(precision != "fp16", f"{strategy} with fp16 needs a sharded gradient scaler camelid lacks; use bf16")
-    if c.position_encoding == "learned":
-        need(max(seq, kv_context or 0) <= c.max_position_embeddings,
-             f"learned positions end at {c.max_position_embeddings}; --seq/--kv-context cannot go past them")
+    # pretrain and finetune refuse a seq_len past the context (RoPE included), so no estimate for one either
+    need(max(seq, kv_context or 0) <= c.max_position_embeddings,
+         f"the model's positions end at {c.max_position_embeddings}; --seq/--kv-context cannot go past them")
 
 
 def format_table(est: MemoryEstimate, title: str) -> str:

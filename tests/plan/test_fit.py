@@ -68,6 +68,7 @@ def test_cli_plot(tmp_path, capsys):
     (["plan", "memory", "--model", "tiny", "--method", "lora", "--kv-context", "64"], "--kv-context is for"),
     (["plan", "fit", "--device-memory=-3GB", "--model", "tiny"], "cannot read a memory size"),
     (["plan", "scaling", "--flops", "1e20", "--tokens", "1e9"], "exactly one"),
+    (["plan", "fit", "--device-memory", "24GB", "--model", "tiny", "--seq", "100000"], "positions end at 512"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
     assert main(args) == 2
