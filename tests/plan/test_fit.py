@@ -67,6 +67,7 @@ def test_cli_plot(tmp_path, capsys):
     (["plan", "memory", "--model", "tiny", "--method", "full", "--seq", "0"], "--seq must be a positive"),
     (["plan", "memory", "--model", "tiny", "--method", "lora", "--kv-context", "64"], "--kv-context is for"),
     (["plan", "fit", "--device-memory=-3GB", "--model", "tiny"], "cannot read a memory size"),
+    (["plan", "fit", "--device-memory", "1e400GB", "--model", "tiny"], "must be a finite positive"),
     (["plan", "scaling", "--flops", "1e20", "--tokens", "1e9"], "exactly one"),
     (["plan", "fit", "--device-memory", "24GB", "--model", "tiny", "--seq", "100000"], "positions end at 512"),
 ])
