@@ -142,6 +142,8 @@ def plot_frontier(path: str | Path, flops: float | None = None) -> Path:
     ax2.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
+    if not path.suffix:  # savefig would add .png itself; name the file it writes
+        path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

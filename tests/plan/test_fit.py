@@ -58,6 +58,10 @@ def test_cli_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert main(["plan", "scaling", "--flops", "1e21", "--plot", str(tmp_path / "f.png")]) == 0
     assert (tmp_path / "f.png").stat().st_size > 1000
+    # no extension: matplotlib adds .png, and the message names the file it wrote
+    assert main(["plan", "scaling", "--flops", "1e21", "--plot", str(tmp_path / "frontier")]) == 0
+    assert f"wrote {tmp_path / 'frontier.png'}\n" in capsys.readouterr().out
+    assert (tmp_path / "frontier.png").is_file()
 
 
 @pytest.mark.parametrize("args, needle", [
