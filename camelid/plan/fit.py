@@ -28,8 +28,8 @@ def parse_memory(text: str) -> float:
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 24GB, 80GiB or 48")
     value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value <= 0:
-        raise ValueError(f"the device memory must be positive, got {text!r}")
+    if not 0 < value < math.inf:  # 1e400GB reads as inf
+        raise ValueError(f"the device memory must be a finite positive size, got {text!r}")
     return value
 
 

@@ -163,6 +163,124 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+Terms = list[tuple[str, float, str]]  # (name, bytes, formula), in the order the table shows them
+
+
+def _weight_terms(c: ModelConfig, method: str, precision: str, P: int, T: int, m: int) -> Terms:
+    b, pure = PRECISIONS[precision], precision == "bf16-true"
+    if method == "full" and pure:
+        return [("weights", 2 * P, "2 P (bf16 weights, bf16-true)")]
+    if method == "full":
+        return [("weights", 4 * P, "4 P (fp32 master weights; autocast runs the matmuls in half precision)")]
+    if method == "qlora":
+        Q = quantized_params(c)
+        nf4 = Q * (0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_BLOCK2))
+        return [("weights", nf4 + 2 * (P - Q) + 4 * T,
+                 "Q (0.5 + 1/64 + 4/(64*256)) NF4 + 8-bit absmax + fp32 second-level constants, "
+                 "2 (P - Q) bf16 embeddings/norms, 4 T fp32 adapters")]
+    if method == "inference":
+        return [("weights", b * P, f"{b} P (weights in {precision})")]
+    return [("weights", b * P + m * T, f"{b} P frozen base in {precision} + {m} T {'bf16' if m == 2 else 'fp32'} "
+                                       "trainable")]
+
+
+def _gradient_and_optimizer_terms(c: ModelConfig, method: str, optimizer: str, T: int, m: int) -> Terms:
+    """m bytes per gradient and per optimizer state element, trainable parameters only."""
+    kind = "bf16" if m == 2 else "fp32"
+    eight_bit = 2 + 8 / EIGHT_BIT_BLOCK  # two uint8 moments, each with an fp32 scale per block
+    per_param = {"adamw": 2 * m, "adamw8bit": eight_bit, "paged_adamw8bit": eight_bit, "lion": m, "sgd": m}[optimizer]
+    steps = 4 * (num_param_tensors(c) if method == "full" else 0) if optimizer == "adamw" else 0
+    return [("gradients", m * T, f"{m} T ({kind}, one per trainable parameter)"),
+            ("optimizer", per_param * T + steps, {
+                "adamw": f"{2 * m} T (exp_avg + exp_avg_sq, {kind})"
+                         + (" + 4 x parameter tensors (`step`)" if steps else ""),
+                "adamw8bit": "(2 + 8/256) T (two 8-bit states + an fp32 scale per 256-value block, torchao's "
+                             "AdamW8bit)",
+                "paged_adamw8bit": "(2 + 8/256) T (bitsandbytes' 8-bit states, 256-value blocks; paged to CPU memory "
+                                   "under pressure, so at most this on the GPU)",
+                "lion": f"{m} T (one {kind} momentum)",
+                "sgd": f"{m} T (one {kind} momentum buffer; SGD without momentum keeps none)"}[optimizer])]
+
+
+def _shard(c: ModelConfig, terms: dict[str, float], formulas: dict[str, str], gpus: int, strategy: str, b: int,
+           m: int, P: int) -> Terms:
+    """Divides the sharded terms by the GPU count in place; returns the terms sharding adds."""
+    shard = {"ddp": (), "zero1": ("optimizer",), "zero2": ("optimizer", "gradients"),
+             "zero3": ("optimizer", "gradients", "weights"), "fsdp": ("optimizer", "gradients", "weights")}
+    for name in shard[strategy]:
+        terms[name] /= gpus
+        formulas[name] = f"({formulas[name]}) / {gpus} GPUs ({strategy})"
+    added: Terms = []
+    if strategy == "ddp":
+        added.append(("ddp_buckets", terms["gradients"], f"{m} T (DDP's all-reduce buckets: a second copy of the "
+                                                         "gradients)"))
+    if strategy in ("zero3", "fsdp"):
+        layer = (P - c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)) / c.num_hidden_layers
+        added.append(("gathered_layers", 2 * b * layer, f"2 x {b} x P_layer (this block and the prefetched next, "
+                                                        "gathered)"))
+    return added
+
+
+def _activation_terms(c: ModelConfig, method: str, precision: str, S: int, batch: int, checkpointing: bool,
+                      lora_targets: str, compiled: bool, lora_r: int, P: int, resid: int) -> Terms:
+    """What the forward pass saves for backward: the blocks' activations and autocast's weight copies."""
+    b, pure, L, h = PRECISIONS[precision], precision == "bf16-true", c.num_hidden_layers, c.hidden_size
+    per_tok, detail = activation_bytes_per_token_layer(c, method, b, lora_targets, resid, compiled, lora_r)
+    if checkpointing:
+        terms = [("activations", batch * S * (L * resid * h + per_tok),
+                  f"B S (L x {resid} h block inputs + one block recomputed: {per_tok:g})")]
+    else:
+        terms = [("activations", batch * S * L * per_tok, f"B S L x [{detail}] per token per layer")]
+    if method == "full":
+        # autocast's half copies of every matmul weight, saved for backward (the gradient of the input)
+        down = L * h * c.intermediate_size * _experts(c)  # recompute.gated_linear casts these again in backward
+        terms.append(("autocast_weight_copies",
+                      2 * (P - c.vocab_size * h * (0 if c.tie_word_embeddings else 1) - down)
+                      if b == 2 and not pure else 0,
+                      "2 x matmul weights (P less the embedding table and down_proj) in half precision; 0 for fp32 "
+                      "and bf16-true"))
+    return terms
+
+
+def _loss_terms(c: ModelConfig, method: str, precision: str, S: int, batch: int, gpus: int, strategy: str,
+                resid: int) -> Terms:
+    b, pure, V, h = PRECISIONS[precision], precision == "bf16-true", c.vocab_size, c.hidden_size
+    if gpus > 1 and strategy in ("fsdp", "zero2", "zero3"):  # sharded lm_head: the chunked loss
+        chunk = min(batch * S, CE_CHUNK)
+        return [("logits", batch * S * V * 2 * b + chunk * V * 2 * 4,
+                 f"B S V x 2 x {b} (logits kept for backward + their gradient) + {chunk} x V x 8 (fp32 CE chunk)")]
+    rows = min(batch * S, max(1, FUSED_CHUNK_BYTES // (4 * V)))
+    copy = b == 2 and not pure  # autocast's half copy of an fp32 lm_head
+    head = (V * h * b if copy else 0) + V * h * (4 + b) if method == "full" else 0
+    # CUDA: the chunk's logits in b bytes, overwritten in place by their gradient (camelid/train/triton_ce.py;
+    # without Triton, an fp32 copy and a b-byte gradient: 4 + b bytes)
+    return [("loss", batch * S * h * resid + rows * V * b + head,
+             f"B S h x {resid} (gradient of the hidden states) + {rows} x V x {b} (a logits chunk, overwritten by "
+             "its gradient)" + (f" + V h ({'2 + ' if copy else ''}4 + {b}) (lm_head"
+                                f"{' in half precision' if copy else ''}, its fp32 gradient and a "
+                                "chunk's product)" if method == "full" else ""))]
+
+
+def _inference_terms(c: ModelConfig, seq: int, batch: int, b: int, kv_context: int | None) -> Terms:
+    h, ctx = c.hidden_size, kv_context if kv_context is not None else seq
+    return [("kv_cache", 2 * c.num_hidden_layers * c.kv_size * ctx * batch * b,
+             f"2 (k, v) x L x kv x {ctx} tokens x B x {b}"),
+            ("activations", batch * seq * (2 * h + c.q_size + 2 * c.kv_size + 2 * c.intermediate_size) * b,
+             "B S (2h + q + 2kv + 2i) b (one block's working set during prefill)"),
+            ("logits", batch * c.vocab_size * (b + 4), "B V (b + 4) (last position only, fp32 for sampling)")]
+
+
+def _method_extra_terms(c: ModelConfig, method: str, b: int, lora_targets: str) -> Terms:
+    if method == "qlora":
+        biggest = max(a * o for a, o in _linear_shapes(c).values())
+        return [("dequant_buffer", 2 * biggest, "2 x largest projection (one weight dequantized to bf16 at a time)")]
+    if method == "dora":
+        biggest = max(a * o for n, (a, o) in _linear_shapes(c).items() if n in LORA_TARGETS[lora_targets])
+        return [("dora_weight_norm", 2 * b * biggest,
+                 "2 x b x largest adapted weight (W + BA and its norm, per layer)")]
+    return []
+
+
 def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: int = 1, precision: str = "bf16",
              optimizer: str = "adamw", checkpointing: bool = False, gpus: int = 1, strategy: str = "ddp",
              kv_context: int | None = None, lora_r: int = 8, lora_targets: str = "qv",
@@ -174,108 +292,34 @@ def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: i
     b = PRECISIONS[precision]
     pure = precision == "bf16-true"  # trainable weights, their gradients and optimizer states in bf16
     m = 2 if pure and method != "qlora" else 4  # bytes per trainable element (QLoRA adapters stay fp32 over NF4)
-    P, L, V, h = num_parameters(c), c.num_hidden_layers, c.vocab_size, c.hidden_size
+    P = num_parameters(c)
     T = trainable_params(c, method, lora_r, lora_targets)
     train = method != "inference"
+    S = seq + (NUM_VIRTUAL_TOKENS if method == "prompt" else 0)  # prompt tuning lengthens every sequence
+    resid = 4 if (method == "full" and not pure) or precision == "fp32" else b  # the residual stream's dtype
     terms: dict[str, float] = {}
     formulas: dict[str, str] = {}
     notes: list[str] = []
 
-    def put(name: str, value: float, formula: str) -> None:
-        terms[name], formulas[name] = float(value), formula
+    def put(new: Terms) -> None:
+        for name, value, formula in new:
+            terms[name], formulas[name] = float(value), formula
 
-    # ---- weights -------------------------------------------------------------------------------------------------
-    if method == "full" and pure:
-        put("weights", 2 * P, "2 P (bf16 weights, bf16-true)")
-    elif method == "full":
-        put("weights", 4 * P, "4 P (fp32 master weights; autocast runs the matmuls in half precision)")
-    elif method == "qlora":
-        Q = quantized_params(c)
-        nf4 = Q * (0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_BLOCK2))
-        put("weights", nf4 + 2 * (P - Q) + 4 * T,
-            "Q (0.5 + 1/64 + 4/(64*256)) NF4 + 8-bit absmax + fp32 second-level constants, "
-            "2 (P - Q) bf16 embeddings/norms, 4 T fp32 adapters")
-    elif method == "inference":
-        put("weights", b * P, f"{b} P (weights in {precision})")
-    else:
-        put("weights", b * P + m * T, f"{b} P frozen base in {precision} + {m} T {'bf16' if m == 2 else 'fp32'} "
-                                      "trainable")
-    # ---- gradients and optimizer states (m bytes each, trainable parameters only) ------------------------------
+    put(_weight_terms(c, method, precision, P, T, m))
     if train:
-        kind = "bf16" if m == 2 else "fp32"
-        put("gradients", m * T, f"{m} T ({kind}, one per trainable parameter)")
-        eight_bit = 2 + 8 / EIGHT_BIT_BLOCK  # two uint8 moments, each with an fp32 scale per block
-        per_param = {"adamw": 2 * m, "adamw8bit": eight_bit, "paged_adamw8bit": eight_bit, "lion": m, "sgd": m}[optimizer]
-        steps = 4 * (num_param_tensors(c) if method == "full" else 0) if optimizer == "adamw" else 0
-        put("optimizer", per_param * T + steps, {
-            "adamw": f"{2 * m} T (exp_avg + exp_avg_sq, {kind})" + (" + 4 x parameter tensors (`step`)" if steps else ""),
-            "adamw8bit": "(2 + 8/256) T (two 8-bit states + an fp32 scale per 256-value block, torchao's AdamW8bit)",
-            "paged_adamw8bit": "(2 + 8/256) T (bitsandbytes' 8-bit states, 256-value blocks; paged to CPU memory "
-                               "under pressure, so at most this on the GPU)",
-            "lion": f"{m} T (one {kind} momentum)",
-            "sgd": f"{m} T (one {kind} momentum buffer; SGD without momentum keeps none)"}[optimizer])
-    # ---- distributed sharding (per GPU) -------------------------------------------------------------------------
-    if train and gpus > 1:
-        shard = {"ddp": (), "zero1": ("optimizer",), "zero2": ("optimizer", "gradients"),
-                 "zero3": ("optimizer", "gradients", "weights"), "fsdp": ("optimizer", "gradients", "weights")}
-        for name in shard[strategy]:
-            terms[name] /= gpus
-            formulas[name] = f"({formulas[name]}) / {gpus} GPUs ({strategy})"
-        if strategy == "ddp":
-            put("ddp_buckets", terms["gradients"], f"{m} T (DDP's all-reduce buckets: a second copy of the gradients)")
-        if strategy in ("zero3", "fsdp"):
-            layer = (P - V * h * (1 if c.tie_word_embeddings else 2)) / L
-            put("gathered_layers", 2 * b * layer, f"2 x {b} x P_layer (this block and the prefetched next, gathered)")
-
-    # ---- activations -------------------------------------------------------------------------------------------
-    S = seq + (NUM_VIRTUAL_TOKENS if method == "prompt" else 0)  # prompt tuning lengthens every sequence
-    if train:
-        resid = 4 if (method == "full" and not pure) or precision == "fp32" else b  # the residual stream's dtype
-        per_tok, detail = activation_bytes_per_token_layer(c, method, b, lora_targets, resid, compiled, lora_r)
-        if checkpointing:
-            put("activations", batch * S * (L * resid * h + per_tok),
-                f"B S (L x {resid} h block inputs + one block recomputed: {per_tok:g})")
-        else:
-            put("activations", batch * S * L * per_tok, f"B S L x [{detail}] per token per layer")
-        if method == "full":
-            # autocast's half copies of every matmul weight, saved for backward (the gradient of the input)
-            down = L * h * c.intermediate_size * _experts(c)  # recompute.gated_linear casts these again in backward
-            put("autocast_weight_copies",
-                2 * (P - V * h * (0 if c.tie_word_embeddings else 1) - down) if b == 2 and not pure else 0,
-                "2 x matmul weights (P less the embedding table and down_proj) in half precision; 0 for fp32 and "
-                "bf16-true")
-        if gpus > 1 and strategy in ("fsdp", "zero2", "zero3"):  # sharded lm_head: the chunked loss
-            chunk = min(batch * S, CE_CHUNK)
-            put("logits", batch * S * V * 2 * b + chunk * V * 2 * 4,
-                f"B S V x 2 x {b} (logits kept for backward + their gradient) + {chunk} x V x 8 (fp32 CE chunk)")
-        else:
-            rows = min(batch * S, max(1, FUSED_CHUNK_BYTES // (4 * V)))
-            copy = b == 2 and not pure  # autocast's half copy of an fp32 lm_head
-            head = (V * h * b if copy else 0) + V * h * (4 + b) if method == "full" else 0
-            # CUDA: the chunk's logits in b bytes, overwritten in place by their gradient (camelid/train/triton_ce.py;
-            # without Triton, an fp32 copy and a b-byte gradient: 4 + b bytes)
-            put("loss", batch * S * h * resid + rows * V * b + head,
-                f"B S h x {resid} (gradient of the hidden states) + {rows} x V x {b} (a logits chunk, overwritten by "
-                "its gradient)" + (f" + V h ({'2 + ' if copy else ''}4 + {b}) (lm_head"
-                                            f"{' in half precision' if copy else ''}, its fp32 gradient and a "
-                                            "chunk's product)" if method == "full" else ""))
-        put("backward_buffers", batch * S * (2 * c.intermediate_size + h) * b,
-            "B S (2 i + h) b (gradients in flight through one block)")
+        put(_gradient_and_optimizer_terms(c, method, optimizer, T, m))
+        if gpus > 1:
+            put(_shard(c, terms, formulas, gpus, strategy, b, m, P))
+        put(_activation_terms(c, method, precision, S, batch, checkpointing, lora_targets, compiled, lora_r, P, resid))
+        put(_loss_terms(c, method, precision, S, batch, gpus, strategy, resid))
+        put([("backward_buffers", batch * S * (2 * c.intermediate_size + c.hidden_size) * b,
+              "B S (2 i + h) b (gradients in flight through one block)")])
     else:
-        ctx = kv_context if kv_context is not None else seq
-        put("kv_cache", 2 * L * c.kv_size * ctx * batch * b, f"2 (k, v) x L x kv x {ctx} tokens x B x {b}")
-        put("activations", batch * seq * (2 * h + c.q_size + 2 * c.kv_size + 2 * c.intermediate_size) * b,
-            "B S (2h + q + 2kv + 2i) b (one block's working set during prefill)")
-        put("logits", batch * V * (b + 4), "B V (b + 4) (last position only, fp32 for sampling)")
-    if method == "qlora":
-        biggest = max(a * o for a, o in _linear_shapes(c).values())
-        put("dequant_buffer", 2 * biggest, "2 x largest projection (one weight dequantized to bf16 at a time)")
-    if method == "dora":
-        biggest = max(a * o for n, (a, o) in _linear_shapes(c).items() if n in LORA_TARGETS[lora_targets])
-        put("dora_weight_norm", 2 * b * biggest, "2 x b x largest adapted weight (W + BA and its norm, per layer)")
+        put(_inference_terms(c, seq, batch, b, kv_context))
+    put(_method_extra_terms(c, method, b, lora_targets))
     if c.position_encoding == "alibi":
-        put("alibi_bias", batch * c.num_attention_heads * S * (S if train else (kv_context or S)) * b,
-            "B nh S S b (ALiBi's additive bias is materialised: no flash kernel)")
+        put([("alibi_bias", batch * c.num_attention_heads * S * (S if train else (kv_context or S)) * b,
+              "B nh S S b (ALiBi's additive bias is materialised: no flash kernel)")])
         notes.append("ALiBi: SDPA falls back to the memory-efficient kernel with a materialised bias")
     if method == "prefix":
         notes.append(f"prefix: {NUM_VIRTUAL_TOKENS} virtual keys/values per layer (negligible activations)")
@@ -315,9 +359,9 @@ def _check(c: ModelConfig, method: str, seq: int, batch: int, precision: str, op
     need(problem is None, problem or "")
     if strategy in ("fsdp", "zero2", "zero3") and gpus > 1:
         need(precision != "fp16", f"{strategy} with fp16 needs a sharded gradient scaler camelid lacks; use bf16")
-    if c.position_encoding == "learned":
-        need(max(seq, kv_context or 0) <= c.max_position_embeddings,
-             f"learned positions end at {c.max_position_embeddings}; --seq/--kv-context cannot go past them")
+    # pretrain and finetune refuse a seq_len past the context (RoPE included), so no estimate for one either
+    need(max(seq, kv_context or 0) <= c.max_position_embeddings,
+         f"the model's positions end at {c.max_position_embeddings}; --seq/--kv-context cannot go past them")
 
 
 def format_table(est: MemoryEstimate, title: str) -> str:

@@ -17,7 +17,9 @@ needs an exponent a and a constant k; where a paper publishes only the exponent,
   a = 0.452; the paper reports ~40B and a = 0.46 from its unrounded fit (Besiroglu et al. 2024 note the mismatch).
 - the rule of thumb D = 20 N: C = 6 N (20 N) = 120 N^2, so N_opt = (C / 120)^0.5.
 - Kaplan et al. 2020, Table 6: N_opt = 1.3e9 * C_min^0.73 with C_min in PF-days (8.64e19 FLOPs). Kaplan counts
-  non-embedding parameters and C_min is compute at the critical batch size: a comparison, not a like-for-like law.
+  non-embedding parameters and C_min is the least compute that reaches a loss (batches far below the critical
+  batch size; at the critical batch a run spends 2 C_min, Kaplan eq. 5.5): a comparison, not a like-for-like law.
+  Its tokens, C / (6 N), equal Table 6's B_crit x S_min to 3%; Table 6's D_opt (2e10 C_min^0.27) is about twice that.
 """
 
 from __future__ import annotations
@@ -140,6 +142,8 @@ def plot_frontier(path: str | Path, flops: float | None = None) -> Path:
     ax2.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
+    if not path.suffix:  # savefig would add .png itself; name the file it writes
+        path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

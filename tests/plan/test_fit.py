@@ -58,6 +58,10 @@ def test_cli_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert main(["plan", "scaling", "--flops", "1e21", "--plot", str(tmp_path / "f.png")]) == 0
     assert (tmp_path / "f.png").stat().st_size > 1000
+    # no extension: matplotlib adds .png, and the message names the file it wrote
+    assert main(["plan", "scaling", "--flops", "1e21", "--plot", str(tmp_path / "frontier")]) == 0
+    assert f"wrote {tmp_path / 'frontier.png'}\n" in capsys.readouterr().out
+    assert (tmp_path / "frontier.png").is_file()
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -67,7 +71,9 @@ def test_cli_plot(tmp_path, capsys):
     (["plan", "memory", "--model", "tiny", "--method", "full", "--seq", "0"], "--seq must be a positive"),
     (["plan", "memory", "--model", "tiny", "--method", "lora", "--kv-context", "64"], "--kv-context is for"),
     (["plan", "fit", "--device-memory=-3GB", "--model", "tiny"], "cannot read a memory size"),
+    (["plan", "fit", "--device-memory", "1e400GB", "--model", "tiny"], "must be a finite positive"),
     (["plan", "scaling", "--flops", "1e20", "--tokens", "1e9"], "exactly one"),
+    (["plan", "fit", "--device-memory", "24GB", "--model", "tiny", "--seq", "100000"], "positions end at 512"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
     assert main(args) == 2

@@ -133,6 +133,9 @@ def test_inference_kv_cache():
     ({"method": "inference", "checkpointing": True}, "--checkpointing is for training"),
     ({"method": "qlora", "precision": "fp32"}, "qlora computes in bf16"),
     ({"optimizer": "adam"}, "unknown optimizer"),
+    # llama-2-7b has 4096 positions, and `camelid pretrain` / `finetune` refuse a longer seq_len
+    ({"seq": 8192}, "positions end at 4096"),
+    ({"method": "inference", "seq": 512, "kv_context": 5000}, "positions end at 4096"),
 ])
 def test_bad_input_is_one_clear_error(kw, needle):
     with pytest.raises(ValueError, match=needle):
@@ -239,7 +242,7 @@ def test_peak_holds_the_larger_of_gradients_and_what_backward_frees():
     from camelid.plan.memory import FREED_BY_BACKWARD
 
     config = get_preset("tinyllama-1.1b")
-    for kw in (dict(method="full", seq=512), dict(method="full", seq=4096), dict(method="lora", seq=1024),
+    for kw in (dict(method="full", seq=512), dict(method="full", seq=2048), dict(method="lora", seq=1024),
                dict(method="full", seq=512, gpus=4, strategy="fsdp")):
         est = estimate(config, batch=4, **kw)
         freed = sum(v for k, v in est.terms.items() if k in FREED_BY_BACKWARD)

@@ -75,6 +75,25 @@ def test_kaplan_table6():
     assert _row(plan(flops=5.76e23), "kaplan")["params"] == pytest.approx(8.047e11, rel=2e-3)
 
 
+def test_kaplan_table6_tokens_are_critical_batch_times_minimum_steps():
+    # Kaplan et al. 2020, Table 6: B_crit = 2.0e6 tokens x C_min^0.24, S_min = 5.4e3 steps x C_min^0.03 (C_min in
+    # PF-days), so B_crit S_min = 1.08e10 x C_min^0.27: the tokens of C_min = 6 N D at N = 1.3e9 x C_min^0.73.
+    # (Table 6's D_opt = 2e10 x C_min^0.27 is about twice this: data for one epoch without overfitting.)
+    for pf_days in (1.0, 1e4):
+        row = _row(plan(flops=pf_days * 8.64e19), "kaplan")
+        assert row["params"] == pytest.approx(1.3e9 * pf_days**0.73, rel=1e-9)
+        assert row["tokens"] == pytest.approx(2.0e6 * 5.4e3 * pf_days**0.27, rel=0.03)
+
+
+def test_chinchilla_published_constants():
+    # Hoffmann et al. 2022, eq. 10 (approach 3) and Table 2 (the exponents a of approaches 1 and 2; Kaplan's 0.73)
+    from camelid.plan import scaling
+    assert (scaling.E, scaling.A, scaling.B, scaling.ALPHA, scaling.BETA) == (1.69, 406.4, 410.7, 0.34, 0.28)
+    assert (LAWS["approach1"].a, LAWS["approach2"].a, LAWS["kaplan"].a) == (0.50, 0.49, 0.73)
+    # Chinchilla itself (70B, 1.4T tokens): 6 N D = 5.88e23, the paper's "same compute as Gopher" (5.76e23) to 2%
+    assert _row(plan(params=70e9), "20x")["flops"] == pytest.approx(5.76e23, rel=0.03)
+
+
 @pytest.mark.parametrize("law", list(LAWS))
 def test_inverses_round_trip(law):
     row = _row(plan(flops=3e22), law)

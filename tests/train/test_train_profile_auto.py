@@ -15,8 +15,8 @@ from camelid.plan.memory import estimate
 from camelid.train import train
 from camelid.train.config import auto_fit
 
-CONFIG = get_preset("tiny").replace(**TINY_MODEL, vocab_size=320)
 SEQ = 1024  # long enough that activations, not the 1 GB context margin's rounding, decide what fits
+CONFIG = get_preset("tiny").replace(**TINY_MODEL, vocab_size=320, max_position_embeddings=SEQ)
 
 
 def device_for(total_bytes: float, cuda: bool = True) -> float:
