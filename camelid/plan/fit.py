@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from camelid.config import ModelConfig
-from camelid.plan.memory import METHODS, estimate, method_problem
+from camelid.plan.memory import METHODS, estimate
 
 FRAGMENTATION = 0.05  # the caching allocator's overhead on top of live tensors
 CONTEXT_BYTES = 1e9  # CUDA context + cuBLAS/cuDNN workspaces, outside torch.cuda.max_memory_allocated
@@ -82,10 +82,6 @@ def fit(config: ModelConfig, device_memory: float, seq: int = 512, global_batch:
         if method == "inference":
             kw.pop("optimizer")
             kw.pop("compiled")
-        problem = method_problem(config, method, precision)
-        if problem is not None:  # a method this model cannot use is a row saying why, not an error
-            rows.append(Fit(method, False, reason=problem))
-            continue
         cap = global_batch if method != "inference" else 1024
         for ckpt in ((False,) if method == "inference" else (False, True)):
             micro, total = _largest_micro_batch(config, method, device_memory, cap, context_bytes,

@@ -175,9 +175,10 @@ def _weight_terms(c: ModelConfig, method: str, precision: str, P: int, T: int, m
     if method == "qlora":
         Q = quantized_params(c)
         nf4 = Q * (0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_BLOCK2))
-        return [("weights", nf4 + 2 * (P - Q) + 4 * T,
+        rest = 4 if precision == "fp32" else 2  # fp32 (a CPU run): the float embeddings / norms stay fp32
+        return [("weights", nf4 + rest * (P - Q) + 4 * T,
                  "Q (0.5 + 1/64 + 4/(64*256)) NF4 + 8-bit absmax + fp32 second-level constants, "
-                 "2 (P - Q) bf16 embeddings/norms, 4 T fp32 adapters")]
+                 f"{rest} (P - Q) {'fp32' if rest == 4 else 'bf16'} embeddings/norms, 4 T fp32 adapters")]
     if method == "inference":
         return [("weights", b * P, f"{b} P (weights in {precision})")]
     return [("weights", b * P + m * T, f"{b} P frozen base in {precision} + {m} T {'bf16' if m == 2 else 'fp32'} "
@@ -326,13 +327,6 @@ def estimate(config: ModelConfig, method: str = "full", seq: int = 512, batch: i
     return MemoryEstimate(terms, formulas, P, T, notes)
 
 
-def method_problem(c: ModelConfig, method: str, precision: str) -> str | None:
-    """Why `method` cannot run on this model at this precision, or None."""
-    if method == "qlora" and precision == "fp32":
-        return "qlora computes in bf16/fp16 (NF4 weights are dequantized to half precision)"
-    return None
-
-
 def _check(c: ModelConfig, method: str, seq: int, batch: int, precision: str, optimizer: str, checkpointing: bool,
            gpus: int, strategy: str, kv_context: int | None, lora_r: int, lora_targets: str) -> None:
     def need(ok: bool, msg: str) -> None:
@@ -355,8 +349,6 @@ def _check(c: ModelConfig, method: str, seq: int, batch: int, precision: str, op
         need(kv_context is None or kv_context >= seq, f"--kv-context ({kv_context}) must be at least --seq ({seq})")
     else:
         need(kv_context is None, f"--kv-context is for --method inference; {method} trains (no KV cache)")
-    problem = method_problem(c, method, precision)
-    need(problem is None, problem or "")
     if strategy in ("fsdp", "zero2", "zero3") and gpus > 1:
         need(precision != "fp16", f"{strategy} with fp16 needs a sharded gradient scaler camelid lacks; use bf16")
     # pretrain and finetune refuse a seq_len past the context (RoPE included), so no estimate for one either

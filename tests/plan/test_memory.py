@@ -131,7 +131,6 @@ def test_inference_kv_cache():
     ({"batch": -1}, "--batch must be a positive"),
     ({"method": "lora", "kv_context": 4096}, "--kv-context is for --method inference"),
     ({"method": "inference", "checkpointing": True}, "--checkpointing is for training"),
-    ({"method": "qlora", "precision": "fp32"}, "qlora computes in bf16"),
     ({"optimizer": "adam"}, "unknown optimizer"),
     # llama-2-7b has 4096 positions, and `camelid pretrain` / `finetune` refuse a longer seq_len
     ({"seq": 8192}, "positions end at 4096"),
@@ -252,3 +251,11 @@ def test_peak_holds_the_larger_of_gradients_and_what_backward_frees():
         assert est.total < sum(est.terms.values())
     inference = estimate(config, "inference", seq=512, batch=4)
     assert inference.total == pytest.approx(sum(inference.terms.values()))  # nothing is freed by a backward
+
+
+def test_qlora_at_fp32_keeps_its_float_parts_in_fp32():
+    """A CPU run trains QLoRA at fp32 (the NF4 matmuls in bf16, the rest fp32): planned, not refused (--auto was)."""
+    config = get_preset("tiny")
+    fp32, bf16 = (estimate(config, "qlora", precision=p) for p in ("fp32", "bf16"))
+    P, Q = fp32.parameters, quantized_params(config)
+    assert fp32.terms["weights"] - bf16.terms["weights"] == pytest.approx(2 * (P - Q))

@@ -200,6 +200,18 @@ def test_auto_fits_the_method_to_the_device(base, capsys):
     assert result.step == 2
 
 
+def test_auto_plans_qlora_on_a_cpu(base):
+    # a CPU's precision is fp32: the planner refused qlora there ("computes in bf16"), which the trainer runs
+    root, folder, data = base
+    notes = []
+    spec, cfg = load_config(None, dict(base=str(folder), data=[str(data)], method="qlora", template="alpaca"),
+                            dict(out=str(root / "auto-qlora"), max_steps=1, micro_batch=2, grad_accum=1, seq_len=96,
+                                 eval_every=0, device="cpu", precision="auto", tensorboard=False, auto_fit=True,
+                                 device_memory="4GB"))
+    assert finetune(cfg, spec, log=notes.append).step == 1
+    assert any("auto-fit" in n and "(qlora," in n for n in notes), notes
+
+
 # method -> learning rate that moves it in 25 steps on the tiny model (soft prompts learn slowly on a frozen model)
 METHOD_LR = {"lora": 1e-2, "qlora": 1e-2, "dora": 1e-2, "prefix": 3e-2, "ptuning-v2": 3e-2, "prompt": 0.3,
              "ptuning": 0.003, "adapter": 1e-2, "bitfit": 3e-2, "ia3": 0.1, "full": 3e-3}
