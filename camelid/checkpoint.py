@@ -265,6 +265,20 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
 
 
 
+def refuse_non_empty(out: Path, overwrite: bool, what: str) -> None:
+    """`--out` of init, merge and quantize: another model's weights must not vanish silently."""
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out} is not empty: choose another --out, or pass --overwrite to write the "
+                              f"{what} over it")
+
+
+def remove_model_files(out: Path) -> None:
+    """Before writing a model over another (--overwrite): the old one's tokenizer and chat-template files go, or a
+    file the new model lacks (a chat_template.jinja, camelid_template.json) would outlive it and be used for it."""
+    for name in (*TOKENIZER_FILES, TEMPLATE_FILE):
+        (out / name).unlink(missing_ok=True)
+
+
 def merge_adapter_folder(base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """`camelid merge`: base HF folder + a LoRA / DoRA / IA3 adapter folder -> a merged HF folder (tokenizer files
     and the adapter's recorded chat template copied along). The merge is done in fp32 and saved in the base checkpoint's dtype.
@@ -273,14 +287,13 @@ def merge_adapter_folder(base: str | Path, adapter: str | Path, out: str | Path,
     for folder, what in ((base, "the base model"), (Path(adapter), "the adapter")):
         if out.resolve() == folder.resolve():  # writing there would replace the weights it reads (and mix folders)
             raise ValueError(f"--out {out} is {what}'s folder: choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:  # another model's weights must not vanish silently
-        raise FileExistsError(f"{out} is not empty: choose another --out, or pass --overwrite to write the merged "
-                              "model over it")
+    refuse_non_empty(out, overwrite, "merged model")
     stored = parse_dtype(ModelConfig.from_hf(base / "config.json").dtype)
     model = from_pretrained(base, dtype=torch.float32)
     load_adapter(model, adapter)
     merge_adapter(model)
     dequantize_model(model)  # the layers the adapter left quantized too: the output is a float folder throughout
+    remove_model_files(out)
     save_pretrained(model, out, dtype=stored)
     for name in TOKENIZER_FILES:
         if (base / name).is_file():

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from camelid.checkpoint import from_pretrained, parse_device, save_pretrained
+from camelid.checkpoint import (from_pretrained, parse_device, refuse_non_empty, remove_model_files,
+                                save_pretrained)
 from camelid.quant import checked_linears, model_nbytes, options_for, quantization_config, quantize_model
 from camelid.quant.gptq import gptq_quantizer
 from camelid.quant.perplexity import perplexity
@@ -76,9 +77,7 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, group_s
         raise ValueError(f"--out {out} is the input folder; write the quantized model elsewhere")
     if out.exists() and not out.is_dir():  # checked now, not after all the work when saving fails
         raise ValueError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:  # another model's weights must not vanish silently
-        raise FileExistsError(f"--out {out} is not empty: choose another --out, or pass --overwrite to write the "
-                              "quantized model over it")
+    refuse_non_empty(out, overwrite, "quantized model")
     model = from_pretrained(model_dir, device=parse_device(device))  # in its stored dtype: the "before" bytes
     done = quantization_config(model)
     if done is not None:  # else select_linears would only say that no nn.Linear is left
@@ -110,6 +109,7 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, group_s
     # the tokenizer first: save_pretrained writes config.json last, so a crash never leaves a folder that loads as
     # a model but lacks its tokenizer
     out.mkdir(parents=True, exist_ok=True)
+    remove_model_files(out)
     for name in (*TOKENIZER_FILES, TEMPLATE_FILE):  # the template a fine-tuned folder records: chat keeps using it
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, out / name)

@@ -303,6 +303,7 @@ def test_merge_refuses_a_folder_that_holds_another_model_unless_overwrite(tiny_d
     other = tmp_path / "other"
     other.mkdir()
     (other / "model.safetensors").write_bytes(b"another model")
+    (other / "chat_template.jinja").write_text("{{ 'the replaced model's template' }}")
     args = ("merge", "--base", str(tiny_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(other))
     result = run(*args)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -310,6 +311,7 @@ def test_merge_refuses_a_folder_that_holds_another_model_unless_overwrite(tiny_d
     assert (other / "model.safetensors").read_bytes() == b"another model"
     assert run(*args, "--overwrite").returncode == 0
     assert camelid.from_pretrained(other) is not None
+    assert not (other / "chat_template.jinja").exists()  # it would have become the merged model's template
 
 
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):

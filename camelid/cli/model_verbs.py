@@ -11,15 +11,15 @@ from pathlib import Path
 
 import torch
 
-from camelid.checkpoint import from_pretrained, merge_adapter_folder, parse_device, save_pretrained
+from camelid.checkpoint import (from_pretrained, merge_adapter_folder, parse_device, refuse_non_empty,
+                                remove_model_files, save_pretrained)
 from camelid.config import PRESETS, ModelConfig, config_of, get_preset, num_parameters
 from camelid.data.pretrain import SUFFIXES, DataError, find_files, texts
 from camelid.generate import stream
 from camelid.model import Transformer
-from camelid.tokenizer import FILES as TOKENIZER_FILES
 from camelid.tokenizer import Tokenizer
 from camelid.peft import load_adapter
-from camelid.templates import TEMPLATE_FILE, for_tokenizer, get_template, recorded_template
+from camelid.templates import for_tokenizer, get_template, recorded_template
 
 def _device(name: str | None) -> torch.device:
     return parse_device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -208,9 +208,7 @@ def build_byte_tokenizer() -> Tokenizer:
 def cmd_init(args: argparse.Namespace) -> None:
     config = get_preset(args.preset)
     out = Path(args.out)
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # another model's weights must not vanish silently
-        raise FileExistsError(f"{out} is not empty: choose another --out, or pass --overwrite to write the new "
-                              "model over it")
+    refuse_non_empty(out, args.overwrite, "new model")
     tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else build_byte_tokenizer()
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the preset's vocab_size "
@@ -218,9 +216,8 @@ def cmd_init(args: argparse.Namespace) -> None:
     config = config.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     torch.manual_seed(args.seed)
     model = Transformer(config)
-    if out.is_dir():  # --overwrite: the old model's chat template must not outlive it for the new tokenizer
-        for name in (*TOKENIZER_FILES, TEMPLATE_FILE):
-            (out / name).unlink(missing_ok=True)
+    if out.is_dir():  # --overwrite
+        remove_model_files(out)
     out = save_pretrained(model, args.out, dtype=args.dtype)
     tokenizer.save(out)
     print(f"wrote {out}: preset {args.preset}, {human_count(model.num_parameters())} parameters (random), "

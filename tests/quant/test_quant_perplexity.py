@@ -111,7 +111,9 @@ def test_quantize_refuses_a_non_empty_out_unless_overwrite(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "is not empty" in err and len(err.splitlines()) == 1, err
     assert (tmp_path / "other" / "model.safetensors").read_bytes() == before
+    (tmp_path / "other" / TEMPLATE_FILE).write_text('{"template": "llama3", "method": "full"}\n')
     assert main([*args, "--overwrite"]) == 0
+    assert not (tmp_path / "other" / TEMPLATE_FILE).exists()  # the replaced model's template went with it
     (tmp_path / "empty").mkdir()  # an empty folder is a fine --out
     assert main(["quantize", "--model", str(tmp_path / "model"), "--method", "int8", "--out", str(tmp_path / "empty"),
                  "--quiet"]) == 0
