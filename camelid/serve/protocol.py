@@ -49,10 +49,12 @@ class _Request(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        # pydantic's lax mode reads true as 1; in OpenAI's schema a boolean is not a number
+        # pydantic's lax mode reads true as 1 and "0.5" as 0.5; in OpenAI's schema neither is a number
         leaves = _leaf_types(cls.model_fields[info.field_name].annotation)
         if bool not in leaves and leaves & {int, float} and _has_bool(value):
             raise ValueError("must be a number, not a boolean")
+        if leaves & {int, float} and leaves <= {int, float, type(None)} and isinstance(value, str):
+            raise ValueError("must be a number, not a string")
         return value
 
 

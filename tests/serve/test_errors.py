@@ -83,6 +83,11 @@ BAD_BODIES = [  # (endpoint, body, status, param)
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "frequency_penalty": False}, 400, "frequency_penalty"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "logprobs": True}, 400, "logprobs"),
     ("/v1/completions", {"model": "tiny", "prompt": [5, True]}, 400, "prompt"),
+    # nor is a string of digits, which pydantic's lax mode took as the number
+    ("/v1/chat/completions", {**CHAT, "temperature": "0.5"}, 400, "temperature"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": "16"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": "2"}, 400, "n"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "seed": "7"}, 400, "seed"),
 ]
 
 
