@@ -125,6 +125,9 @@ def _check_numbers(config: dict, file: Path) -> None:
     for field in ("lora_alpha", "lora_dropout"):
         if field in config and not number(config[field]):
             raise AdapterError(f"{file}: {field}={config[field]!r} is not a number")
+    for field in ("use_rslora", "use_dora"):  # bool("no") is True: a string would switch the scaling on
+        if config.get(field) is not None and not isinstance(config[field], bool):
+            raise AdapterError(f"{file}: {field}={config[field]!r} is not true or false")
     if not 0 <= config.get("lora_dropout", 0) < 1:  # else nn.Dropout's message, naming the weights file
         raise AdapterError(f"{file}: lora_dropout={config['lora_dropout']!r} is not in [0, 1)")
     patterns = config.get("alpha_pattern") or {}

@@ -433,6 +433,8 @@ def test_inits_that_change_the_base_are_refused_and_their_conversion_loads(init,
     ({"lora_dropout": 2}, r"lora_dropout=2 is not in \[0, 1\)"),
     ({"lora_alpha": float("nan")}, "lora_alpha=nan is not a number"),
     ({"alpha_pattern": {"q_proj": float("inf")}}, "alpha_pattern=.* is not an object of pattern: number"),
+    ({"use_rslora": "no"}, "use_rslora='no' is not true or false"),  # bool("no") turned rsLoRA's scaling on
+    ({"use_dora": 1}, "use_dora=1 is not true or false"),
 ])
 def test_malformed_adapter_config_is_one_line_error(change, message, hf_checkpoint, tmp_path):
     path = hf_checkpoint("llama")
