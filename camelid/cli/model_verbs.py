@@ -210,9 +210,9 @@ def cmd_init(args: argparse.Namespace) -> None:
     out = Path(args.out)
     refuse_non_empty(out, args.overwrite, "new model")
     tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else build_byte_tokenizer()
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the preset's vocab_size "
-                         f"{config.vocab_size}")
+    grown = tokenizer.vocab_size > config.vocab_size  # the weights are random: the table grows to fit (tiny's 512
+    if grown:                                          # cannot hold Llama 3's 128k tokens, and there was no way out)
+        config = config.replace(vocab_size=tokenizer.vocab_size)
     config = config.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     torch.manual_seed(args.seed)
     model = Transformer(config)
@@ -221,7 +221,9 @@ def cmd_init(args: argparse.Namespace) -> None:
     out = save_pretrained(model, args.out, dtype=args.dtype)
     tokenizer.save(out)
     print(f"wrote {out}: preset {args.preset}, {human_count(model.num_parameters())} parameters (random), "
-          f"tokenizer with {tokenizer.vocab_size} tokens")
+          f"tokenizer with {tokenizer.vocab_size} tokens"
+          + (f" (vocab_size {config.vocab_size}: the preset's {get_preset(args.preset).vocab_size} grown to fit it)"
+             if grown else ""))
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -304,7 +306,8 @@ def register(verbs, fmt) -> None:
                                 "  camelid init --preset tinyllama-1.1b --out out/tl --dtype bfloat16 --tokenizer tok/\n")
     p.add_argument("--preset", required=True, choices=list(PRESETS), metavar="PRESET", help=", ".join(PRESETS))
     p.add_argument("--out", required=True)
-    p.add_argument("--tokenizer", default=None, help="copy this tokenizer folder (default: a byte-level tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="copy this tokenizer folder (default: a byte-level tokenizer); "
+                   "the vocabulary grows to the tokenizer's when the preset's is smaller")
     p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="write into --out even when it already holds files")
