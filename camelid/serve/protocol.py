@@ -140,26 +140,34 @@ class CompletionRequest(_Sampling):
 class ContentPart(_Request):
     type: str
     text: str | None = None  # a part of type "text"
+    refusal: str | None = None  # a part of type "refusal" (assistant messages)
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
+    role: Literal["system", "user", "assistant", "tool", "function", "developer"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list | None = None  # function calling: refused (ChatCompletionRequest.unsupported)
+    function_call: Any = None
 
     @model_validator(mode="after")
     def _text_only(self) -> ChatMessage:
         # an image or audio part would be dropped unread: refused, not answered as if it were not there
-        other = next((p.type for p in self.content if p.type not in ("text", "refusal")), None) \
+        readable = ("text", "refusal") if self.role == "assistant" else ("text",)  # only an assistant refuses
+        other = next((p.type for p in self.content if p.type not in readable), None) \
             if isinstance(self.content, list) else None
         if other is not None:
-            raise ValueError(f"content parts of type {other!r} are not supported: this server reads text only")
+            raise ValueError(f"content parts of type {other!r} are not supported in a {self.role} message: "
+                             f"this server reads {' and '.join(readable)} parts")
         return self
 
+    def uses_functions(self) -> bool:
+        return self.role in ("tool", "function") or bool(self.tool_calls) or self.function_call is not None
+
     def text(self) -> str:
-        """The content as one string (content parts of type "text" joined)."""
+        """The content as one string (the text of its parts joined; an assistant's refusal is what it said)."""
         if isinstance(self.content, list):
-            return "".join(p.text or "" for p in self.content if p.type == "text")
+            return "".join((p.text if p.type == "text" else p.refusal) or "" for p in self.content)
         return self.content or ""
 
 
@@ -179,6 +187,7 @@ class ChatCompletionRequest(_Sampling):
     audio: dict | None = None
     modalities: list[str] | None = None
     web_search_options: dict | None = None
+    best_of: int | None = Field(None, ge=1)  # a completions parameter (vLLM also took it on chat)
 
     def unsupported(self) -> tuple[str, str] | None:
         used = [("tools", bool(self.tools), FUNCTION_CALLING),
@@ -189,7 +198,10 @@ class ChatCompletionRequest(_Sampling):
                  "structured output (response_format json_object / json_schema)"),
                 ("audio", self.audio is not None, "audio output"),
                 ("modalities", any(m != "text" for m in self.modalities or []), "audio output"),
-                ("web_search_options", self.web_search_options is not None, "web search")]
+                ("web_search_options", self.web_search_options is not None, "web search"),
+                ("messages", any(m.uses_functions() for m in self.messages),
+                 f"{FUNCTION_CALLING}: tool or function messages and tool calls"),
+                ("best_of", (self.best_of or 1) > 1, "best_of on chat completions (only on completions)")]
         return next(((name, feature) for name, on, feature in used if on), None)
 
 

@@ -401,6 +401,18 @@ UNSUPPORTED = [  # (endpoint, kwargs, the parameter the 400 names): features thi
         {"type": "text", "text": "What is this?"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), "messages"),
     ("completions", dict(suffix="the end."), "suffix"),
+    # best_of is a completions parameter (vLLM took it on chat too): on chat it would return plain samples
+    ("chat", dict(extra_body={"best_of": 3}), "best_of"),
+    # a tool result answers a tool call this server can never make; the call itself would be dropped unread
+    ("chat", dict(messages=[*HELLO, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"}]), "messages"),
+    ("chat", dict(messages=[*HELLO, {"role": "function", "name": "f", "content": "42"}]), "messages"),
+    ("chat", dict(messages=[*HELLO, {"role": "assistant", "content": None, "function_call": {
+        "name": "f", "arguments": "{}"}}, {"role": "user", "content": "go on"}]), "messages"),
+    # a refusal is something an assistant says: in a user message it was dropped unread
+    ("chat", dict(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                         {"type": "refusal", "refusal": "no"}]}]), "messages"),
     ("chat", dict(stop=["a", "b", "c", "d", "e"]), "stop"),  # OpenAI's limit: 4
     ("completions", dict(stop=["a", "b", "c", "d", "e"]), "stop"),
 ]
@@ -413,6 +425,17 @@ def test_unsupported_features_are_refused_naming_the_parameter(client, endpoint,
     with pytest.raises(openai.BadRequestError) as e:
         create(model="tiny", max_tokens=4, **{**base, **kwargs})
     assert e.value.body["param"] == param
+
+
+def test_an_assistant_refusal_part_is_read_as_its_text(client):
+    """OpenAI's assistant content may hold refusal parts: they are what the assistant said, not dropped."""
+    as_part = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot help with that."}]},
+               {"role": "user", "content": "why?"}]
+    as_text = [*as_part[:1], {"role": "assistant", "content": "I cannot help with that."}, as_part[2]]
+    usage = [client.chat.completions.create(model="tiny", messages=m, max_tokens=1).usage.prompt_tokens
+             for m in (as_part, as_text)]
+    assert usage[0] == usage[1]
 
 
 def test_parameters_that_ask_for_nothing_are_accepted(client):
